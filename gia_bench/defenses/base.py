@@ -1,0 +1,172 @@
+"""The Compressor interface and the defense registry.
+
+A compressor turns one worker's gradients into the messages it sends, through a
+:class:`~gia_bench.comm.Communicator`, and returns the aggregate every worker uses::
+
+    comp = gia_bench.defenses.create("lqsgd:rank=2")
+    comm = LocalCommunicator()
+    out = comp.step(grads, comm)        # aggregated grads, same shapes
+    comm.messages                       # what went on the wire, each with .nbytes
+
+The receiver's side of one worker's messages is :meth:`Compressor.decode` (what a
+curious server observes as that worker's gradient). The compressor-aware attacker
+uses :meth:`Compressor.simulate`, which maps a candidate gradient to the same
+float views of the messages that :meth:`Compressor.message_values` computes from the
+observed messages, so the two can be compared entry by entry.
+
+Conventions every compressor follows:
+
+* ``grads`` is a list of tensors, one per parameter in model order; ``keys`` (one
+  hashable per tensor; default: the position) name the per-parameter state (error
+  feedback, warm-start Q) so that a DDP hook can call ``step`` bucket by bucket.
+* Few collectives per step: the messages of all tensors are concatenated into flat
+  buffers (one per kind of message) and tagged with fixed names (``"P"``, ``"Q"``,
+  ``"values"``...). Their layout follows from the shapes and the parameters, so
+  :meth:`decode` needs the shapes and the messages, nothing else.
+* Public state the receiver knows before the step (the previous round's Q, a shared
+  seed) is returned by :meth:`public_state` after ``step``; records save it.
+* Bytes are what is sent: packed codes as ``uint8`` tensors, fp32 scales, int32
+  indices. Nothing is counted that is not in a message.
+* Randomness comes from ``torch.Generator`` objects seeded from the ``seed``
+  parameter and saved in :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from gia_bench.comm import Communicator
+from gia_bench.errors import CompressorError
+from gia_bench.registry import Registry, canonical_spec
+
+DEFENSES: Registry[Compressor] = Registry("defense", entry_point_group="gia_bench.defenses")
+register = DEFENSES.register
+
+
+def create(spec: str, **overrides: Any) -> Compressor:
+    """Build a compressor from a spec string such as ``"topk:ratio=0.01"``."""
+    return DEFENSES.create(spec, **overrides)
+
+
+class Compressor:
+    """Base class of every gradient compressor (a *defense*)."""
+
+    registry_name: ClassVar[str]
+    #: True when :meth:`simulate` is implemented (the compressor-aware attack can run).
+    supports_simulate: ClassVar[bool] = False
+    #: True when the output of :meth:`simulate` is differentiable (exactly or straight-through).
+    differentiable_simulate: ClassVar[bool] = True
+
+    # -- the worker's side ------------------------------------------------------------
+    def step(
+        self,
+        grads: Sequence[torch.Tensor],
+        comm: Communicator,
+        keys: Sequence[Hashable] | None = None,
+    ) -> list[torch.Tensor]:
+        """Send this worker's ``grads`` through ``comm``; return the aggregated gradients.
+
+        The aggregate is the *mean* over workers, as DDP's default all-reduce hook
+        gives, so that a learning rate means the same with any compressor.
+        """
+        raise NotImplementedError
+
+    # -- the receiver's side ------------------------------------------------------------
+    def decode(
+        self,
+        messages: Mapping[str, torch.Tensor],
+        shapes: Sequence[torch.Size],
+        public: Mapping[str, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """The gradient a receiver reconstructs from one worker's messages (float32)."""
+        raise NotImplementedError
+
+    def public_state(self) -> dict[str, torch.Tensor]:
+        """Public inputs of the last :meth:`step` that the receiver knows (e.g. the Q it started from)."""
+        return {}
+
+    # -- the compressor-aware attacker's side -------------------------------------------
+    def message_values(
+        self,
+        messages: Mapping[str, torch.Tensor],
+        shapes: Sequence[torch.Size],
+        public: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Float views of the observed messages (e.g. dequantized codes), keyed like :meth:`simulate`."""
+        raise NotImplementedError(f"{self.registry_name} has no compressor-aware view")
+
+    def simulate(
+        self,
+        grads: Sequence[torch.Tensor],
+        messages: Mapping[str, torch.Tensor],
+        public: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """What this worker would send for candidate ``grads``, as float views (see :meth:`message_values`).
+
+        Differentiable in ``grads`` where the compressor is (straight-through where it
+        rounds). ``messages`` gives what the attacker may reuse from the observation
+        (e.g. Top-k's index mask); ``public`` the public state (e.g. PowerSGD's Q).
+        """
+        raise NotImplementedError(f"{self.registry_name} has no compressor-aware view")
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-identically (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise CompressorError(f"{self.registry_name}: unexpected state keys {sorted(state)}")
+
+    @property
+    def spec(self) -> str:
+        """The spec string that rebuilds this compressor with the same parameters."""
+        return canonical_spec(self)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec}>"
+
+
+# -- helpers shared by compressors ------------------------------------------------------------
+
+
+def resolve_keys(grads: Sequence[torch.Tensor], keys: Sequence[Hashable] | None) -> list[Hashable]:
+    if keys is None:
+        return list(range(len(grads)))
+    if len(keys) != len(grads):
+        raise ValueError(f"{len(keys)} keys for {len(grads)} gradients")
+    return list(keys)
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat buffer (an empty float32 tensor if there are none)."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Split a flat buffer back into tensors of ``shapes``."""
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    if flat.numel() != sum(sizes):
+        raise CompressorError(f"buffer of {flat.numel()} values cannot hold shapes totalling {sum(sizes)}")
+    return [chunk.reshape(s) for chunk, s in zip(torch.split(flat, sizes), shapes)]
+
+
+def generator_state(gen: torch.Generator) -> torch.Tensor:
+    return gen.get_state().clone()
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def check_messages(messages: Mapping[str, torch.Tensor], needed: Sequence[str], who: str) -> None:
+    missing = [t for t in needed if t not in messages]
+    if missing:
+        raise CompressorError(f"{who}: messages {missing} missing (have {sorted(messages)})")

@@ -1,0 +1,178 @@
+"""Codecs shared by the quantizing compressors: bit packing, log and uniform quantizers.
+
+Packed format (:func:`pack_bits`): code ``i`` of ``b`` bits occupies stream bits
+``[i*b, (i+1)*b)``, least significant bit first; stream bit ``8k + m`` is bit ``m``
+of byte ``k``. A message of ``n`` codes is ``ceil(n*b/8)`` bytes, nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_POW2_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _pow2(bits: int, device: torch.device) -> torch.Tensor:
+    key = (bits, str(device))
+    if key not in _POW2_CACHE:
+        _POW2_CACHE[key] = torch.arange(bits, device=device, dtype=torch.int64)
+    return _POW2_CACHE[key]
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+    return math.ceil(n * bits / 8)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integer ``codes`` (< 2**bits) into a flat uint8 tensor."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bits must be in 1..32, got {bits}")
+    codes = codes.reshape(-1)
+    n = codes.numel()
+    if bits == 8:
+        return codes.to(torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4 bits: several codes per byte, no bit expansion needed
+        per = 8 // bits
+        pad = (-n) % per
+        c = codes.to(torch.int32)
+        if pad:
+            c = torch.cat([c, c.new_zeros(pad)])
+        c = c.reshape(-1, per) << (torch.arange(per, device=c.device, dtype=torch.int32) * bits)
+        return c.sum(dim=1).to(torch.uint8)
+    if bits % 8 == 0:  # 16, 24, 32 bits: little-endian bytes of each code
+        nb = bits // 8
+        c = codes.to(torch.int64).reshape(-1, 1) >> (8 * torch.arange(nb, device=codes.device))
+        return (c & 0xFF).to(torch.uint8).reshape(-1)
+    stream = (codes.to(torch.int64).reshape(-1, 1) >> _pow2(bits, codes.device)) & 1
+    stream = stream.reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    return (stream.reshape(-1, 8) << _pow2(8, codes.device)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` codes as int64."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bits must be in 1..32, got {bits}")
+    packed = packed.reshape(-1)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
+    if packed.numel() != packed_nbytes(n, bits):
+        raise ValueError(f"{packed.numel()} bytes cannot hold exactly {n} codes of {bits} bits")
+    p = packed.to(torch.int64)
+    if bits == 8:
+        return p
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, device=p.device, dtype=torch.int64) * bits
+        return ((p.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+    if bits % 8 == 0:
+        nb = bits // 8
+        return (p.reshape(-1, nb) << (8 * torch.arange(nb, device=p.device))).sum(dim=1)
+    stream = ((p.reshape(-1, 1) >> _pow2(8, p.device)) & 1).reshape(-1)[: n * bits]
+    return (stream.reshape(n, bits) << _pow2(bits, p.device)).sum(dim=1)
+
+
+def round_codes(v: torch.Tensor, stochastic: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Round ``v`` to integers: nearest, or stochastically (``E[round(v)] = v``)."""
+    if stochastic:
+        noise = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+        return torch.floor(v + noise)
+    return torch.round(v)
+
+
+# -- log quantizer (LQ-SGD, DESIGN.md) -----------------------------------------------------
+
+
+def log_levels(bits: int) -> int:
+    """Magnitude levels of a ``bits``-bit log code: one bit is the sign."""
+    if bits < 2:
+        raise ValueError(f"the log codec needs at least 2 bits (sign + magnitude), got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def log_quantize(
+    x: torch.Tensor,
+    bits: int,
+    alpha: float,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-quantize ``x`` (arXiv 2506.17974): returns (codes int64 in [0, 2**bits), scale fp32).
+
+    ``s = max|x|``, ``u = log(1 + alpha|x|/s) / log(1 + alpha)`` in [0, 1],
+    ``code = sign_bit << (bits-1) | round(u * (2**(bits-1) - 1))``; stochastic rounding
+    is unbiased in ``u``.
+    """
+    levels = log_levels(bits)
+    xf = x.detach().to(torch.float32).reshape(-1)
+    scale = xf.abs().max() if xf.numel() else torch.zeros((), device=x.device)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    u = torch.log1p(alpha * xf.abs() / safe) / math.log1p(alpha)
+    m = round_codes(u * levels, stochastic, generator).clamp_(0, levels).to(torch.int64)
+    sign = (xf < 0).to(torch.int64) << (bits - 1)
+    return sign | m, scale.to(torch.float32).reshape(1)
+
+
+def log_dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int, alpha: float) -> torch.Tensor:
+    """Inverse map of :func:`log_quantize`: ``sign * s * ((1+alpha)^(m/L) - 1) / alpha``."""
+    levels = log_levels(bits)
+    m = (codes & levels).to(torch.float32)
+    sign = 1.0 - 2.0 * ((codes >> (bits - 1)) & 1).to(torch.float32)
+    mag = torch.expm1(m / levels * math.log1p(alpha)) / alpha
+    return sign * mag * scale.to(torch.float32).reshape(())
+
+
+def log_roundtrip_ste(x: torch.Tensor, bits: int, alpha: float) -> torch.Tensor:
+    """Nearest-rounded log quantize + dequantize with a straight-through gradient."""
+    codes, scale = log_quantize(x, bits, alpha)
+    q = log_dequantize(codes, scale, bits, alpha).reshape(x.shape).to(x.dtype)
+    return x + (q - x).detach()
+
+
+def log_max_relative_error(bits: int, alpha: float) -> float:
+    """Worst-case |x - Q(x)| / s of nearest rounding, from the codec's math.
+
+    With ``u`` rounded by at most ``1/(2L)``, ``|x|/s = ((1+alpha)^u - 1)/alpha`` moves by
+    at most its derivative at ``u = 1`` times that: ``(1+alpha) log(1+alpha) / (2 L alpha)``.
+    """
+    levels = log_levels(bits)
+    return (1 + alpha) * math.log1p(alpha) / (2 * levels * alpha)
+
+
+# -- uniform quantizer -------------------------------------------------------------------------
+
+
+def uniform_quantize(
+    x: torch.Tensor,
+    bits: int,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric uniform quantizer: codes in [0, 2**bits) over [-s, s], s = max|x|; returns (codes, scale)."""
+    if bits < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    top = 2**bits - 1
+    xf = x.detach().to(torch.float32).reshape(-1)
+    scale = xf.abs().max() if xf.numel() else torch.zeros((), device=x.device)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    v = (xf / safe + 1) / 2 * top
+    codes = round_codes(v, stochastic, generator).clamp_(0, top).to(torch.int64)
+    return codes, scale.to(torch.float32).reshape(1)
+
+
+def uniform_dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    top = 2**bits - 1
+    return (codes.to(torch.float32) / top * 2 - 1) * scale.to(torch.float32).reshape(())
+
+
+def empirical_entropy_bits(codes: torch.Tensor) -> float:
+    """Empirical entropy of the code symbols, bits per symbol: the floor of an entropy coder."""
+    if codes.numel() == 0:
+        return 0.0
+    _, counts = torch.unique(codes.reshape(-1), return_counts=True)
+    p = counts.to(torch.float64) / codes.numel()
+    return float(-(p * torch.log2(p)).sum())

@@ -1,0 +1,164 @@
+"""Models the attacks target: DLG's LeNet, the Inverting Gradients ConvNet, ResNet-18, an MLP.
+
+Models are registered like defenses (``convnet:width=32``) and built from a
+:class:`ModelSpec`, which a gradient record carries: the model spec string, the
+input shape and classes (from the data set), and the mode (train/eval) in which
+the gradient was computed. Initialisation is seeded and explicit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from gia_bench.registry import Registry, parse_spec
+
+MODELS: Registry[nn.Module] = Registry("model", entry_point_group="gia_bench.models")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model as a record describes it."""
+
+    spec: str  # registry spec, e.g. "lenet" or "convnet:width=32"
+    in_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int
+    mode: str = "train"  # "train" or "eval": BatchNorm behaviour during the gradient
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        mode = str(data.get("mode", "train"))
+        if mode not in ("train", "eval"):
+            raise ValueError(f"model mode must be 'train' or 'eval', got {mode!r}")
+        return cls(
+            spec=str(data["spec"]),
+            in_shape=tuple(int(v) for v in data["in_shape"]),  # type: ignore[arg-type]
+            num_classes=int(data["num_classes"]),
+            mode=mode,
+        )
+
+    @property
+    def name(self) -> str:
+        return parse_spec(self.spec).name
+
+
+def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the model of ``spec``; ``seed`` fixes its initial weights (None: leave uninitialised)."""
+    cls, kwargs = MODELS.kwargs_for(spec.spec)
+    if seed is not None:
+        # Layer constructors draw from the global generator; fork it so the caller's stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(in_shape=spec.in_shape, num_classes=spec.num_classes, **kwargs)
+    else:
+        model = cls(in_shape=spec.in_shape, num_classes=spec.num_classes, **kwargs)
+    model.to(device)
+    model.train(spec.mode == "train")
+    return model
+
+
+@MODELS.register("lenet")
+class LeNet(nn.Module):
+    """DLG's LeNet (Zhu et al. 2019): 3 sigmoid convs of 12 channels, one linear layer.
+
+    Args:
+        init_range: weights and biases drawn from U(-init_range, init_range), 0.5 as in DLG.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, init_range: float = 0.5):
+        super().__init__()
+        self.init_range = init_range
+        c, h, w = in_shape
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 12, kernel_size=5, padding=5 // 2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, kernel_size=5, padding=5 // 2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, kernel_size=5, padding=5 // 2, stride=1),
+            nn.Sigmoid(),
+        )
+        with torch.no_grad():
+            features = self.body(torch.zeros(1, c, h, w)).numel()
+        self.fc = nn.Linear(features, num_classes)
+        for p in self.parameters():
+            nn.init.uniform_(p, -init_range, init_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+@MODELS.register("convnet")
+class ConvNet(nn.Module):
+    """The ConvNet of Inverting Gradients (Geiping et al. 2020): 8 conv-BN-ReLU layers, 3 max-pools.
+
+    Args:
+        width: channels of the first layer (later layers use 2x and 4x), 64 in the paper.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, width: int = 64):
+        super().__init__()
+        self.width = width
+        c = in_shape[0]
+        widths = [c, width, 2 * width, 2 * width, 4 * width, 4 * width, 4 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for i in range(8):
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, padding=1), nn.BatchNorm2d(widths[i + 1]), nn.ReLU()]
+            if i in (3, 5, 7):
+                layers.append(nn.MaxPool2d(3))
+        self.body = nn.Sequential(*layers)
+        with torch.no_grad():
+            features = self.body.eval()(torch.zeros(1, *in_shape)).numel()
+        self.body.train()
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+@MODELS.register("resnet18")
+class ResNet18(nn.Module):
+    """torchvision ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool)."""
+
+    def __init__(self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10):
+        super().__init__()
+        net = torchvision.models.resnet18(num_classes=num_classes)
+        net.conv1 = nn.Conv2d(in_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@MODELS.register("mlp")
+class MLP(nn.Module):
+    """Fully connected ReLU network; its first layer admits exact analytic inversion.
+
+    Args:
+        hidden: units per hidden layer.
+        depth: number of hidden layers (>= 1).
+    """
+
+    def __init__(
+        self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, hidden: int = 256, depth: int = 1
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"mlp depth must be >= 1, got {depth}")
+        self.hidden, self.depth = hidden, depth
+        dims = [in_shape[0] * in_shape[1] * in_shape[2]] + [hidden] * depth
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(dims[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,282 @@
+"""Name -> class registries and ``name:key=value,...`` spec strings.
+
+A registry is filled by the ``@REGISTRY.register("name")`` decorator where a class
+is defined (as in timm / torchvision), by the entry-point group given to the
+registry (third-party packages), or on the fly by ``module:Class`` specs.
+
+A spec string parses to exactly the constructor's keyword arguments::
+
+    lqsgd:rank=2,bits=8,alpha=10   ->  LQSGD(rank=2, bits=8, alpha=10.0)
+    mypkg.comp:MyCompressor:k=3     ->  mypkg.comp.MyCompressor(k=3)
+
+Values are converted with the constructor's type hints (int, float, bool, str and
+``X | None``); an unknown name or key, or a value of the wrong type, raises
+:class:`~gia_bench.errors.SpecError` listing what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import re
+import types
+import typing
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from gia_bench.errors import SpecError
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One constructor parameter, as listed by ``gia-bench list``."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A parsed spec string: the name (or ``module:Class``) and its keyword values."""
+
+    name: str
+    kwargs: dict[str, str]
+
+    def __str__(self) -> str:
+        if not self.kwargs:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.kwargs.items())
+
+
+def parse_spec(text: str) -> Spec:
+    """Split ``name:k=v,...`` or ``module:Class[:k=v,...]`` into a :class:`Spec` (values as strings)."""
+    text = text.strip()
+    if not text:
+        raise SpecError("empty spec: expected 'name' or 'name:key=value,...'")
+    parts = text.split(":")
+    # "pkg.mod:Class[:...]" names a class; "name:key=value" a registered entry.
+    if len(parts) >= 2 and "=" not in parts[1] and ("." in parts[0] or parts[1][:1].isupper()):
+        name, rest = f"{parts[0]}:{parts[1]}", ":".join(parts[2:])
+    else:
+        name, rest = parts[0], ":".join(parts[1:])
+    kwargs: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SpecError(f"spec {text!r}: {item!r} is not of the form key=value")
+        if key.strip() in kwargs:
+            raise SpecError(f"spec {text!r}: key {key.strip()!r} given twice")
+        kwargs[key.strip()] = value.strip()
+    return Spec(name.strip(), kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _convert(value: str, hint: Any, where: str) -> Any:
+    """Convert a spec value to the constructor's annotated type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if type(None) in args and value.lower() in {"none", "null", ""}:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except SpecError as exc:
+                errors.append(str(exc))
+        raise SpecError(f"{where}: {value!r} is not a {_type_name(hint)}")
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise SpecError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if hint is bool:
+        low = value.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise SpecError(f"{where}: {value!r} is not a boolean (true/false)")
+    if hint is int:
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise SpecError(f"{where}: {value!r} is not an integer") from None
+    if hint is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise SpecError(f"{where}: {value!r} is not a number") from None
+    if hint is str or hint is Any or hint is inspect.Parameter.empty:
+        return value
+    raise SpecError(f"{where}: parameters of type {_type_name(hint)} cannot be set from a spec")
+
+
+def _docstring_params(cls: type) -> dict[str, str]:
+    """Parameter help from the class docstring's ``Args:`` section (``name: text`` lines)."""
+    doc = inspect.getdoc(cls) or ""
+    helps: dict[str, str] = {}
+    in_args = False
+    current = None
+    for line in doc.splitlines():
+        if re.match(r"^(Args|Parameters):\s*$", line):
+            in_args = True
+            continue
+        if not in_args:
+            continue
+        if line and not line.startswith(" "):
+            break
+        match = re.match(r"^\s{2,8}(\w+)(?:\s*\([^)]*\))?:\s*(.*)$", line)
+        if match:
+            current = match.group(1)
+            helps[current] = match.group(2).strip()
+        elif current and line.strip():
+            helps[current] += " " + line.strip()
+    return helps
+
+
+def describe_params(cls: type) -> list[Param]:
+    """The keyword parameters of ``cls`` with type, default and help text."""
+    hints = typing.get_type_hints(cls.__init__) if cls.__init__ is not object.__init__ else {}
+    helps = _docstring_params(cls)
+    params = []
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = None if p.default is p.empty else p.default
+        params.append(Param(name, _type_name(hints.get(name, str)), default, helps.get(name, "")))
+    return params
+
+
+def summary(cls: type) -> str:
+    """First line of the class docstring."""
+    doc = inspect.getdoc(cls) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+class Registry(Generic[T]):
+    """A name -> class table for one kind of component (defenses, attacks, ...)."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._classes: dict[str, type[T]] = {}
+        self._loaded_entry_points = False
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator: make ``cls`` available as ``name``."""
+
+        def wrap(cls: type[T]) -> type[T]:
+            if name in self._classes and self._classes[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._classes[name] = cls
+            cls.registry_name = name  # type: ignore[attr-defined]
+            return cls
+
+        return wrap
+
+    def _load_entry_points(self) -> None:
+        if self._loaded_entry_points or self.entry_point_group is None:
+            return
+        self._loaded_entry_points = True
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name not in self._classes:
+                try:
+                    cls = ep.load()
+                except Exception as exc:  # a broken plug-in must not break the built-ins
+                    raise SpecError(
+                        f"{self.kind} entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
+                    ) from exc
+                self._classes[ep.name] = cls
+                if not hasattr(cls, "registry_name"):
+                    cls.registry_name = ep.name
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._classes)
+
+    def items(self) -> list[tuple[str, type[T]]]:
+        return [(name, self._classes[name]) for name in self.names()]
+
+    def get(self, name: str) -> type[T]:
+        """The class for a registered name, an entry point, or ``module:Class``."""
+        if name in self._classes:
+            return self._classes[name]
+        self._load_entry_points()
+        if name in self._classes:
+            return self._classes[name]
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise SpecError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({exc})") from exc
+            cls = getattr(module, attr, None)
+            if not isinstance(cls, type):
+                raise SpecError(f"{self.kind} {name!r}: module {module_name!r} has no class {attr!r}")
+            return cls
+        raise SpecError(
+            f"unknown {self.kind} {name!r}; accepted: {', '.join(self.names())} (or module:Class)"
+        )
+
+    def kwargs_for(self, spec: Spec | str) -> tuple[type[T], dict[str, Any]]:
+        """Resolve a spec to its class and the converted constructor keyword arguments."""
+        if isinstance(spec, str):
+            spec = parse_spec(spec)
+        cls = self.get(spec.name)
+        params = {p.name: p for p in describe_params(cls)}
+        hints = typing.get_type_hints(cls.__init__) if cls.__init__ is not object.__init__ else {}
+        kwargs = {}
+        for key, value in spec.kwargs.items():
+            if key not in params:
+                accepted = ", ".join(params) or "no parameters"
+                raise SpecError(f"{self.kind} {spec.name!r}: unknown parameter {key!r}; accepted: {accepted}")
+            kwargs[key] = _convert(value, hints.get(key, str), f"{self.kind} {spec.name!r} parameter {key!r}")
+        return cls, kwargs
+
+    def create(self, spec: Spec | str, **overrides: Any) -> T:
+        """Build an instance from a spec string; ``overrides`` win over spec values."""
+        cls, kwargs = self.kwargs_for(spec)
+        kwargs.update(overrides)
+        try:
+            return cls(**kwargs)
+        except SpecError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{self.kind} {spec}: {exc}") from exc
+
+
+def canonical_spec(obj: Any) -> str:
+    """The spec string that rebuilds ``obj``: its registry name and every parameter value."""
+    cls = type(obj)
+    name = getattr(cls, "registry_name", f"{cls.__module__}:{cls.__qualname__}")
+    parts = []
+    for p in describe_params(cls):
+        if hasattr(obj, p.name):
+            value = getattr(obj, p.name)
+            if isinstance(value, bool):
+                value = str(value).lower()
+            parts.append(f"{p.name}={value}")
+    return name + (":" + ",".join(parts) if parts else "")
