@@ -49,8 +49,12 @@ class ModelSpec:
         return parse_spec(self.spec).name
 
 
-def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | str = "cpu") -> nn.Module:
-    """Build the model of ``spec``; ``seed`` fixes its initial weights (None: leave uninitialised)."""
+def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | str | None = "cpu") -> nn.Module:
+    """Build the model of ``spec``; ``seed`` fixes its initial weights (None: default init).
+
+    ``device=None`` leaves the parameters where they were created (e.g. under a
+    ``torch.device("meta")`` context, to check shapes without allocating).
+    """
     cls, kwargs = MODELS.kwargs_for(spec.spec)
     if seed is not None:
         # Layer constructors draw from the global generator; fork it so the caller's stream is untouched.
@@ -59,7 +63,8 @@ def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | st
             model = cls(in_shape=spec.in_shape, num_classes=spec.num_classes, **kwargs)
     else:
         model = cls(in_shape=spec.in_shape, num_classes=spec.num_classes, **kwargs)
-    model.to(device)
+    if device is not None:
+        model.to(device)
     model.train(spec.mode == "train")
     return model
 

@@ -288,7 +288,7 @@ class GradientRecord:
                 )
         try:
             with torch.device("meta"):
-                model = build_model(self.meta.model, seed=None)
+                model = build_model(self.meta.model, seed=None, device=None)
         except GiaBenchError as exc:
             raise RecordError(f"{where}: model spec {self.meta.model.spec!r} is invalid ({exc})") from exc
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
