@@ -57,7 +57,8 @@ def capture_batch(
     if grads is None:
         grads = compute_gradient(model, inputs, labels)
     comm = LocalCommunicator(record=True)
-    out = compressor.step(list(grads), comm)
+    # keys are parameter names, as the DDP hook passes them, so per-layer settings can match names
+    out = compressor.step(list(grads), comm, keys=list(names))
     if len(out) != len(grads) or any(o.shape != g.shape for o, g in zip(out, grads)):
         raise CompressorError(f"{compressor.spec}: step returned shapes that differ from the gradients'")
     meta = RecordMeta(
