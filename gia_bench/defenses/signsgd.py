@@ -1,0 +1,139 @@
+"""Scaled signSGD with error feedback (Karimireddy et al. 2019, "Error Feedback Fixes SignSGD", Alg. 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gia_bench.comm import Communicator
+from gia_bench.defenses.base import Compressor, check_messages, flatten, register, resolve_keys, unflatten
+from gia_bench.defenses.codecs import pack_bits, packed_nbytes, unpack_bits
+from gia_bench.errors import CompressorError
+
+
+def _sign_bits(p: torch.Tensor) -> torch.Tensor:
+    """1 for negative entries, 0 otherwise (one bit cannot say 0: zeros are sent as +)."""
+    return (p < 0).to(torch.int64)
+
+
+def _dequantize(signs: torch.Tensor, scales: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
+    """``scale_t * (+-1)`` for every entry of every tensor t, flat fp32."""
+    n = sum(numels)
+    if scales.numel() != len(numels):
+        raise CompressorError(f"signsgd: {scales.numel()} scales for {len(numels)} tensors")
+    bits = unpack_bits(signs, 1, n).to(scales.device)
+    per_entry = torch.repeat_interleave(
+        scales.to(torch.float32), torch.tensor(numels, dtype=torch.int64, device=scales.device)
+    )
+    return torch.where(bits.bool(), -per_entry, per_entry)
+
+
+def _sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """sign (zeros as +1, as sent) forward, identity backward (straight-through)."""
+    s = torch.where(x < 0, -torch.ones_like(x), torch.ones_like(x))
+    return x + (s - x).detach()
+
+
+@register("signsgd")
+class SignSGD(Compressor):
+    """Scaled sign compression with error feedback (EF-SignSGD): 1 bit per entry + one fp32 scale per tensor.
+
+    Karimireddy et al. 2019, Algorithm 1, per tensor of d entries:
+    ``p = g + e``; ``delta = (||p||_1 / d) * sign(p)``; ``e = p - delta``. Zeros are sent
+    with the + sign (one bit has no zero); the residual absorbs the difference.
+    Messages, all tensors concatenated: ``"signs"`` (1 bit per entry, packed, set for
+    negative entries) and ``"scales"`` (fp32, one per tensor). Workers ``all_gather`` them,
+    decode each in rank order and average.
+
+    Compressor-aware view (:meth:`simulate`): ``(||x||_1/d) * sign(x)`` of the candidate,
+    exact in the scale and straight-through in the sign.
+
+    Args:
+        error_feedback: keep the residual ``e`` and add it to the next step's gradient.
+    """
+
+    supports_simulate = True
+
+    def __init__(self, *, error_feedback: bool = True) -> None:
+        self.error_feedback = bool(error_feedback)
+        self._residual: dict[Hashable, torch.Tensor] = {}
+
+    @staticmethod
+    def expected_nbytes(shapes: Sequence[torch.Size]) -> int:
+        """Bytes of one worker's messages: packed signs + one fp32 scale per tensor."""
+        return packed_nbytes(sum(int(torch.Size(s).numel()) for s in shapes), 1) + 4 * len(shapes)
+
+    # -- worker ------------------------------------------------------------------------------
+    def step(
+        self, grads: Sequence[torch.Tensor], comm: Communicator, keys: Sequence[Hashable] | None = None
+    ) -> list[torch.Tensor]:
+        keys = resolve_keys(grads, keys)
+        if not grads:
+            return []
+        device = grads[0].device
+        shapes = [g.shape for g in grads]
+        numels = [g.numel() for g in grads]
+        ps, scales = [], []
+        for g, key in zip(grads, keys):
+            p = g.detach().reshape(-1).to(torch.float32)
+            if self.error_feedback and key in self._residual:
+                e = self._residual[key]
+                if e.shape != p.shape:
+                    raise CompressorError(f"signsgd: residual of {key!r} has {e.numel()} entries, gradient {p.numel()}")
+                p = p + e.to(p.device)
+            ps.append(p)
+            scales.append(p.abs().mean() if p.numel() else p.new_zeros(()))
+        p_flat = torch.cat(ps)
+        signs = pack_bits(_sign_bits(p_flat), 1)
+        scale_buf = torch.stack(scales)
+        if self.error_feedback:
+            # the residual is p minus exactly what the receiver decodes
+            own = _dequantize(signs, scale_buf, numels)
+            for key, e in zip(keys, torch.split(p_flat - own, numels)):
+                self._residual[key] = e.clone()
+        all_signs = comm.all_gather(signs, "signs")
+        all_scales = comm.all_gather(scale_buf, "scales")
+        flat = torch.zeros(sum(numels), dtype=torch.float32, device=device)
+        for s_, c_ in zip(all_signs, all_scales):
+            flat += _dequantize(s_.to(device), c_.to(device), numels)
+        flat.div_(comm.world_size)
+        return [t.to(g.dtype) for t, g in zip(unflatten(flat, shapes), grads)]
+
+    # -- receiver ------------------------------------------------------------------------------
+    def decode(
+        self,
+        messages: Mapping[str, torch.Tensor],
+        shapes: Sequence[torch.Size],
+        public: Mapping[str, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        check_messages(messages, ["signs", "scales"], "signsgd")
+        numels = [int(torch.Size(s).numel()) for s in shapes]
+        scales = messages["scales"]
+        try:
+            flat = _dequantize(messages["signs"].to(scales.device), scales, numels)
+        except ValueError as exc:
+            raise CompressorError(f"signsgd: messages do not match the shapes ({exc})") from exc
+        return unflatten(flat, shapes)
+
+    def message_values(self, messages, shapes, public=None) -> dict[str, torch.Tensor]:
+        return {"values": flatten(self.decode(messages, shapes))}
+
+    def simulate(self, grads, messages, public=None) -> dict[str, torch.Tensor]:
+        parts = []
+        for g in grads:
+            x = g.reshape(-1).to(torch.float32)
+            if x.numel():
+                parts.append(x.abs().mean() * _sign_ste(x))
+        return {"values": torch.cat(parts) if parts else torch.zeros(0)}
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"residuals": {k: v.clone() for k, v in self._residual.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unknown = set(state) - {"residuals"}
+        if unknown:
+            raise CompressorError(f"signsgd: unexpected state keys {sorted(unknown)}")
+        self._residual = {k: v.clone() for k, v in state.get("residuals", {}).items()}
