@@ -8,18 +8,35 @@ labels) is returned apart.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from gia_bench.comm import LocalCommunicator, messages_by_tag
-from gia_bench.data import DatasetSpec
+from gia_bench.data import DatasetSpec, load_dataset
+from gia_bench.defenses import create as create_defense
 from gia_bench.defenses.base import Compressor
-from gia_bench.errors import CompressorError
-from gia_bench.models import ModelSpec
-from gia_bench.records import GradientRecord, RecordMeta, Truth
+from gia_bench.errors import CheckpointError, CompressorError, DataError, RecordError, SpecError
+from gia_bench.models import MODELS, ModelSpec, build_model
+from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, truth_path
+from gia_bench.registry import describe_params, parse_spec
 
 LOSSES = {"cross_entropy": F.cross_entropy}
 
@@ -78,3 +95,333 @@ def capture_batch(
     record = GradientRecord(meta, messages_by_tag(comm.messages), weights, public)
     truth = Truth(inputs.detach().cpu().clone(), labels.detach().cpu().clone().to(torch.int64), record_id)
     return record, truth
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
+    """A model state dict from ``path``: safetensors (a plain state dict, or a record's
+    ``weight/*``) or a ``torch.save``'d state dict read with ``weights_only=True``.
+
+    A dict holding the state dict under ``state_dict`` / ``model_state_dict`` / ``model``
+    is unwrapped, and DDP's ``module.`` prefix removed. Nothing is ever unpickled beyond
+    what ``weights_only`` allows; every problem raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file (--checkpoint)")
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    # torch.save writes a zip archive (PK\x03\x04) or, in its legacy format, a pickle (\x80 + protocol)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses arbitrary objects with UnpicklingError, others vary
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{path}: not a state dict that torch.load(weights_only=True) accepts ({first})"
+            ) from exc
+    else:
+        try:
+            obj = load_safetensors(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: neither a safetensors file nor a torch.save file ({exc})") from exc
+    if isinstance(obj, dict):
+        for key in _CHECKPOINT_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: holds no state dict (a mapping of parameter names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries {bad[:3]} are not named tensors; expected a model state dict")
+    state: dict[str, torch.Tensor] = dict(obj)
+    if any(k.startswith("weight/") for k in state):  # a gradient record: its model weights
+        state = {k[len("weight/") :]: v for k, v in state.items() if k.startswith("weight/")}
+    if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} has non-finite values (NaN or inf)")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: Path | str, spec: str = "") -> str:
+    """Load the state dict at ``path`` into ``model`` (strictly); returns the file's SHA-256."""
+    path = Path(path)
+    state = read_checkpoint(path)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    what = f"model {spec!r}" if spec else "the model"
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: does not fit {what}: missing {missing[:3]}{'...' if len(missing) > 3 else ''},"
+            f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    for name, t in expected.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, {what} needs {tuple(t.shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- capture: many batches to records on disk ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureConfig:
+    """What ``gia-bench capture`` does: ``num`` records of one step of one worker each.
+
+    Attributes:
+        dataset: data set spec (``digits``, ``cifar10:channels=1``, ...); batches come from its train split.
+        model: model spec (``lenet``, ``convnet:width=32``, ...); input shape and classes from the data.
+        defense: compressor spec (``none``, ``lqsgd:rank=1``, ...); a fresh one per record.
+        batch_size: images per batch (distinct images within a batch).
+        num: number of records (batches).
+        seed: seeds the batch choice and the model's initial weights.
+        out: folder the records and truth files are written to.
+        checkpoint: trained weights to load instead of the seeded initialisation.
+        data_root: where torchvision data sets live.
+        download: let torchvision download into ``data_root``.
+        model_mode: "train" or "eval": BatchNorm behaviour during the gradient.
+        device: torch device the gradient is computed on.
+    """
+
+    dataset: str = "digits"
+    model: str = "lenet"
+    defense: str = "none"
+    batch_size: int = 1
+    num: int = 8
+    seed: int = 0
+    out: Path = Path("records")
+    checkpoint: Path | None = None
+    data_root: Path | None = None
+    download: bool = False
+    model_mode: str = "train"
+    device: str = "cpu"
+
+
+def _safe_name(name: str) -> str:
+    """A registry name made safe for file names (``pkg.mod:Class`` -> ``pkg.mod_Class``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "x"
+
+
+def record_id(dataset: str, model: str, index: int) -> str:
+    """The stable, file-system-safe id of the ``index``-th record of a capture."""
+    return f"{_safe_name(parse_spec(dataset).name)}-{_safe_name(parse_spec(model).name)}-{index:04d}"
+
+
+def model_spec_string(model: nn.Module, spec: str) -> str:
+    """The canonical spec of a built model: its name and every parameter it keeps (shape/classes aside)."""
+    name = parse_spec(spec).name
+    parts = []
+    for p in describe_params(type(model)):
+        if p.name in ("in_shape", "num_classes") or not hasattr(model, p.name):
+            continue
+        value = getattr(model, p.name)
+        parts.append(f"{p.name}={str(value).lower() if isinstance(value, bool) else value}")
+    return name + (":" + ",".join(parts) if parts else "")
+
+
+def batch_indices(n: int, batch_size: int, num: int, seed: int) -> list[list[int]]:
+    """``num`` batches of distinct indices in ``range(n)``, drawn from a generator seeded with ``seed``.
+
+    Successive random permutations are concatenated, so no image repeats before all
+    have been used; a batch never holds the same image twice.
+    """
+    if batch_size > n:
+        raise DataError(f"--batch-size {batch_size} is larger than the {n} training images of the data set")
+    gen = torch.Generator().manual_seed(seed)
+    batches: list[list[int]] = []
+    pool: list[int] = []
+    while len(batches) < num:
+        if len(pool) < batch_size:
+            # top up with a fresh permutation, avoiding images already in the partial batch
+            fresh = [i for i in torch.randperm(n, generator=gen).tolist() if i not in pool]
+            pool += fresh
+        batches.append(pool[:batch_size])
+        pool = pool[batch_size:]
+    return batches
+
+
+def _check_config(cfg: CaptureConfig) -> torch.device:
+    if cfg.batch_size < 1:
+        raise SpecError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.num < 1:
+        raise SpecError(f"--num must be >= 1, got {cfg.num}")
+    if cfg.model_mode not in ("train", "eval"):
+        raise SpecError(f"--model-mode must be 'train' or 'eval', got {cfg.model_mode!r}")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise SpecError(f"--device {cfg.device!r} is not a torch device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"--device {cfg.device}: CUDA is not available on this machine")
+    return device
+
+
+def _existing_is_ours(path: Path, expected: RecordMeta, weights: dict[str, torch.Tensor]) -> bool:
+    """True if ``path`` holds a valid record (and truth) of this very capture; False if absent or broken.
+
+    A valid record from a *different* capture raises: mixing two captures in one
+    folder would silently give attacks the wrong records.
+    """
+    if not path.exists():
+        return False
+    try:
+        record = GradientRecord.load(path)
+        Truth.load(truth_path(path))
+    except RecordError:
+        return False  # broken or half-written: capture it again
+    got, want = record.meta, expected
+    fields = ("defense", "model", "dataset", "batch_size", "seed", "loss", "step", "extra")
+    diff = [f for f in fields if getattr(got, f) != getattr(want, f)]
+    if not diff and (record.weights.keys() != weights.keys() or not all(
+        torch.equal(record.weights[k], weights[k]) for k in weights
+    )):
+        diff.append("weights")
+    if diff:
+        raise RecordError(
+            f"{path}: exists from a different capture ({', '.join(diff)} differ, e.g. {diff[0]}"
+            f" {getattr(got, diff[0], '...')!s:.60} vs {getattr(want, diff[0], '...')!s:.60});"
+            " use another --out or delete it"
+        )
+    return True
+
+
+def run_capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
+    """Capture ``cfg.num`` records into ``cfg.out``; returns their paths (in order).
+
+    Each record is one step of one worker: the seeded (or ``checkpoint``) model,
+    a batch from the train split, a fresh compressor. Records already in ``out``
+    from the same configuration are kept (resumable); files are written atomically,
+    the truth before its record, so an interrupted run leaves only complete pairs.
+    Same configuration and seed -> byte-identical files.
+    """
+    device = _check_config(cfg)
+    create_defense(cfg.defense)  # a bad defense spec fails before any data is loaded
+    MODELS.kwargs_for(cfg.model)
+    data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, split="train")
+    spec = data.spec
+    probe = ModelSpec(cfg.model, spec.shape, spec.num_classes, cfg.model_mode)
+    model = build_model(probe, seed=cfg.seed, device="cpu")
+    model_spec = dataclasses.replace(probe, spec=model_spec_string(model, cfg.model))
+    extra: dict[str, Any] = {}
+    if cfg.checkpoint is not None:
+        extra["checkpoint_sha256"] = load_checkpoint(model, cfg.checkpoint, model_spec.spec)
+    model.to(device)
+    # every record starts from the same model: BatchNorm's running statistics would otherwise drift
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial_cpu = {k: v.cpu() for k, v in initial.items()}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = batch_indices(len(data), cfg.batch_size, cfg.num, cfg.seed)
+    paths = []
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"capture {cfg.dataset} / {cfg.model} / {cfg.defense}", total=cfg.num, note="")
+        skipped = 0
+        for i, indices in enumerate(batches):
+            rid = record_id(cfg.dataset, cfg.model, i)
+            path = out / f"{rid}{RECORD_SUFFIX}"
+            paths.append(path)
+            compressor = create_defense(cfg.defense)
+            expected = RecordMeta(
+                record_id=rid,
+                defense=compressor.spec,
+                model=model_spec,
+                dataset=spec,
+                batch_size=cfg.batch_size,
+                param_names=(),
+                messages=(),
+                bytes_sent=0,
+                seed=cfg.seed,
+                extra=extra,
+            )
+            if _existing_is_ours(path, expected, initial_cpu):
+                skipped += 1
+                bar.update(task, advance=1, note=f"{skipped} already there")
+                continue
+            model.load_state_dict(initial)
+            inputs, labels = data.batch(indices)
+            record, truth = capture_batch(
+                model, model_spec, spec, inputs.to(device), labels.to(device), compressor, rid,
+                step=0, seed=cfg.seed, extra=extra,
+            )
+            truth.save(truth_path(path))
+            record.save(path)
+            bar.update(task, advance=1)
+    return paths
+
+
+def capture(
+    dataset: str,
+    model: str,
+    defense: str,
+    batch_size: int,
+    num: int,
+    seed: int,
+    out: Path | str,
+    checkpoint: Path | str | None = None,
+    data_root: Path | str | None = None,
+    download: bool = False,
+    model_mode: str = "train",
+    device: str = "cpu",
+    progress: bool = False,
+) -> list[Path]:
+    """``gia-bench capture`` as a Python call: see :class:`CaptureConfig` and :func:`run_capture`."""
+    cfg = CaptureConfig(
+        dataset=dataset,
+        model=model,
+        defense=defense,
+        batch_size=batch_size,
+        num=num,
+        seed=seed,
+        out=Path(out),
+        checkpoint=None if checkpoint is None else Path(checkpoint),
+        data_root=None if data_root is None else Path(data_root),
+        download=download,
+        model_mode=model_mode,
+        device=device,
+    )
+    return run_capture(cfg, progress=progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSummary:
+    """One line of the capture summary."""
+
+    record_id: str
+    path: Path
+    batch_size: int
+    bytes_sent: int
+    fp32_bytes: int  # what plain SGD would send: 4 bytes per parameter
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio against fp32 gradients (> 1: fewer bytes)."""
+        return self.fp32_bytes / self.bytes_sent if self.bytes_sent else float("inf")
+
+
+def summarize(paths: Sequence[Path]) -> list[RecordSummary]:
+    """Bytes and compression ratio of each record (read from the files)."""
+    rows = []
+    for path in paths:
+        record = GradientRecord.load(path, validate=False)
+        fp32 = 4 * sum(record.weights[n].numel() for n in record.meta.param_names)
+        rows.append(RecordSummary(record.record_id, Path(path), record.meta.batch_size, record.meta.bytes_sent, fp32))
+    return rows

@@ -82,3 +82,155 @@ def list_cmd(
             table.add_row(entry, text or "-", summary(cls))
         console.print(table)
 
+
+
+from pathlib import Path  # noqa: E402  (typer reads the annotations below from this module's globals)
+
+
+@app.command("capture")
+def capture_cmd(
+    dataset: str = typer.Option("digits", "--dataset", help="data set spec, e.g. digits, faces, photos, cifar10:channels=1"),
+    model: str = typer.Option("lenet", "--model", help="model spec, e.g. lenet, convnet:width=32, resnet18, mlp"),
+    defense: str = typer.Option("none", "--defense", help="compressor spec, e.g. none, fp16, lqsgd:rank=1"),
+    batch_size: int = typer.Option(1, "--batch-size", help="images per batch (per record)"),
+    num: int = typer.Option(8, "--num", help="number of records (batches) to capture"),
+    seed: int = typer.Option(0, "--seed", help="seeds the batch choice and the model's initial weights"),
+    out: Path = typer.Option(Path("records"), "--out", help="folder for <id>.safetensors and <id>.truth.safetensors"),
+    data_root: Path | None = typer.Option(None, "--data-root", help="where torchvision data sets live"),
+    download: bool = typer.Option(False, "--download", help="let torchvision download the data set into --data-root"),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="trained weights (safetensors or torch.save state dict) instead of the seeded init"
+    ),
+    model_mode: str = typer.Option("train", "--model-mode", help="train or eval: BatchNorm behaviour in the gradient"),
+    device: str = typer.Option("cpu", "--device", help="torch device for the gradient, e.g. cpu, cuda"),
+) -> None:
+    """Capture gradient records: one worker's messages for one step, one file per batch (+ truth)."""
+    from gia_bench.capture import CaptureConfig, run_capture, summarize
+
+    cfg = CaptureConfig(
+        dataset=dataset,
+        model=model,
+        defense=defense,
+        batch_size=batch_size,
+        num=num,
+        seed=seed,
+        out=out,
+        checkpoint=checkpoint,
+        data_root=data_root,
+        download=download,
+        model_mode=model_mode,
+        device=device,
+    )
+    try:
+        paths = run_capture(cfg, progress=True)
+    except KeyboardInterrupt:
+        done = sorted(p for p in out.glob("*.safetensors") if not p.name.endswith(".truth.safetensors"))
+        err_console.print(f"[yellow]interrupted:[/] {len(done)} complete records kept in {out}; run again to resume")
+        raise typer.Exit(130) from None
+    rows = summarize(paths)
+    table = Table(title=f"{len(rows)} records in {out}", title_justify="left")
+    table.add_column("record", style="bold cyan", no_wrap=True)
+    table.add_column("batch", justify="right")
+    table.add_column("bytes sent", justify="right")
+    table.add_column("fp32 bytes", justify="right")
+    table.add_column("ratio vs fp32", justify="right")
+    for r in rows:
+        table.add_row(r.record_id, str(r.batch_size), f"{r.bytes_sent:,}", f"{r.fp32_bytes:,}", f"{r.ratio:.1f}x")
+    console.print(table)
+    console.print(f"defense [bold]{defense}[/], model [bold]{model}[/], dataset [bold]{dataset}[/], seed {seed}")
+
+
+from pathlib import Path  # noqa: E402,F811  (typer resolves the annotations below from module globals)
+
+
+@app.command("report")
+def report_cmd(
+    runs: list[Path] = typer.Argument(..., help="folders with result.json files (searched recursively) or result files"),
+    out: Path = typer.Option(..., "--out", help="folder for results.csv, summary.csv, report.md, report.html, figures/"),
+    train: list[Path] = typer.Option([], "--train", help="training run folders (metrics.json) for test accuracy"),
+    lpips_net: str = typer.Option("alex", "--lpips-net", help="LPIPS trunk: alex or vgg"),
+    lpips_weights: Path = typer.Option(
+        None, "--lpips-weights", help="trunk weights file (else $GIA_BENCH_LPIPS_WEIGHTS, else torchvision's cache)"
+    ),
+    no_lpips: bool = typer.Option(False, "--no-lpips", help="do not compute LPIPS the results lack"),
+) -> None:
+    """Privacy vs compression: tables, figures and an HTML report from attack results and training runs."""
+    from gia_bench.reports import ReportOptions, make_report, rich_tables
+
+    if lpips_net not in ("alex", "vgg"):
+        raise GiaBenchError(f"--lpips-net {lpips_net!r}: accepted values are alex, vgg")
+    if lpips_weights is not None and not lpips_weights.is_file():
+        raise GiaBenchError(f"--lpips-weights {lpips_weights}: no such file")
+    options = ReportOptions(
+        runs=tuple(runs),
+        out=out,
+        train=tuple(train),
+        lpips_net=lpips_net,
+        lpips_weights=lpips_weights,
+        compute_lpips=not no_lpips,
+    )
+    output = make_report(options)
+    for table in rich_tables(output.data):
+        console.print(table)
+    for note in output.data.lpips_notes:
+        console.print(f"[yellow]{note}[/]", highlight=False, soft_wrap=True)
+    for s in output.data.runs.skipped:
+        err_console.print(f"[yellow]skipped[/] {s.path}: {s.reason}", highlight=False, soft_wrap=True)
+    n = len(output.data.runs.results)
+    console.print(
+        f"{n} result(s), {len(output.data.runs.trains)} training run(s), {len(output.data.runs.skipped)} skipped;"
+        f" wrote {len(output.files)} files to [bold]{out}[/] (open {out / 'report.html'})"
+    )
+
+
+@app.command("train")
+def train_cmd(
+    out: Path = typer.Option(..., "--out", help="run folder: metrics.json, checkpoint.pt, records/"),
+    dataset: str = typer.Option("digits", "--dataset", help="data set spec, e.g. digits or cifar10"),
+    model: str = typer.Option("resnet18", "--model", help="model spec, e.g. resnet18, lenet, mlp:hidden=64"),
+    defense: str = typer.Option("none", "--defense", help="compressor spec, e.g. lqsgd:rank=2"),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="workers on this machine (one per GPU)"),
+    nnodes: str = typer.Option("1", "--nnodes", help="machines, N or MIN:MAX (as torchrun)"),
+    rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", help="host:port of the rendezvous (several machines)"),
+    rdzv_id: str = typer.Option(None, "--rdzv-id", help="job id shared by all machines"),
+    epochs: int = typer.Option(3, "--epochs", help="epochs in total (a resumed run continues up to this)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="examples per worker per step"),
+    lr: float = typer.Option(0.1, "--lr", help="SGD learning rate (peak of the schedule)"),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum, applied after the reduce"),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="SGD weight decay, applied after the reduce"),
+    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="constant or cosine"),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", help="uncompressed steps first (the defense's start_iter)"),
+    collective: str = typer.Option(
+        None, "--collective", help="the defense's collective: auto, allgather or alltoall (lqsgd)"
+    ),
+    capture_every: int = typer.Option(0, "--capture-every", help="save rank 0's GradientRecord every K steps"),
+    seed: int = typer.Option(0, "--seed", help="model init, data order and compressor seed"),
+    backend: str = typer.Option("auto", "--backend", help="auto, gloo or nccl"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    bucket_cap_mb: float = typer.Option(25.0, "--bucket-cap-mb", help="DDP bucket size in MB"),
+    max_steps_per_epoch: int = typer.Option(None, "--max-steps-per-epoch", help="cut each epoch short"),
+    data_root: Path = typer.Option(None, "--data-root", help="folder of torchvision data sets"),
+    download: bool = typer.Option(False, "--download", help="let torchvision download the data set"),
+    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="torch threads per worker"),
+    timeout: float = typer.Option(300.0, "--timeout", help="seconds before a stuck collective fails the run"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
+) -> None:
+    """Train with DDP, any defense as the gradient communication hook (torchrun underneath)."""
+    from gia_bench.train import TrainConfig, launch
+
+    config = TrainConfig(
+        out=out, dataset=dataset, model=model, defense=defense, epochs=epochs, batch_size=batch_size, lr=lr,
+        momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
+        collective=collective, capture_every=capture_every, seed=seed, nproc_per_node=nproc_per_node,
+        nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, backend=backend, device=device,  # type: ignore[arg-type]
+        bucket_cap_mb=bucket_cap_mb, max_steps_per_epoch=max_steps_per_epoch, data_root=data_root,
+        download=download, threads_per_worker=threads_per_worker, timeout_s=timeout, resume=resume,
+    )
+    metrics = launch(config)
+    totals = metrics["totals"]
+    console.print(
+        f"{metrics['defense']} on {metrics['world_size']} workers: test accuracy"
+        f" {100 * totals['final_test_accuracy']:.2f}%, {totals['bytes_sent_per_worker']:,} bytes per worker"
+        f" ({totals['bytes_per_step']:,.0f} per step), {totals['seconds']:.1f} s; wrote [bold]{out / 'metrics.json'}[/]",
+        highlight=False,
+    )

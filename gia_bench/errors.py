@@ -30,3 +30,7 @@ class ConfigError(GiaBenchError):
 
 class CompressorError(GiaBenchError):
     """A compressor broke its contract (wrong shapes, NaN, byte counts)."""
+
+
+class CheckpointError(GiaBenchError):
+    """A model checkpoint (``--checkpoint``) cannot be read or does not fit the model."""
