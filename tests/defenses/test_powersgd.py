@@ -1,0 +1,226 @@
+"""PowerSGD against PyTorch's own ``powerSGD_hook``, and the compressor's invariants."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ref
+
+from gia_bench.comm import LocalCommunicator, messages_by_tag
+from gia_bench.defenses import create
+from gia_bench.defenses.powersgd import PowerSGD, make_plan, orthogonalize
+from gia_bench.errors import SpecError
+
+# Interleaved shapes: two conv shapes that repeat (batched groups), 1-D tensors, a matrix too
+# small to compress, a linear layer whose rank is capped by min(n, m).
+SHAPES = [
+    torch.Size(s)
+    for s in [(16, 8, 3, 3), (16,), (32, 16, 3, 3), (16, 8, 3, 3), (10, 64), (10,), (4, 3), (64, 40), (32, 16, 3, 3)]
+]
+
+
+def _grads(gen: torch.Generator, shapes=SHAPES, scale: float = 1.0) -> list[torch.Tensor]:
+    return [scale * torch.randn(s, generator=gen) for s in shapes]
+
+
+class _Bucket:
+    """The part of ``dist.GradBucket`` that ``powerSGD_hook`` uses (GradBucket has no Python constructor):
+    one flat buffer and per-parameter views into it, one bucket per step."""
+
+    def __init__(self, grads: list[torch.Tensor]) -> None:
+        self._buffer = torch.cat([g.reshape(-1) for g in grads])
+        self._views, offset = [], 0
+        for g in grads:
+            self._views.append(self._buffer[offset : offset + g.numel()].view(g.shape))
+            offset += g.numel()
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def gradients(self) -> list[torch.Tensor]:
+        return self._views
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def gloo_world_1(tmp_path_factory):
+    """A single-process gloo group, as powerSGD_hook needs one for its all-reduces."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    store = tmp_path_factory.mktemp("gloo") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "rank, warm_start, error_feedback, start_iter",
+    [(2, True, True, 0), (1, False, True, 0), (4, True, False, 0), (3, False, False, 0), (2, True, True, 2)],
+)
+def test_equals_pytorch_powersgd_hook(gloo_world_1, rank, warm_start, error_feedback, start_iter):
+    state = ref.PowerSGDState(
+        process_group=None,
+        matrix_approximation_rank=rank,
+        start_powerSGD_iter=max(start_iter, 2),  # PyTorch refuses < 2 with EF / warm start (a DDP matter)
+        min_compression_rate=2,
+        use_error_feedback=error_feedback,
+        warm_start=warm_start,
+        orthogonalization_epsilon=0,
+        random_seed=0,
+    )
+    state.start_powerSGD_iter = start_iter  # the hook itself has no such limit
+    ours = PowerSGD(rank=rank, warm_start=warm_start, error_feedback=error_feedback, start_iter=start_iter, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        grads = _grads(gen)
+        expected = ref.powerSGD_hook(state, _Bucket([g.clone() for g in grads])).wait()
+        comm = LocalCommunicator()
+        got = torch.cat([t.reshape(-1) for t in ours.step(grads, comm)])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        if step >= start_iter and warm_start:  # PyTorch clears q_memory without warm start
+            # the aggregated Q is laid out as PyTorch's q_memory (grouped by shape, first appearance)
+            sent = messages_by_tag(comm.messages)
+            q_ref = state.q_memory_dict[0]
+            torch.testing.assert_close(sent["Q"], q_ref, rtol=1e-5, atol=1e-5 * q_ref.abs().max().item())
+        if step < start_iter:
+            assert [m.tag for m in comm.messages] == ["grads"]
+
+
+def test_plan_follows_pytorch_compression_rule():
+    plan = make_plan(tuple(SHAPES), 2, 2.0)
+    # (4, 3): (4+3)*2*2 = 28 >= 12 -> not compressed; 1-D never
+    assert plan.rest == (1, 5, 6)
+    assert [g.indices for g in plan.groups] == [(0, 3), (2, 8), (4,), (7,)]
+    assert plan.p_numel == 2 * 16 * 2 + 2 * 32 * 2 + 10 * 2 + 64 * 2
+    assert plan.q_numel == 2 * 72 * 2 + 2 * 144 * 2 + 64 * 2 + 40 * 2
+
+
+def test_resnet18_bytes_match_pytorch_figure():
+    """torchvision resnet18(num_classes=10) at rank 2: 330,000 bytes = 291,560 (P+Q) + 38,440 (rest)."""
+    import torchvision
+
+    with torch.device("meta"):
+        shapes = [p.shape for p in torchvision.models.resnet18(num_classes=10).parameters()]
+    grads = [torch.zeros(s) for s in shapes]
+    comm = LocalCommunicator(record=False)
+    PowerSGD(rank=2).step(grads, comm)
+    by_tag = {m.tag: m.nbytes for m in comm.messages}
+    assert by_tag["P"] + by_tag["Q"] == 291_560
+    assert by_tag["rest"] == 38_440
+    assert comm.bytes_sent == 330_000
+
+
+def test_error_feedback_conserves_the_gradient_sum(gen):
+    comp = PowerSGD(rank=1)
+    total_in = [torch.zeros(s) for s in SHAPES]
+    total_out = [torch.zeros(s) for s in SHAPES]
+    for _ in range(6):
+        grads = _grads(gen)
+        out = comp.step(grads, LocalCommunicator(record=False))
+        for a, b, g, o in zip(total_in, total_out, grads, out):
+            a.add_(g)
+            b.add_(o)
+    residual = comp.state_dict()["error"]
+    for i, (a, b) in enumerate(zip(total_in, total_out)):
+        # the rest is sent exactly: no residual kept for it
+        final = residual.get(i, torch.zeros(())) if i not in (1, 5, 6) else torch.zeros(())
+        assert (i in residual) == (i not in (1, 5, 6))
+        torch.testing.assert_close(b + final, a, rtol=1e-5, atol=1e-5)
+    # and the compression really lost something each step (the test could fail)
+    assert residual[0].abs().max() > 1e-3
+
+
+def test_state_dict_round_trip_resumes_bit_identically(gen):
+    comp = PowerSGD(rank=2, warm_start=False)  # Q re-drawn each step: the numpy RNG state must resume too
+    for _ in range(3):
+        comp.step(_grads(gen), LocalCommunicator(record=False), keys=[f"p{i}" for i in range(len(SHAPES))])
+    buf = io.BytesIO()
+    torch.save(comp.state_dict(), buf)
+    buf.seek(0)
+    resumed = PowerSGD(rank=2, warm_start=False)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    for _ in range(3):
+        grads = _grads(gen)
+        keys = [f"p{i}" for i in range(len(SHAPES))]
+        a = comp.step(grads, LocalCommunicator(record=False), keys=keys)
+        b = resumed.step(grads, LocalCommunicator(record=False), keys=keys)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_zero_gradients_give_zeros_without_nan(rank):
+    comp = PowerSGD(rank=rank)
+    for _ in range(2):
+        out = comp.step([torch.zeros(s) for s in SHAPES], LocalCommunicator(record=False))
+        for o in out:
+            assert torch.isfinite(o).all() and not o.any()
+
+
+def test_constant_gradient_is_rank_one_and_recovered_exactly():
+    comp = PowerSGD(rank=2, warm_start=False, error_feedback=False)
+    grads = [torch.full(s, 0.25) for s in SHAPES]
+    out = comp.step(grads, LocalCommunicator(record=False))
+    for g, o in zip(grads, out):
+        torch.testing.assert_close(o, g, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_and_simulate_agree_with_the_step(gen):
+    comp = PowerSGD(rank=2)
+    grads = _grads(gen)
+    comm = LocalCommunicator()
+    out = comp.step(grads, comm)
+    messages, public = messages_by_tag(comm.messages), comp.public_state()
+    decoded = comp.decode(messages, SHAPES, public)
+    for o, d in zip(out, decoded):
+        torch.testing.assert_close(d, o, rtol=1e-5, atol=1e-6)
+    # the aware attacker's simulate reproduces the observed messages from the true gradient ...
+    observed = comp.message_values(messages, SHAPES, public)
+    leaf = [g.clone().requires_grad_(True) for g in grads]
+    simulated = comp.simulate(leaf, messages, public)
+    assert set(simulated) == set(observed) == {"P", "Q", "rest"}
+    for tag in observed:
+        torch.testing.assert_close(simulated[tag], observed[tag], rtol=1e-5, atol=1e-5)
+    # ... and is differentiable in it
+    loss = sum(((simulated[t] - observed[t] - 1) ** 2).sum() for t in observed)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in leaf)
+    assert leaf[0].grad.abs().sum() > 0
+
+
+def test_start_iter_sends_plain_gradients_first(gen):
+    comp = PowerSGD(rank=2, start_iter=2)
+    tags = []
+    for _ in range(3):
+        grads = _grads(gen)
+        comm = LocalCommunicator()
+        out = comp.step(grads, comm)
+        tags.append([m.tag for m in comm.messages])
+        if tags[-1] == ["grads"]:
+            assert all(torch.equal(o, g) for o, g in zip(out, grads))
+            assert comp.decode(messages_by_tag(comm.messages), SHAPES)[0].equal(grads[0])
+    assert tags == [["grads"], ["grads"], ["rest", "P", "Q"]]
+
+
+def test_orthogonalize_matches_qr_up_to_column_signs(gen):
+    a = torch.randn(3, 20, 2, generator=gen, dtype=torch.float64)
+    q = orthogonalize(a)
+    torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(2, dtype=torch.float64).expand(3, 2, 2))
+    ref_q = torch.linalg.qr(a).Q
+    torch.testing.assert_close(q.abs(), ref_q.abs())
+
+
+def test_spec_round_trip_and_bad_values():
+    comp = create("powersgd:rank=4,warm_start=false,min_compression_rate=1.5")
+    assert comp.rank == 4 and comp.warm_start is False and comp.min_compression_rate == 1.5
+    assert create(comp.spec).spec == comp.spec
+    for bad in ("powersgd:rank=0", "powersgd:start_iter=-1", "powersgd:min_compression_rate=0"):
+        with pytest.raises(SpecError):
+            create(bad)
