@@ -135,6 +135,8 @@ class LAQ(Compressor):
     def step(
         self, grads: Sequence[torch.Tensor], comm: Communicator, keys: Sequence[Hashable] | None = None
     ) -> list[torch.Tensor]:
+        if not grads:  # nothing to send: every rank sees the same empty list
+            return []
         keys = resolve_keys(grads, keys)
         shapes = [g.shape for g in grads]
         g = flatten(grads).detach().to(torch.float32)

@@ -233,6 +233,8 @@ class MixedPrecision(Compressor):
     def step(
         self, grads: Sequence[torch.Tensor], comm: Communicator, keys: Sequence[Hashable] | None = None
     ) -> list[torch.Tensor]:
+        if not grads:  # nothing to send: every rank sees the same empty list
+            return []
         keys = resolve_keys(grads, keys)
         bits = self.assign_bits(keys)
         self._last_bits = bits

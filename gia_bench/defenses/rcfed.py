@@ -309,6 +309,8 @@ class RCFED(Compressor):
     def step(
         self, grads: Sequence[torch.Tensor], comm: Communicator, keys: Sequence[Hashable] | None = None
     ) -> list[torch.Tensor]:
+        if not grads:  # nothing to send: every rank sees the same empty list
+            return []
         shapes = [g.shape for g in grads]
         device = grads[0].device if grads else torch.device("cpu")
         flat = [g.detach().to(torch.float32).reshape(-1).cpu() for g in grads]
