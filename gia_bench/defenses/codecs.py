@@ -45,6 +45,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         nb = bits // 8
         c = codes.to(torch.int64).reshape(-1, 1) >> (8 * torch.arange(nb, device=codes.device))
         return (c & 0xFF).to(torch.uint8).reshape(-1)
+    if bits < 8:  # 3, 5, 6, 7 bits: 8 codes fill exactly `bits` bytes; one int64 word per group
+        c = codes.to(torch.int64)
+        if n % 8:
+            c = torch.cat([c, c.new_zeros(8 - n % 8)])
+        word = (c.reshape(-1, 8) << (torch.arange(8, device=c.device) * bits)).sum(dim=1)
+        out = (word.reshape(-1, 1) >> (8 * torch.arange(bits, device=c.device))) & 0xFF
+        return out.to(torch.uint8).reshape(-1)[: packed_nbytes(n, bits)]
     stream = (codes.to(torch.int64).reshape(-1, 1) >> _pow2(bits, codes.device)) & 1
     stream = stream.reshape(-1)
     pad = (-stream.numel()) % 8
@@ -72,6 +79,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits % 8 == 0:
         nb = bits // 8
         return (p.reshape(-1, nb) << (8 * torch.arange(nb, device=p.device))).sum(dim=1)
+    if bits < 8:  # inverse of pack_bits' word-per-8-codes path
+        if p.numel() % bits:
+            p = torch.cat([p, p.new_zeros(bits - p.numel() % bits)])
+        word = (p.reshape(-1, bits) << (8 * torch.arange(bits, device=p.device))).sum(dim=1)
+        codes = (word.reshape(-1, 1) >> (torch.arange(8, device=p.device) * bits)) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:n]
     stream = ((p.reshape(-1, 1) >> _pow2(8, p.device)) & 1).reshape(-1)[: n * bits]
     return (stream.reshape(n, bits) << _pow2(bits, p.device)).sum(dim=1)
 
