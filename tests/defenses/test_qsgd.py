@@ -114,3 +114,21 @@ def test_bad_parameters():
     for spec in ["qsgd:levels=0", "qsgd:bucket=0"]:
         with pytest.raises(SpecError):
             create(spec)
+
+
+def _reference_pack(codes: list[int], bits: int) -> torch.Tensor:
+    """codecs' documented layout, bit by bit: code i at stream bits [i*b, (i+1)*b), LSB first."""
+    stream = [(c >> j) & 1 for c in codes for j in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return torch.tensor([sum(stream[8 * k + m] << m for m in range(8)) for k in range(len(stream) // 8)], dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 11, 16])
+def test_level_packing_follows_the_documented_layout(gen, bits):
+    from gia_bench.defenses.codecs import pack_bits
+
+    for n in [0, 1, 7, 8, 9, 61]:
+        codes = torch.randint(0, 2**bits, (n,), generator=gen)
+        packed = pack_bits(codes, bits)
+        assert torch.equal(packed, _reference_pack(codes.tolist(), bits))
+        assert torch.equal(unpack_bits(packed, bits, n), codes)
