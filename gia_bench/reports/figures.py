@@ -1,0 +1,272 @@
+"""The report's figures (matplotlib, Agg backend, PNG, written atomically).
+
+* privacy vs bandwidth, per dataset x model: SSIM and PSNR against bytes per step
+  (log x), one marker per defense setting at the strongest attacker's mean (the
+  attack and view with the highest mean over images), the mean-colour floor as a
+  dotted line, and the non-dominated frontier: settings for which no other setting
+  sends no more bytes and leaks no more (both lower is better for the defender);
+* accuracy vs bandwidth: final test accuracy against bytes per step, from training runs;
+* image grids, per dataset x model x attack x view: the originals in the first row,
+  then each defense's reconstructions, the same original in each column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from gia_bench.reports.io import write_atomic
+from gia_bench.reports.load import AttackResult, TrainRun
+from gia_bench.reports.tables import SummaryRow, TableGroup
+
+GRID_MAX_IMAGES = 8
+PSNR_PLOT_CAP = 100.0  # an infinite PSNR (identical images) is drawn here, and said so
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, with a writable config folder."""
+    if "MPLCONFIGDIR" not in os.environ:
+        os.environ["MPLCONFIGDIR"] = str(Path(tempfile.gettempdir()) / "gia-bench-mpl")
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """A figure written to ``path``."""
+
+    path: Path
+    kind: str  # "privacy", "accuracy" or "grid"
+    title: str
+    caption: str
+    dataset: str = ""
+    model: str = ""
+
+
+def slug(*parts: str) -> str:
+    """A file-name-safe name for a figure."""
+    text = "-".join(parts)
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")[:150]
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return write_atomic(path, buf.getvalue())
+
+
+def frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points when both coordinates are to be minimised, by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    keep: list[int] = []
+    best = math.inf
+    for i in order:
+        if points[i][1] < best:
+            keep.append(i)
+            best = points[i][1]
+    return keep
+
+
+def _log_x(ax, xs: Sequence[float]) -> None:
+    """Log x axis in bytes, labelled at powers of ten only, with a margin around the points."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    xs = [x for x in xs if x > 0]
+    if xs:
+        ax.set_xlim(min(xs) / 2, max(xs) * 2)
+    ax.set_xlabel("bytes sent per worker per step (log)")
+
+
+def _strongest(rows: Sequence[SummaryRow], metric: str) -> dict[str, tuple[float, SummaryRow]]:
+    """Per defense: the highest mean of ``metric`` over its attacks and views, and the row that has it."""
+    out: dict[str, tuple[float, SummaryRow]] = {}
+    for r in rows:
+        s = getattr(r, metric)
+        if s is None or math.isnan(s.mean):
+            continue
+        if r.defense not in out or s.mean > out[r.defense][0]:
+            out[r.defense] = (s.mean, r)
+    return out
+
+
+def privacy_vs_bandwidth(group: TableGroup, out_dir: Path) -> Figure | None:
+    """SSIM and PSNR against bytes per step for one dataset x model; None when nothing was scored."""
+    ssim_best = _strongest(group.rows, "ssim")
+    psnr_best = _strongest(group.rows, "psnr")
+    if not ssim_best:
+        return None
+    plt = _pyplot()
+    defenses = list(dict.fromkeys(r.defense for r in group.rows if r.defense in ssim_best))
+    cmap = plt.get_cmap("tab10")
+    markers = "os^Dv<>pPX*h"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    capped = False
+    for ax, best, label, floor in (
+        (axes[0], ssim_best, "SSIM (strongest attack, mean over images)", group.floor_ssim),
+        (axes[1], psnr_best, "PSNR dB (strongest attack, mean over images)", group.floor_psnr),
+    ):
+        pts = []
+        for n, d in enumerate(defenses):
+            if d not in best:
+                continue
+            y, row = best[d]
+            if math.isinf(y):
+                y, capped = PSNR_PLOT_CAP, True
+            x = row.bytes_per_step
+            pts.append((x, y))
+            ax.scatter(
+                [x], [y], s=60, color=cmap(n % 10), marker=markers[n % len(markers)], zorder=3,
+                label=f"{d}  [{row.attack}, {row.view}]",
+            )  # fmt: skip
+        idx = frontier(pts)
+        if len(idx) > 1:
+            fx, fy = [pts[i][0] for i in idx], [pts[i][1] for i in idx]
+            ax.step(fx, fy, where="post", color="0.3", ls="--", lw=1, zorder=2, label="non-dominated frontier")
+        elif idx:
+            ax.scatter([pts[idx[0]][0]], [pts[idx[0]][1]], s=180, facecolors="none", edgecolors="0.3",
+                       zorder=2, label="non-dominated frontier")  # fmt: skip
+        if floor is not None:
+            ax.axhline(floor, color="0.5", ls=":", lw=1, label="mean-colour floor")
+        _log_x(ax, [x for x, _ in pts])
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, fontsize=8, frameon=False)
+    title = f"Privacy vs bandwidth: {group.dataset} / {group.model}"
+    fig.suptitle(title)
+    path = out_dir / f"privacy-{slug(group.dataset, group.model)}.png"
+    _save(fig, path)
+    caption = (
+        "Each marker is one defense setting at its strongest attacker (the attack and view with the highest"
+        " mean); lower is more private, further left is fewer bytes. The dashed line links the non-dominated"
+        " settings; the dotted line is the mean-colour floor."
+        + (f" An infinite PSNR (exact reconstruction) is drawn at {PSNR_PLOT_CAP:g} dB." if capped else "")
+    )
+    return Figure(path, "privacy", title, caption, group.dataset, group.model)
+
+
+def accuracy_vs_bandwidth(trains: Sequence[TrainRun], out_dir: Path) -> Figure | None:
+    """Final test accuracy against bytes per step, one marker per training run; None without runs."""
+    if not trains:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cmap = plt.get_cmap("tab10")
+    by_setup: dict[tuple[str, str], list[TrainRun]] = defaultdict(list)
+    for t in trains:
+        by_setup[(t.dataset, t.model)].append(t)
+    markers = "os^Dv<>pPX*h"
+    n = 0
+    for (dataset, model), runs in sorted(by_setup.items()):
+        pts = []
+        for t in sorted(runs, key=lambda t: t.bytes_per_step):
+            ax.scatter([t.bytes_per_step], [100 * t.final_test_accuracy], s=60, color=cmap(n % 10),
+                       marker=markers[n % len(markers)], label=f"{dataset}/{model}: {t.defense}", zorder=3)  # fmt: skip
+            pts.append((t.bytes_per_step, -t.final_test_accuracy))
+            n += 1
+        idx = frontier(pts)
+        if len(idx) > 1:
+            ax.step([pts[i][0] for i in idx], [-100 * pts[i][1] for i in idx], where="post", color="0.3",
+                    ls="--", lw=1, zorder=2)  # fmt: skip
+    _log_x(ax, [t.bytes_per_step for t in trains])
+    ax.set_ylabel("final test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8, frameon=False)
+    title = "Accuracy vs bandwidth"
+    fig.suptitle(title)
+    path = out_dir / "accuracy-vs-bandwidth.png"
+    _save(fig, path)
+    return Figure(
+        path, "accuracy", title,
+        "Final test accuracy of each training run against the bytes a worker sent per step; the dashed line"
+        " links the settings no other setting beats on both.",
+    )  # fmt: skip
+
+
+def _show(ax, img: torch.Tensor) -> None:
+    arr = img.detach().clamp(0, 1).permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        ax.imshow(arr[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(arr, interpolation="nearest")
+
+
+def image_grid(results: Sequence[AttackResult], out_dir: Path, defense_order: Sequence[str]) -> Figure | None:
+    """Originals, then one row per defense; columns are the same original images.
+
+    ``results`` share dataset, model, attack and view. Per defense the first record
+    (by record id) is shown. A defense whose record holds a different batch of
+    originals is marked so; a missing image file leaves its row blank with a note.
+    """
+    if not results:
+        return None
+    first = results[0]
+    per_defense: dict[str, AttackResult] = {}
+    for r in sorted(results, key=lambda r: (r.record_id, str(r.path))):
+        per_defense.setdefault(r.defense, r)
+    order = [d for d in defense_order if d in per_defense] + [d for d in per_defense if d not in defense_order]
+    loaded = {d: per_defense[d].load_images() for d in order}
+    reference = next((orig for _, orig, _ in loaded.values() if orig is not None), None)
+    if reference is None and all(rec is None for rec, _, _ in loaded.values()):
+        return None
+    n_cols = min(
+        GRID_MAX_IMAGES,
+        max([t.shape[0] for rec, orig, _ in loaded.values() for t in (rec, orig) if t is not None]),
+    )
+    plt = _pyplot()
+    n_rows = 1 + len(order)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols, 1.1 * n_rows + 0.4), squeeze=False)
+    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    notes: list[str] = []
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    axes[0][0].set_ylabel("original", rotation=0, ha="right", va="center", fontsize=8)
+    if reference is not None:
+        for j in range(min(n_cols, reference.shape[0])):
+            _show(axes[0][j], reference[j])
+    else:
+        notes.append("no originals stored (no ground truth)")
+    for i, d in enumerate(order, start=1):
+        rec, orig, note = loaded[d]
+        label = d
+        if rec is None:
+            label += "\n(missing)"
+            notes.append(f"{d}: {note}")
+            axes[i][0].text(0.05, 0.5, "no image file", transform=axes[i][0].transAxes, fontsize=7, color="0.4")
+        else:
+            if reference is not None and orig is not None and (
+                orig.shape != reference.shape or not torch.allclose(orig, reference, atol=1e-6)
+            ):
+                label += "\n(other batch)"
+                notes.append(f"{d}: reconstructed a different batch than the first row shows")
+            for j in range(min(n_cols, rec.shape[0])):
+                _show(axes[i][j], rec[j])
+        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    title = f"{first.dataset} / {first.model}: {first.attack} ({first.view})"
+    fig.suptitle(title, fontsize=10)
+    path = out_dir / f"grid-{slug(first.dataset, first.model, first.attack, first.view)}.png"
+    _save(fig, path)
+    caption = "First row: originals; then each defense's reconstruction of the same images (paired order)."
+    if notes:
+        caption += " Notes: " + "; ".join(notes) + "."
+    return Figure(path, "grid", title, caption, first.dataset, first.model)

@@ -1,0 +1,386 @@
+"""The report's numbers: one row per image, one summary row per dataset x model x defense x attack x view.
+
+Leakage statistics over the images of a group (all records of that setting):
+
+* **mean**;
+* **worst case**: the most leaking image (highest SSIM, highest PSNR, lowest LPIPS);
+* **spread**: the population standard deviation over images.
+
+Beside them, the *floor*: the SSIM / PSNR a flat image of each original's mean
+colour scores (:func:`gia_bench.metrics.mean_colour_floor`), computed from the
+stored originals. A reconstruction that does not beat the floor leaks nothing
+the mean colour does not.
+
+The compression ratio is ``bytes_fp32 / bytes``: the uncompressed fp32 gradient
+(what plain SGD sends) over what the worker sent for that step.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from gia_bench.metrics import LPIPSScorer, mean_colour_floor
+from gia_bench.reports.load import AttackResult, RunSet, TrainRun
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """A metric over the images of a group."""
+
+    mean: float
+    worst: float  # the most leaking image
+    spread: float  # population standard deviation over images (nan when undefined, e.g. with inf)
+    n: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRow:
+    """One original image of one record, scored for one attack and view (a row of ``results.csv``)."""
+
+    dataset: str
+    model: str
+    defense: str
+    attack: str
+    view: str
+    record_id: str
+    image: int
+    matched: int
+    ssim: float
+    psnr: float
+    lpips: float | None
+    floor_ssim: float | None
+    floor_psnr: float | None
+    label_true: int | None
+    label_inferred: int | None
+    bytes: int
+    bytes_fp32: int
+    compression_ratio: float
+    batch_size: int
+    seconds: float
+    iterations: int
+    final_loss: float
+    result: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryRow:
+    """One setting: dataset x model x defense x attack x view, over all its records' images."""
+
+    dataset: str
+    model: str
+    defense: str
+    attack: str
+    view: str
+    records: int
+    images: int
+    bytes_per_step: float
+    bytes_fp32: float
+    compression_ratio: float
+    test_accuracy: float | None
+    accuracy_model: str | None  # the model the accuracy was trained on (may differ from `model`)
+    ssim: Stat | None
+    psnr: Stat | None
+    lpips: Stat | None
+    label_accuracy: float | None
+    floor_ssim: float | None
+    floor_psnr: float | None
+    lpips_reason: str | None
+    threat: str  # what the attacker used, as the attack described it
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TableGroup:
+    """The rows of one dataset x model table, and that table's floor."""
+
+    dataset: str
+    model: str
+    rows: tuple[SummaryRow, ...]
+    floor_ssim: float | None
+    floor_psnr: float | None
+    floor_images: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportData:
+    """Everything the writers need."""
+
+    runs: RunSet
+    image_rows: tuple[ImageRow, ...]
+    groups: tuple[TableGroup, ...]
+    lpips_notes: tuple[str, ...]  # distinct "LPIPS unavailable: ..." reasons
+    notes: tuple[str, ...]  # other things the reader should know (e.g. results without truth)
+
+    @property
+    def summary(self) -> tuple[SummaryRow, ...]:
+        return tuple(r for g in self.groups for r in g.rows)
+
+
+def stat(values: Sequence[float], worst: Callable[[Iterable[float]], float]) -> Stat | None:
+    """Mean, worst case and spread of ``values`` (None when there are none)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return None
+    mean = math.fsum(vals) / len(vals) if all(math.isfinite(v) for v in vals) else (
+        math.inf if any(v == math.inf for v in vals) else math.nan
+    )
+    finite = all(math.isfinite(v) for v in vals)
+    spread = statistics.pstdev(vals) if finite and len(vals) > 1 else (0.0 if finite else math.nan)
+    return Stat(mean, worst(vals), spread, len(vals))
+
+
+def threat_text(threat: dict) -> str:
+    """A one-line description of what the attacker used."""
+    if not threat:
+        return ""
+    parts = []
+    for k, v in threat.items():
+        if isinstance(v, bool):
+            parts.append(f"{k}" if v else f"no {k}")
+        elif isinstance(v, (list, tuple)):
+            parts.append(f"{k}: {', '.join(map(str, v))}")
+        else:
+            parts.append(f"{k}: {v}")
+    return "; ".join(parts)
+
+
+def _accuracy_for(result: AttackResult, trains: Sequence[TrainRun]) -> TrainRun | None:
+    """The training run with the same canonical defense and dataset; the same model preferred."""
+    same = [t for t in trains if t.defense == result.defense and t.dataset == result.dataset]
+    if not same:
+        return None
+    same.sort(key=lambda t: (t.model != result.model, str(t.path)))
+    return same[0]
+
+
+def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
+    """Score tables from loaded runs.
+
+    Floors come from the originals stored beside each result. Where a result has no
+    LPIPS value and ``lpips`` is available, LPIPS is computed here from the stored
+    reconstruction and original (already in paired order).
+    """
+    floors_cache: dict[str, list[tuple[float, float]] | None] = {}
+    lpips_cache: dict[str, list[float] | None] = {}
+    notes: list[str] = []
+    lpips_notes: list[str] = []
+    image_rows: list[ImageRow] = []
+    by_setting: dict[tuple[str, str, str, str, str], list[tuple[AttackResult, list[ImageRow]]]] = defaultdict(list)
+    no_truth = 0
+
+    for res in runs.results:
+        key = str(res.tensors_path)
+        if key not in floors_cache:
+            rec, orig, _ = res.load_images()
+            floors_cache[key] = mean_colour_floor(orig) if orig is not None else None
+            if rec is not None and orig is not None and lpips is not None and lpips.available:
+                lpips_cache[key] = [float(v) for v in lpips(rec, orig)]
+            else:
+                lpips_cache[key] = None
+        rows: list[ImageRow] = []
+        if res.scores is None:
+            no_truth += 1
+        else:
+            floors = floors_cache[key]
+            computed = lpips_cache.get(key)
+            reason = res.scores.lpips_reason
+            for im in res.scores.images:
+                lp = im.lpips
+                if lp is None and computed is not None and im.index < len(computed):
+                    lp = computed[im.index]
+                floor = floors[im.index] if floors is not None and im.index < len(floors) else None
+                rows.append(
+                    ImageRow(
+                        dataset=res.dataset,
+                        model=res.model,
+                        defense=res.defense,
+                        attack=res.attack,
+                        view=res.view,
+                        record_id=res.record_id,
+                        image=im.index,
+                        matched=im.matched,
+                        ssim=im.ssim,
+                        psnr=im.psnr,
+                        lpips=lp,
+                        floor_ssim=None if floor is None else floor[0],
+                        floor_psnr=None if floor is None else floor[1],
+                        label_true=res.labels_true[im.index]
+                        if res.labels_true is not None and im.index < len(res.labels_true)
+                        else None,
+                        label_inferred=res.labels_inferred[im.matched] if im.matched < len(res.labels_inferred) else None,
+                        bytes=res.bytes,
+                        bytes_fp32=res.bytes_fp32,
+                        compression_ratio=res.compression_ratio,
+                        batch_size=res.batch_size,
+                        seconds=res.seconds,
+                        iterations=res.iterations,
+                        final_loss=res.final_loss,
+                        result=str(res.path),
+                    )
+                )
+            if any(r.lpips is None for r in rows) and reason and reason not in lpips_notes:
+                lpips_notes.append(reason)
+        image_rows += rows
+        by_setting[(res.dataset, res.model, res.defense, res.attack, res.view)].append((res, rows))
+
+    if lpips is not None and not lpips.available and any(r.lpips is None for r in image_rows):
+        if lpips.reason and lpips.reason not in lpips_notes:
+            lpips_notes.append(lpips.reason)
+    if no_truth:
+        notes.append(f"{no_truth} result(s) had no ground truth: listed with bytes only, no leakage scores.")
+
+    summary: dict[tuple[str, str], list[SummaryRow]] = defaultdict(list)
+    for (dataset, model, defense, attack, view), items in by_setting.items():
+        results = [r for r, _ in items]
+        rows = [row for _, rs in items for row in rs]
+        scored = [r for r in results if r.scores is not None]
+        label_accs = [r.scores.label_accuracy for r in scored if r.scores.label_accuracy is not None]
+        train = _accuracy_for(results[0], runs.trains)
+        lp_vals = [r.lpips for r in rows]
+        reasons = [r.scores.lpips_reason for r in scored if r.scores.lpips_reason]
+        floor_s = [r.floor_ssim for r in rows if r.floor_ssim is not None]
+        floor_p = [r.floor_psnr for r in rows if r.floor_psnr is not None]
+        bytes_mean = statistics.fmean(r.bytes for r in results)
+        bytes32 = statistics.fmean(r.bytes_fp32 for r in results)
+        threats = []
+        for r in results:
+            t = threat_text(r.threat)
+            if t and t not in threats:
+                threats.append(t)
+        summary[(dataset, model)].append(
+            SummaryRow(
+                dataset=dataset,
+                model=model,
+                defense=defense,
+                attack=attack,
+                view=view,
+                records=len({r.record_id for r in results}),
+                images=len(rows),
+                bytes_per_step=bytes_mean,
+                bytes_fp32=bytes32,
+                compression_ratio=bytes32 / bytes_mean if bytes_mean > 0 else math.inf,
+                test_accuracy=None if train is None else train.final_test_accuracy,
+                accuracy_model=None if train is None else train.model,
+                ssim=stat([r.ssim for r in rows], max),
+                psnr=stat([r.psnr for r in rows], max),
+                lpips=stat([v for v in lp_vals if v is not None], min) if all(v is not None for v in lp_vals) else None,
+                label_accuracy=statistics.fmean(label_accs) if label_accs else None,
+                floor_ssim=statistics.fmean(floor_s) if floor_s else None,
+                floor_psnr=statistics.fmean(floor_p) if floor_p else None,
+                lpips_reason=None if all(v is not None for v in lp_vals) else (reasons[0] if reasons else "LPIPS missing"),
+                threat=" | ".join(threats),
+                seconds=statistics.fmean(r.seconds for r in results),
+            )
+        )
+
+    groups = []
+    for (dataset, model), rows in sorted(summary.items()):
+        rows.sort(key=lambda r: (-r.bytes_per_step, r.defense, r.attack, r.view))
+        # the table's floor: each distinct original image once
+        seen: dict[tuple[str, int], tuple[float, float]] = {}
+        for row in image_rows:
+            if row.dataset == dataset and row.model == model and row.floor_ssim is not None:
+                seen[(row.record_id, row.image)] = (row.floor_ssim, row.floor_psnr)  # type: ignore[assignment]
+        groups.append(
+            TableGroup(
+                dataset,
+                model,
+                tuple(rows),
+                statistics.fmean(v[0] for v in seen.values()) if seen else None,
+                statistics.fmean(v[1] for v in seen.values()) if seen else None,
+                len(seen),
+            )
+        )
+    return ReportData(runs, tuple(image_rows), tuple(groups), tuple(lpips_notes), tuple(notes))
+
+
+# -- CSV -------------------------------------------------------------------------------------------
+
+
+def _cell(v: object) -> object:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+    return v
+
+
+def results_csv(data: ReportData) -> str:
+    """``results.csv``: one row per image x attack x view x defense (x record)."""
+    buf = io.StringIO()
+    fields = [f.name for f in dataclasses.fields(ImageRow)]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(fields)
+    for row in data.image_rows:
+        w.writerow([_cell(getattr(row, f)) for f in fields])
+    return buf.getvalue()
+
+
+SUMMARY_FIELDS = (
+    "dataset", "model", "defense", "attack", "view", "records", "images",
+    "bytes_per_step", "bytes_fp32", "compression_ratio", "test_accuracy", "accuracy_model",
+    "ssim_mean", "ssim_worst", "ssim_spread", "psnr_mean", "psnr_worst", "psnr_spread",
+    "lpips_mean", "lpips_worst", "lpips_spread", "label_accuracy",
+    "floor_ssim", "floor_psnr", "seconds", "threat", "lpips_reason",
+)  # fmt: skip
+
+
+def summary_csv(data: ReportData) -> str:
+    """``summary.csv``: one row per dataset x model x defense x attack x view."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SUMMARY_FIELDS)
+    for r in data.summary:
+        flat: dict[str, object] = {f.name: getattr(r, f.name) for f in dataclasses.fields(SummaryRow)}
+        for name in ("ssim", "psnr", "lpips"):
+            s: Stat | None = flat.pop(name)  # type: ignore[assignment]
+            flat[f"{name}_mean"] = None if s is None else s.mean
+            flat[f"{name}_worst"] = None if s is None else s.worst
+            flat[f"{name}_spread"] = None if s is None else s.spread
+        w.writerow([_cell(flat[f]) for f in SUMMARY_FIELDS])
+    return buf.getvalue()
+
+
+# -- formatting shared by the writers --------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_num(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if math.isnan(v):
+        return "–"
+    if math.isinf(v):
+        return "∞" if v > 0 else "-∞"
+    return f"{v:.{digits}f}"
+
+
+def fmt_ratio(v: float) -> str:
+    return "∞" if math.isinf(v) else f"{v:.3g}×"
+
+
+def fmt_stat(s: Stat | None, digits: int = 3) -> tuple[str, str, str]:
+    if s is None:
+        return "–", "–", "–"
+    return fmt_num(s.mean, digits), fmt_num(s.worst, digits), fmt_num(s.spread, digits)
+
+
+def fmt_accuracy(row: SummaryRow) -> str:
+    if row.test_accuracy is None:
+        return "–"
+    text = f"{100 * row.test_accuracy:.1f}%"
+    return text if row.accuracy_model == row.model else f"{text} ({row.accuracy_model})"
+

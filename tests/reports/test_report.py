@@ -1,0 +1,259 @@
+"""The reporter on a small synthetic fixture of results (see report_fixture.py: fixture data, not results)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from report_fixture import ATTACKS, BATCH, BYTES_FP32, DEFENSES, VIEWS, write_fixture
+from typer.testing import CliRunner
+
+from gia_bench.cli import app
+from gia_bench.errors import GiaBenchError
+from gia_bench.metrics import mean_colour_floor
+from gia_bench.reports import (
+    THREAT_MODEL,
+    ReportOptions,
+    frontier,
+    load_runs,
+    make_report,
+    parse_result,
+)
+from gia_bench.reports.load import MalformedFile
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> tuple[Path, dict[str, list[Path]]]:
+    root = tmp_path_factory.mktemp("fixture")
+    return root, write_fixture(root)
+
+
+@pytest.fixture(scope="module")
+def report(fixture_dir, tmp_path_factory):
+    root, _ = fixture_dir
+    out = tmp_path_factory.mktemp("report")
+    options = ReportOptions(runs=(root / "runs",), out=out, train=(root / "train",), compute_lpips=False)
+    return out, make_report(options)
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_every_defense_row_in_summary_markdown_and_html(report) -> None:
+    out, output = report
+    rows = _csv(out / "summary.csv")
+    assert len(rows) == len(DEFENSES) * len(ATTACKS) * len(VIEWS)
+    assert {(r["defense"], r["attack"], r["view"]) for r in rows} == {
+        (d, a, v) for d in DEFENSES for a in ATTACKS for v in VIEWS
+    }
+    assert len(_csv(out / "results.csv")) == len(rows) * BATCH
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for d in DEFENSES:
+        for a in ATTACKS:
+            for v in VIEWS:
+                # every defense x attack x view appears as a table row in both documents
+                assert re.search(rf"\| {re.escape(d)} \|[^\n]*\| {re.escape(a)} \| {v} \|", md), (d, a, v)
+        assert page.count(f'<td class="text">{d}</td>') == len(ATTACKS) * len(VIEWS)
+    assert THREAT_MODEL in md and THREAT_MODEL in html.unescape(page)
+    assert "naive" in md and "aware" in md
+    assert "Floor (a flat image" in md and "Floor (a flat image" in page
+    # LPIPS is missing in the fixture: the report says so instead of inventing a number
+    assert "LPIPS not computed" in md and "LPIPS not computed" in page
+    assert all(r["lpips_mean"] == "" for r in rows)
+
+
+def test_summary_numbers_match_the_per_image_rows(report, fixture_dir) -> None:
+    out, _ = report
+    images = _csv(out / "results.csv")
+    for row in _csv(out / "summary.csv"):
+        mine = [r for r in images if (r["defense"], r["attack"], r["view"]) == (row["defense"], row["attack"], row["view"])]
+        ssim = [float(r["ssim"]) for r in mine]
+        psnr = [float(r["psnr"]) for r in mine]
+        assert float(row["ssim_mean"]) == pytest.approx(sum(ssim) / len(ssim))
+        assert float(row["ssim_worst"]) == pytest.approx(max(ssim))  # worst case = most leakage
+        assert float(row["psnr_worst"]) == pytest.approx(max(psnr))
+        m = sum(ssim) / len(ssim)
+        assert float(row["ssim_spread"]) == pytest.approx(math.sqrt(sum((s - m) ** 2 for s in ssim) / len(ssim)))
+        nbytes = DEFENSES[row["defense"]][0]
+        assert float(row["bytes_per_step"]) == nbytes
+        assert float(row["compression_ratio"]) == pytest.approx(BYTES_FP32 / nbytes)
+        acc = DEFENSES[row["defense"]][2]
+        assert (row["test_accuracy"] == "") == (acc is None)
+        if acc is not None:
+            assert float(row["test_accuracy"]) == pytest.approx(acc) and row["accuracy_model"] == "convnet"
+        expected_labels = 0.75 if row["defense"].startswith("topk") and row["view"] == "naive" else 1.0
+        assert float(row["label_accuracy"]) == pytest.approx(expected_labels)
+    # floors: recomputed from the stored originals, they match the definition
+    root, written = fixture_dir
+    from safetensors.torch import load_file
+
+    orig = load_file(str(written["results"][0].parent / "reconstruction.safetensors"))["original"]
+    floor = mean_colour_floor(orig)
+    first = [r for r in images if r["result"] == str(written["results"][0])]
+    assert [float(r["floor_ssim"]) for r in first] == pytest.approx([f[0] for f in floor])
+    assert [float(r["floor_psnr"]) for r in first] == pytest.approx([f[1] for f in floor])
+    # the reconstructions of the undefended runs beat the floor by far, Top-k's much less
+    summary = {(r["defense"], r["attack"], r["view"]): r for r in _csv(out / "summary.csv")}
+    assert float(summary[("none", ATTACKS[0], "naive")]["ssim_mean"]) > 0.9
+    assert float(summary[("none", ATTACKS[0], "naive")]["floor_ssim"]) < 0.3
+
+
+def test_figures_exist_and_are_valid_pngs(report) -> None:
+    out, output = report
+    kinds = [f.kind for f in output.figures]
+    assert kinds.count("privacy") == 1 and kinds.count("accuracy") == 1
+    assert kinds.count("grid") == len(ATTACKS) * len(VIEWS)
+    for f in output.figures:
+        assert f.path.is_file() and f.path.stat().st_size > 0
+        with Image.open(f.path) as img:
+            img.verify()
+        with Image.open(f.path) as img:
+            assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
+    # the lost image file is noted in its grid's caption, not fatal
+    missing = [f for f in output.figures if f.kind == "grid" and "missing" in f.caption]
+    assert len(missing) == 1 and "qsgd" in missing[0].caption
+
+
+def test_html_is_self_contained(report) -> None:
+    out, output = report
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) == len(output.figures)
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        raw = base64.b64decode(src.split(",", 1)[1])
+        with Image.open(io.BytesIO(raw)) as img:
+            img.verify()
+    assert not re.search(r'(src|href)="(https?:|//|file:)', page)
+    assert "<link" not in page
+
+
+def test_malformed_files_are_listed_with_the_reason_and_skipped(report, fixture_dir) -> None:
+    out, output = report
+    _, written = fixture_dir
+    skipped = {s.path: s.reason for s in output.data.runs.skipped}
+    assert set(skipped) == set(written["malformed"])
+    by_name = {p.parent.name: r for p, r in skipped.items()}
+    assert "not valid JSON" in by_name["truncated"]
+    assert "kind is 'record'" in by_name["wrongkind"]
+    assert "missing field" in by_name["nofield"]
+    assert "'oracle'" in by_name["badview"]
+    md = (out / "report.md").read_text()
+    assert "## Skipped files" in md
+    for p in written["malformed"]:
+        assert str(p) in md
+    assert len(output.data.runs.results) == len(written["results"])
+
+
+def test_parse_result_rejects_inconsistent_scores(fixture_dir, tmp_path: Path) -> None:
+    _, written = fixture_dir
+    data = json.loads(written["results"][0].read_text())
+    for mutate, message in (
+        (lambda d: d["metrics"]["images"].pop(), "scored images for batch_size"),
+        (lambda d: d["metrics"]["images"][0].update(ssim=3.0), "out-of-range"),
+        (lambda d: d.update(bytes="many"), "field 'bytes' is str"),
+        (lambda d: d.update(schema=7), "schema 7"),
+    ):
+        d = json.loads(json.dumps(data))
+        mutate(d)
+        path = tmp_path / "result.json"
+        path.write_text(json.dumps(d))
+        with pytest.raises(MalformedFile, match=message):
+            parse_result(path)
+    # an infinite PSNR (exact reconstruction) written by json.dump is read back as inf
+    d = json.loads(json.dumps(data))
+    d["metrics"]["images"][0]["psnr"] = math.inf
+    path.write_text(json.dumps(d))
+    assert parse_result(path).scores.images[0].psnr == math.inf
+
+
+def test_frontier_is_the_non_dominated_set() -> None:
+    pts = [(10.0, 0.9), (1.0, 0.5), (5.0, 0.2), (5.0, 0.6), (100.0, 0.1), (50.0, 0.3)]
+    assert frontier(pts) == [1, 2, 4]
+
+
+def test_load_runs_reports_missing_paths(tmp_path: Path) -> None:
+    runs = load_runs([tmp_path / "nowhere"])
+    assert runs.results == () and [s.reason for s in runs.skipped] == ["no such file or folder"]
+
+
+def test_report_fills_lpips_from_stored_images(fixture_dir, tmp_path: Path) -> None:
+    """With trunk weights (RANDOM here, test only: they prove the path, not a meaningful score)."""
+    import torchvision
+
+    net = torchvision.models.alexnet()
+    gen = torch.Generator().manual_seed(0)
+    state = {f"features.{k}": torch.randn(v.shape, generator=gen) * 0.05 for k, v in net.features.state_dict().items()}
+    weights = tmp_path / "alexnet-random-test-only.pth"
+    torch.save(state, weights)
+    root, _ = fixture_dir
+    only = tmp_path / "runs"
+    shutil.copytree(root / "runs" / "d0", only / "d0")  # one defense keeps it quick
+    out = make_report(ReportOptions(runs=(only,), out=tmp_path / "out", lpips_weights=weights))
+    rows = _csv(tmp_path / "out" / "summary.csv")
+    assert rows and all(r["lpips_mean"] not in ("", "nan") and float(r["lpips_mean"]) >= 0 for r in rows)
+    assert out.data.lpips_notes == ()
+
+
+def test_cli_report(fixture_dir, tmp_path: Path) -> None:
+    root, _ = fixture_dir
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(root / "runs"), "--train", str(root / "train"), "--out", str(tmp_path / "o"), "--no-lpips"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "report.html").is_file() and (tmp_path / "o" / "summary.csv").is_file()
+    assert "skipped" in res.output and "not valid JSON" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(app, ["report", str(empty), "--out", str(tmp_path / "o2")])
+    assert isinstance(res.exception, GiaBenchError) and "no attack results" in str(res.exception)
+    # through the real entry point: one red line, exit code 2
+    script = Path(sys.executable).with_name("gia-bench")
+    proc = subprocess.run(
+        [str(script), "report", str(empty), "--out", str(tmp_path / "o2"), "--lpips-weights", str(tmp_path / "nope.pth")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--lpips-weights" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- headless browser ------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def _images_loaded(page: Path, profile: Path) -> str:
+    """Open ``page`` in headless Chromium; return the report's own count of decoded images ("ok/total")."""
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
+        page.resolve().as_uri(),
+    ]  # fmt: skip
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    m = re.search(r'data-images-loaded="(\d+/\d+)"', dom)
+    assert m, f"the page's load script did not run; DOM starts: {dom[:300]!r}"
+    return m.group(1)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")
+def test_html_opens_in_headless_chromium_with_every_image_loaded(report, tmp_path: Path) -> None:
+    out, output = report
+    n = len(output.figures)
+    assert _images_loaded(out / "report.html", tmp_path / "profile") == f"{n}/{n}"
+    # the check can fail: a report with a corrupt image counts it as not loaded
+    broken = (out / "report.html").read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
+    (tmp_path / "broken.html").write_text(broken)
+    assert _images_loaded(tmp_path / "broken.html", tmp_path / "profile2") == f"{n - 1}/{n}"
