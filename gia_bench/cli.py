@@ -140,9 +140,6 @@ def capture_cmd(
     console.print(f"defense [bold]{defense}[/], model [bold]{model}[/], dataset [bold]{dataset}[/], seed {seed}")
 
 
-from pathlib import Path  # noqa: E402,F811  (typer resolves the annotations below from module globals)
-
-
 @app.command("report")
 def report_cmd(
     runs: list[Path] = typer.Argument(..., help="folders with result.json files (searched recursively) or result files"),
@@ -155,12 +152,12 @@ def report_cmd(
     no_lpips: bool = typer.Option(False, "--no-lpips", help="do not compute LPIPS the results lack"),
 ) -> None:
     """Privacy vs compression: tables, figures and an HTML report from attack results and training runs."""
-    from gia_bench.reports import ReportOptions, make_report, rich_tables
-
     if lpips_net not in ("alex", "vgg"):
         raise GiaBenchError(f"--lpips-net {lpips_net!r}: accepted values are alex, vgg")
     if lpips_weights is not None and not lpips_weights.is_file():
         raise GiaBenchError(f"--lpips-weights {lpips_weights}: no such file")
+    from gia_bench.reports import ReportOptions, make_report, rich_tables
+
     options = ReportOptions(
         runs=tuple(runs),
         out=out,
