@@ -15,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
+from gia_bench.errors import SpecError
 from gia_bench.registry import Registry, parse_spec
 
 MODELS: Registry[nn.Module] = Registry("model", entry_point_group="gia_bench.models")
@@ -56,13 +57,16 @@ def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | st
     ``torch.device("meta")`` context, to check shapes without allocating).
     """
     cls, kwargs = MODELS.kwargs_for(spec.spec)
-    if seed is not None:
-        # Layer constructors draw from the global generator; fork it so the caller's stream is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+    try:
+        if seed is not None:
+            # Layer constructors draw from the global generator; fork it so the caller's stream is untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = cls(in_shape=spec.in_shape, num_classes=spec.num_classes, **kwargs)
+        else:
             model = cls(in_shape=spec.in_shape, num_classes=spec.num_classes, **kwargs)
-    else:
-        model = cls(in_shape=spec.in_shape, num_classes=spec.num_classes, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a bad parameter value, or an input too small
+        raise SpecError(f"model {spec.spec!r} for input {tuple(spec.in_shape)}: {exc}") from exc
     if device is not None:
         model.to(device)
     model.train(spec.mode == "train")
@@ -101,7 +105,11 @@ class LeNet(nn.Module):
 
 @MODELS.register("convnet")
 class ConvNet(nn.Module):
-    """The ConvNet of Inverting Gradients (Geiping et al. 2020): 8 conv-BN-ReLU layers, 3 max-pools.
+    """The ConvNet of Inverting Gradients (Geiping et al. 2020): 8 conv-BN-ReLU layers, 2 max-pools.
+
+    As ``ConvNetBN`` in the authors' code (inversefed/nn/models.py): 3x3 max-pools
+    after the 6th and 8th convolutions, so a 32x32 input ends at 3x3 and the linear
+    layer sees 36 * width features.
 
     Args:
         width: channels of the first layer (later layers use 2x and 4x), 64 in the paper.
@@ -115,7 +123,7 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         for i in range(8):
             layers += [nn.Conv2d(widths[i], widths[i + 1], 3, padding=1), nn.BatchNorm2d(widths[i + 1]), nn.ReLU()]
-            if i in (3, 5, 7):
+            if i in (5, 7):
                 layers.append(nn.MaxPool2d(3))
         self.body = nn.Sequential(*layers)
         with torch.no_grad():

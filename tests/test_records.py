@@ -1,5 +1,13 @@
+"""GradientRecord / Truth: round trip, decode, and strict loading (each corruption has its own error)."""
+
+import json
+import pickle
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from gia_bench.capture import capture_batch, compute_gradient
 from gia_bench.data import DatasetSpec
@@ -52,3 +60,186 @@ def test_pickle_is_refused_without_running(tmp_path):
     with pytest.raises(RecordError, match="evil.safetensors"):
         GradientRecord.load(path)
     assert not marker.exists()
+
+
+# -- strict loading: every corruption gives its own error, naming the file -----------------------
+
+def _saved(tmp_path, name="rec.safetensors", defense="none"):
+    _, x, y, (record, truth) = _capture(defense)
+    path = record.save(tmp_path / name)
+    truth.save(truth_path(path))
+    return path, x, y
+
+
+def _rewrite(path, edit_tensors=None, edit_meta=None):
+    """Re-save ``path`` with its tensors and/or metadata edited (a plausible, well-formed file)."""
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        metadata = dict(fh.metadata())
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        meta = json.loads(metadata["gia_bench"])
+        edit_meta(meta)
+        metadata["gia_bench"] = json.dumps(meta)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _refused(path, *fragments):
+    with pytest.raises(RecordError) as exc:
+        GradientRecord.load(path)
+    msg = str(exc.value)
+    assert str(path) in msg, msg
+    for fragment in fragments:
+        assert fragment in msg, msg
+    return msg
+
+
+def test_wrong_schema_version_is_refused(tmp_path):
+    path, *_ = _saved(tmp_path)
+    _rewrite(path, edit_meta=lambda m: m.update(schema=99))
+    _refused(path, "schema version 99 is not supported")
+
+
+def test_missing_message_tensor_is_refused(tmp_path):
+    path, *_ = _saved(tmp_path)
+    _rewrite(path, edit_tensors=lambda t: t.pop("msg/grads"))
+    _refused(path, "message tensors ['grads'] are missing")
+
+
+def test_weight_shape_mismatch_with_model_spec_is_refused(tmp_path):
+    path, *_ = _saved(tmp_path)
+    _rewrite(path, edit_tensors=lambda t: t.update({"weight/fc.weight": torch.zeros(10, 700)}))
+    _refused(path, "weight 'fc.weight' has shape (10, 700)", "needs (10, 768)")
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    path, *_ = _saved(tmp_path)
+    _rewrite(path, edit_meta=lambda m: m["model"].update(spec="mlp"))
+    _refused(path, "of model 'mlp' is missing")
+
+
+def test_nan_in_a_message_is_refused(tmp_path):
+    path, *_ = _saved(tmp_path)
+
+    def poison(t):
+        t["msg/grads"] = t["msg/grads"].clone()
+        t["msg/grads"][5] = float("nan")
+
+    _rewrite(path, edit_tensors=poison)
+    _refused(path, "tensor 'grads' has non-finite values")
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path, *_ = _saved(tmp_path)
+    data = path.read_bytes()
+    for cut in (1, 1000, len(data) - 100, len(data) - 4):
+        path.write_bytes(data[:-cut])
+        _refused(path, "truncated")
+
+
+def test_garbage_bytes_are_refused(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    path.write_bytes(noise.numpy().tobytes())
+    _refused(path, "not a safetensors file")
+    path.write_bytes(b"")
+    _refused(path, "truncated file (0 bytes)")
+    # a well-formed safetensors file that is not ours
+    save_file({"x": torch.zeros(3)}, str(path))
+    _refused(path, "not a gia-bench record")
+
+
+class _Evil:
+    """Unpickling this creates a marker file: proof that something was executed."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "plain-pickle"])
+def test_pickles_disguised_as_records_are_refused_without_running(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = str(marker)
+    path = tmp_path / f"evil-{fmt}.safetensors"
+    if fmt == "zip":
+        torch.save({"msg/grads": torch.zeros(3), "x": evil}, path)
+    elif fmt == "legacy":
+        torch.save({"x": evil}, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps({"x": evil}))
+    assert not marker.exists()
+    _refused(path, "not a safetensors file")
+    assert not marker.exists()
+    # also refused as a truth file
+    with pytest.raises(RecordError, match=path.name):
+        Truth.load(path)
+    assert not marker.exists()
+
+
+def test_truth_file_is_not_a_record(tmp_path):
+    path, *_ = _saved(tmp_path)
+    t = truth_path(path)
+    _refused(t, "is a truth file, not a gradient record")
+    disguised = tmp_path / "disguised.safetensors"
+    disguised.write_bytes(t.read_bytes())
+    _refused(disguised, "is a 'truth' file, expected a record")
+    # and the other way round
+    with pytest.raises(RecordError, match="is a 'record' file, expected a truth"):
+        Truth.load(path)
+
+
+def test_load_never_touches_the_truth(tmp_path, monkeypatch):
+    import gia_bench.records as records
+
+    path, x, y = _saved(tmp_path)
+    t = truth_path(path)
+    opened = []
+    real_read_header, real_open = records._read_header, Path.open
+
+    def guard_header(p):
+        assert Path(p) != t, "GradientRecord.load opened the truth file"
+        return real_read_header(p)
+
+    def guard_open(self, *args, **kwargs):
+        opened.append(self)
+        assert self != t, "GradientRecord.load opened the truth file"
+        return real_open(self, *args, **kwargs)
+
+    def no_truth(*args, **kwargs):
+        raise AssertionError("Truth.load called during GradientRecord.load")
+
+    monkeypatch.setattr(records, "_read_header", guard_header)
+    monkeypatch.setattr(Path, "open", guard_open)
+    monkeypatch.setattr(Truth, "load", classmethod(no_truth))
+    record = GradientRecord.load(path)
+    monkeypatch.undo()
+    assert path in opened
+    # nothing in what load returns equals the truth: no tensor holds the inputs or the labels
+    tensors = {**record.messages, **record.weights, **record.public}
+    for name, tensor in tensors.items():
+        for secret in (x, y):
+            assert not (tensor.shape == secret.shape and torch.equal(tensor, secret.to(tensor.dtype))), name
+        assert not (tensor.numel() == x.numel() and torch.equal(tensor.flatten(), x.flatten().to(tensor.dtype)))
+    meta_text = json.dumps(record.meta.to_json())
+    assert "inputs" not in meta_text and "labels" not in meta_text
+    # with the truth gone (or replaced by garbage) the record loads the same
+    t.write_bytes(b"garbage")
+    again = GradientRecord.load(path)
+    assert again.meta == record.meta
+    t.unlink()
+    assert GradientRecord.load(path).meta == record.meta
+
+
+def test_fp16_record_round_trip_and_decode(tmp_path):
+    model, x, y, (record, _) = _capture("fp16")
+    back = GradientRecord.load(record.save(tmp_path / "h.safetensors"))
+    assert back.meta.bytes_sent == sum(p.numel() for p in model.parameters()) * 2
+    assert back.messages["grads"].dtype == torch.float16
+    for a, b in zip(back.decode(), compute_gradient(model, x, y)):
+        # fp16 has an 11-bit significand: relative error <= 2^-11 (values far above fp16's subnormals)
+        big = b.abs() > 1e-4
+        assert torch.all((a[big] - b[big]).abs() <= b[big].abs() * 2**-11)
