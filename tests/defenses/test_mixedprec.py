@@ -143,3 +143,25 @@ def test_same_seed_same_draws_and_state_resumes():
     c = create("mixedprec:seed=3")
     c.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(ref, _step(c, grads)[0]))
+
+
+def test_record_with_name_rules_round_trips(tmp_path):
+    from gia_bench.capture import capture_batch, compute_gradient
+    from gia_bench.data import DatasetSpec
+    from gia_bench.models import ModelSpec, build_model
+    from gia_bench.records import GradientRecord
+
+    ds = DatasetSpec("toy", (3, 32, 32), 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ms = ModelSpec("lenet", ds.shape, ds.num_classes)
+    model = build_model(ms, seed=0)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    comp = create("mixedprec:bits_per_layer=body.0.*@2/fc.*@32/*@6,stochastic=false")
+    record, _ = capture_batch(model, ms, ds, x, torch.tensor([3, 7]), comp, "mp-0")
+    back = GradientRecord.load(record.save(tmp_path / "mp-0.safetensors"))
+    assert back.public["bits"].tolist() == [2, 2, 6, 6, 6, 6, 32, 32]
+    grads = compute_gradient(model, x, torch.tensor([3, 7]))
+    for g, d, b in zip(grads, back.decode(), back.public["bits"].tolist()):
+        if b == 32:
+            assert torch.equal(d, g)  # fp32 layers are sent as they are
+        else:
+            assert float((d - g).abs().max()) <= float(g.abs().max()) / (2**b - 1) * (1 + 1e-5)
