@@ -121,28 +121,38 @@ class QSGD(Compressor):
         gen = self._generator(device, comm.rank)
         u = torch.rand(v.numel(), generator=gen, device=gen.device, dtype=torch.float32).to(device)
         # floor(r + u) with u ~ U[0, 1) rounds up with probability r - floor(r): E = r (unbiased)
-        level = torch.floor(r + u).clamp_(0, self.levels).to(torch.int64)
-        sign = (v < 0).to(torch.int64)
+        level = torch.floor(r + u).clamp_(0, self.levels)
+        negative = v < 0
         all_norms = comm.all_gather(norms, "norms")
-        all_signs = comm.all_gather(pack_bits(sign, 1), "signs")
-        all_levels = comm.all_gather(pack_bits(level, self.level_bits), "levels")
-        flat = torch.zeros_like(v)
-        for n_, s_, l_ in zip(all_norms, all_signs, all_levels):
-            flat += self._dequantize(n_, s_, l_, bidx, v.numel())
-        flat.div_(comm.world_size)
+        all_signs = comm.all_gather(pack_bits(negative, 1), "signs")
+        all_levels = comm.all_gather(pack_bits(level.to(torch.int64), self.level_bits), "levels")
+        # this worker's part, computed as the receiver decodes it (same ops), without unpacking
+        own = self._values(per_entry, negative, level)
+        if comm.world_size == 1:
+            flat = own
+        else:
+            nb = norms.numel()
+            flat = torch.zeros_like(v)
+            for rank, (n_, s_, l_) in enumerate(zip(all_norms, all_signs, all_levels)):
+                flat += own if rank == comm.rank else self._dequantize(n_, s_, l_, bidx, nb)
+            flat.div_(comm.world_size)
         return [t.to(g.dtype) for t, g in zip(unflatten(flat, shapes), grads)]
 
+    def _values(self, norm_per_entry: torch.Tensor, negative: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """``||bucket|| * sign * l / s``, flat fp32."""
+        mag = norm_per_entry * (level.to(torch.float32) / self.levels)
+        return torch.where(negative, -mag, mag)
+
     def _dequantize(
-        self, norms: torch.Tensor, signs: torch.Tensor, levels: torch.Tensor, bidx: torch.Tensor, n: int
+        self, norms: torch.Tensor, signs: torch.Tensor, levels: torch.Tensor, bidx: torch.Tensor, nb: int
     ) -> torch.Tensor:
-        """``||v|| * sign * l / s`` for every entry, flat fp32."""
-        device = bidx.device
-        if norms.numel() != (int(bidx.max()) + 1 if n else 0):
-            raise CompressorError(f"qsgd: {norms.numel()} norms, the shapes have {int(bidx.max()) + 1} buckets")
-        sign = unpack_bits(signs.to(device), 1, n)
+        """The flat fp32 values one worker's messages stand for."""
+        device, n = bidx.device, bidx.numel()
+        if norms.numel() != nb:
+            raise CompressorError(f"qsgd: {norms.numel()} norms, the shapes have {nb} buckets")
+        negative = unpack_bits(signs.to(device), 1, n).bool()
         level = unpack_bits(levels.to(device), self.level_bits, n)
-        mag = norms.to(device, torch.float32)[bidx] * (level.to(torch.float32) / self.levels)
-        return torch.where(sign.bool(), -mag, mag)
+        return self._values(norms.to(device, torch.float32)[bidx], negative, level)
 
     # -- receiver ------------------------------------------------------------------------------
     def decode(
@@ -154,9 +164,10 @@ class QSGD(Compressor):
         check_messages(messages, ["norms", "signs", "levels"], "qsgd")
         device = messages["norms"].device
         bidx = self._buckets(shapes, device)
-        n = bidx.numel()
         try:
-            flat = self._dequantize(messages["norms"], messages["signs"], messages["levels"], bidx, n)
+            flat = self._dequantize(
+                messages["norms"], messages["signs"], messages["levels"], bidx, self.num_buckets(shapes)
+            )
         except ValueError as exc:
             raise CompressorError(f"qsgd: messages do not match the shapes ({exc})") from exc
         return unflatten(flat, shapes)

@@ -13,21 +13,21 @@ from gia_bench.defenses.codecs import pack_bits, packed_nbytes, unpack_bits
 from gia_bench.errors import CompressorError
 
 
-def _sign_bits(p: torch.Tensor) -> torch.Tensor:
-    """1 for negative entries, 0 otherwise (one bit cannot say 0: zeros are sent as +)."""
-    return (p < 0).to(torch.int64)
+def _per_entry(scales: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
+    """Each tensor's scale repeated over its entries, flat fp32."""
+    scales = scales.to(torch.float32)
+    if not numels:
+        return scales.new_zeros(0)
+    return torch.cat([scales[i].expand(n) for i, n in enumerate(numels)])
 
 
 def _dequantize(signs: torch.Tensor, scales: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
     """``scale_t * (+-1)`` for every entry of every tensor t, flat fp32."""
-    n = sum(numels)
     if scales.numel() != len(numels):
         raise CompressorError(f"signsgd: {scales.numel()} scales for {len(numels)} tensors")
-    bits = unpack_bits(signs, 1, n).to(scales.device)
-    per_entry = torch.repeat_interleave(
-        scales.to(torch.float32), torch.tensor(numels, dtype=torch.int64, device=scales.device)
-    )
-    return torch.where(bits.bool(), -per_entry, per_entry)
+    negative = unpack_bits(signs, 1, sum(numels)).to(scales.device).bool()
+    per_entry = _per_entry(scales, numels)
+    return torch.where(negative, -per_entry, per_entry)
 
 
 def _sign_ste(x: torch.Tensor) -> torch.Tensor:
@@ -86,19 +86,24 @@ class SignSGD(Compressor):
             ps.append(p)
             scales.append(p.abs().mean() if p.numel() else p.new_zeros(()))
         p_flat = torch.cat(ps)
-        signs = pack_bits(_sign_bits(p_flat), 1)
+        negative = p_flat < 0
         scale_buf = torch.stack(scales)
+        # exactly what the receiver decodes from the messages, without unpacking them again
+        per_entry = _per_entry(scale_buf, numels)
+        own = torch.where(negative, -per_entry, per_entry)
         if self.error_feedback:
-            # the residual is p minus exactly what the receiver decodes
-            own = _dequantize(signs, scale_buf, numels)
+            # the residual is p minus what was sent
             for key, e in zip(keys, torch.split(p_flat - own, numels)):
-                self._residual[key] = e.clone()
-        all_signs = comm.all_gather(signs, "signs")
+                self._residual[key] = e
+        all_signs = comm.all_gather(pack_bits(negative, 1), "signs")
         all_scales = comm.all_gather(scale_buf, "scales")
-        flat = torch.zeros(sum(numels), dtype=torch.float32, device=device)
-        for s_, c_ in zip(all_signs, all_scales):
-            flat += _dequantize(s_.to(device), c_.to(device), numels)
-        flat.div_(comm.world_size)
+        if comm.world_size == 1:
+            flat = own
+        else:
+            flat = torch.zeros(sum(numels), dtype=torch.float32, device=device)
+            for r, (s_, c_) in enumerate(zip(all_signs, all_scales)):
+                flat += own if r == comm.rank else _dequantize(s_.to(device), c_.to(device), numels)
+            flat.div_(comm.world_size)
         return [t.to(g.dtype) for t, g in zip(unflatten(flat, shapes), grads)]
 
     # -- receiver ------------------------------------------------------------------------------

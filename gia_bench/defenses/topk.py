@@ -84,19 +84,20 @@ class TopK(Compressor):
         for g, key in zip(grads, keys):
             if g.numel() > _INT32_MAX:
                 raise CompressorError(f"topk: tensor {key!r} has {g.numel()} entries, more than int32 indices address")
-            p = g.detach().reshape(-1).to(torch.float32)
+            p = g.detach().reshape(-1).to(torch.float32)  # may share g's memory: never written to
+            fresh = False
             if self.error_feedback and key in self._residual:
                 e = self._residual[key]
                 if e.shape != p.shape:
                     raise CompressorError(f"topk: residual of {key!r} has {e.numel()} entries, gradient {p.numel()}")
-                p = p + e.to(p.device)
+                p, fresh = p + e.to(p.device), True
             k = topk_count(p.numel(), self.ratio)
             idx = torch.topk(p.abs(), k, sorted=False).indices
             values.append(p[idx])
             indices.append(idx.to(torch.int32))
             if self.error_feedback:
                 # residual = p - sparse(p[idx]); zeroing the kept entries is exact, no rounding
-                e = p.clone()
+                e = p if fresh else p.clone()
                 e[idx] = 0.0
                 self._residual[key] = e
         shapes = [g.shape for g in grads]
