@@ -125,7 +125,7 @@ class MixedPrecision(Compressor):
         stochastic: stochastic rounding (unbiased for uniform; unbiased in the log domain for log)
             instead of round-to-nearest.
         alpha: log codec curvature (mode=log only).
-        seed: seed of the rounding noise (each rank draws its own stream, derived from seed and its rank).
+        seed: seed of the rounding noise (each worker draws from seed + rank).
     """
 
     supports_simulate = True
@@ -149,8 +149,7 @@ class MixedPrecision(Compressor):
         self.stochastic = stochastic
         self.alpha = float(alpha)
         self.seed = int(seed)
-        self._gen = make_generator(self.seed)
-        self._rank_seeded = False
+        self._gen: torch.Generator | None = None  # made at the first step, on the gradients' device
         self._last_bits: list[int] = []
 
     # -- bit assignment ------------------------------------------------------------------------
@@ -187,9 +186,13 @@ class MixedPrecision(Compressor):
     # -- codec ----------------------------------------------------------------------------------
     def _quantize(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = self._gen if self.stochastic else None
+        # a generator draws on its own device (a state resumed from another device keeps its stream)
+        xq = x if gen is None else x.to(gen.device)
         if self.mode == "log":
-            return log_quantize(x, bits, self.alpha, self.stochastic, gen)
-        return uniform_quantize(x, bits, self.stochastic, gen)
+            codes, scale = log_quantize(xq, bits, self.alpha, self.stochastic, gen)
+        else:
+            codes, scale = uniform_quantize(xq, bits, self.stochastic, gen)
+        return codes.to(x.device), scale.to(x.device)
 
     def _dequantize(self, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
         if self.mode == "log":
@@ -238,10 +241,9 @@ class MixedPrecision(Compressor):
         keys = resolve_keys(grads, keys)
         bits = self.assign_bits(keys)
         self._last_bits = bits
-        if self.stochastic and not self._rank_seeded:
+        if self.stochastic and self._gen is None:
             # workers must not share rounding noise, or their errors would not average out
-            self._gen.manual_seed(self.seed + 1_000_003 * comm.rank)
-            self._rank_seeded = True
+            self._gen = make_generator(self.seed + comm.rank, grads[0].device)
         shapes = [g.shape for g in grads]
         packed, scales, raw = [], [], []
         for g, b in zip(grads, bits):
@@ -326,12 +328,15 @@ class MixedPrecision(Compressor):
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": generator_state(self._gen), "rank_seeded": self._rank_seeded}
+        if self._gen is None:
+            return {}
+        return {"generator": generator_state(self._gen), "generator_device": str(self._gen.device)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"generator", "rank_seeded"}
+        unknown = set(state) - {"generator", "generator_device"}
         if unknown:
             raise CompressorError(f"mixedprec: unexpected state keys {sorted(unknown)}")
         if "generator" in state:
-            self._gen.set_state(state["generator"].clone())
-        self._rank_seeded = bool(state.get("rank_seeded", False))
+            gen = torch.Generator(device=state.get("generator_device", "cpu"))
+            gen.set_state(state["generator"].clone())
+            self._gen = gen
