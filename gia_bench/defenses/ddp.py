@@ -9,28 +9,38 @@ Usage, in the manner of PyTorch's ``powerSGD_hook``::
 or by hand: ``state = CompressorHookState(compressor, TorchCommunicator(group), names)``
 and ``ddp.register_comm_hook(state, compressor_hook)``.
 
-What the hook does with one bucket, in order:
+What the hook does in one step, in order:
 
-1. ``grads = bucket.gradients()``: this worker's raw (not yet averaged) gradients,
-   one view per parameter; ``keys`` are the parameter *names* of
-   ``bucket.parameters()``.
-2. ``out = compressor.step(grads, comm, keys)``: the compressor talks to the other
-   workers through a :class:`~gia_bench.comm.TorchCommunicator` and returns the
-   *mean* over workers, which is what DDP's own all-reduce hook produces.
-3. ``out`` is written back into ``bucket.buffer()`` and an already-completed future
-   is returned; DDP copies the buffer into ``param.grad``.
+1. For every bucket but the last, DDP calls the hook in bucket-index order; it keeps
+   the bucket and returns a future that is not yet complete.
+2. At the last bucket it has the whole step: ``grads`` are this worker's raw (not
+   yet averaged) gradients of every bucket, put in the model's parameter order, and
+   ``keys`` their parameter *names*.
+3. ``out = compressor.step(grads, comm, keys)``, once per step: the compressor talks
+   to the other workers through a :class:`~gia_bench.comm.TorchCommunicator` and
+   returns the *mean* over workers, which is what DDP's own all-reduce hook produces.
+4. ``out`` is written back into the buckets' gradient views and every bucket's future
+   is completed; DDP copies the buffers into ``param.grad``.
+
+Why one ``step`` per optimizer step, in model order, whatever the buckets. The
+compressor then sees exactly what it sees in ``gia-bench capture`` or a
+single-process simulation: its random draws (QSGD's dithering, a PowerSGD Q draw)
+and its per-step logic do not depend on how DDP cut the model into buckets, and DDP
+cuts it differently in the first iteration than afterwards (it rebuilds the buckets
+in the order gradients became ready). A run resumed from a checkpoint (whose first
+iteration uses the initial layout again) therefore continues bit-identically. Fewer,
+larger collectives per step are a bonus.
 
 Why the hook is synchronous. PyTorch's ``powerSGD_hook`` issues its P and Q
 all-reduces from future callbacks; with several buckets those callbacks run
 interleaved in different orders on different ranks, and gloo then pairs the P of
 bucket 0 on one rank with the Q of bucket 1 on another (it aborted in 5 of 7 runs
 with two buckets). Here every collective is blocking and issued in program order
-inside the hook call, and DDP calls the hooks of a step in bucket-index order on
-every rank, so every rank issues the same collectives in the same order, every
-time. The cost: a bucket's communication is not overlapped with the backward of the
-layers still to come, nor with the next bucket's compression. On one CPU core per
-worker (gloo) there is little to overlap; on GPUs with nccl the collectives are
-still stream-ordered rather than host-blocking.
+inside the last bucket's hook call, so every rank issues the same collectives in the
+same order, every time. The cost: no communication overlaps the backward pass (it
+all happens after the last gradient is ready). On one CPU core per worker (gloo)
+there is little to overlap; with nccl the collectives are stream-ordered rather than
+host-blocking, so the host still runs ahead.
 
 Why keys are names. DDP rebuilds its buckets after the first iteration (in the
 order gradients became ready), so a bucket's index and content change. Error
@@ -83,6 +93,12 @@ class CompressorHookState:
             capture); otherwise it is cleared after each bucket so memory stays flat.
         capture_grads: when a dict, the hook stores a copy of each raw local gradient
             in it by name before compressing (what this worker computed, not the mean).
+        order: ``name -> position`` in the model's parameter order (the order ``step`` sees).
+        bucket_order: pass the gradients in DDP's bucket order instead (bucket 0 first,
+            each bucket's own order), as PyTorch's hooks see them with one bucket; the
+            compressor's random draws then follow DDP's layout, which changes after the
+            first iteration, so a resumed run is no longer bit-identical for randomized
+            compressors. For comparisons with PyTorch's ``powerSGD_hook``.
     """
 
     compressor: Any  # Compressor (typed loosely to avoid a circular import at package load)
@@ -93,6 +109,13 @@ class CompressorHookState:
     payload_bytes: int = 0
     keep_messages: bool = False
     capture_grads: dict[str, torch.Tensor] | None = None
+    order: dict[str, int] = dataclasses.field(default_factory=dict)
+    bucket_order: bool = False
+    _pending: list = dataclasses.field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.order:
+            self.order = {name: i for i, name in enumerate(self.names.values())}
 
     def keys_for(self, params: Iterable[torch.Tensor]) -> list[str]:
         keys = []
@@ -136,29 +159,44 @@ class CompressorHookState:
         self.compressor.load_state_dict(clone_state(state["compressor"]))
 
 
+def _future(buffer: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    return torch.futures.Future(devices=[buffer.device] if buffer.device.type == "cuda" else None)
+
+
 def compressor_hook(state: CompressorHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Reduce one DDP bucket through ``state.compressor``; returns a completed future (see module doc)."""
-    buffer = bucket.buffer()
-    grads = bucket.gradients()
-    keys = state.keys_for(bucket.parameters())
+    """DDP comm hook: reduce the whole step through ``state.compressor`` at the last bucket (see module doc)."""
+    fut = _future(bucket.buffer())
+    state._pending.append((bucket.buffer(), bucket.gradients(), state.keys_for(bucket.parameters()), fut))
+    if not bucket.is_last():
+        return fut
+    pending, state._pending = state._pending, []
+    # the whole step in model order: independent of the bucket layout
+    items = [(key, grad) for _, grads, keys, _ in pending for key, grad in zip(keys, grads)]
+    if not state.bucket_order:
+        items.sort(key=lambda kv: state.order[kv[0]])
+    keys = [k for k, _ in items]
+    grads = [g for _, g in items]
     if state.capture_grads is not None:
-        for key, g in zip(keys, grads):
+        for key, g in items:
             state.capture_grads[key] = g.detach().clone()
-    out = state.compressor.step(list(grads), state.comm, keys)
-    if len(out) != len(grads) or any(o.shape != g.shape for o, g in zip(out, grads)):
-        raise CompressorError(f"{state.compressor.spec}: step returned shapes that differ from the gradients'")
-    # cat first: ``out`` may alias the bucket's own views
-    flat = torch.cat([o.reshape(-1).to(buffer.dtype) for o in out]) if out else buffer
-    buffer.copy_(flat)
+    try:
+        out = state.compressor.step(list(grads), state.comm, keys)
+        if len(out) != len(grads) or any(o.shape != g.shape for o, g in zip(out, grads)):
+            raise CompressorError(f"{state.compressor.spec}: step returned shapes that differ from the gradients'")
+        # clone first: an output may alias another parameter's view in the same buffer
+        out = [o.detach().to(g.dtype).clone() for o, g in zip(out, grads)]
+        for g, o in zip(grads, out):
+            g.copy_(o)
+    except BaseException as exc:
+        for _, _, _, f in pending:
+            f.set_exception(exc)
+        raise
     state.account(state.comm.messages)
     if not state.keep_messages:
         state.comm.reset()
-    if bucket.is_last():
-        state.step += 1
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(
-        devices=[buffer.device] if buffer.device.type == "cuda" else None
-    )
-    fut.set_result(buffer)
+    state.step += 1
+    for buffer, _, _, f in pending:
+        f.set_result(buffer)
     return fut
 
 
@@ -170,12 +208,14 @@ def make_hook(
     spec_or_compressor: Any,
     model: nn.Module,
     process_group: dist.ProcessGroup | None = None,
-) -> tuple[CompressorHookState, Any]:
+    bucket_order: bool = False,
+) -> "tuple[CompressorHookState, Any]":
     """``(state, hook)`` for ``ddp.register_comm_hook(state, hook)``.
 
     ``spec_or_compressor`` is a spec string (``"lqsgd:rank=2"``) or a compressor
     instance; ``model`` is the DDP-wrapped model or the module it wraps (names are
     the inner module's, e.g. ``"net.conv1.weight"``, as records and captures use).
+    ``bucket_order``: see :class:`CompressorHookState` (default: model order).
     """
     from gia_bench.defenses.base import Compressor, create
 
@@ -183,5 +223,5 @@ def make_hook(
     if not isinstance(compressor, Compressor):
         raise CompressorError(f"make_hook needs a spec string or a Compressor, got {type(compressor).__name__}")
     names = {id(p): name for name, p in _unwrap(model).named_parameters()}
-    state = CompressorHookState(compressor, TorchCommunicator(process_group), names)
+    state = CompressorHookState(compressor, TorchCommunicator(process_group), names, bucket_order=bucket_order)
     return state, compressor_hook
