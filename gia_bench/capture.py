@@ -8,10 +8,11 @@ labels) is returned apart.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,7 +265,39 @@ def _check_config(cfg: CaptureConfig) -> torch.device:
         raise SpecError(f"--device {cfg.device!r} is not a torch device ({exc})") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpecError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise SpecError(f"--out {cfg.out}: is a file, expected a folder for the records")
     return device
+
+
+@contextlib.contextmanager
+def exact_cuda() -> Iterator[None]:
+    """Full fp32 and deterministic kernels on CUDA for the duration (restored afterwards).
+
+    PyTorch lets cuDNN convolutions use TF32 (10-bit mantissa) by default: on an H100 a
+    ResNet-18 gradient then differs from the fp32 one by ~10% (relative L2), and cuDNN's
+    autotuned algorithms differ from run to run. A record must hold the gradient the model
+    defines, and the same seed must give the same files, so capture turns both off.
+    """
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+        ) = saved
 
 
 def _existing_is_ours(path: Path, expected: RecordMeta, weights: dict[str, torch.Tensor]) -> bool:
@@ -358,10 +391,11 @@ def run_capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
                 continue
             model.load_state_dict(initial)
             inputs, labels = data.batch(indices)
-            record, truth = capture_batch(
-                model, model_spec, spec, inputs.to(device), labels.to(device), compressor, rid,
-                step=0, seed=cfg.seed, extra=extra,
-            )
+            with exact_cuda():
+                record, truth = capture_batch(
+                    model, model_spec, spec, inputs.to(device), labels.to(device), compressor, rid,
+                    step=0, seed=cfg.seed, extra=extra,
+                )
             truth.save(truth_path(path))
             record.save(path)
             bar.update(task, advance=1)
