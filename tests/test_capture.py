@@ -262,7 +262,7 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path):
 
 
 @pytest.mark.parametrize("defense", ["powersgd:rank=1", "topk:ratio=0.01", "lqsgd:rank=1"])
-def test_capture_with_a_compressor_that_has_public_state(tmp_path, defense):
+def test_capture_with_compressing_defenses(tmp_path, defense):
     name = defense.split(":")[0]
     if importlib.util.find_spec(f"gia_bench.defenses.{name}") is None:
         pytest.skip(f"{name} has not landed yet")
