@@ -7,7 +7,8 @@ one row per model x compressor at its default spec, plus ``lqsgd:bits=8`` and
 :class:`~gia_bench.comm.LocalCommunicator` logs for one worker's first step (the
 payload of every message); times are the median over ``--repeats`` steps after a
 warm-up step, of ``step`` (with message recording, as ``capture`` does) and of
-``decode`` of the recorded messages. For LQ-SGD the row also holds PowerSGD's bytes at
+``decode`` of the recorded messages (recorded messages live on the CPU, so ``decode``
+runs there even with ``--device cuda``, and ``step`` includes copying them). For LQ-SGD the row also holds PowerSGD's bytes at
 the same rank and the ratio between them.
 
     .venv/bin/python benchmarks/compressors.py --quick --table
@@ -79,6 +80,7 @@ def measure(spec: str, grads: list[torch.Tensor], repeats: int, device: torch.de
     comm = LocalCommunicator(record=True)
     comp.step([g.clone() for g in grads], comm)  # first step: the bytes, and the warm-up
     row = {
+        "name": spec,
         "spec": comp.spec,
         "bytes": comm.bytes_sent,
         "messages": {m.tag: m.nbytes for m in comm.messages},
@@ -107,15 +109,18 @@ def measure(spec: str, grads: list[torch.Tensor], repeats: int, device: torch.de
 
 
 def specs_to_run() -> list[str]:
-    """Every registered compressor at its default spec, then the extra specs; duplicates dropped."""
+    """Every registered compressor at its default spec, then the extra specs; duplicates dropped.
+
+    An extra spec equal to a default one takes that row's place (it names the setting asked for).
+    """
     names = DEFENSES.names()
-    specs: list[str] = []
-    seen: set[str] = set()
-    for spec in names + [s for s in EXTRA_SPECS if s.split(":")[0] in names]:
-        canonical = create(spec).spec
-        if canonical not in seen:
-            seen.add(canonical)
-            specs.append(spec)
+    extras = [s for s in EXTRA_SPECS if s.split(":")[0] in names]
+    label: dict[str, str] = {}  # canonical spec -> how the row names it
+    for spec in names:
+        label.setdefault(create(spec).spec, spec)
+    for spec in extras:
+        label[create(spec).spec] = spec
+    specs = list(dict.fromkeys(label[create(spec).spec] for spec in names + extras))
     return specs
 
 
@@ -145,7 +150,7 @@ def run(models: list[str], repeats: int, batch: int, device: torch.device) -> di
             try:
                 row.update(measure(spec, grads, repeats, device))
             except Exception as exc:  # one broken compressor must not hide the others' figures
-                row.update({"spec": spec, "error": f"{type(exc).__name__}: {exc}"})
+                row.update({"name": spec, "error": f"{type(exc).__name__}: {exc}"})
                 result["rows"].append(row)
                 continue
             row["fraction_of_fp32"] = row["bytes"] / fp32
@@ -168,11 +173,11 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | `{r['spec']}` | error: {r['error']} | | | | |")
+            lines.append(f"| {r['model']} | `{r['name']}` | error: {r['error']} | | | | |")
             continue
         vs = f"{r['ratio_to_powersgd']:.3f}" if "ratio_to_powersgd" in r else ""
         lines.append(
-            f"| {r['model']} | `{r['spec']}` | {r['bytes']:,} | {r['times_smaller']} | "
+            f"| {r['model']} | `{r['name']}` | {r['bytes']:,} | {r['times_smaller']} | "
             f"{r['step_ms']} | {r['decode_ms']} | {vs} |"
         )
     return "\n".join(lines)
