@@ -231,3 +231,83 @@ def train_cmd(
         f" ({totals['bytes_per_step']:,.0f} per step), {totals['seconds']:.1f} s; wrote [bold]{out / 'metrics.json'}[/]",
         highlight=False,
     )
+
+
+@app.command("attack")
+def attack_cmd(
+    records: list[str] = typer.Argument(..., help="gradient records (.safetensors) or folders searched for them"),
+    attack: list[str] = typer.Option(
+        ["dlg"], "--attack", "-a", help="attack spec, e.g. ig:iterations=2000,tv=1e-4 (repeatable)"
+    ),
+    view: list[str] = typer.Option(
+        ["naive"], "--view", help="naive (match decode(messages)) or aware (match simulate(...)); repeatable"
+    ),
+    out: str = typer.Option("runs", "--out", "-o", help="results go to OUT/<record-id>/<attack>-<view>/"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    seed: int = typer.Option(0, "--seed", help="seed of the attack's random initialisation"),
+    lpips_net: str = typer.Option("alex", "--lpips-net", help="LPIPS trunk: alex or vgg"),
+    lpips_weights: str = typer.Option(
+        None, "--lpips-weights", help="local trunk weights file (else $GIA_BENCH_LPIPS_WEIGHTS / torch cache)"
+    ),
+) -> None:
+    """Reconstruct the images and labels of saved gradient records; score them where a truth file exists."""
+    import json
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from gia_bench.attacks import create as create_attack
+    from gia_bench.attacks import run_attack
+    from gia_bench.attacks.base import VIEWS
+    from gia_bench.attacks.runner import resolve_device
+    from gia_bench.records import find_records
+
+    for v in view:
+        if v not in VIEWS:
+            raise GiaBenchError(f"--view {v!r} is not one of {', '.join(VIEWS)}")
+    if lpips_net not in ("alex", "vgg"):
+        raise GiaBenchError(f"--lpips-net {lpips_net!r} is not one of alex, vgg")
+    for spec in attack:
+        create_attack(spec)  # a bad spec fails before any work
+    resolve_device(device)
+    paths = find_records([Path(r) for r in records])
+    if not paths:
+        raise GiaBenchError(f"no gradient records found in {', '.join(records)}")
+    weights = Path(lpips_weights) if lpips_weights else None
+    jobs = [(p, a, v) for p in paths for a in attack for v in view]
+    finished = 0
+    try:
+        for path, spec, v in jobs:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("it {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            ) as bar:
+                task = bar.add_task(f"{path.name} {spec.split(':')[0]}-{v}", total=1, loss="-")
+
+                def report(i: int, total: int, loss: float) -> None:
+                    bar.update(task, completed=i, total=total, loss=f"{loss:.4g}")
+
+                result_path = run_attack(
+                    path, spec, v, Path(out), seed=seed, device=device,
+                    lpips_net=lpips_net, lpips_weights=weights, progress=report,
+                )
+            result = json.loads(result_path.read_text())
+            finished += 1
+            scored = ""
+            if result.get("psnr"):
+                psnr = sum(result["psnr"]) / len(result["psnr"])
+                ssim = sum(result["ssim"]) / len(result["ssim"])
+                scored = f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {result['label_accuracy']:.2f}"
+            console.print(
+                f"{result['record_id']} {result['attack'].split(':')[0]} ({v}): {result['iterations']} it,"
+                f" {result['seconds']:.1f} s{scored} -> [bold]{result_path}[/]",
+                highlight=False,
+            )
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted:[/] {finished} of {len(jobs)} results kept under {out}")
+        raise typer.Exit(130) from None

@@ -1,0 +1,14 @@
+"""Gradient-inversion attacks, registered by name; ``create(spec)`` is the way in."""
+
+import importlib
+import pkgutil
+
+from gia_bench.attacks.base import ATTACKS, Attack, AttackError, Reconstruction, create, register
+
+# Every module of this package registers its attacks and parts when imported.
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")
+
+from gia_bench.attacks.runner import attack_dirname, run_attack  # noqa: E402
+
+__all__ = ["ATTACKS", "Attack", "AttackError", "Reconstruction", "attack_dirname", "create", "register", "run_attack"]

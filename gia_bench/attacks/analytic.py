@@ -1,0 +1,132 @@
+"""Analytic input recovery from a fully connected first layer (Phong et al. 2017)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gia_bench.attacks import labels as label_parts
+from gia_bench.attacks.base import Attack, AttackError, Progress, Reconstruction, register
+from gia_bench.attacks.matching import attack_model
+from gia_bench.errors import SpecError
+from gia_bench.records import GradientRecord
+
+COMBINES = ("lstsq", "best")
+
+
+def first_linear(model: nn.Module, in_features: int) -> str:
+    """Name of the first parameterised module if it is a Linear layer reading the whole (flattened) input."""
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            if isinstance(module, nn.Linear) and module.in_features == in_features and module.bias is not None:
+                return name
+            raise AttackError(
+                f"the analytic attack needs a model whose first layer is a fully connected layer with a bias"
+                f" over the whole input (e.g. mlp); the first layer here is {type(module).__name__} {name!r}"
+            )
+    raise AttackError("the analytic attack found no parameterised layer in the model")
+
+
+@register("analytic")
+class Analytic(Attack):
+    """Exact input recovery from the first fully connected layer's gradient (Phong et al. 2017, sec. 3.1).
+
+    For y = W x + b and one image, dL/dW_i = dL/db_i * x for every row i, so
+    x = dL/dW_i / dL/db_i wherever dL/db_i != 0. ``combine=lstsq`` fits x to all rows with
+    |dL/db_i| > eps * max|dL/db| (x = sum_i db_i dW_i / sum_i db_i^2), ``best`` uses the row with
+    the largest |dL/db_i|. For a batch (mean loss) each row gives sum_n d_ni x_n / sum_n d_ni, a mix
+    of the images active at unit i; rows whose unit only one image activates (ReLU) give that image
+    exactly. The best-effort batch answer keeps the B candidates that the most other rows agree with
+    (duplicates within ``tol``), then fills up with the candidates farthest from those kept.
+    Works on the decoded gradient (naive view only): compression degrades it, which is the point.
+
+    Args:
+        combine: lstsq (all good rows, least squares) or best (single row with the largest |db|); B = 1.
+        eps: rows with |dL/db_i| <= eps * max|dL/db| are ignored.
+        tol: relative distance under which two row candidates count as the same image (B > 1).
+        labels: label strategy: auto (idlg for B = 1, bias-corrected otherwise), idlg, bias-corrected, yin.
+    """
+
+    views = ("naive",)
+
+    def __init__(self, combine: str = "lstsq", eps: float = 1e-6, tol: float = 1e-3, labels: str = "auto"):
+        if combine not in COMBINES:
+            raise SpecError(f"analytic: combine {combine!r} is not one of {', '.join(COMBINES)}")
+        if not 0 <= eps < 1 or tol <= 0:
+            raise SpecError("analytic: eps must be in [0, 1) and tol > 0")
+        if labels != "auto":
+            label_parts.LABELS.get(labels)
+        self.combine, self.eps, self.tol, self.labels = combine, eps, tol, labels
+
+    def run(
+        self,
+        record: GradientRecord,
+        view: str,
+        generator: torch.Generator,
+        progress: Progress | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Reconstruction:
+        self.check_view(view)
+        meta = record.meta
+        shape, batch, num_classes = meta.dataset.shape, meta.batch_size, meta.dataset.num_classes
+        model = attack_model(record, device)
+        layer = first_linear(model, math.prod(shape))
+        names = list(meta.param_names)
+        grads = [g.to(device, torch.float64) for g in record.decode()]
+        dW, db = grads[names.index(f"{layer}.weight")], grads[names.index(f"{layer}.bias")]
+        good = db.abs() > self.eps * db.abs().max()
+        if not bool(good.any()):
+            raise AttackError(f"record {record.record_id}: the first layer's bias gradient is zero; nothing to invert")
+
+        if batch == 1:
+            if self.combine == "best":
+                i = int(db.abs().argmax())
+                x = (dW[i] / db[i]).unsqueeze(0)
+            else:
+                d = db[good]
+                x = ((d.unsqueeze(1) * dW[good]).sum(0) / d.pow(2).sum()).unsqueeze(0)
+        else:
+            x = self._batch(dW[good] / db[good].unsqueeze(1), batch)
+        # How well the recovered images explain dL/dW (0: exactly): dW ~ A X, A by least squares.
+        A = torch.linalg.lstsq(x.T, dW.T).solution
+        residual = float((dW - (x.T @ A).T).pow(2).sum() / dW.pow(2).sum().clamp_min(1e-300))
+
+        strategy_name, labels = label_parts.infer_labels(record, model, self.labels, generator, device)
+        if labels is None:
+            raise AttackError("analytic: labels=joint needs an optimising attack; use idlg or bias-corrected")
+        if progress is not None:
+            progress(1, 1, residual)
+        return Reconstruction(
+            inputs=x.reshape(batch, *shape).to(torch.float32).cpu(),
+            labels=labels.to(torch.int64).cpu(),
+            iterations=0,
+            final_loss=residual,
+            view=view,
+            label_strategy=strategy_name,
+            observed="decoded gradient",
+            public_state_used=tuple(sorted(record.public)),
+            extra={"layer": layer, "rows_used": int(good.sum())},
+        )
+
+    def _batch(self, candidates: torch.Tensor, batch: int) -> torch.Tensor:
+        """Pick ``batch`` images among per-row candidates: most-agreed-upon first, then farthest."""
+        scale = candidates.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        dist = torch.cdist(candidates, candidates) / torch.minimum(scale, scale.T)
+        support = (dist < self.tol).sum(dim=1)
+        chosen: list[int] = []
+        for i in torch.argsort(support, descending=True, stable=True).tolist():
+            if len(chosen) == batch or support[i] < 2:
+                break
+            if all(dist[i, j] >= self.tol for j in chosen):
+                chosen.append(i)
+        while len(chosen) < min(batch, candidates.shape[0]):
+            if chosen:
+                i = int(dist[:, chosen].min(dim=1).values.argmax())
+            else:
+                i = 0
+            chosen.append(i)
+        while len(chosen) < batch:  # fewer usable rows than images: repeat the last one
+            chosen.append(chosen[-1])
+        return candidates[chosen]

@@ -1,0 +1,116 @@
+"""The Attack interface, the attack registry and the Reconstruction an attack returns.
+
+An attack sees what a curious server sees and nothing else: it receives a
+:class:`~gia_bench.records.GradientRecord` (model weights, messages, public
+compressor state, the public metadata), a threat *view* and a seeded
+``torch.Generator``. It never receives a path to, or the contents of, the truth
+file; :func:`gia_bench.attacks.runner.run_attack` opens that only after the
+attack has returned, to score the result::
+
+    attack = gia_bench.attacks.create("ig:iterations=2000,restarts=4")
+    rec = attack.run(record, "aware", torch.Generator().manual_seed(0))
+    rec.inputs   # (B, C, H, W) in model-input space
+    rec.labels   # (B,) the inferred labels
+
+Attacks are registered like defenses (``@register("ig")``) and built from spec
+strings; a variant (another loss, prior, optimiser or label strategy) is a spec,
+e.g. ``ig:loss=l2,optimizer=lbfgs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from gia_bench.errors import GiaBenchError
+from gia_bench.records import GradientRecord
+from gia_bench.registry import Registry, canonical_spec, describe_params
+
+ATTACKS: Registry[Attack] = Registry("attack", entry_point_group="gia_bench.attacks")
+register = ATTACKS.register
+
+#: ``progress(iteration, total, loss)``: called while an attack runs (loss may be NaN before the first step).
+Progress = Callable[[int, int, float], None]
+
+VIEWS = ("naive", "aware")
+
+
+class AttackError(GiaBenchError):
+    """An attack cannot run on this record or view (e.g. no compressor-aware view, wrong model)."""
+
+
+def create(spec: str, **overrides: Any) -> Attack:
+    """Build an attack from a spec string such as ``"ig:iterations=2000,tv=1e-4"``."""
+    return ATTACKS.create(spec, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+    """What an attack recovered from one record (no ground truth in here)."""
+
+    inputs: torch.Tensor  # (B, C, H, W), model-input space (normalised), CPU float32
+    labels: torch.Tensor  # (B,) int64, inferred
+    iterations: int  # optimiser steps taken (0 for analytic attacks)
+    final_loss: float  # the matching objective of the kept result (without priors)
+    view: str  # "naive" or "aware"
+    label_strategy: str  # registry name of the label strategy used
+    observed: str  # "decoded gradient" or "messages"
+    public_state_used: tuple[str, ...] = ()
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Attack:
+    """Base class of every attack: ``run(record, view, generator, progress)`` -> :class:`Reconstruction`."""
+
+    registry_name: ClassVar[str]
+    #: threat views this attack implements
+    views: ClassVar[tuple[str, ...]] = VIEWS
+
+    def run(
+        self,
+        record: GradientRecord,
+        view: str,
+        generator: torch.Generator,
+        progress: Progress | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Reconstruction:
+        raise NotImplementedError
+
+    def check_view(self, view: str) -> None:
+        if view not in VIEWS:
+            raise AttackError(f"--view {view!r} is not one of {', '.join(VIEWS)}")
+        if view not in self.views:
+            raise AttackError(
+                f"attack {self.registry_name!r} has no {view!r} view (it implements: {', '.join(self.views)})"
+            )
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec: registry name and every parameter value."""
+        return canonical_spec(self)
+
+    @property
+    def slug(self) -> str:
+        """A filesystem-safe name: the registry name, plus ``_key-value`` for every non-default parameter.
+
+        ``ig`` with defaults -> ``ig``; ``ig:iterations=2000`` -> ``ig_iterations-2000``.
+        """
+        name = getattr(type(self), "registry_name", type(self).__name__)
+        parts = []
+        for p in describe_params(type(self)):
+            value = getattr(self, p.name, p.default)
+            if value != p.default:
+                if isinstance(value, bool):
+                    value = str(value).lower()
+                parts.append(f"{p.name}-{value}")
+        text = "_".join([name, *parts])
+        return re.sub(r"[^A-Za-z0-9._+-]+", "-", text)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec}>"
+
+
