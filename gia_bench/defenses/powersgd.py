@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gia_bench.comm import Communicator
 from gia_bench.defenses.base import Compressor, check_messages, flatten, register, resolve_keys, unflatten
@@ -175,6 +176,33 @@ def orthogonalize(matrices: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
     return columns[0] if rank == 1 else torch.cat(columns, dim=2)
 
 
+def orthogonalize_blocks(blocks: Sequence[torch.Tensor], epsilon: float = 0.0) -> list[torch.Tensor]:
+    """:func:`orthogonalize` of several ``(count, n_i, r)`` blocks in one batched call per rank r.
+
+    Blocks are zero-padded to the longest ``n``: zero rows change neither the column
+    norms nor the projections (nor Householder QR), so each block's result is its own
+    orthogonalization, up to float rounding; one call instead of one per shape group
+    keeps the kernel count (and GPU launch overhead) flat in the number of groups.
+    """
+    out: list[torch.Tensor | None] = [None] * len(blocks)
+    by_rank: dict[int, list[int]] = {}
+    for i, b in enumerate(blocks):
+        by_rank.setdefault(int(b.shape[2]), []).append(i)
+    for idx in by_rank.values():
+        if len(idx) == 1:
+            out[idx[0]] = orthogonalize(blocks[idx[0]], epsilon)
+            continue
+        n_max = max(int(blocks[i].shape[1]) for i in idx)
+        padded = torch.cat([F.pad(blocks[i], (0, 0, 0, n_max - blocks[i].shape[1])) for i in idx])
+        ortho = orthogonalize(padded, epsilon)
+        start = 0
+        for i in idx:
+            count, n = blocks[i].shape[:2]
+            out[i] = ortho[start : start + count, :n]
+            start += count
+    return out  # type: ignore[return-value]
+
+
 # -- the compressor ---------------------------------------------------------------------------------------
 
 
@@ -252,6 +280,9 @@ class PowerSGD(Compressor):
         self._steps: dict[Hashable, int] = {}  # steps seen per key (for start_iter)
         self._q: dict[Hashable, torch.Tensor] = {}  # warm start: last aggregated Q per key (m x r)
         self._error: dict[Hashable, torch.Tensor] = {}  # error feedback residual per key
+        # the same residuals as stacked per shape group / flat for the rest (these are views of them),
+        # so that they are added in one op
+        self._group_error: dict[tuple[Hashable, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._public: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -310,9 +341,11 @@ class PowerSGD(Compressor):
                 self._add_rest_error(rest_in, plan, keys)
             rest_out, rest_sent = self._send_rest(rest_in, comm, plan, keys)
             if self.error_feedback and rest_sent is not None:
-                residual = unflatten(rest_in - rest_sent, [plan.shapes[i] for i in plan.rest])
+                flat_residual = rest_in - rest_sent
+                residual = unflatten(flat_residual, [plan.shapes[i] for i in plan.rest])
                 for i, e in zip(plan.rest, residual):
                     self._error[keys[i]] = e
+                self._group_error[tuple(keys[i] for i in plan.rest)] = (flat_residual, residual)
             for i, t in zip(plan.rest, unflatten(rest_out, [plan.shapes[i] for i in plan.rest])):
                 out[i] = t
         if not plan.groups:
@@ -321,7 +354,7 @@ class PowerSGD(Compressor):
             return out  # type: ignore[return-value]
 
         # 3. Q: warm start or a fresh draw, orthogonalized
-        Qs = [orthogonalize(q, self.epsilon) for q in self._start_qs(plan, keys, device, dtype)]
+        Qs = orthogonalize_blocks(self._start_qs(plan, keys, device, dtype), self.epsilon)
         self._public = {"Q_init": torch.cat([q.reshape(-1) for q in Qs])}
 
         # 4. P = M Q
@@ -333,7 +366,7 @@ class PowerSGD(Compressor):
         P = self._send_P(P, comm, plan, keys)
 
         # 6. P_hat = orthogonalize(P), identical on every worker
-        P_hats = [orthogonalize(self._p_view(P, g), self.epsilon) for g in plan.groups]
+        P_hats = orthogonalize_blocks([self._p_view(P, g) for g in plan.groups], self.epsilon)
 
         # 7. Q = M^T P_hat
         Q = torch.empty(plan.q_numel, device=device, dtype=dtype)
@@ -358,6 +391,8 @@ class PowerSGD(Compressor):
                     self._error[keys[i]] = M[k].view(plan.shapes[i])
                 if self.warm_start:
                     self._q[keys[i]] = Q_g[k]
+            if self.error_feedback:
+                self._group_error[tuple(keys[i] for i in g.indices)] = (M, [self._error[keys[i]] for i in g.indices])
         self._count(keys)
         return out  # type: ignore[return-value]
 
@@ -382,6 +417,10 @@ class PowerSGD(Compressor):
             # nothing writes into M then, so a single tensor can be a view
             return views[0].unsqueeze(0) if g.count == 1 else torch.stack(views)
         M = torch.stack(views)
+        group_keys = tuple(keys[i] for i in g.indices)
+        cached = self._group_error.get(group_keys)
+        if cached is not None and all(self._error.get(k) is v for k, v in zip(group_keys, cached[1])):
+            return M.add_(cached[0])  # last step's residuals, still stacked: one add
         for k, i in enumerate(g.indices):
             e = self._error.get(keys[i])
             if e is not None and e.numel() == g.n * g.m:
@@ -391,6 +430,10 @@ class PowerSGD(Compressor):
     def _add_rest_error(self, rest: torch.Tensor, plan: Plan, keys: Sequence[Hashable]) -> None:
         errors = [self._error.get(keys[i]) for i in plan.rest]
         if all(e is None for e in errors):
+            return
+        cached = self._group_error.get(tuple(keys[i] for i in plan.rest))
+        if cached is not None and all(e is v for e, v in zip(errors, cached[1])):
+            rest.add_(cached[0])  # still the flat residual of last step: one add
             return
         parts = [
             e.reshape(-1) if e is not None and e.shape == plan.shapes[i] else rest.new_zeros(plan.shapes[i].numel())
@@ -471,8 +514,8 @@ class PowerSGD(Compressor):
             P = values["P"]
             if public is not None and "P_sum" in public:
                 P = public["P_sum"].to(torch.float32).reshape(-1)
-            for g in plan.groups:
-                P_hat = orthogonalize(self._p_view(P, g), self.epsilon)
+            P_hats = orthogonalize_blocks([self._p_view(P, g) for g in plan.groups], self.epsilon)
+            for g, P_hat in zip(plan.groups, P_hats):
                 M_hat = torch.bmm(P_hat, self._q_view(values["Q"], g).transpose(1, 2))
                 for k, i in enumerate(g.indices):
                     out[i] = M_hat[k].reshape(shapes[i])
@@ -511,12 +554,8 @@ class PowerSGD(Compressor):
             Q_init = Q_init.to(device=Ms[0].device, dtype=torch.float32)
             P = torch.cat([torch.bmm(M, self._q_view(Q_init, g)).reshape(-1) for g, M in zip(plan.groups, Ms)])
             P = self._simulate_quantize(P, "P", plan)
-            Q = torch.cat(
-                [
-                    torch.bmm(M.transpose(1, 2), orthogonalize(self._p_view(P, g), self.epsilon)).reshape(-1)
-                    for g, M in zip(plan.groups, Ms)
-                ]
-            )
+            P_hats = orthogonalize_blocks([self._p_view(P, g) for g in plan.groups], self.epsilon)
+            Q = torch.cat([torch.bmm(M.transpose(1, 2), P_hat).reshape(-1) for M, P_hat in zip(Ms, P_hats)])
             out["P"] = P
             out["Q"] = self._simulate_quantize(Q, "Q", plan)
         if plan.rest:
@@ -553,3 +592,4 @@ class PowerSGD(Compressor):
         self._steps = dict(state["steps"])
         self._q = {k: v.clone() for k, v in state["q"].items()}
         self._error = {k: v.clone() for k, v in state["error"].items()}
+        self._group_error = {}
