@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 
 from gia_bench.reports.io import write_atomic
 from gia_bench.reports.load import AttackResult, TrainRun
-from gia_bench.reports.tables import SummaryRow, TableGroup
+from gia_bench.reports.tables import SummaryRow, TableGroup, short_spec
 
 GRID_MAX_IMAGES = 8
 PSNR_PLOT_CAP = 100.0  # an infinite PSNR (identical images) is drawn here, and said so
@@ -133,7 +134,7 @@ def privacy_vs_bandwidth(group: TableGroup, out_dir: Path) -> Figure | None:
             pts.append((x, y))
             ax.scatter(
                 [x], [y], s=60, color=cmap(n % 10), marker=markers[n % len(markers)], zorder=3,
-                label=f"{d}  [{row.attack}, {row.view}]",
+                label=f"{short_spec(d, 'defense')}  [{short_spec(row.attack, 'attack')}, {row.view}]",
             )  # fmt: skip
         idx = frontier(pts)
         if len(idx) > 1:
@@ -178,7 +179,7 @@ def accuracy_vs_bandwidth(trains: Sequence[TrainRun], out_dir: Path) -> Figure |
         pts = []
         for t in sorted(runs, key=lambda t: t.bytes_per_step):
             ax.scatter([t.bytes_per_step], [100 * t.final_test_accuracy], s=60, color=cmap(n % 10),
-                       marker=markers[n % len(markers)], label=f"{dataset}/{model}: {t.defense}", zorder=3)  # fmt: skip
+                       marker=markers[n % len(markers)], label=f"{dataset}/{model}: {short_spec(t.defense, 'defense')}", zorder=3)  # fmt: skip
             pts.append((t.bytes_per_step, -t.final_test_accuracy))
             n += 1
         idx = frontier(pts)
@@ -208,65 +209,83 @@ def _show(ax, img: torch.Tensor) -> None:
         ax.imshow(arr, interpolation="nearest")
 
 
-def image_grid(results: Sequence[AttackResult], out_dir: Path, defense_order: Sequence[str]) -> Figure | None:
-    """Originals, then one row per defense; columns are the same original images.
+def _image_key(img: torch.Tensor) -> str:
+    return hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest()
 
-    ``results`` share dataset, model, attack and view. Per defense the first record
-    (by record id) is shown. A defense whose record holds a different batch of
-    originals is marked so; a missing image file leaves its row blank with a note.
+
+def image_grid(results: Sequence[AttackResult], out_dir: Path, defense_order: Sequence[str]) -> Figure | None:
+    """Originals, then one row per defense; each column is one original image.
+
+    ``results`` share dataset, model, attack and view. Columns are keyed by the original
+    image itself (its bytes), so the same original heads a column in every row even when
+    defenses captured it under different record ids; a defense that did not attack that
+    image leaves its cell blank. Columns shared by the most defenses come first, at most
+    :data:`GRID_MAX_IMAGES`. A missing image file leaves its row blank with a note.
     """
     if not results:
         return None
     first = results[0]
-    per_defense: dict[str, AttackResult] = {}
+    by_defense: dict[str, list[AttackResult]] = defaultdict(list)
     for r in sorted(results, key=lambda r: (r.record_id, str(r.path))):
-        per_defense.setdefault(r.defense, r)
-    order = [d for d in defense_order if d in per_defense] + [d for d in per_defense if d not in defense_order]
-    loaded = {d: per_defense[d].load_images() for d in order}
-    reference = next((orig for _, orig, _ in loaded.values() if orig is not None), None)
-    if reference is None and all(rec is None for rec, _, _ in loaded.values()):
+        by_defense[r.defense].append(r)
+    order = [d for d in defense_order if d in by_defense] + [d for d in by_defense if d not in defense_order]
+    originals: dict[str, torch.Tensor] = {}  # column key -> original image
+    cells: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # defense -> column key -> reconstruction
+    appearance: list[str] = []
+    notes: list[str] = []
+    missing: set[str] = set()
+    for d in order:
+        for res in by_defense[d]:
+            rec, orig, note = res.load_images()
+            if rec is None:
+                if d not in missing:
+                    notes.append(f"{d}: {note}")
+                missing.add(d)
+                continue
+            for j in range(rec.shape[0]):
+                key = _image_key(orig[j]) if orig is not None else f"{res.record_id}/{j}"
+                if orig is not None:
+                    originals.setdefault(key, orig[j])
+                cells[d].setdefault(key, rec[j])
+                if key not in appearance:
+                    appearance.append(key)
+    if not appearance:
         return None
-    n_cols = min(
-        GRID_MAX_IMAGES,
-        max([t.shape[0] for rec, orig, _ in loaded.values() for t in (rec, orig) if t is not None]),
-    )
+    shared = {k: sum(k in cells[d] for d in order) for k in appearance}
+    columns = sorted(appearance, key=lambda k: (-shared[k], appearance.index(k)))[:GRID_MAX_IMAGES]
     plt = _pyplot()
-    n_rows = 1 + len(order)
+    n_rows, n_cols = 1 + len(order), len(columns)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols, 1.1 * n_rows + 0.4), squeeze=False)
     fig.subplots_adjust(wspace=0.05, hspace=0.08)
-    notes: list[str] = []
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_visible(False)
     axes[0][0].set_ylabel("original", rotation=0, ha="right", va="center", fontsize=8)
-    if reference is not None:
-        for j in range(min(n_cols, reference.shape[0])):
-            _show(axes[0][j], reference[j])
-    else:
+    for c, key in enumerate(columns):
+        if key in originals:
+            _show(axes[0][c], originals[key])
+    if not originals:
         notes.append("no originals stored (no ground truth)")
     for i, d in enumerate(order, start=1):
-        rec, orig, note = loaded[d]
-        label = d
-        if rec is None:
+        label = short_spec(d, "defense")
+        for c, key in enumerate(columns):
+            if key in cells[d]:
+                _show(axes[i][c], cells[d][key])
+        if d in missing:
             label += "\n(missing)"
-            notes.append(f"{d}: {note}")
-            axes[i][0].text(0.05, 0.5, "no image file", transform=axes[i][0].transAxes, fontsize=7, color="0.4")
-        else:
-            if reference is not None and orig is not None and (
-                orig.shape != reference.shape or not torch.allclose(orig, reference, atol=1e-6)
-            ):
-                label += "\n(other batch)"
-                notes.append(f"{d}: reconstructed a different batch than the first row shows")
-            for j in range(min(n_cols, rec.shape[0])):
-                _show(axes[i][j], rec[j])
+            if not cells[d]:
+                axes[i][0].text(0.05, 0.5, "no image file", transform=axes[i][0].transAxes, fontsize=7, color="0.4")
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    title = f"{first.dataset} / {first.model}: {first.attack} ({first.view})"
+    title = f"{first.dataset} / {first.model}: {short_spec(first.attack, 'attack')} ({first.view})"
     fig.suptitle(title, fontsize=10)
-    path = out_dir / f"grid-{slug(first.dataset, first.model, first.attack, first.view)}.png"
+    path = out_dir / f"grid-{slug(first.dataset, first.model, short_spec(first.attack, 'attack'), first.view)}.png"
     _save(fig, path)
-    caption = "First row: originals; then each defense's reconstruction of the same images (paired order)."
+    caption = (
+        "First row: originals; then each defense's reconstruction of the same image in each column"
+        " (paired order; a blank cell: that defense's runs did not include that image)."
+    )
     if notes:
         caption += " Notes: " + "; ".join(notes) + "."
     return Figure(path, "grid", title, caption, first.dataset, first.model)

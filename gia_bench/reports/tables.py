@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import math
 import statistics
@@ -26,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from gia_bench.errors import GiaBenchError
 from gia_bench.metrics import LPIPSScorer, mean_colour_floor
 from gia_bench.reports.load import AttackResult, RunSet, TrainRun
 
@@ -152,11 +154,19 @@ def threat_text(threat: dict) -> str:
 
 
 def _accuracy_for(result: AttackResult, trains: Sequence[TrainRun]) -> TrainRun | None:
-    """The training run with the same canonical defense and dataset; the same model preferred."""
-    same = [t for t in trains if t.defense == result.defense and t.dataset == result.dataset]
+    """The training run with the same canonical defense and dataset; the same model preferred.
+
+    A dataset matches exactly, or else by name alone ("digits" for "digits:channels=3,size=32"),
+    an exact match winning.
+    """
+
+    def base(spec: str) -> str:
+        return spec.split(":", 1)[0]
+
+    same = [t for t in trains if t.defense == result.defense and base(t.dataset) == base(result.dataset)]
     if not same:
         return None
-    same.sort(key=lambda t: (t.model != result.model, str(t.path)))
+    same.sort(key=lambda t: (t.dataset != result.dataset, t.model != result.model, str(t.path)))
     return same[0]
 
 
@@ -349,6 +359,29 @@ def summary_csv(data: ReportData) -> str:
 
 
 # -- formatting shared by the writers --------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def short_spec(spec: str, kind: str) -> str:
+    """``spec`` without the parameters left at their defaults, for tables and legends.
+
+    ``kind`` is "attack" or "defense". The CSV files keep the full canonical spec; a spec
+    that does not resolve in this installation (an unknown plug-in) is shown in full.
+    """
+    from gia_bench.registry import describe_params, parse_spec
+
+    try:
+        if kind == "attack":
+            from gia_bench.attacks import ATTACKS as registry
+        else:
+            from gia_bench.defenses import DEFENSES as registry
+        parsed = parse_spec(spec)
+        cls, kwargs = registry.kwargs_for(parsed)
+        defaults = {p.name: p.default for p in describe_params(cls)}
+    except (GiaBenchError, ImportError, AttributeError, TypeError, ValueError):
+        return spec
+    keep = [f"{k}={parsed.kwargs[k]}" for k, v in kwargs.items() if k not in defaults or v != defaults[k]]
+    return parsed.name + (":" + ",".join(keep) if keep else "")
 
 
 def fmt_bytes(n: float) -> str:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from gia_bench.reports.tables import ReportData, fmt_accuracy, fmt_bytes, fmt_num, fmt_ratio
+from gia_bench.reports.tables import ReportData, Stat, fmt_accuracy, fmt_bytes, fmt_num, fmt_ratio, short_spec
 from gia_bench.reports.writers import floor_text
+
+
+def _pair(s: Stat | None, digits: int) -> str:
+    if s is None:
+        return "–"
+    return f"{fmt_num(s.mean, digits)} ({fmt_num(s.worst, digits)})"
 
 
 def rich_tables(data: ReportData) -> list[Table]:
@@ -15,24 +21,22 @@ def rich_tables(data: ReportData) -> list[Table]:
         t = Table(title=f"{g.dataset} / {g.model}", title_justify="left", caption=floor_text(g), caption_justify="left")
         for name, justify in (
             ("defense", "left"), ("bytes/step", "right"), ("ratio", "right"), ("test acc.", "right"),
-            ("attack", "left"), ("view", "left"), ("SSIM mean", "right"), ("SSIM worst", "right"),
-            ("PSNR mean", "right"), ("PSNR worst", "right"), ("LPIPS mean", "right"), ("label acc.", "right"),
+            ("attack", "left"), ("view", "left"), ("SSIM mean (worst)", "right"),
+            ("PSNR dB mean (worst)", "right"), ("LPIPS mean (worst)", "right"), ("labels", "right"),
         ):  # fmt: skip
-            t.add_column(name, justify=justify, style="bold cyan" if name == "defense" else None)  # type: ignore[arg-type]
+            t.add_column(name, justify=justify, overflow="fold", style="bold cyan" if name == "defense" else None)  # type: ignore[arg-type]
         prev = None
         for r in g.rows:
             t.add_row(
-                r.defense if r.defense != prev else "",
+                short_spec(r.defense, "defense") if r.defense != prev else "",
                 fmt_bytes(r.bytes_per_step),
                 fmt_ratio(r.compression_ratio),
                 fmt_accuracy(r),
-                r.attack,
+                short_spec(r.attack, "attack"),
                 r.view,
-                fmt_num(r.ssim.mean if r.ssim else None),
-                fmt_num(r.ssim.worst if r.ssim else None),
-                fmt_num(r.psnr.mean if r.psnr else None, 2),
-                fmt_num(r.psnr.worst if r.psnr else None, 2),
-                fmt_num(r.lpips.mean, 3) if r.lpips else "n/a",
+                _pair(r.ssim, 3),
+                _pair(r.psnr, 1),
+                _pair(r.lpips, 3) if r.lpips else "n/a",
                 "–" if r.label_accuracy is None else f"{100 * r.label_accuracy:.0f}%",
                 end_section=False,
             )

@@ -18,6 +18,7 @@ from gia_bench.reports.tables import (
     fmt_num,
     fmt_ratio,
     fmt_stat,
+    short_spec,
 )
 
 THREAT_MODEL = (
@@ -51,11 +52,11 @@ TEXT_COLUMNS = (0, 4, 5)
 def row_cells(row: SummaryRow) -> list[str]:
     """The headline cells of a summary row, as text."""
     return [
-        row.defense,
+        short_spec(row.defense, "defense"),
         fmt_bytes(row.bytes_per_step),
         fmt_ratio(row.compression_ratio),
         fmt_accuracy(row),
-        row.attack,
+        short_spec(row.attack, "attack"),
         row.view,
         *fmt_stat(row.ssim, 3),
         *fmt_stat(row.psnr, 2),
@@ -76,11 +77,20 @@ def floor_text(group: TableGroup) -> str:
 
 
 def _threats(group: TableGroup) -> list[dict[str, str]]:
+    """Per attack and view: the full canonical spec and what the attacker used."""
     seen: dict[tuple[str, str], str] = {}
     for r in group.rows:
-        if r.threat:
-            seen.setdefault((r.attack, r.view), r.threat)
+        seen.setdefault((r.attack, r.view), r.threat or "not stated")
     return [{"attack": a, "view": v, "text": t} for (a, v), t in sorted(seen.items())]
+
+
+def _defense_specs(group: TableGroup) -> list[tuple[str, str]]:
+    """(shown name, full canonical spec) of each defense whose name is shortened in the table."""
+    out = []
+    for d in dict.fromkeys(r.defense for r in group.rows):
+        if short_spec(d, "defense") != d:
+            out.append((short_spec(d, "defense"), d))
+    return out
 
 
 def _md_escape(text: str) -> str:
@@ -103,9 +113,12 @@ def markdown(data: ReportData, figures: Sequence[Figure], out_dir: Path, title: 
         lines.append("")
         threats = _threats(g)
         if threats:
-            lines += ["What each attack used:", ""]
-            lines += [f"- {t['attack']} ({t['view']}): {_md_escape(t['text'])}" for t in threats]
+            lines += ["What each attack used (full spec, view: threat):", ""]
+            lines += [f"- `{t['attack']}` ({t['view']}): {_md_escape(t['text'])}" for t in threats]
             lines.append("")
+        specs = _defense_specs(g)
+        if specs:
+            lines += ["Defenses in full: " + "; ".join(f"{a} = `{b}`" for a, b in specs), ""]
         for f in figures:
             if f.dataset == g.dataset and f.model == g.model:
                 lines += [f"![{f.title}]({f.path.relative_to(out_dir).as_posix()})", "", f"*{f.caption}*", ""]
@@ -154,6 +167,7 @@ def html_report(data: ReportData, figures: Sequence[Figure], title: str) -> str:
                 "floor": floor_text(g),
                 "rows": rows,
                 "threats": _threats(g),
+                "defense_specs": _defense_specs(g),
                 "figures": [fig(f) for f in figures if f.dataset == g.dataset and f.model == g.model],
             }
         )

@@ -31,6 +31,7 @@ from gia_bench.reports import (
     make_report,
     parse_result,
 )
+from gia_bench.reports.tables import short_spec
 from gia_bench.reports.load import MalformedFile
 
 
@@ -63,11 +64,14 @@ def test_every_defense_row_in_summary_markdown_and_html(report) -> None:
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     for d in DEFENSES:
+        shown = html.escape(short_spec(d, "defense"))
         for a in ATTACKS:
             for v in VIEWS:
                 # every defense x attack x view appears as a table row in both documents
-                assert re.search(rf"\| {re.escape(d)} \|[^\n]*\| {re.escape(a)} \| {v} \|", md), (d, a, v)
-        assert page.count(f'<td class="text">{d}</td>') == len(ATTACKS) * len(VIEWS)
+                row = rf"\| {re.escape(short_spec(d, 'defense'))} \|[^\n]*\| {re.escape(short_spec(a, 'attack'))} \| {v} \|"
+                assert re.search(row, md), (d, a, v)
+        assert page.count(f'<td class="text">{shown}</td>') == len(ATTACKS) * len(VIEWS)
+        assert d in md and html.escape(d) in page  # the full spec is there too
     assert THREAT_MODEL in md and THREAT_MODEL in html.unescape(page)
     assert "naive" in md and "aware" in md
     assert "Floor (a flat image" in md and "Floor (a flat image" in page
@@ -179,6 +183,17 @@ def test_parse_result_rejects_inconsistent_scores(fixture_dir, tmp_path: Path) -
     d["metrics"]["images"][0]["psnr"] = math.inf
     path.write_text(json.dumps(d))
     assert parse_result(path).scores.images[0].psnr == math.inf
+
+
+def test_short_spec_drops_defaults_only() -> None:
+    from gia_bench.attacks import ATTACKS
+    from gia_bench.registry import describe_params
+
+    defaults = {p.name: p.default for p in describe_params(ATTACKS.get("dlg"))}
+    other_lr = float(defaults["lr"]) + 1.0
+    full = f"dlg:iterations={defaults['iterations']},lr={other_lr}"
+    assert short_spec(full, "attack") == f"dlg:lr={other_lr}"
+    assert short_spec("no-such-attack:x=1", "attack") == "no-such-attack:x=1"
 
 
 def test_frontier_is_the_non_dominated_set() -> None:
