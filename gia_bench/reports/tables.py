@@ -166,7 +166,9 @@ def _accuracy_for(result: AttackResult, trains: Sequence[TrainRun]) -> TrainRun 
     same = [t for t in trains if t.defense == result.defense and base(t.dataset) == base(result.dataset)]
     if not same:
         return None
-    same.sort(key=lambda t: (t.dataset != result.dataset, t.model != result.model, str(t.path)))
+    same.sort(
+        key=lambda t: (t.dataset != result.dataset, base(t.model) != base(result.model), t.model != result.model, str(t.path))
+    )
     return same[0]
 
 
@@ -415,5 +417,6 @@ def fmt_accuracy(row: SummaryRow) -> str:
     if row.test_accuracy is None:
         return "–"
     text = f"{100 * row.test_accuracy:.1f}%"
-    return text if row.accuracy_model == row.model else f"{text} ({row.accuracy_model})"
+    same = (row.accuracy_model or "").split(":", 1)[0] == row.model.split(":", 1)[0]
+    return text if same else f"{text} ({row.accuracy_model})"
 

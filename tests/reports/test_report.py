@@ -206,6 +206,16 @@ def test_load_runs_reports_missing_paths(tmp_path: Path) -> None:
     assert runs.results == () and [s.reason for s in runs.skipped] == ["no such file or folder"]
 
 
+def test_load_runs_finds_training_runs_under_the_runs(fixture_dir) -> None:
+    root, written = fixture_dir
+    runs = load_runs([root])  # results and training runs below one folder, no --train
+    assert {t.path for t in runs.trains} == set(written["train"])
+    assert len(runs.results) == len(written["results"])
+    assert {t.defense: t.final_test_accuracy for t in runs.trains} == {
+        d: acc for d, (_, _, acc) in DEFENSES.items() if acc is not None
+    }
+
+
 def test_report_fills_lpips_from_stored_images(fixture_dir, tmp_path: Path) -> None:
     """With trunk weights (RANDOM here, test only: they prove the path, not a meaningful score)."""
     import torchvision
