@@ -45,6 +45,11 @@ def attack_dirname(attack: Attack, view: str) -> str:
     return f"{attack.slug}-{view}"
 
 
+def result_dir(out_root: Path, record_id: str, attack: Attack, view: str) -> Path:
+    """Where ``run_attack`` writes the result of ``attack`` in ``view`` on record ``record_id``."""
+    return Path(out_root) / _safe_name(record_id) / attack_dirname(attack, view)
+
+
 def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -128,7 +133,7 @@ def run_attack(
     attack.check_view(view)
     dev = resolve_device(device)
     record = GradientRecord.load(record_path)
-    out_dir = Path(out_root) / _safe_name(record.record_id) / attack_dirname(attack, view)
+    out_dir = result_dir(out_root, record.record_id, attack, view)
     result_path = out_dir / "result.json"
     if result_path.exists():
         return result_path
