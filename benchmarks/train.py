@@ -22,6 +22,7 @@ import io
 import json
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -51,7 +52,8 @@ def _step_worker(rank: int, world: int, store: str, args: argparse.Namespace, ou
     from gia_bench.defenses.ddp import make_hook
     from gia_bench.models import ModelSpec, build_model
 
-    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    # several ranks may share one GPU (nccl refuses that; gloo with CUDA tensors does not)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(args.backend, init_method=f"file://{store}", rank=rank, world_size=world,
@@ -135,7 +137,17 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                  for r in range(args.nproc)]
         for p in procs:
             p.start()
-        results = dict(out.get(timeout=3600) for _ in procs)
+        results: dict[int, bytes] = {}
+        while len(results) < len(procs):
+            try:
+                rank, data = out.get(timeout=5)
+                results[rank] = data
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # a worker died (import error, OOM...): do not wait forever
+                    for p in procs:
+                        p.kill()
+                    raise SystemExit(f"a benchmark worker exited with code {dead[0]}")
         for p in procs:
             p.join()
     r0 = torch.load(io.BytesIO(results[0]), weights_only=True)
@@ -147,11 +159,15 @@ def step_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "bytes_per_step": statistics.median(run["bytes"]),
         }
     ref = table["torch_powerSGD_hook"]
+
+    def ratio(a: float, b: float) -> float | None:  # None: nothing to compare (one worker sends no bytes)
+        return a / b if b else None
+
     summary = {
-        "ours_powersgd_time_ratio_vs_torch": table["ours_powersgd"]["step_seconds_median"] / ref["step_seconds_median"],
-        "lqsgd_time_ratio_vs_torch_powersgd": table["ours_lqsgd"]["step_seconds_median"] / ref["step_seconds_median"],
-        "lqsgd_bytes_ratio_vs_torch_powersgd": table["ours_lqsgd"]["bytes_per_step"] / ref["bytes_per_step"],
-        "ours_powersgd_bytes_ratio_vs_torch": table["ours_powersgd"]["bytes_per_step"] / ref["bytes_per_step"],
+        "ours_powersgd_time_ratio_vs_torch": ratio(table["ours_powersgd"]["step_seconds_median"], ref["step_seconds_median"]),
+        "lqsgd_time_ratio_vs_torch_powersgd": ratio(table["ours_lqsgd"]["step_seconds_median"], ref["step_seconds_median"]),
+        "lqsgd_bytes_ratio_vs_torch_powersgd": ratio(table["ours_lqsgd"]["bytes_per_step"], ref["bytes_per_step"]),
+        "ours_powersgd_bytes_ratio_vs_torch": ratio(table["ours_powersgd"]["bytes_per_step"], ref["bytes_per_step"]),
     }
     return {"per_variant": table, "summary": summary}
 
@@ -160,9 +176,15 @@ def accuracy_benchmark(args: argparse.Namespace, out_dir: Path) -> dict[str, Any
     from gia_bench.train import TrainConfig, launch
 
     table = {}
+    from gia_bench.defenses import DEFENSES
+    from gia_bench.registry import describe_params, parse_spec
+
     for defense in args.defenses.split(";"):
         name = defense.split(":")[0]
+        # PowerSGD-style compressors start after uncompressed warm-up steps (PowerSGD's start_iter)
+        has_start = any(p.name == "start_iter" for p in describe_params(DEFENSES.get(parse_spec(defense).name)))
         config = TrainConfig(
+            warmup_steps=args.warmup_steps if has_start and args.warmup_steps else None,
             out=out_dir / name, dataset=args.dataset, model=args.acc_model, defense=defense, epochs=args.epochs,
             batch_size=args.acc_batch_size, lr=args.lr, nproc_per_node=args.nproc, backend=args.backend,
             device=args.device, threads_per_worker=args.threads, timeout_s=600,
@@ -192,7 +214,8 @@ def main() -> None:
     p.add_argument("--acc-model", default="convnet:width=16")
     p.add_argument("--acc-batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--warmup-steps", type=int, default=20, help="uncompressed steps first, where a defense has start_iter")
     p.add_argument("--defenses", default="none;topk:ratio=0.01;qsgd;powersgd:rank=2;lqsgd:rank=2")
     p.add_argument("--skip-steps", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")

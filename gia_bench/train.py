@@ -359,6 +359,7 @@ def _capture(
     step: int,
     epoch: int,
     world_size: int,
+    wire: list[dict],
 ) -> None:
     """Save rank 0's step as a record: its raw local gradients through its live compressor state.
 
@@ -371,7 +372,8 @@ def _capture(
     is therefore exactly what rank 0 put on the wire in this step; later rounds
     (PowerSGD's Q, computed from the all-reduced P) are the one-worker view of a
     curious server talking to rank 0 alone. The weights are the model before this
-    step's forward.
+    step's forward. ``extra["wire_messages"]`` lists the messages (tag, shape, bytes)
+    rank 0 actually sent through ``torch.distributed`` in this step.
     """
     from gia_bench.capture import capture_batch
     from gia_bench.records import truth_path
@@ -394,6 +396,8 @@ def _capture(
             "rank": 0,
             "world_size": world_size,
             "view": "rank 0's raw gradient through a copy of its live compressor state, LocalCommunicator",
+            "wire_messages": wire,
+            "wire_bytes": sum(int(m["nbytes"]) for m in wire),
         },
     )
     path = config.out / RECORDS_DIR / f"{record_id}.safetensors"
@@ -491,6 +495,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                     compressor_before = create(compressor.spec)
                     compressor_before.load_state_dict(_to_cpu(clone_state(compressor.state_dict())))
                     state.capture_grads = {}
+                    state.keep_messages = True
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(config, global_step, total_steps)
                 optimizer.zero_grad(set_to_none=True)
@@ -498,9 +503,10 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                 loss.backward()
                 if capturing:
                     raw = state.capture_grads
-                    state.capture_grads = None
+                    state.capture_grads, state.keep_messages = None, False
+                    wire = [m.info() for m in state.comm.reset()]
                     _capture(config, model_before, compressor_before, model_spec, dataset_spec, x, y,
-                             [raw[n] for n in names], global_step, epoch + 1, world_size)
+                             [raw[n] for n in names], global_step, epoch + 1, world_size, wire)
                 optimizer.step()
                 loss_sum += loss.detach().double()
                 global_step += 1

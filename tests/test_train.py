@@ -65,6 +65,9 @@ def test_metrics_bytes_capture_kill_and_resume(tmp_path, monkeypatch):
     assert [GradientRecord.load(p).meta.step for p in records] == [0, 3, 6]
     rec = GradientRecord.load(records[-1])
     assert rec.meta.defense == a["defense"] and set(rec.messages) == {"P", "Q", "rest"}
+    # the one-worker record's first message (P) is what rank 0 put on the wire in that step
+    wire = {m["tag"]: m for m in rec.meta.extra["wire_messages"]}
+    assert wire["P"]["shape"] == list(rec.messages["P"].shape) and rec.meta.extra["wire_bytes"] == comm.bytes_sent
 
     # B: same run, rank 1 dies at the first step of epoch 2
     monkeypatch.setenv(FAIL_ENV, f"1:{STEPS}")

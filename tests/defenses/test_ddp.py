@@ -22,6 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# imported here, once: the forked workers inherit them instead of importing them each
+import gia_bench.defenses  # noqa: F401
+import gia_bench.defenses.ddp  # noqa: F401
+
 WORLD = 2
 
 
@@ -133,7 +137,7 @@ def _every_compressor(rank: int, world: int) -> dict[str, Any]:
             return hook(s, bucket)
 
         ddp.register_comm_hook(state, counting_hook)
-        _train(model, ddp, steps=4, rank=rank)
+        _train(model, ddp, steps=3, rank=rank)
         out[name] = {
             "before": before,
             "after": _flat_params(model),
@@ -152,7 +156,7 @@ def test_every_compressor_trains_through_the_hook_with_several_buckets():
     for name, r0 in ranks[0].items():
         r1 = ranks[1][name]
         assert r0["buckets"] >= 3, f"{name}: only {r0['buckets']} buckets"
-        assert r0["steps"] == 4
+        assert r0["steps"] == 3
         assert torch.isfinite(r0["after"]).all(), name
         assert not torch.equal(r0["after"], r0["before"]), f"{name}: weights did not move"
         # every rank applies the same aggregate, so the replicas stay identical
