@@ -79,6 +79,21 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
     return bool(((a - b).abs() <= rtol * scale + 1e-12).all())
 
 
+def _all_close(decoded, out, rtol: float = 1e-5) -> bool:
+    """Every tensor within ``rtol`` of the largest entry of the whole gradient.
+
+    Compressors that quantize the concatenated buffer (one scale for all tensors) and
+    GPUs (fused multiply-adds) move a decoded entry by an ulp of that global scale.
+    """
+    if len(decoded) != len(out):
+        return False
+    if not out:
+        return True
+    flat_d = torch.cat([d.detach().cpu().reshape(-1) for d in decoded])
+    flat_o = torch.cat([o.detach().cpu().reshape(-1) for o in out])
+    return _close(flat_d, flat_o, rtol)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_spec_round_trips_and_is_documented(name):
     comp = create(name)
@@ -144,8 +159,7 @@ def test_awkward_tensors(name):
         assert [o.shape for o in out] == _shapes(grads)
         assert all(torch.isfinite(o).all() for o in out)
         decoded = comp.decode(messages_by_tag(comm.messages), _shapes(grads), comp.public_state())
-        for d, o in zip(decoded, out):
-            assert _close(d, o), f"{name}: decode differs from the output on awkward tensors"
+        assert _all_close(decoded, out), f"{name}: decode differs from the output on awkward tensors"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -163,9 +177,8 @@ def test_decode_is_what_the_worker_aggregated(name):
         out, comm = _step(comp, grads)
         decoded = comp.decode(messages_by_tag(comm.messages), _shapes(grads), comp.public_state())
         assert len(decoded) == len(out)
-        for d, o in zip(decoded, out):
-            assert d.shape == o.shape and d.dtype == torch.float32
-            assert _close(d, o), f"{name} step {seed}: decode(messages) != step output"
+        assert all(d.shape == o.shape and d.dtype == torch.float32 for d, o in zip(decoded, out))
+        assert _all_close(decoded, out), f"{name} step {seed}: decode(messages) != step output"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -295,8 +308,8 @@ def test_two_gloo_workers_agree(name, gloo_results):
             workers = 1 if name in SUM_OF_DECODED else 2
             # an fp16 all-reduce rounds its sum to fp16 (11 significant bits)
             rtol = 1e-3 if any(m["tensor"].dtype == torch.float16 for m in s0["messages"]) else 1e-5
-            for o, d0, d1 in zip(s0["out"], *decoded):
-                assert _close(o, (d0 + d1) / workers, rtol), f"{name} step {step}: aggregate is not the decoded messages' mean"
+            mean = [(d0 + d1) / workers for d0, d1 in zip(*decoded)]
+            assert _all_close(mean, s0["out"], rtol), f"{name} step {step}: aggregate is not the decoded messages' mean"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -311,4 +324,4 @@ def test_cuda_gradients_stay_on_device(name):
         if name in EXPECTED_BYTES:
             assert comm.bytes_sent == EXPECTED_BYTES[name](BATTERY_SHAPES)
         decoded = comp.decode(messages_by_tag(comm.messages), _shapes(grads), comp.public_state())
-        assert all(_close(d.cpu(), o.cpu()) for d, o in zip(decoded, out))
+        assert _all_close(decoded, out), f"{name}: decode differs from the CUDA output"
