@@ -1,0 +1,590 @@
+"""Studies: a TOML file -> the grid of captures, attacks and trainings -> one report.
+
+A study file names the data, models, batch sizes, number of images, seeds, the
+defense specs, the attack specs and views, and optionally training runs for the
+accuracy column::
+
+    name = "my-study"
+    datasets = ["digits", "faces"]
+    models = ["lenet"]
+    batch_sizes = [1]
+    images = 4                 # records (batches) per dataset x model x batch size x seed
+    seeds = [0]
+    defenses = ["none", "topk:ratio=0.01", "lqsgd:rank=1"]
+    attacks = ["dlg:iterations=50", "ig:iterations=300"]
+    views = ["naive", "aware"]
+
+    [train]                    # optional: accuracy and bytes from real DDP training
+    dataset = "digits"
+    model = "lenet"
+    epochs = 2
+    batch_size = 64
+    lr = 0.1
+    nproc_per_node = 2
+
+The file is checked completely before anything runs: an unknown key, a value of
+the wrong type or a spec that does not resolve raises :class:`ConfigError` naming
+the key and what is accepted.
+
+On disk (``DIR``)::
+
+    DIR/study.toml                                   the study as run
+    DIR/records/<dataset>-<model>-b<B>-s<seed>/<defense>/<id>.safetensors (+ .truth)
+    DIR/runs/<defense>/<record id>/<attack>-<view>/result.json
+    DIR/train/<defense>/metrics.json
+    DIR/report/                                      report.html, report.md, CSVs, figures
+
+A unit of work is finished when its output file exists (outputs are written
+atomically), so a rerun skips it: studies resume after Ctrl-C or a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gia_bench.errors import ConfigError, GiaBenchError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+VIEWS = ("naive", "aware")
+#: The built-in study that ``gia-bench demo`` runs.
+DEMO_STUDY = Path(__file__).parent / "studies" / "demo.toml"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """Training runs that give the accuracy and wire-bytes columns (one per defense)."""
+
+    dataset: str = "digits"
+    model: str = "lenet"
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nproc_per_node: int = 2
+    seed: int = 0
+    defenses: tuple[str, ...] | None = None  # None: the study's defenses
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A parsed, validated study file."""
+
+    name: str
+    datasets: tuple[str, ...]
+    models: tuple[str, ...]
+    defenses: tuple[str, ...]
+    attacks: tuple[str, ...]
+    views: tuple[str, ...] = VIEWS
+    batch_sizes: tuple[int, ...] = (1,)
+    images: int = 4
+    seeds: tuple[int, ...] = (0,)
+    model_mode: str = "train"
+    train: TrainPlan | None = None
+
+
+_TOP_KEYS: dict[str, str] = {
+    "name": "string",
+    "datasets": "list of dataset specs",
+    "models": "list of model specs",
+    "defenses": "list of defense specs",
+    "attacks": "list of attack specs",
+    "views": "list of 'naive' / 'aware'",
+    "batch_sizes": "list of positive integers",
+    "images": "positive integer",
+    "seeds": "list of integers",
+    "model_mode": "'train' or 'eval'",
+    "train": "table",
+}
+_REQUIRED = ("datasets", "models", "defenses", "attacks")
+
+
+def slug(spec: str) -> str:
+    """A readable, filesystem-safe name for a spec string (``topk:ratio=0.01`` -> ``topk_ratio-0.01``)."""
+    text = spec.replace(":", "_", 1).replace(":", "_").replace(",", "_").replace("=", "-")
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", text)
+
+
+def _fail(where: Path | str, key: str, message: str) -> ConfigError:
+    return ConfigError(f"{where}: key '{key}': {message}")
+
+
+def _str_list(where: Path | str, key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _fail(where, key, f"expected a non-empty {_TOP_KEYS.get(key, 'list of strings')}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise _fail(where, key, f"has duplicates: {value!r}")
+    return tuple(v.strip() for v in value)
+
+
+def _int_list(where: Path | str, key: str, value: Any, positive: bool) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    ok = isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or (positive and min(value) < 1):
+        kind = "positive integers" if positive else "integers"
+        raise _fail(where, key, f"expected a non-empty list of {kind}, got {value!r}")
+    return tuple(value)
+
+
+def _check_specs(where: Path | str, key: str, specs: tuple[str, ...], registry: Any, instantiate: bool) -> None:
+    for spec in specs:
+        try:
+            if instantiate:
+                registry.create(spec)
+            else:
+                registry.kwargs_for(spec)
+        except GiaBenchError as exc:
+            raise _fail(where, key, f"{spec!r}: {exc}") from None
+
+
+def _parse_train(where: Path | str, raw: Any) -> TrainPlan:
+    if not isinstance(raw, dict):
+        raise _fail(where, "train", f"expected a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(TrainPlan)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _fail(where, f"train.{key}", f"unknown key; accepted: {', '.join(fields)}")
+        default = fields[key].default
+        if key == "defenses":
+            kwargs[key] = _str_list(where, "train.defenses", value)
+        elif isinstance(default, bool) or not isinstance(value, type(default)) and not (
+            isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
+        ):
+            raise _fail(where, f"train.{key}", f"expected {type(default).__name__}, got {value!r}")
+        else:
+            kwargs[key] = type(default)(value)
+    plan = TrainPlan(**kwargs)
+    for key in ("epochs", "batch_size", "nproc_per_node"):
+        if getattr(plan, key) < 1:
+            raise _fail(where, f"train.{key}", f"must be >= 1, got {getattr(plan, key)}")
+    if plan.lr <= 0:
+        raise _fail(where, "train.lr", f"must be > 0, got {plan.lr}")
+    return plan
+
+
+def parse_study(raw: Mapping[str, Any], where: Path | str = "<study>") -> StudyConfig:
+    """Validate a study mapping (as read from TOML) completely; raise on the first problem."""
+    from gia_bench.attacks import ATTACKS
+    from gia_bench.data import DATASETS
+    from gia_bench.defenses import DEFENSES
+    from gia_bench.models import MODELS
+
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise _fail(where, key, f"unknown key; accepted: {', '.join(_TOP_KEYS)}")
+    for key in _REQUIRED:
+        if key not in raw:
+            raise _fail(where, key, f"is required ({_TOP_KEYS[key]})")
+    name = raw.get("name", Path(str(where)).stem)
+    if not isinstance(name, str) or not name:
+        raise _fail(where, "name", f"expected a non-empty string, got {name!r}")
+    datasets = _str_list(where, "datasets", raw["datasets"])
+    models = _str_list(where, "models", raw["models"])
+    defenses = _str_list(where, "defenses", raw["defenses"])
+    attacks = _str_list(where, "attacks", raw["attacks"])
+    views = _str_list(where, "views", raw.get("views", list(VIEWS)))
+    bad_views = [v for v in views if v not in VIEWS]
+    if bad_views:
+        raise _fail(where, "views", f"{bad_views} not accepted; accepted: {', '.join(VIEWS)}")
+    batch_sizes = _int_list(where, "batch_sizes", raw.get("batch_sizes", [1]), positive=True)
+    seeds = _int_list(where, "seeds", raw.get("seeds", [0]), positive=False)
+    images = raw.get("images", 4)
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise _fail(where, "images", f"expected a positive integer, got {images!r}")
+    model_mode = raw.get("model_mode", "train")
+    if model_mode not in ("train", "eval"):
+        raise _fail(where, "model_mode", f"expected 'train' or 'eval', got {model_mode!r}")
+    _check_specs(where, "datasets", datasets, DATASETS, instantiate=False)
+    _check_specs(where, "models", models, MODELS, instantiate=False)
+    _check_specs(where, "defenses", defenses, DEFENSES, instantiate=True)
+    _check_specs(where, "attacks", attacks, ATTACKS, instantiate=True)
+    train = _parse_train(where, raw["train"]) if "train" in raw else None
+    if train is not None:
+        _check_specs(where, "train.dataset", (train.dataset,), DATASETS, instantiate=False)
+        _check_specs(where, "train.model", (train.model,), MODELS, instantiate=False)
+        if train.defenses:
+            _check_specs(where, "train.defenses", train.defenses, DEFENSES, instantiate=True)
+    return StudyConfig(
+        name=name,
+        datasets=datasets,
+        models=models,
+        defenses=defenses,
+        attacks=attacks,
+        views=views,
+        batch_sizes=batch_sizes,
+        images=images,
+        seeds=seeds,
+        model_mode=model_mode,
+        train=train,
+    )
+
+
+def load_study(path: Path) -> StudyConfig:
+    """Read and validate a study TOML file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such study file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_study(raw, path)
+
+
+# -- planning --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureJob:
+    """Records of one (dataset, model, batch size, seed, defense)."""
+
+    dataset: str
+    model: str
+    batch_size: int
+    seed: int
+    defense: str
+    images: int
+    model_mode: str
+    out: Path
+
+    @property
+    def group(self) -> str:
+        return f"{slug(self.dataset)}-{slug(self.model)}-b{self.batch_size}-s{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackJob:
+    """One attack in one view on one record."""
+
+    record: Path
+    attack: str
+    view: str
+    out_root: Path
+    seed: int
+
+    @property
+    def result(self) -> Path:
+        from gia_bench.attacks import create as create_attack
+        from gia_bench.attacks.runner import result_dir
+        from gia_bench.records import RECORD_SUFFIX
+
+        record_id = self.record.name.removesuffix(RECORD_SUFFIX)  # capture names files by record id
+        return result_dir(self.out_root, record_id, create_attack(self.attack), self.view) / "result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """One training run (accuracy and wire bytes of one defense)."""
+
+    defense: str
+    plan: TrainPlan
+    out: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.out / "metrics.json").exists() and _train_finished(self.out, self.plan.epochs)
+
+
+def _train_finished(out: Path, epochs: int) -> bool:
+    import json
+
+    try:
+        data = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return len(data.get("epochs", [])) >= epochs
+
+
+def capture_jobs(config: StudyConfig, out: Path) -> list[CaptureJob]:
+    jobs = []
+    for dataset in config.datasets:
+        for model in config.models:
+            for batch_size in config.batch_sizes:
+                for seed in config.seeds:
+                    for defense in config.defenses:
+                        job = CaptureJob(dataset, model, batch_size, seed, defense, config.images, config.model_mode, Path())
+                        jobs.append(dataclasses.replace(job, out=out / "records" / job.group / slug(defense)))
+    return jobs
+
+
+def attack_jobs(config: StudyConfig, out: Path, records: dict[CaptureJob, list[Path]]) -> list[AttackJob]:
+    jobs = []
+    for cap, paths in records.items():
+        root = out / "runs" / slug(cap.defense) / cap.group
+        for path in paths:
+            for attack in config.attacks:
+                for view in config.views:
+                    jobs.append(AttackJob(path, attack, view, root, cap.seed))
+    return jobs
+
+
+def train_jobs(config: StudyConfig, out: Path) -> list[TrainJob]:
+    if config.train is None:
+        return []
+    defenses = config.train.defenses or config.defenses
+    return [TrainJob(d, config.train, out / "train" / slug(d)) for d in defenses]
+
+
+def expected_records(job: CaptureJob) -> list[Path]:
+    """The record paths a finished capture job has (ids follow ``capture.record_id``)."""
+    from gia_bench.capture import record_id
+
+    return [job.out / f"{record_id(job.dataset, job.model, i)}.safetensors" for i in range(job.images)]
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+STUDY_FILE = "study.toml"
+FAILURES_FILE = "failures.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyOptions:
+    """How to run a study (the CLI's flags)."""
+
+    workers: int = 1
+    device: str = "cpu"
+    lpips_net: str = "alex"
+    lpips_weights: Path | None = None
+    report: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyStatus:
+    """Done / total per stage, and the failures recorded so far."""
+
+    captures: tuple[int, int]
+    attacks: tuple[int, int]
+    trains: tuple[int, int]
+    failures: tuple[dict[str, str], ...]
+    report: Path | None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def prepare(source: Path | str, out: Path) -> StudyConfig:
+    """Validate the study file and pin it to ``out``; a folder holds one study (a rerun resumes it)."""
+    source_text = Path(source).read_text(encoding="utf-8") if Path(source).exists() else None
+    config = load_study(Path(source))
+    pinned = out / STUDY_FILE
+    if pinned.exists() and pinned.resolve() != Path(source).resolve():
+        previous = load_study(pinned)
+        if previous != config:
+            raise ConfigError(
+                f"--out {out}: holds another study ({pinned} differs from {source}); choose another folder"
+            )
+    elif not pinned.exists():
+        _write_text_atomic(pinned, source_text or "")
+    return config
+
+
+def _attack_worker(job: AttackJob, options: StudyOptions) -> tuple[AttackJob, str | None]:
+    """Run one attack job (in a worker process or inline); returns the error text on failure."""
+    import torch
+
+    from gia_bench.attacks.runner import run_attack
+
+    if options.workers > 1:
+        torch.set_num_threads(1)
+    try:
+        run_attack(
+            job.record,
+            job.attack,
+            job.view,
+            job.out_root,
+            seed=job.seed,
+            device=options.device,
+            lpips_net=options.lpips_net,
+            lpips_weights=options.lpips_weights,
+        )
+    except GiaBenchError as exc:
+        return job, str(exc)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # one broken run must not stop the study; it is listed as failed
+        return job, f"{type(exc).__name__}: {exc}"
+    return job, None
+
+
+def _progress(console: Any):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def run_study(config: StudyConfig, out: Path, options: StudyOptions = StudyOptions(), console: Any = None) -> StudyStatus:
+    """Capture, attack, train and report; finished units are skipped, so this resumes.
+
+    Ctrl-C stops after the units in flight; everything finished stays on disk.
+    """
+    import json
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    import multiprocessing
+
+    from gia_bench.capture import capture
+
+    out = Path(out)
+    if options.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {options.workers}")
+    failures: list[dict[str, str]] = []
+    caps = capture_jobs(config, out)
+    trains = train_jobs(config, out)
+    with _progress(console) as progress:
+        task = progress.add_task("capture", total=len(caps))
+        records: dict[CaptureJob, list[Path]] = {}
+        for job in caps:
+            try:
+                records[job] = capture(
+                    job.dataset, job.model, job.defense, job.batch_size, job.images, job.seed, job.out,
+                    model_mode=job.model_mode, device=options.device,
+                )
+            except GiaBenchError as exc:
+                failures.append({"stage": "capture", "unit": str(job.out), "error": str(exc)})
+                records[job] = []
+            progress.advance(task)
+
+        jobs = attack_jobs(config, out, records)
+        todo = [j for j in jobs if not j.result.exists()]
+        task = progress.add_task("attack", total=len(jobs), completed=len(jobs) - len(todo))
+
+        def done(job: AttackJob, error: str | None) -> None:
+            if error is not None:
+                failures.append({"stage": "attack", "unit": f"{job.record} {job.attack} {job.view}", "error": error})
+            progress.advance(task)
+
+        if options.workers == 1:
+            for job in todo:
+                done(*_attack_worker(job, options))
+        elif todo:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(options.workers, mp_context=ctx) as pool:
+                pending = {pool.submit(_attack_worker, job, options) for job in todo}
+                try:
+                    while pending:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            done(*fut.result())
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+
+        task = progress.add_task("train", total=len(trains), completed=sum(t.done for t in trains))
+        for job in trains:
+            if job.done:
+                continue
+            try:
+                _run_train(job, options)
+            except GiaBenchError as exc:
+                failures.append({"stage": "train", "unit": str(job.out), "error": str(exc)})
+            progress.advance(task)
+
+    _write_text_atomic(out / FAILURES_FILE, json.dumps(failures, indent=2))
+    report = None
+    if options.report:
+        from gia_bench.reports import ReportOptions, make_report
+
+        runs = tuple(p for p in (out / "runs", out / "train") if p.exists())
+        if runs:
+            make_report(
+                ReportOptions(
+                    runs=runs, out=out / "report", lpips_net=options.lpips_net, lpips_weights=options.lpips_weights
+                )
+            )
+            report = out / "report"
+    return status(out, config, failures=failures, report=report)
+
+
+def _run_train(job: TrainJob, options: StudyOptions) -> None:
+    from gia_bench.train import CHECKPOINT_FILE, TrainConfig, launch
+
+    plan = job.plan
+    config = TrainConfig(
+        out=job.out,
+        dataset=plan.dataset,
+        model=plan.model,
+        defense=job.defense,
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
+        lr=plan.lr,
+        momentum=plan.momentum,
+        weight_decay=plan.weight_decay,
+        seed=plan.seed,
+        nproc_per_node=plan.nproc_per_node,
+        backend="gloo" if options.device == "cpu" else "auto",
+        device="cpu" if options.device == "cpu" else "auto",
+        resume=(job.out / CHECKPOINT_FILE).exists(),
+    )
+    launch(config, fork=options.device == "cpu")
+
+
+def status(out: Path, config: StudyConfig | None = None, failures: list[dict[str, str]] | None = None,
+           report: Path | None = None) -> StudyStatus:
+    """What is done and what is left in a study folder (``gia-bench study show``)."""
+    import json
+
+    out = Path(out)
+    if config is None:
+        if not (out / STUDY_FILE).exists():
+            raise ConfigError(f"{out}: not a study folder (no {STUDY_FILE})")
+        config = load_study(out / STUDY_FILE)
+    caps = capture_jobs(config, out)
+    records = {job: expected_records(job) for job in caps}
+    caps_done = sum(all(p.exists() for p in paths) for paths in records.values())
+    jobs = attack_jobs(config, out, records)
+    attacks_done = sum(j.result.exists() for j in jobs)
+    trains = train_jobs(config, out)
+    if failures is None:
+        try:
+            failures = json.loads((out / FAILURES_FILE).read_text())
+        except (OSError, ValueError):
+            failures = []
+    if report is None and (out / "report" / "report.html").exists():
+        report = out / "report"
+    return StudyStatus(
+        captures=(caps_done, len(caps)),
+        attacks=(attacks_done, len(jobs)),
+        trains=(sum(t.done for t in trains), len(trains)),
+        failures=tuple(failures),
+        report=report,
+    )
