@@ -311,3 +311,121 @@ def attack_cmd(
     except KeyboardInterrupt:
         err_console.print(f"[yellow]interrupted:[/] {finished} of {len(jobs)} results kept under {out}")
         raise typer.Exit(130) from None
+
+
+study_app = typer.Typer(help="Run a study file (TOML): captures, attacks, trainings, one report.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+def _print_status(st: Any, out: Path) -> None:
+    table = Table(title=f"study {out}", title_justify="left")
+    table.add_column("stage", style="bold")
+    table.add_column("done", justify="right")
+    table.add_column("left", justify="right")
+    for name, (done, total) in (("capture", st.captures), ("attack", st.attacks), ("train", st.trains)):
+        table.add_row(name, str(done), str(total - done))
+    console.print(table)
+    for f in st.failures:
+        err_console.print(f"[red]failed[/] {f['stage']} {f['unit']}: {f['error']}", highlight=False, soft_wrap=True)
+    if st.report is not None:
+        console.print(f"report: [bold]{st.report / 'report.html'}[/] (and report.md, summary.csv)", highlight=False)
+
+
+def _run_study_cli(source: Path, out: Path, workers: int, device: str, lpips_net: str, lpips_weights: Path | None) -> None:
+    import time
+
+    from gia_bench.study import StudyOptions, prepare, run_study
+
+    if lpips_net not in ("alex", "vgg"):
+        raise GiaBenchError(f"--lpips-net {lpips_net!r}: accepted values are alex, vgg")
+    config = prepare(source, out)
+    start = time.perf_counter()
+    try:
+        st = run_study(
+            config, out, StudyOptions(workers=workers, device=device, lpips_net=lpips_net, lpips_weights=lpips_weights),
+            console=console,
+        )
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted:[/] finished runs are kept in {out}; run the same command to resume")
+        raise typer.Exit(130) from None
+    _print_status(st, out)
+    console.print(f"finished in {time.perf_counter() - start:.0f} s", highlight=False)
+    if st.failures:
+        raise typer.Exit(1)
+
+
+@study_app.command("run")
+def study_run_cmd(
+    study: Path = typer.Argument(..., help="study file (TOML)"),
+    out: Path = typer.Option(..., "--out", help="study folder (a rerun resumes it)"),
+    workers: int = typer.Option(1, "--workers", help="attack processes in parallel"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    lpips_net: str = typer.Option("alex", "--lpips-net", help="LPIPS trunk: alex or vgg"),
+    lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
+) -> None:
+    """Expand the study's grid, capture, attack, train, and report; skips what is finished."""
+    _run_study_cli(study, out, workers, device, lpips_net, lpips_weights)
+
+
+@study_app.command("show")
+def study_show_cmd(out: Path = typer.Argument(..., help="study folder")) -> None:
+    """What is done and what is left in a study folder."""
+    from gia_bench.study import status
+
+    _print_status(status(out), out)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("demo"), "--out", help="folder for the demo study and its report"),
+    workers: int = typer.Option(2, "--workers", help="attack processes in parallel"),
+    lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
+) -> None:
+    """The built-in study on the embedded data: every compressor x DLG and IG x naive and aware, with training."""
+    from gia_bench.study import DEMO_STUDY
+
+    _run_study_cli(DEMO_STUDY, out, workers, "cpu", "alex", lpips_weights)
+
+
+@app.command("audit")
+def audit_cmd(
+    spec: str = typer.Argument(..., help="compressor: module:Class[:k=v,...], an entry-point name, or a built-in name"),
+    out: Path = typer.Option(Path("audit"), "--out", help="folder for the battery's runs, report and audit.json"),
+    workers: int = typer.Option(2, "--workers", help="attack processes in parallel"),
+    quick: bool = typer.Option(False, "--quick", help="one image, short attacks, no training (a smoke test)"),
+    no_train: bool = typer.Option(False, "--no-train", help="skip the short training (no accuracy column)"),
+    lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
+) -> None:
+    """Check a compressor's contract, then rank it against none / powersgd / lqsgd at matched bytes."""
+    from gia_bench.audit import AUDIT_FILE, AuditOptions, run_audit
+
+    result = run_audit(
+        spec, out, AuditOptions(workers=workers, quick=quick, train=not no_train, lpips_weights=lpips_weights), console
+    )
+    checks = Table(title=f"audit of {result.spec}: contract", title_justify="left")
+    checks.add_column("check")
+    checks.add_column("result")
+    for c in result.checks:
+        checks.add_row(c.name, "[green]pass[/]" if c.passed else f"[red]FAIL[/] {c.reason}")
+    console.print(checks)
+    if result.standings:
+        table = Table(title="where it stands (worst case over images, attacks and views)", title_justify="left")
+        for col in ("defense", "bytes/step", "test acc.", "worst SSIM", "worst PSNR", "worst LPIPS", "frontier"):
+            table.add_column(col, justify="left" if col == "defense" else "right")
+
+        def fmt(v: float | None, f: str) -> str:
+            return "-" if v is None else format(v, f)
+
+        for s in result.standings:
+            name = f"[bold]{s.defense}[/]" if s.audited else s.defense
+            table.add_row(
+                name, f"{s.bytes:,.0f}", fmt(None if s.test_accuracy is None else 100 * s.test_accuracy, ".1f"),
+                fmt(s.worst_ssim, ".3f"), fmt(s.worst_psnr, ".2f"), fmt(s.worst_lpips, ".3f"),
+                "yes" if s.on_frontier else "no",
+            )
+        console.print(table)
+    console.print(f"wrote [bold]{out / AUDIT_FILE}[/]" + (f" and {result.report / 'report.html'}" if result.report else ""))
+    if not result.passed:
+        err_console.print(f"[bold red]audit failed:[/] {next(c for c in result.checks if not c.passed).reason}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
