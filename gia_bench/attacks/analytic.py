@@ -56,6 +56,8 @@ class Analytic(Attack):
             raise SpecError(f"analytic: combine {combine!r} is not one of {', '.join(COMBINES)}")
         if not 0 <= eps < 1 or tol <= 0:
             raise SpecError("analytic: eps must be in [0, 1) and tol > 0")
+        if labels == "joint":
+            raise SpecError("analytic: labels=joint needs an optimising attack; use auto, idlg, bias-corrected or yin")
         if labels != "auto":
             label_parts.LABELS.get(labels)
         self.combine, self.eps, self.tol, self.labels = combine, eps, tol, labels
