@@ -9,7 +9,8 @@ uncompressed, with seeded models. Rows:
 * ``restarts``: IG with R restarts stacked in one vmap'd forward/backward vs R runs of
   one restart (what a Python loop over restarts costs).
 * ``end_to_end``: :func:`gia_bench.attacks.run_attack` on a saved record with a truth file
-  (attack + scoring + files), at the demo's attack settings (``--demo`` to change them).
+  (attack + scoring + files), at the demo study's attack settings (LeNet, one ``digits``
+  image; ``--demo SPEC`` to change them).
 
     .venv/bin/python benchmarks/attacks.py --quick
 
@@ -37,15 +38,15 @@ from gia_bench.defenses import create as create_defense
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.records import GradientRecord, truth_path
 
-# (attack spec, model spec, mode, pixel space): what the demo runs on one image
-DEMO = [
-    ("dlg", "lenet", "train", True),
-    ("ig:iterations=1000", "convnet:width=16", "eval", False),
-]
+# The demo study's attacks (gia_bench/studies/demo.toml): DLG's LeNet on digits, one image.
+DEMO = ["dlg:iterations=15", "ig:iterations=300,lr=0.1,tv=0.01"]
+DEMO_DATA, DEMO_MODEL = "digits", "lenet"
 
 
-def make_record(model: str, batch: int, mode: str = "eval", pixel_space: bool = False, defense: str = "none"):
-    ds = load_dataset("photos", split="train")
+def make_record(
+    model: str, batch: int, mode: str = "eval", pixel_space: bool = False, defense: str = "none", data: str = "photos"
+):
+    ds = load_dataset(data, split="train")
     spec = ds.spec
     if pixel_space:
         spec = dataclasses.replace(spec, mean=(0.0,) * 3, std=(1.0,) * 3)
@@ -104,9 +105,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--iterations", type=int, default=10, help="timed steps per run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="3 steps, 1 repeat, no end-to-end IG")
+    parser.add_argument("--quick", action="store_true", help="3 steps, 1 repeat")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end runs")
     parser.add_argument("--demo", action="append", default=None, help="attack spec for the end-to-end run (repeatable)")
+    parser.add_argument("--only-e2e", action="store_true", help="only the end-to-end runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,13 +118,15 @@ def main() -> None:
     rows = []
     cases = [("dlg", "lenet", 1, "train", True)]
     cases += [("ig", m, b, "eval", False) for m in ("resnet18", "convnet") for b in (1, 8)]
+    if args.only_e2e:
+        cases = []
     for name, model, batch, mode, pixel in cases:
         record, _ = make_record(model, batch, mode, pixel)
         row = time_attack(f"{name}:iterations={its}", record, device, repeats)
         rows.append({"attack": name, "model": model, "batch_size": batch, "mode": mode, **row})
 
     restarts = []
-    for model, batch in (("convnet", 1), ("resnet18", 1)):
+    for model, batch in [] if args.only_e2e else [("convnet", 1), ("resnet18", 1)]:
         record, _ = make_record(model, batch)
         stacked = time_attack(f"ig:iterations={its},restarts=4", record, device, repeats)
         single = time_attack(f"ig:iterations={its},restarts=1", record, device, repeats)
@@ -135,12 +139,11 @@ def main() -> None:
 
     e2e = []
     if not args.no_e2e:
-        demo = [(s, m, mode, px) for s, m, mode, px in DEMO] if args.demo is None else [(s, "lenet", "train", True) for s in args.demo]
-        if args.quick:
-            demo = [d for d in demo if d[0].startswith("dlg")]
+        demo = args.demo or DEMO
         with tempfile.TemporaryDirectory() as tmp:
-            for spec, model, mode, pixel in demo:
-                record, truth = make_record(model, 1, mode, pixel)
+            for spec in demo:
+                model = DEMO_MODEL
+                record, truth = make_record(model, 1, "train", data=DEMO_DATA)
                 path = record.save(Path(tmp) / f"{record.record_id}.safetensors")
                 truth.save(truth_path(path))
                 t = time.perf_counter()
