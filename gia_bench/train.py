@@ -60,6 +60,10 @@ RECORDS_DIR = "records"
 #: hidden fault injection for tests: "RANK:STEP" makes that rank exit with code 17 before that global step
 FAIL_ENV = "GIA_BENCH_TRAIN_FAIL_AT"
 FAIL_EXIT_CODE = 17
+#: A worker whose collective failed because a peer is gone exits with this code, so that
+#: the launcher names the worker that failed first, not the ones that lost it.
+PEER_LOST_EXIT_CODE = 75
+PEER_LOST_LINGER_S = 2.0
 
 
 class TrainError(GiaBenchError):
@@ -405,6 +409,15 @@ def _capture(
     truth.save(truth_path(path))
 
 
+def _raised_by_collective(exc: BaseException) -> bool:
+    """True for errors raised inside a torch.distributed collective (gloo raises plain RuntimeErrors)."""
+    import traceback
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return any(frame.filename.endswith("distributed_c10d.py") for frame in traceback.extract_tb(exc.__traceback__))
+
+
 def run_worker(config: TrainConfig) -> None:
     """One worker's training loop (called by ``python -m gia_bench.train CONFIG``, one per process)."""
     torch.set_num_threads(config.threads_per_worker)
@@ -421,8 +434,18 @@ def run_worker(config: TrainConfig) -> None:
     world_size = dist.get_world_size()
     try:
         _train(config, rank, world_size, device, backend)
+    except RuntimeError as exc:
+        if not _raised_by_collective(exc):
+            raise
+        # a peer died or hung: this worker is collateral damage, say so in its exit code
+        print(f"rank {rank}: collective failed ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
+        # torchrun's agent records only the failures it sees in one poll and then stops the rest:
+        # linger so that it sees the worker that died first, not this one
+        time.sleep(PEER_LOST_LINGER_S)
+        os._exit(PEER_LOST_EXIT_CODE)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device, backend: str) -> None:
@@ -697,7 +720,14 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
         else:
             elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        # the root cause: the first worker that failed on its own, not one that lost a peer
+        causes = {r: f for r, f in exc.failures.items() if f.exitcode != PEER_LOST_EXIT_CODE}
+        if not causes:
+            lost = ", ".join(map(str, sorted(exc.failures)))
+            raise TrainError(
+                f"worker rank(s) {lost} lost a peer in a collective (another worker died or hung); {_checkpoint_note(out)}"
+            ) from None
+        rank, failure = min(causes.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
         how = (
             f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
         )
