@@ -209,6 +209,10 @@ class GradientMatching(Attack):
 
             report_every = max(1, self.iterations // 200)
             last_start = math.nan
+            # the last iterate known to be finite: L-BFGS can diverge to NaN on hard targets,
+            # and then the best answer is where it was before
+            good_x = x.detach().clone()
+            good_y = None if y_logits is None else y_logits.detach().clone()
             for it in range(self.iterations):
                 if part.needs_closure:
                     loss = opt.step(closure)
@@ -233,8 +237,17 @@ class GradientMatching(Attack):
                     value = float(loss)  # one device sync per report, not per step
                     if progress is not None:
                         progress(done, total_steps, value)
-                    if not math.isfinite(value):
+                    finite = math.isfinite(value) and bool(torch.isfinite(x).all())
+                    if y_logits is not None:
+                        finite = finite and bool(torch.isfinite(y_logits).all())
+                    if not finite:
+                        with torch.no_grad():
+                            x.copy_(good_x)
+                            if y_logits is not None:
+                                y_logits.copy_(good_y)
                         break
+                    good_x = x.detach().clone()
+                    good_y = None if y_logits is None else y_logits.detach().clone()
             final_x.append(x.detach())
             final_y.append(None if y_logits is None else y_logits.detach())
             # Restarts are scored by the matching loss alone (Geiping et al.: scoring_choice="loss").
