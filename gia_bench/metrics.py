@@ -210,7 +210,10 @@ class LPIPSScorer:
         )
 
     def _build(self) -> torch.nn.Module:
-        import lpips
+        try:
+            import lpips
+        except ImportError as exc:  # a declared dependency, but a broken environment must not crash a report
+            raise _Unavailable(f"the lpips package cannot be imported ({exc}); pip install lpips") from None
 
         path = self.weights_path
         if not path.is_file():
