@@ -72,7 +72,7 @@ class Analytic(Attack):
     ) -> Reconstruction:
         self.check_view(view)
         meta = record.meta
-        shape, batch, num_classes = meta.dataset.shape, meta.batch_size, meta.dataset.num_classes
+        shape, batch = meta.dataset.shape, meta.batch_size
         model = attack_model(record, device)
         layer = first_linear(model, math.prod(shape))
         names = list(meta.param_names)

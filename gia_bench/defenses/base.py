@@ -130,6 +130,53 @@ class Compressor:
         return f"<{type(self).__name__} {self.spec}>"
 
 
+# -- state shared by several compressors ---------------------------------------------------------
+
+
+class GeneratorState:
+    """``state_dict`` for a compressor whose only state is its random generator ``self._gen``.
+
+    ``self._gen`` may be None until the first step creates it on the gradients' device.
+    """
+
+    registry_name: ClassVar[str]
+    _gen: torch.Generator | None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._gen is None:
+            return {}
+        return {"generator": generator_state(self._gen), "generator_device": str(self._gen.device)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        check_state_keys(state, {"generator", "generator_device"}, self.registry_name)
+        if "generator" in state:
+            gen = torch.Generator(device=state.get("generator_device", "cpu"))
+            gen.set_state(state["generator"].clone())
+            self._gen = gen
+        else:
+            self._gen = None
+
+
+class ResidualState:
+    """``state_dict`` for a compressor whose only state is its error-feedback residuals ``self._residual``."""
+
+    registry_name: ClassVar[str]
+    _residual: dict[Hashable, torch.Tensor]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"residuals": {k: v.clone() for k, v in self._residual.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        check_state_keys(state, {"residuals"}, self.registry_name)
+        self._residual = {k: v.clone() for k, v in state.get("residuals", {}).items()}
+
+
+def check_state_keys(state: Mapping[str, Any], allowed: set[str], who: str) -> None:
+    unknown = set(state) - allowed
+    if unknown:
+        raise CompressorError(f"{who}: unexpected state keys {sorted(unknown)}")
+
+
 # -- helpers shared by compressors ------------------------------------------------------------
 
 

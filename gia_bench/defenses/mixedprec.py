@@ -29,16 +29,16 @@ import dataclasses
 import fnmatch
 import re
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from gia_bench.comm import Communicator
 from gia_bench.defenses.base import (
     Compressor,
+    GeneratorState,
     check_messages,
     flatten,
-    generator_state,
     make_generator,
     register,
     resolve_keys,
@@ -111,7 +111,7 @@ def parse_bits_per_layer(text: str, mode: str) -> tuple[LayerRule, ...]:
 
 
 @register("mixedprec")
-class MixedPrecision(Compressor):
+class MixedPrecision(GeneratorState, Compressor):
     """Mixed-precision quantization: each layer at its own bit width (Ovi et al. 2023).
 
     Args:
@@ -325,18 +325,3 @@ class MixedPrecision(Compressor):
             q = self._dequantize(codes, scale, b)
             parts.append(x + (q - x).detach())
         return {"grads": torch.cat(parts) if parts else torch.zeros(0)}
-
-    # -- state ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self._gen is None:
-            return {}
-        return {"generator": generator_state(self._gen), "generator_device": str(self._gen.device)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"generator", "generator_device"}
-        if unknown:
-            raise CompressorError(f"mixedprec: unexpected state keys {sorted(unknown)}")
-        if "generator" in state:
-            gen = torch.Generator(device=state.get("generator_device", "cpu"))
-            gen.set_state(state["generator"].clone())
-            self._gen = gen

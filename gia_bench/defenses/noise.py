@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
 
 import torch
 
 from gia_bench.comm import Communicator
-from gia_bench.defenses.base import Compressor, check_messages, flatten, make_generator, register, unflatten
-from gia_bench.errors import CompressorError, SpecError
+from gia_bench.defenses.base import (
+    Compressor,
+    GeneratorState,
+    check_messages,
+    flatten,
+    make_generator,
+    register,
+    unflatten,
+)
+from gia_bench.errors import SpecError
 
 
 def clip_factor(norm: torch.Tensor, clip: float) -> torch.Tensor:
@@ -18,7 +25,7 @@ def clip_factor(norm: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 @register("noise")
-class GaussianNoise(Compressor):
+class GaussianNoise(GeneratorState, Compressor):
     """Clip the batch gradient to L2 norm `clip`, add N(0, (sigma*clip)^2) per entry, send fp32.
 
     The Gaussian mechanism of DP-SGD (Abadi et al. 2016, Algorithm 1): ``g <- g * min(1,
@@ -98,20 +105,3 @@ class GaussianNoise(Compressor):
 
     def simulate(self, grads, messages, public=None) -> dict[str, torch.Tensor]:
         return {"grads": self._clip(flatten(list(grads)).to(torch.float32))}
-
-    # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self._gen is None:
-            return {}
-        return {"generator": self._gen.get_state().clone(), "generator_device": str(self._gen.device)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"generator", "generator_device"}
-        if unknown:
-            raise CompressorError(f"noise: unexpected state keys {sorted(unknown)}")
-        if "generator" in state:
-            gen = torch.Generator(device=state.get("generator_device", "cpu"))
-            gen.set_state(state["generator"])
-            self._gen = gen
-        else:
-            self._gen = None

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
 
 import torch
 
 from gia_bench.comm import Communicator
-from gia_bench.defenses.base import Compressor, check_messages, flatten, make_generator, register, unflatten
+from gia_bench.defenses.base import (
+    Compressor,
+    GeneratorState,
+    check_messages,
+    flatten,
+    make_generator,
+    register,
+    unflatten,
+)
 from gia_bench.defenses.codecs import pack_bits, packed_nbytes, unpack_bits
 from gia_bench.errors import CompressorError, SpecError
 
@@ -35,7 +42,7 @@ def _bucket_norms(v: torch.Tensor, numels: Sequence[int], bucket: int) -> torch.
 
 
 @register("qsgd")
-class QSGD(Compressor):
+class QSGD(GeneratorState, Compressor):
     """QSGD: per bucket an fp32 L2 norm, then per entry a sign bit and an unbiased stochastic level.
 
     Alistarh et al. 2017, section 3.1: for a bucket ``v`` of ``d`` entries,
@@ -182,20 +189,3 @@ class QSGD(Compressor):
         v = flatten(list(grads)).to(torch.float32)
         norms = _bucket_norms(v, [int(torch.Size(s).numel()) for s in shapes], self.bucket)
         return {"norms": norms, "values": v}
-
-    # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self._gen is None:
-            return {}
-        return {"generator": self._gen.get_state().clone(), "generator_device": str(self._gen.device)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"generator", "generator_device"}
-        if unknown:
-            raise CompressorError(f"qsgd: unexpected state keys {sorted(unknown)}")
-        if "generator" in state:
-            gen = torch.Generator(device=state.get("generator_device", "cpu"))
-            gen.set_state(state["generator"])
-            self._gen = gen
-        else:
-            self._gen = None

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
 
 import torch
 
 from gia_bench.comm import Communicator
-from gia_bench.defenses.base import Compressor, check_messages, flatten, register, resolve_keys, unflatten
+from gia_bench.defenses.base import (
+    Compressor,
+    ResidualState,
+    check_messages,
+    flatten,
+    register,
+    resolve_keys,
+    unflatten,
+)
 from gia_bench.defenses.codecs import pack_bits, packed_nbytes, unpack_bits
 from gia_bench.errors import CompressorError
 
@@ -37,7 +44,7 @@ def _sign_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 @register("signsgd")
-class SignSGD(Compressor):
+class SignSGD(ResidualState, Compressor):
     """Scaled sign compression with error feedback (EF-SignSGD): 1 bit per entry + one fp32 scale per tensor.
 
     Karimireddy et al. 2019, Algorithm 1, per tensor of d entries:
@@ -132,13 +139,3 @@ class SignSGD(Compressor):
             if x.numel():
                 parts.append(x.abs().mean() * _sign_ste(x))
         return {"values": torch.cat(parts) if parts else torch.zeros(0)}
-
-    # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"residuals": {k: v.clone() for k, v in self._residual.items()}}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"residuals"}
-        if unknown:
-            raise CompressorError(f"signsgd: unexpected state keys {sorted(unknown)}")
-        self._residual = {k: v.clone() for k, v in state.get("residuals", {}).items()}

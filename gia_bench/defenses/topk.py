@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
 
 import torch
 
 from gia_bench.comm import Communicator
-from gia_bench.defenses.base import Compressor, check_messages, flatten, register, resolve_keys, unflatten
+from gia_bench.defenses.base import (
+    Compressor,
+    ResidualState,
+    check_messages,
+    flatten,
+    register,
+    resolve_keys,
+    unflatten,
+)
 from gia_bench.errors import CompressorError, SpecError
 
 _INT32_MAX = 2**31 - 1
@@ -44,7 +51,7 @@ def _global_indices(indices: torch.Tensor, numels: Sequence[int], ks: Sequence[i
 
 
 @register("topk")
-class TopK(Compressor):
+class TopK(ResidualState, Compressor):
     """Top-k sparsification: per tensor the k largest-magnitude entries, sent as fp32 values + int32 indices.
 
     Per tensor of d entries it keeps exactly ``k = max(1, ceil(ratio * d))`` entries of
@@ -154,13 +161,3 @@ class TopK(Compressor):
             raise CompressorError(f"topk: {indices.numel()} observed indices, the candidate's shapes need {sum(ks)}")
         flat = flatten(grads).to(torch.float32)
         return {"values": flat[_global_indices(indices.to(flat.device), numels, ks)]}
-
-    # -- state ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"residuals": {k: v.clone() for k, v in self._residual.items()}}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"residuals"}
-        if unknown:
-            raise CompressorError(f"topk: unexpected state keys {sorted(unknown)}")
-        self._residual = {k: v.clone() for k, v in state.get("residuals", {}).items()}

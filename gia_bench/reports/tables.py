@@ -25,7 +25,6 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 from gia_bench.errors import GiaBenchError
 from gia_bench.metrics import LPIPSScorer, mean_colour_floor
