@@ -140,7 +140,15 @@ class GeneratorState:
     """
 
     registry_name: ClassVar[str]
+    seed: int
     _gen: torch.Generator | None
+
+    def _generator(self, device: torch.device, rank: int) -> torch.Generator:
+        """The generator, created at the first step on the gradients' device, seeded ``seed + rank``
+        so that workers draw differently but reproducibly."""
+        if self._gen is None:
+            self._gen = make_generator(self.seed + rank, device)
+        return self._gen
 
     def state_dict(self) -> dict[str, Any]:
         if self._gen is None:

@@ -12,7 +12,6 @@ from gia_bench.defenses.base import (
     GeneratorState,
     check_messages,
     flatten,
-    make_generator,
     register,
     unflatten,
 )
@@ -67,11 +66,6 @@ class GaussianNoise(GeneratorState, Compressor):
         if self.clip <= 0:
             return flat
         return flat * clip_factor(torch.linalg.vector_norm(flat), self.clip)
-
-    def _generator(self, device: torch.device, rank: int) -> torch.Generator:
-        if self._gen is None:
-            self._gen = make_generator(self.seed + rank, device)
-        return self._gen
 
     # -- worker ------------------------------------------------------------------------------
     def step(

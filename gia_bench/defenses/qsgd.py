@@ -12,7 +12,6 @@ from gia_bench.defenses.base import (
     GeneratorState,
     check_messages,
     flatten,
-    make_generator,
     register,
     unflatten,
 )
@@ -105,11 +104,6 @@ class QSGD(GeneratorState, Compressor):
             numels = [int(torch.Size(s).numel()) for s in shapes]
             self._index_cache[key] = _bucket_index(numels, self.bucket, device)
         return self._index_cache[key]
-
-    def _generator(self, device: torch.device, rank: int) -> torch.Generator:
-        if self._gen is None:
-            self._gen = make_generator(self.seed + rank, device)
-        return self._gen
 
     # -- worker ------------------------------------------------------------------------------
     def step(
