@@ -37,9 +37,10 @@ from gia_bench.data import load_dataset
 from gia_bench.defenses import create as create_defense
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.records import GradientRecord, truth_path
+from gia_bench.study import DEMO_STUDY, load_study
 
-# The demo study's attacks (gia_bench/studies/demo.toml): DLG's LeNet on digits, one image.
-DEMO = ["dlg:iterations=15", "ig:iterations=300,lr=0.1,tv=0.01"]
+# The demo study's attacks, read from the study itself: DLG's LeNet on digits, one image.
+DEMO = list(load_study(DEMO_STUDY).attacks)
 DEMO_DATA, DEMO_MODEL = "digits", "lenet"
 
 

@@ -179,13 +179,14 @@ def accuracy_benchmark(args: argparse.Namespace, out_dir: Path) -> dict[str, Any
     from gia_bench.defenses import DEFENSES
     from gia_bench.registry import describe_params, parse_spec
 
+    from gia_bench.study import slug
+
     for defense in args.defenses.split(";"):
-        name = defense.split(":")[0]
         # PowerSGD-style compressors start after uncompressed warm-up steps (PowerSGD's start_iter)
         has_start = any(p.name == "start_iter" for p in describe_params(DEFENSES.get(parse_spec(defense).name)))
         config = TrainConfig(
             warmup_steps=args.warmup_steps if has_start and args.warmup_steps else None,
-            out=out_dir / name, dataset=args.dataset, model=args.acc_model, defense=defense, epochs=args.epochs,
+            out=out_dir / slug(defense), dataset=args.dataset, model=args.acc_model, defense=defense, epochs=args.epochs,
             batch_size=args.acc_batch_size, lr=args.lr, nproc_per_node=args.nproc, backend=args.backend,
             device=args.device, threads_per_worker=args.threads, timeout_s=600,
         )
