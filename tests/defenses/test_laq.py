@@ -1,10 +1,11 @@
 import math
-import threading
 
 import pytest
 import torch
 
-from gia_bench.comm import Communicator, LocalCommunicator, messages_by_tag
+from _lockstep import run_workers
+
+from gia_bench.comm import LocalCommunicator, messages_by_tag
 from gia_bench.defenses import create
 from gia_bench.defenses.laq import LAQ, laq_dequantize, laq_quantize
 from gia_bench.errors import CompressorError, SpecError
@@ -147,46 +148,6 @@ def test_bad_parameters(spec):
 
 
 # -- two workers in lockstep (threads), so the all-gather logic runs in-process --------------------
-
-
-class _Lockstep(Communicator):
-    """All-gather between threads; bytes counted as the worker's own payload."""
-
-    def __init__(self, rank: int, shared: dict) -> None:
-        super().__init__(record=True)
-        self.rank, self.world_size, self.shared = rank, shared["n"], shared
-
-    def wire_bytes(self, op: str, payload: int) -> int:
-        return payload
-
-    def _all_gather(self, tensor):
-        self.shared["slots"][self.rank] = tensor.clone()
-        self.shared["barrier"].wait()
-        out = [t.clone() for t in self.shared["slots"]]
-        self.shared["barrier"].wait()
-        return out
-
-    def _all_reduce(self, tensor):
-        return tensor.copy_(sum(self._all_gather(tensor)))
-
-
-def run_workers(comps, grads_per_worker):
-    n = len(comps)
-    shared = {"n": n, "slots": [None] * n, "barrier": threading.Barrier(n)}
-    results = [None] * n
-
-    def work(rank):
-        comm = _Lockstep(rank, shared)
-        out = comps[rank].step(grads_per_worker[rank], comm)
-        results[rank] = (out, messages_by_tag(comm.messages), comps[rank].public_state(), comm)
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return results
-
 
 def test_two_workers_one_silent_one_sending():
     comps = [create("laq:bits=5,max_skip=10") for _ in range(2)]

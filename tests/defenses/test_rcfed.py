@@ -1,11 +1,12 @@
 import math
-import threading
 
 import numpy as np
 import pytest
 import torch
 
-from gia_bench.comm import Communicator, LocalCommunicator, messages_by_tag
+from _lockstep import run_workers
+
+from gia_bench.comm import LocalCommunicator, messages_by_tag
 from gia_bench.defenses import create
 from gia_bench.defenses.codecs import empirical_entropy_bits
 from gia_bench.defenses.rcfed import design_quantizer, entropy_decode, entropy_encode
@@ -121,41 +122,11 @@ def test_bad_parameters(spec):
         create(spec)
 
 
-class _Lockstep(Communicator):
-    """All-gather between threads; bytes counted as the worker's own payload."""
-
-    def __init__(self, rank: int, shared: dict) -> None:
-        super().__init__(record=True)
-        self.rank, self.world_size, self.shared = rank, shared["n"], shared
-
-    def wire_bytes(self, op: str, payload: int) -> int:
-        return payload
-
-    def _all_gather(self, tensor):
-        self.shared["slots"][self.rank] = tensor.clone()
-        self.shared["barrier"].wait()
-        out = [t.clone() for t in self.shared["slots"]]
-        self.shared["barrier"].wait()
-        return out
-
-
 def test_two_workers_pad_streams_to_the_longest_and_count_it():
     comps = [create("rcfed:bits=4,rate=2") for _ in range(2)]
     # worker 1's gradient is mostly one value: a much shorter stream
     grads = [_grads(3), [torch.where(g.abs() > 2 * g.std(), g, torch.zeros_like(g)) for g in _grads(4)]]
-    shared = {"n": 2, "slots": [None, None], "barrier": threading.Barrier(2)}
-    results = [None, None]
-
-    def work(rank):
-        comm = _Lockstep(rank, shared)
-        results[rank] = (comps[rank].step(grads[rank], comm), comm)
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    (out0, comm0), (out1, comm1) = results
+    (out0, _, _, comm0), (out1, _, _, comm1) = run_workers(comps, grads)
     assert all(torch.equal(a, b) for a, b in zip(out0, out1))
     msgs = [messages_by_tag(c.messages) for c in (comm0, comm1)]
     lengths = [int(m["length"]) for m in msgs]
