@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import threading
 
-
 from gia_bench.comm import Communicator, messages_by_tag
-
-
 
 
 class LockstepCommunicator(Communicator):
