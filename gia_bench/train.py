@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -720,12 +721,17 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
         else:
             elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))
     except ChildFailedError as exc:
-        # the root cause: the first worker that failed on its own, not one that lost a peer
-        causes = {r: f for r, f in exc.failures.items() if f.exitcode != PEER_LOST_EXIT_CODE}
+        # The root cause: a worker that failed on its own, not one that lost a peer (exit 75) or
+        # that the agent terminated (SIGTERM) after the first failure; then the earliest.
+        def collateral(f) -> bool:
+            return f.exitcode in (PEER_LOST_EXIT_CODE, -signal.SIGTERM)
+
+        causes = {r: f for r, f in exc.failures.items() if not collateral(f)}
         if not causes:
             lost = ", ".join(map(str, sorted(exc.failures)))
             raise TrainError(
-                f"worker rank(s) {lost} lost a peer in a collective (another worker died or hung); {_checkpoint_note(out)}"
+                f"worker rank(s) {lost} lost a peer in a collective or were stopped after another worker"
+                f" failed; {_checkpoint_note(out)}"
             ) from None
         rank, failure = min(causes.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
         how = (
