@@ -314,7 +314,7 @@ class LQSGD(PowerSGD):
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        expected = {"rng_key", "rng_pos", "rng_has_gauss", "rng_cached_gaussian", "steps", "q", "error"}
+        expected = {"rng_key", "rng_pos", "rng_has_gauss", "rng_cached_gaussian", "steps", "q", "residuals"}
         if "round_gen" not in state:
             raise CompressorError("lqsgd: state lacks 'round_gen'")
         self._load_common({k: v for k, v in state.items() if k != "round_gen"}, expected)

@@ -573,11 +573,11 @@ class PowerSGD(Compressor):
             "rng_cached_gaussian": float(cached),
             "steps": dict(self._steps),
             "q": {k: v.detach().clone() for k, v in self._q.items()},
-            "error": {k: v.detach().clone() for k, v in self._error.items()},
+            "residuals": {k: v.detach().clone() for k, v in self._error.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        expected = {"rng_key", "rng_pos", "rng_has_gauss", "rng_cached_gaussian", "steps", "q", "error"}
+        expected = {"rng_key", "rng_pos", "rng_has_gauss", "rng_cached_gaussian", "steps", "q", "residuals"}
         self._load_common(state, expected)
 
     def _load_common(self, state: Mapping[str, Any], expected: set[str]) -> None:
@@ -591,5 +591,5 @@ class PowerSGD(Compressor):
         )
         self._steps = dict(state["steps"])
         self._q = {k: v.clone() for k, v in state["q"].items()}
-        self._error = {k: v.clone() for k, v in state["error"].items()}
+        self._error = {k: v.clone() for k, v in state["residuals"].items()}
         self._group_error = {}

@@ -88,3 +88,29 @@ def gloo_worker(rank: int, world_size: int, port: int, names: list[str], out_dir
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def assert_error_feedback_conserves(comp, grad_steps, rtol: float = 1e-5) -> dict:
+    """Run ``comp`` (one worker) over the gradient lists in ``grad_steps`` and assert
+    ``sum_t output_t + e_T == sum_t g_t`` per tensor (error feedback delays, never drops;
+    a tensor without a residual is one the compressor sends exactly). Returns the residuals."""
+    from gia_bench.comm import LocalCommunicator
+
+    total_in: list[torch.Tensor] | None = None
+    total_out: list[torch.Tensor] | None = None
+    for grads in grad_steps:
+        keys = list(range(len(grads)))
+        out = comp.step([g.clone() for g in grads], LocalCommunicator(record=False), keys=keys)
+        if total_in is None:
+            total_in = [torch.zeros_like(g, dtype=torch.float64) for g in grads]
+            total_out = [torch.zeros_like(g, dtype=torch.float64) for g in grads]
+        for ti, to, g, o in zip(total_in, total_out, grads, out):
+            ti += g.double()
+            to += o.double()
+    assert total_in is not None and total_out is not None, "no steps given"
+    residuals = comp.state_dict()["residuals"]
+    for i, (ti, to) in enumerate(zip(total_in, total_out)):
+        e = residuals[i].double().reshape(ti.shape) if i in residuals else torch.zeros_like(ti)
+        err = float(torch.linalg.vector_norm(to + e - ti))
+        assert err <= rtol * float(torch.linalg.vector_norm(ti)), f"{comp.spec} tensor {i}: {err}"
+    return residuals

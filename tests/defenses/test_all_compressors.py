@@ -9,7 +9,8 @@ Conventions the battery relies on (from ``gia_bench/defenses/base.py``):
 * ``step`` returns the mean over workers; with one worker, ``decode`` of the recorded
   messages equals the output;
 * a compressor whose ``state_dict()`` holds ``"residuals"`` (error feedback, keyed like the
-  ``keys`` of ``step``) keeps ``sum(outputs) + residual == sum(inputs)`` with one worker;
+  ``keys`` of ``step``; a tensor without one is sent exactly) keeps
+  ``sum(outputs) + residual == sum(inputs)`` with one worker;
 * a compressor with the class attribute ``adds_noise = True`` turns zero into noise, so
   only its finiteness is checked on an all-zero gradient.
 """
@@ -24,7 +25,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _mp import BATTERY_SHAPES, battery_grads, edge_grads, gloo_worker
+from _mp import BATTERY_SHAPES, assert_error_feedback_conserves, battery_grads, edge_grads, gloo_worker
 
 from gia_bench.comm import LocalCommunicator, messages_by_tag
 from gia_bench.defenses import DEFENSES, create
@@ -239,20 +240,7 @@ def _has_residuals(name: str) -> bool:
 @pytest.mark.parametrize("name", [n for n in NAMES if n in ERROR_FEEDBACK or _has_residuals(n)])
 def test_error_feedback_loses_nothing(name):
     """sum_t output_t + e_T == sum_t g_t (one worker): error feedback delays, never drops."""
-    comp = create(name)
-    total_in = [torch.zeros(s, dtype=torch.float64) for s in BATTERY_SHAPES]
-    total_out = [torch.zeros(s, dtype=torch.float64) for s in BATTERY_SHAPES]
-    for seed in range(6):
-        grads = battery_grads(seed)
-        out, _ = _step(comp, grads)
-        for ti, to, g, o in zip(total_in, total_out, grads, out):
-            ti += g.double()
-            to += o.double()
-    residuals = comp.state_dict()["residuals"]
-    for i, (ti, to) in enumerate(zip(total_in, total_out)):
-        e = residuals[i].double().reshape(ti.shape)
-        err = float(torch.linalg.vector_norm(to + e - ti))
-        assert err <= 1e-5 * float(torch.linalg.vector_norm(ti)), f"{name} tensor {i}: {err}"
+    assert_error_feedback_conserves(create(name), [battery_grads(seed) for seed in range(6)])
 
 
 # -- two real processes over gloo ----------------------------------------------------------------
