@@ -105,24 +105,13 @@ def capture_cmd(
     device: str = typer.Option("cpu", "--device", help="torch device for the gradient, e.g. cpu, cuda"),
 ) -> None:
     """Capture gradient records: one worker's messages for one step, one file per batch (+ truth)."""
-    from gia_bench.capture import CaptureConfig, run_capture, summarize
+    from gia_bench.capture import capture, summarize
 
-    cfg = CaptureConfig(
-        dataset=dataset,
-        model=model,
-        defense=defense,
-        batch_size=batch_size,
-        num=num,
-        seed=seed,
-        out=out,
-        checkpoint=checkpoint,
-        data_root=data_root,
-        download=download,
-        model_mode=model_mode,
-        device=device,
-    )
     try:
-        paths = run_capture(cfg, progress=True)
+        paths = capture(
+            dataset, model, defense, batch_size, num, seed, out, checkpoint=checkpoint, data_root=data_root,
+            download=download, model_mode=model_mode, device=device, progress=True,
+        )
     except KeyboardInterrupt:
         done = sorted(p for p in out.glob("*.safetensors") if not p.name.endswith(".truth.safetensors"))
         err_console.print(f"[yellow]interrupted:[/] {len(done)} complete records kept in {out}; run again to resume")
