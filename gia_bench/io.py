@@ -1,0 +1,55 @@
+"""The one atomic writer: a temp file beside the target, fsync, then rename.
+
+A reader (or a resumed run) sees the old file or the new one, never half of one, and
+an interrupted write leaves no partial file behind: nothing already written is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+
+
+def atomic_write(path: Path | str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, fsync it, rename it onto ``path``.
+
+    For writers that want a file name (``torch.save``, ``safetensors.save_file``, PIL).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    atomic_write(path, write)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path | str, data: Any, indent: int | None = 2) -> None:
+    """Write ``data`` as JSON (with a final newline) to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")

@@ -1,0 +1,205 @@
+"""A training run's configuration: :class:`TrainConfig`, its validation, and its data."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from gia_bench.errors import ConfigError, GiaBenchError
+
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "train_config.json"
+RECORDS_DIR = "records"
+#: hidden fault injection for tests: "RANK:STEP" makes that rank exit with code 17 before that global step
+FAIL_ENV = "GIA_BENCH_TRAIN_FAIL_AT"
+FAIL_EXIT_CODE = 17
+#: A worker whose collective failed because a peer is gone exits with this code, so that
+#: the launcher names the worker that failed first, not the ones that lost it.
+PEER_LOST_EXIT_CODE = 75
+PEER_LOST_LINGER_S = 2.0
+
+
+class TrainError(GiaBenchError):
+    """A training run failed (a worker died, the rendezvous failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``batch_size`` is per worker; ``lr`` is not scaled by the world size.
+
+    Args:
+        out: run folder (metrics.json, checkpoint.pt, records/).
+        dataset: data set name (``digits`` ships with scikit-learn).
+        model: model spec (``resnet18``, ``lenet``, ``mlp:hidden=64``...).
+        defense: compressor spec (``lqsgd:rank=2``).
+        epochs: epochs in total (a resumed run continues up to this).
+        batch_size: examples per worker per step.
+        lr: SGD learning rate (peak, with the cosine schedule).
+        momentum: SGD momentum, applied after the reduce.
+        weight_decay: SGD weight decay, applied after the reduce.
+        lr_schedule: ``constant`` or ``cosine`` (cosine decay to 0 over all steps).
+        warmup_steps: uncompressed steps first: sets the compressor's ``start_iter``.
+        collective: sets the compressor's ``collective`` (``auto``, ``allgather``, ``alltoall``).
+        capture_every: save rank 0's GradientRecord every K steps (0: never).
+        seed: model init, data order and compressor seeds derive from it.
+        nproc_per_node: workers on this machine.
+        nnodes: machines (``N`` or ``MIN:MAX``), as torchrun's ``--nnodes``.
+        rdzv_endpoint: ``host:port`` of the rendezvous for several machines.
+        rdzv_id: run id shared by all machines of one job.
+        backend: ``auto`` (nccl with GPUs, else gloo), ``gloo`` or ``nccl``.
+        device: ``auto`` (``cuda:LOCAL_RANK`` when there is a GPU), ``cpu`` or ``cuda``.
+        bucket_cap_mb: DDP bucket size.
+        max_steps_per_epoch: stop each epoch early (tests, benchmarks).
+        data_root: folder of torchvision data sets (``--data-root``).
+        download: let torchvision download the data set into ``data_root``.
+        threads_per_worker: torch / OpenMP threads per worker process.
+        timeout_s: collective timeout; a hang fails after this instead of blocking.
+        resume: continue from ``out/checkpoint.pt``.
+    """
+
+    out: Path
+    dataset: str = "digits"
+    model: str = "resnet18"
+    defense: str = "none"
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int | None = None
+    collective: str | None = None
+    capture_every: int = 0
+    seed: int = 0
+    nproc_per_node: int = 1
+    nnodes: str = "1"
+    rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bucket_cap_mb: float = 25.0
+    max_steps_per_epoch: int | None = None
+    data_root: Path | None = None
+    download: bool = False
+    threads_per_worker: int = 1
+    timeout_s: float = 300.0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.data_root is not None:
+            object.__setattr__(self, "data_root", Path(self.data_root))
+
+    # -- validation --------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the flag for a bad value."""
+        positive = {
+            "--epochs": self.epochs,
+            "--batch-size": self.batch_size,
+            "--nproc-per-node": self.nproc_per_node,
+            "--threads-per-worker": self.threads_per_worker,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"--backend must be auto, gloo or nccl, got {self.backend!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.capture_every < 0:
+            raise ConfigError(f"--capture-every must be >= 0, got {self.capture_every}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError(f"--max-steps-per-epoch must be >= 1, got {self.max_steps_per_epoch}")
+        if not self.bucket_cap_mb > 0:
+            raise ConfigError(f"--bucket-cap-mb must be > 0, got {self.bucket_cap_mb}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--timeout must be > 0, got {self.timeout_s}")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ConfigError("--backend nccl needs --device cuda (nccl has no CPU tensors)")
+        if (self.device == "cuda" or self.backend == "nccl") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device} / --backend {self.backend}: no CUDA GPU on this machine")
+        _nnodes(self.nnodes)
+        if _nnodes(self.nnodes)[1] > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"--nnodes {self.nnodes}: several machines need --rdzv-endpoint host:port")
+        self.defense_spec()
+        from gia_bench.data import DATASETS
+        from gia_bench.models import MODELS
+
+        DATASETS.kwargs_for(self.dataset)  # bad names / values raise SpecError here, not in a worker
+        MODELS.kwargs_for(self.model)
+
+    def defense_spec(self) -> str:
+        """The compressor spec with ``warmup_steps`` / ``collective`` folded in (checked against its parameters)."""
+        from gia_bench.defenses import DEFENSES
+        from gia_bench.registry import Spec, describe_params, parse_spec
+
+        spec = parse_spec(self.defense)
+        cls = DEFENSES.get(spec.name)
+        params = {p.name for p in describe_params(cls)}
+        kwargs = dict(spec.kwargs)
+        for flag, key, value in (
+            ("--warmup-steps", "start_iter", self.warmup_steps),
+            ("--collective", "collective", self.collective),
+        ):
+            if value is None:
+                continue
+            if key not in params:
+                raise ConfigError(f"{flag}: defense {spec.name!r} has no parameter {key!r} to set")
+            if key in kwargs and str(kwargs[key]) != str(value):
+                raise ConfigError(f"{flag} {value} contradicts {key}={kwargs[key]} in --defense {self.defense!r}")
+            kwargs[key] = str(value)
+        text = str(Spec(spec.name, kwargs))
+        DEFENSES.kwargs_for(text)  # raises SpecError for bad values now, not in a worker
+        return text
+
+    # -- JSON ----------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["out"] = str(self.out)
+        data["data_root"] = None if self.data_root is None else str(self.data_root)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"train config: unknown keys {unknown}")
+        return cls(**data)
+
+
+def _nnodes(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        raise ConfigError(f"--nnodes must be N or MIN:MAX, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+        raise ConfigError(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return parts[0], parts[1]
+
+
+def load_data(config: TrainConfig) -> tuple[Any, Any]:
+    """``(train, test)`` :class:`~gia_bench.data.ImageDataset` objects of ``config.dataset``."""
+    from gia_bench.data import load_dataset
+
+    root = config.data_root
+    return (
+        load_dataset(config.dataset, root=root, download=config.download, split="train"),
+        load_dataset(config.dataset, root=root, download=config.download, split="test"),
+    )

@@ -1,0 +1,133 @@
+"""The launcher: torchrun's elastic agent starts the workers; a failure is attributed to one worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gia_bench.errors import ConfigError
+from gia_bench.io import atomic_write_json
+from gia_bench.train.checkpoint import checkpoint_note, load_checkpoint
+from gia_bench.train.config import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PEER_LOST_EXIT_CODE,
+    TrainConfig,
+    TrainError,
+    _nnodes,
+)
+from gia_bench.train.loop import run_worker
+
+def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
+    """Run training with ``nproc_per_node`` workers through torchrun's elastic agent; returns metrics.json.
+
+    Workers are ``python -m gia_bench.train CONFIG`` processes, as torchrun starts
+    them. ``fork=True`` forks this process instead (same :func:`run_worker`; saves
+    the seconds each fresh interpreter spends importing torch, which matters for
+    short CPU runs such as tests; not with CUDA, which does not survive a fork).
+
+    Raises :class:`TrainError` with one line (which worker, its exit code, the last
+    checkpoint) when a worker fails.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config.validate()
+    out = config.out
+    if not config.resume and ((out / METRICS_FILE).exists() or (out / CHECKPOINT_FILE).exists()):
+        raise ConfigError(f"--out {out}: already holds a run; pass --resume to continue it or choose another folder")
+    if config.resume and (out / CHECKPOINT_FILE).exists():
+        ck = load_checkpoint(out / CHECKPOINT_FILE)
+        if ck.get("format") != "gia-bench-train-checkpoint":
+            raise ConfigError(f"{out / CHECKPOINT_FILE}: not a gia-bench training checkpoint")
+        from gia_bench.defenses import create
+
+        spec = create(config.defense_spec()).spec
+        if ck["defense"] != spec:
+            raise ConfigError(f"--resume: {out / CHECKPOINT_FILE} was trained with {ck['defense']!r}, not {spec!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / CONFIG_FILE
+    atomic_write_json(config_path, config.to_json())
+
+    min_nodes, max_nodes = _nnodes(config.nnodes)
+    standalone = max_nodes == 1 and not config.rdzv_endpoint
+    launch_config = LaunchConfig(
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_per_node=config.nproc_per_node,
+        run_id=config.rdzv_id or (uuid.uuid4().hex if standalone else "gia-bench-train"),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0" if standalone else str(config.rdzv_endpoint),
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="fork" if fork else "spawn",
+    )
+    # our own one-line TrainError says which worker failed; the agent's log lines would repeat it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    threads = str(config.threads_per_worker)
+    saved_env = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = threads  # workers inherit it; torch's launcher would print a warning otherwise
+    try:
+        if fork:
+            if torch.cuda.is_initialized():
+                raise ConfigError("launch(fork=True): CUDA is already initialised in this process; use fork=False")
+            elastic_launch(launch_config, _forked_worker)(str(config_path))
+        else:
+            elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))
+    except ChildFailedError as exc:
+        # The root cause: a worker that failed on its own, not one that lost a peer (exit 75) or
+        # that the agent terminated (SIGTERM) after the first failure; then the earliest.
+        def collateral(f) -> bool:
+            return f.exitcode in (PEER_LOST_EXIT_CODE, -signal.SIGTERM)
+
+        causes = {r: f for r, f in exc.failures.items() if not collateral(f)}
+        if not causes:
+            lost = ", ".join(map(str, sorted(exc.failures)))
+            raise TrainError(
+                f"worker rank(s) {lost} lost a peer in a collective or were stopped after another worker"
+                f" failed; {checkpoint_note(out)}"
+            ) from None
+        rank, failure = min(causes.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+        how = (
+            f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+        )
+        raise TrainError(f"worker rank {rank} {how}; {checkpoint_note(out)}") from None
+    finally:
+        if saved_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_env
+    try:
+        return json.loads((out / METRICS_FILE).read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{out / METRICS_FILE}: the workers finished without writing metrics") from None
+
+
+def _forked_worker(config_path: str) -> None:
+    run_worker(TrainConfig.from_json(json.loads(Path(config_path).read_text())))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Worker entry point: ``python -m gia_bench.train CONFIG.json`` (started by :func:`launch`)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        raise SystemExit("usage: python -m gia_bench.train CONFIG.json  (started by gia-bench train / torchrun)")
+    config = TrainConfig.from_json(json.loads(Path(args[0]).read_text()))
+    record(run_worker)(config)
+
+
+if __name__ == "__main__":
+    main()

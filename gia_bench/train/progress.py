@@ -1,0 +1,41 @@
+"""Rank 0's progress: a rich bar on a terminal, one line per epoch everywhere."""
+
+from __future__ import annotations
+
+class Progress:
+    """Rank 0's rich progress bar (only on a terminal; elsewhere one line per epoch)."""
+
+    def __init__(self, enabled: bool, epochs: int, steps: int, start_epoch: int) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.rank0 = enabled
+        self.enabled = enabled and self.console.is_terminal
+        self.epochs = epochs
+        self.bar = None
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=self.console,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=epochs * steps, completed=start_epoch * steps, loss=0.0)
+
+    def step(self, epoch: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=f"epoch {epoch + 1}/{self.epochs}", loss=loss)
+
+    def epoch_done(self, row: dict) -> None:
+        if self.rank0:
+            self.console.print(
+                f"epoch {row['epoch']}/{self.epochs}: loss {row['train_loss']:.4f}"
+                f"  test acc {100 * row['test_accuracy']:.2f}%  {row['bytes_sent_per_worker']:,} B/worker"
+                f"  {row['seconds']:.1f} s",
+                highlight=False,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
