@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from gia_bench.errors import CompressorError, ConfigError
+
 
 @dataclasses.dataclass
 class Message:
@@ -115,7 +117,7 @@ class Communicator:
         Chunks must have the same shape on every rank for a given j.
         """
         if len(chunks) != self.world_size:
-            raise ValueError(f"all_to_all needs {self.world_size} chunks, got {len(chunks)}")
+            raise CompressorError(f"all_to_all needs {self.world_size} chunks, got {len(chunks)}")
         self._log(tag, "all_to_all", torch.cat([c.reshape(-1) for c in chunks]))
         return self._all_to_all(list(chunks))
 
@@ -159,7 +161,7 @@ class TorchCommunicator(Communicator):
     def __init__(self, group: dist.ProcessGroup | None = None, record: bool = False) -> None:
         super().__init__(record=record)
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("TorchCommunicator needs an initialised torch.distributed process group")
+            raise ConfigError("TorchCommunicator needs an initialised torch.distributed process group")
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -172,7 +174,7 @@ class TorchCommunicator(Communicator):
             return (n - 1) * payload
         if op == "all_to_all":
             return math.ceil((n - 1) * payload / n)
-        raise ValueError(f"unknown collective {op!r}")
+        raise CompressorError(f"unknown collective {op!r}")
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, group=self.group)
@@ -202,8 +204,8 @@ def messages_by_tag(messages: Sequence[Message]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for m in messages:
         if m.tensor is None:
-            raise ValueError(f"message {m.tag!r} was not recorded (record=False)")
+            raise CompressorError(f"message {m.tag!r} was not recorded (record=False)")
         if m.tag in out:
-            raise ValueError(f"message tag {m.tag!r} appears twice")
+            raise CompressorError(f"message tag {m.tag!r} appears twice")
         out[m.tag] = m.tensor
     return out

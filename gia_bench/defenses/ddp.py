@@ -60,6 +60,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gia_bench.comm import Message, TorchCommunicator
+from gia_bench.defenses.base import Compressor
 from gia_bench.errors import CompressorError
 
 __all__ = ["CompressorHookState", "compressor_hook", "make_hook", "clone_state"]
@@ -101,7 +102,7 @@ class CompressorHookState:
             compressors. For comparisons with PyTorch's ``powerSGD_hook``.
     """
 
-    compressor: Any  # Compressor (typed loosely to avoid a circular import at package load)
+    compressor: Compressor
     comm: TorchCommunicator
     names: dict[int, str]
     step: int = 0
