@@ -97,12 +97,14 @@ def test_metrics_bytes_capture_kill_and_resume(tmp_path, monkeypatch):
 def test_evaluation_split_across_ranks_equals_rank0_alone(tmp_path):
     # a BatchNorm model: after each rank's own last forward its running statistics differ,
     # so the split evaluation must score rank 0's model (buffers broadcast), exactly
-    model = "convnet:width=4"
-    run = launch(_config(tmp_path / "bn", model=model, defense="none", warmup_steps=None, epochs=1), fork=True)
+    model, dataset = "convnet:width=4", "digits:size=16,channels=1"
+    run = launch(
+        _config(tmp_path / "bn", dataset=dataset, model=model, defense="none", warmup_steps=None, epochs=1), fork=True
+    )
     from gia_bench.data import load_dataset
 
-    test = load_dataset(DATASET, split="test")
-    net = build_model(ModelSpec(model, (1, 8, 8), 10, "train"), seed=None, device=None)
+    test = load_dataset(dataset, split="test")
+    net = build_model(ModelSpec(model, (1, 16, 16), 10, "train"), seed=None, device=None)
     net.load_state_dict(load_checkpoint(tmp_path / "bn" / "checkpoint.pt")["model"])
     net.eval()
     with torch.no_grad():

@@ -8,6 +8,7 @@ of byte ``k``. A message of ``n`` codes is ``ceil(n*b/8)`` bytes, nothing more.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -107,6 +108,55 @@ def log_levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def segment_ids(sizes: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """For a flat buffer of consecutive segments of ``sizes``: the segment index of every value."""
+    return torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(list(sizes), dtype=torch.int64, device=device)
+    )
+
+
+def log_quantize_segments(
+    x: torch.Tensor,
+    segments: torch.Tensor,
+    num_segments: int,
+    bits: int,
+    alpha: float,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-quantize (arXiv 2506.17974) every segment of a flat ``x`` at once, one scale per segment.
+
+    ``segments[i]`` is the segment of value ``i``; each segment gets its own scale
+    ``s = max|x|`` over the segment (fp32, 0 for an empty or all-zero segment), then
+    ``u = log(1 + alpha|x|/s) / log(1 + alpha)`` in [0, 1] and
+    ``code = sign << (bits-1) | round(u L)``, ``L = 2^(bits-1) - 1``.
+    ``noise`` (uniform in [0, 1), same shape as ``x``) selects stochastic rounding
+    ``floor(u L + noise)``, unbiased in ``u``; None rounds to nearest.
+    Returns (codes int64 in [0, 2**bits), scales fp32 of shape ``(num_segments,)``).
+    """
+    levels = log_levels(bits)
+    xf = x.detach().to(torch.float32).reshape(-1)
+    a = xf.abs()
+    scales = torch.zeros(num_segments, dtype=torch.float32, device=xf.device).scatter_reduce_(0, segments, a, "amax")
+    s = scales[segments]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    v = torch.log1p(alpha * a / safe) / math.log1p(alpha) * levels
+    m = (torch.round(v) if noise is None else torch.floor(v + noise)).clamp_(0, levels).to(torch.int64)
+    sign = (xf < 0).to(torch.int64) << (bits - 1)
+    return sign | m, scales
+
+
+def log_dequantize_segments(codes: torch.Tensor, value_scales: torch.Tensor, bits: int, alpha: float) -> torch.Tensor:
+    """Inverse of :func:`log_quantize_segments`: ``sign * s * ((1+alpha)^(m/L) - 1) / alpha``.
+
+    ``value_scales`` is each value's scale (``scales[segments]``), or one scale for all.
+    """
+    levels = log_levels(bits)
+    m = (codes & levels).to(torch.float32)
+    sign = 1.0 - 2.0 * ((codes >> (bits - 1)) & 1).to(torch.float32)
+    mag = torch.expm1(m / levels * math.log1p(alpha)) / alpha
+    return sign * mag * value_scales.to(torch.float32)
+
+
 def log_quantize(
     x: torch.Tensor,
     bits: int,
@@ -114,29 +164,20 @@ def log_quantize(
     stochastic: bool = False,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-quantize ``x`` (arXiv 2506.17974): returns (codes int64 in [0, 2**bits), scale fp32).
+    """The log codec with one scale for all of ``x``: returns (codes int64, scale fp32 of shape ``(1,)``).
 
-    ``s = max|x|``, ``u = log(1 + alpha|x|/s) / log(1 + alpha)`` in [0, 1],
-    ``code = sign_bit << (bits-1) | round(u * (2**(bits-1) - 1))``; stochastic rounding
-    is unbiased in ``u``.
+    :func:`log_quantize_segments` with a single segment; stochastic rounding draws
+    its noise from ``generator``.
     """
-    levels = log_levels(bits)
-    xf = x.detach().to(torch.float32).reshape(-1)
-    scale = xf.abs().max() if xf.numel() else torch.zeros((), device=x.device)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    u = torch.log1p(alpha * xf.abs() / safe) / math.log1p(alpha)
-    m = round_codes(u * levels, stochastic, generator).clamp_(0, levels).to(torch.int64)
-    sign = (xf < 0).to(torch.int64) << (bits - 1)
-    return sign | m, scale.to(torch.float32).reshape(1)
+    xf = x.detach().reshape(-1)
+    segments = torch.zeros(xf.numel(), dtype=torch.int64, device=xf.device)
+    noise = torch.rand(xf.shape, generator=generator, device=xf.device) if stochastic else None
+    return log_quantize_segments(xf, segments, 1, bits, alpha, noise)
 
 
 def log_dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int, alpha: float) -> torch.Tensor:
-    """Inverse map of :func:`log_quantize`: ``sign * s * ((1+alpha)^(m/L) - 1) / alpha``."""
-    levels = log_levels(bits)
-    m = (codes & levels).to(torch.float32)
-    sign = 1.0 - 2.0 * ((codes >> (bits - 1)) & 1).to(torch.float32)
-    mag = torch.expm1(m / levels * math.log1p(alpha)) / alpha
-    return sign * mag * scale.to(torch.float32).reshape(())
+    """Inverse map of :func:`log_quantize`."""
+    return log_dequantize_segments(codes, scale.reshape(()), bits, alpha)
 
 
 def log_roundtrip_ste(x: torch.Tensor, bits: int, alpha: float) -> torch.Tensor:

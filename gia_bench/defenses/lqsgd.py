@@ -18,51 +18,16 @@ import torch.nn.functional as F
 
 from gia_bench.comm import Communicator
 from gia_bench.defenses.base import check_messages, register
-from gia_bench.defenses.codecs import log_levels, pack_bits, packed_nbytes, round_codes, unpack_bits
+from gia_bench.defenses.codecs import (
+    log_dequantize_segments,
+    log_quantize_segments,
+    pack_bits,
+    packed_nbytes,
+    segment_ids,
+    unpack_bits,
+)
 from gia_bench.defenses.powersgd import Plan, PowerSGD
 from gia_bench.errors import CompressorError, SpecError
-
-# -- the log codec with one scale per segment of a flat buffer ---------------------------------------------
-
-
-def log_quantize_segments(
-    x: torch.Tensor,
-    segments: torch.Tensor,
-    num_segments: int,
-    bits: int,
-    alpha: float,
-    noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~gia_bench.defenses.codecs.log_quantize` applied to every segment of a flat ``x`` at once.
-
-    ``segments[i]`` is the segment of value ``i``; each segment gets its own scale
-    ``s = max|x|`` over the segment (fp32, 0 for an empty or all-zero segment), then
-    ``u = log(1 + alpha|x|/s) / log(1 + alpha)`` and ``code = sign << (bits-1) | round(u L)``,
-    ``L = 2^(bits-1) - 1``: the same arithmetic, value for value, as the per-tensor codec.
-    ``noise`` (uniform in [0, 1), same shape as ``x``) selects stochastic rounding
-    ``floor(u L + noise)``, unbiased in ``u``; None rounds to nearest.
-    Returns (codes int64, scales fp32 of shape ``(num_segments,)``).
-    """
-    levels = log_levels(bits)
-    xf = x.detach().to(torch.float32).reshape(-1)
-    a = xf.abs()
-    scales = torch.zeros(num_segments, dtype=torch.float32, device=xf.device).scatter_reduce_(0, segments, a, "amax")
-    s = scales[segments]
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    v = torch.log1p(alpha * a / safe) / math.log1p(alpha) * levels
-    m = (round_codes(v, False, None) if noise is None else torch.floor(v + noise)).clamp_(0, levels).to(torch.int64)
-    sign = (xf < 0).to(torch.int64) << (bits - 1)
-    return sign | m, scales
-
-
-def log_dequantize_segments(codes: torch.Tensor, value_scales: torch.Tensor, bits: int, alpha: float) -> torch.Tensor:
-    """Inverse of :func:`log_quantize_segments`; ``value_scales`` is each value's scale (``scales[segments]``)."""
-    levels = log_levels(bits)
-    m = (codes & levels).to(torch.float32)
-    sign = 1.0 - 2.0 * ((codes >> (bits - 1)) & 1).to(torch.float32)
-    mag = torch.expm1(m / levels * math.log1p(alpha)) / alpha
-    return sign * mag * value_scales.to(torch.float32)
-
 
 # -- the compressor -----------------------------------------------------------------------------------------
 
@@ -158,8 +123,7 @@ class LQSGD(PowerSGD):
         key = (tuple(sizes), total, str(device))
         seg = self._segment_cache.get(key)
         if seg is None:
-            seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes), dtype=torch.int64))
-            seg = F.pad(seg, (0, total - seg.numel())).to(device)
+            seg = F.pad(segment_ids(sizes), (0, total - sum(sizes))).to(device)
             self._segment_cache[key] = seg
         return seg
 

@@ -126,13 +126,6 @@ def make_plan(shapes: tuple[torch.Size, ...], rank: int, min_compression_rate: f
     return Plan(tuple(shapes), tuple(groups), tuple(rest), p_off, q_off, rest_numel)
 
 
-def segment_ids(sizes: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """For a flat buffer of consecutive segments of ``sizes``: the segment index of every value."""
-    return torch.repeat_interleave(
-        torch.arange(len(sizes), device=device), torch.tensor(list(sizes), dtype=torch.int64, device=device)
-    )
-
-
 # -- orthogonalization ------------------------------------------------------------------------------
 
 

@@ -15,9 +15,16 @@ from _mp import assert_error_feedback_conserves
 
 from gia_bench.comm import LocalCommunicator, TorchCommunicator, messages_by_tag
 from gia_bench.defenses import create
-from gia_bench.defenses.codecs import log_dequantize, log_quantize, packed_nbytes
-from gia_bench.defenses.lqsgd import LQSGD, log_dequantize_segments, log_quantize_segments
-from gia_bench.defenses.powersgd import PowerSGD, make_plan, segment_ids
+from gia_bench.defenses.codecs import (
+    log_dequantize,
+    log_dequantize_segments,
+    log_quantize,
+    log_quantize_segments,
+    packed_nbytes,
+    segment_ids,
+)
+from gia_bench.defenses.lqsgd import LQSGD
+from gia_bench.defenses.powersgd import PowerSGD, make_plan
 from gia_bench.errors import SpecError
 
 SHAPES = [
