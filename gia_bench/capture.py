@@ -193,6 +193,7 @@ class CaptureConfig:
         download: let torchvision download into ``data_root``.
         model_mode: "train" or "eval": BatchNorm behaviour during the gradient.
         device: torch device the gradient is computed on.
+        fewbit_backward: bits of Few-Bit Backward activations (0: exact backward); the record says so.
     """
 
     dataset: str = "digits"
@@ -207,6 +208,7 @@ class CaptureConfig:
     download: bool = False
     model_mode: str = "train"
     device: str = "cpu"
+    fewbit_backward: int = 0
 
 
 def _safe_name(name: str) -> str:
@@ -259,6 +261,8 @@ def _check_config(cfg: CaptureConfig) -> torch.device:
         raise SpecError(f"--num must be >= 1, got {cfg.num}")
     if cfg.model_mode not in ("train", "eval"):
         raise SpecError(f"--model-mode must be 'train' or 'eval', got {cfg.model_mode!r}")
+    if not 0 <= cfg.fewbit_backward <= 8:
+        raise SpecError(f"--fewbit-backward must be 0 (exact) or 1..8 bits, got {cfg.fewbit_backward}")
     try:
         device = torch.device(cfg.device)
     except RuntimeError as exc:
@@ -343,7 +347,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
     MODELS.kwargs_for(cfg.model)
     data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, split="train")
     spec = data.spec
-    probe = ModelSpec(cfg.model, spec.shape, spec.num_classes, cfg.model_mode)
+    probe = ModelSpec(cfg.model, spec.shape, spec.num_classes, cfg.model_mode, cfg.fewbit_backward)
     model = build_model(probe, seed=cfg.seed, device="cpu")
     model_spec = dataclasses.replace(probe, spec=model_spec_string(model, cfg.model))
     extra: dict[str, Any] = {}
@@ -416,6 +420,7 @@ def capture(
     model_mode: str = "train",
     device: str = "cpu",
     progress: bool = False,
+    fewbit_backward: int = 0,
 ) -> list[Path]:
     """``gia-bench capture`` as a Python call: see :class:`CaptureConfig` and :func:`run_capture`."""
     cfg = CaptureConfig(
@@ -431,6 +436,7 @@ def capture(
         download=download,
         model_mode=model_mode,
         device=device,
+        fewbit_backward=fewbit_backward,
     )
     return run_capture(cfg, progress=progress)
 

@@ -103,6 +103,9 @@ def capture_cmd(
     ),
     model_mode: str = typer.Option("train", "--model-mode", help="train or eval: BatchNorm behaviour in the gradient"),
     device: str = typer.Option("cpu", "--device", help="torch device for the gradient, e.g. cpu, cuda"),
+    fewbit_backward: int = typer.Option(
+        0, "--fewbit-backward", help="BITS: few-bit backward activations (Novikov et al.); 0 = exact backward"
+    ),
 ) -> None:
     """Capture gradient records: one worker's messages for one step, one file per batch (+ truth)."""
     from gia_bench.capture import capture, summarize
@@ -110,7 +113,7 @@ def capture_cmd(
     try:
         paths = capture(
             dataset, model, defense, batch_size, num, seed, out, checkpoint=checkpoint, data_root=data_root,
-            download=download, model_mode=model_mode, device=device, progress=True,
+            download=download, model_mode=model_mode, device=device, progress=True, fewbit_backward=fewbit_backward,
         )
     except KeyboardInterrupt:
         done = sorted(p for p in out.glob("*.safetensors") if not p.name.endswith(".truth.safetensors"))
@@ -200,6 +203,9 @@ def train_cmd(
     threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="torch threads per worker"),
     timeout: float = typer.Option(300.0, "--timeout", help="seconds before a stuck collective fails the run"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
+    fewbit_backward: int = typer.Option(
+        0, "--fewbit-backward", help="BITS: few-bit backward activations (Novikov et al.); 0 = exact backward"
+    ),
 ) -> None:
     """Train with DDP, any defense as the gradient communication hook (torchrun underneath)."""
     from gia_bench.train import TrainConfig, launch
@@ -211,6 +217,7 @@ def train_cmd(
         nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, backend=backend, device=device,  # type: ignore[arg-type]
         bucket_cap_mb=bucket_cap_mb, max_steps_per_epoch=max_steps_per_epoch, data_root=data_root,
         download=download, threads_per_worker=threads_per_worker, timeout_s=timeout, resume=resume,
+        fewbit_backward=fewbit_backward,
     )
     metrics = launch(config)
     totals = metrics["totals"]

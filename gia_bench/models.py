@@ -29,20 +29,29 @@ class ModelSpec:
     in_shape: tuple[int, int, int]  # C, H, W
     num_classes: int
     mode: str = "train"  # "train" or "eval": BatchNorm behaviour during the gradient
+    #: bits of Few-Bit Backward activations (gia_bench.fewbit); 0: exact backward
+    fewbit_backward: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.fewbit_backward:
+            del data["fewbit_backward"]  # records without few-bit backward keep their original form
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelSpec:
         mode = str(data.get("mode", "train"))
         if mode not in ("train", "eval"):
             raise ValueError(f"model mode must be 'train' or 'eval', got {mode!r}")
+        fewbit = int(data.get("fewbit_backward", 0))
+        if not 0 <= fewbit <= 8:
+            raise ValueError(f"model fewbit_backward must be 0 (exact) or 1..8 bits, got {fewbit}")
         return cls(
             spec=str(data["spec"]),
             in_shape=tuple(int(v) for v in data["in_shape"]),  # type: ignore[arg-type]
             num_classes=int(data["num_classes"]),
             mode=mode,
+            fewbit_backward=fewbit,
         )
 
     @property
@@ -67,6 +76,11 @@ def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | st
             model = cls(in_shape=spec.in_shape, num_classes=spec.num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:  # a bad parameter value, or an input too small
         raise SpecError(f"model {spec.spec!r} for input {tuple(spec.in_shape)}: {exc}") from exc
+    if spec.fewbit_backward:
+        from gia_bench.fewbit import replace_activations
+
+        if replace_activations(model, spec.fewbit_backward) == 0:
+            raise SpecError(f"model {spec.spec!r}: --fewbit-backward needs activation modules, and it has none")
     if device is not None:
         model.to(device)
     model.train(spec.mode == "train")

@@ -59,6 +59,7 @@ class TrainConfig:
         threads_per_worker: torch / OpenMP threads per worker process.
         timeout_s: collective timeout; a hang fails after this instead of blocking.
         resume: continue from ``out/checkpoint.pt``.
+        fewbit_backward: bits of Few-Bit Backward activations (:mod:`gia_bench.fewbit`); 0: exact.
     """
 
     out: Path
@@ -88,6 +89,7 @@ class TrainConfig:
     threads_per_worker: int = 1
     timeout_s: float = 300.0
     resume: bool = False
+    fewbit_backward: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -118,6 +120,8 @@ class TrainConfig:
             raise ConfigError(f"--backend must be auto, gloo or nccl, got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0 <= self.fewbit_backward <= 8:
+            raise ConfigError(f"--fewbit-backward must be 0 (exact) or 1..8 bits, got {self.fewbit_backward}")
         if self.capture_every < 0:
             raise ConfigError(f"--capture-every must be >= 0, got {self.capture_every}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

@@ -177,7 +177,9 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
 
     train, test = load_data(config)
     dataset_spec = train.spec
-    model_spec = ModelSpec(config.model, tuple(dataset_spec.shape), dataset_spec.num_classes, "train")
+    model_spec = ModelSpec(
+        config.model, tuple(dataset_spec.shape), dataset_spec.num_classes, "train", config.fewbit_backward
+    )
     model = build_model(model_spec, seed=config.seed, device=device)
     names = [n for n, _ in model.named_parameters()]
     compressor = create(config.defense_spec())
