@@ -206,6 +206,10 @@ def train_cmd(
     fewbit_backward: int = typer.Option(
         0, "--fewbit-backward", help="BITS: few-bit backward activations (Novikov et al.); 0 = exact backward"
     ),
+    optimizer: str = typer.Option(
+        "sgd", "--optimizer", help="sgd, qcmd-adagrad or qrda-adagrad (AdaGrad with an L1 step; Xu et al.)"
+    ),
+    l1: float = typer.Option(0.0, "--l1", help="L1 weight lambda of the adagrad optimizers (sparse models)"),
 ) -> None:
     """Train with DDP, any defense as the gradient communication hook (torchrun underneath)."""
     from gia_bench.train import TrainConfig, launch
@@ -217,7 +221,7 @@ def train_cmd(
         nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, backend=backend, device=device,  # type: ignore[arg-type]
         bucket_cap_mb=bucket_cap_mb, max_steps_per_epoch=max_steps_per_epoch, data_root=data_root,
         download=download, threads_per_worker=threads_per_worker, timeout_s=timeout, resume=resume,
-        fewbit_backward=fewbit_backward,
+        fewbit_backward=fewbit_backward, optimizer=optimizer, l1=l1,
     )
     metrics = launch(config)
     totals = metrics["totals"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +61,9 @@ class TrainConfig:
         timeout_s: collective timeout; a hang fails after this instead of blocking.
         resume: continue from ``out/checkpoint.pt``.
         fewbit_backward: bits of Few-Bit Backward activations (:mod:`gia_bench.fewbit`); 0: exact.
+        optimizer: ``sgd`` (momentum, weight decay), ``qcmd-adagrad`` or ``qrda-adagrad``
+            (:mod:`gia_bench.optim`: AdaGrad with an L1 step; momentum and weight decay are SGD's only).
+        l1: the L1 weight lambda of the adagrad optimizers (0: no sparsity pressure).
     """
 
     out: Path
@@ -90,6 +94,8 @@ class TrainConfig:
     timeout_s: float = 300.0
     resume: bool = False
     fewbit_backward: int = 0
+    optimizer: str = "sgd"
+    l1: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -120,6 +126,14 @@ class TrainConfig:
             raise ConfigError(f"--backend must be auto, gloo or nccl, got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        from gia_bench.optim import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.l1 >= 0 or not math.isfinite(self.l1):
+            raise ConfigError(f"--l1 must be a finite number >= 0, got {self.l1}")
+        if self.l1 and self.optimizer == "sgd":
+            raise ConfigError("--l1 needs --optimizer qcmd-adagrad or qrda-adagrad (SGD has no L1 step)")
         if not 0 <= self.fewbit_backward <= 8:
             raise ConfigError(f"--fewbit-backward must be 0 (exact) or 1..8 bits, got {self.fewbit_backward}")
         if self.capture_every < 0:

@@ -24,6 +24,7 @@ from gia_bench.train.config import (
     TrainConfig,
     TrainError,
     _nnodes,
+    load_data,
 )
 from gia_bench.train.loop import run_worker
 
@@ -82,6 +83,10 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
         if fork:
             if torch.cuda.is_initialized():
                 raise ConfigError("launch(fork=True): CUDA is already initialised in this process; use fork=False")
+            # Load the data here once so that its modules (scikit-learn, joblib, cloudpickle...) are imported
+            # before the fork: a forked child that imports while the parent's threads hold locks can hang
+            # (seen: workers stuck in importlib under load once cloudpickle was installed).
+            load_data(config)
             elastic_launch(launch_config, _forked_worker)(str(config_path))
         else:
             elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))

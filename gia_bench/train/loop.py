@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gia_bench.errors import ConfigError
 from gia_bench.io import atomic_write_json
+from gia_bench.optim import make_optimizer, sparsity
 from gia_bench.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state, to_cpu, to_device
 from gia_bench.train.config import (
     CHECKPOINT_FILE,
@@ -183,8 +184,9 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
     model = build_model(model_spec, seed=config.seed, device=device)
     names = [n for n, _ in model.named_parameters()]
     compressor = create(config.defense_spec())
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    optimizer = make_optimizer(
+        config.optimizer, model.parameters(), lr=config.lr, momentum=config.momentum,
+        weight_decay=config.weight_decay, l1=config.l1,
     )
     sampler = DistributedSampler(
         range(len(train)), num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed, drop_last=True
@@ -267,6 +269,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                     "train_loss": float(stats[0] / stats[1]),
                     "test_accuracy": accuracy,
                     "test_examples": len(test),
+                    "sparsity": sparsity(model),
                     "bytes_sent_per_worker": state.bytes_sent - bytes_before,
                     "payload_bytes_per_worker": state.payload_bytes - payload_before,
                     "steps": steps_per_epoch,

@@ -1,0 +1,115 @@
+"""Optimizers the trainer offers besides SGD: QCMD adagrad and QRDA adagrad.
+
+Xu, Wangni, Zhang, Ye, Wu, Zhao, "Quantized Adaptive Subgradient Algorithms and Their
+Applications" (IEEE TPAMI 2022): workers send threshold-quantized gradients (the ``tq``
+defense, :mod:`gia_bench.defenses.tq`); the server-side update is AdaGrad's diagonal
+matrix built from those quantized gradients driving an L1-regularised update that
+makes the model sparse. Both are the AdaGrad variants of Duchi, Hazan, Singer (JMLR
+2011), whose closed forms per coordinate are used here, with ``g_t`` the (decoded,
+aggregated) gradient of step t, ``H_t = delta + sqrt(sum_{s<=t} g_s^2)``:
+
+* QCMD adagrad (composite mirror descent, Duchi et al. eq. (19)):
+  ``w_{t+1} = sign(z) [|z| - eta lambda / H_t]_+`` with ``z = w_t - eta g_t / H_t``.
+* QRDA adagrad (regularized dual averaging, Duchi et al. eq. (18), Xiao 2010):
+  ``w_{t+1} = sign(z) [|z| - eta t lambda / H_t]_+`` with ``z = w_1 - eta t gbar_t / H_t``
+  and ``gbar_t`` the average of ``g_1..g_t``. Dual averaging is centred at ``w_1``, the
+  initial weights (Duchi et al. centre it at 0; for a randomly initialised network
+  the initialisation is the natural prox-centre, and with ``w_1 = 0`` the two agree).
+
+Both keep their accumulators in ``self.state`` so ``state_dict`` checkpoints them like SGD's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gia_bench.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "qcmd-adagrad", "qrda-adagrad")
+
+
+def _soft_threshold(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    return torch.sign(z) * torch.clamp(z.abs() - tau, min=0.0)
+
+
+class QCMDAdagrad(torch.optim.Optimizer):
+    """AdaGrad composite mirror descent with an L1 term (QCMD adagrad when fed quantized gradients)."""
+
+    def __init__(self, params, lr: float = 0.1, l1: float = 0.0, delta: float = 1e-8) -> None:  # noqa: ANN001
+        if not lr > 0 or l1 < 0 or not delta > 0:
+            raise ConfigError(f"qcmd-adagrad: lr > 0, l1 >= 0 and delta > 0 needed, got {lr}, {l1}, {delta}")
+        super().__init__(params, {"lr": lr, "l1": l1, "delta": delta})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            eta, lam, delta = group["lr"], group["l1"], group["delta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["sum_sq"] = torch.zeros_like(p)
+                state["sum_sq"].addcmul_(p.grad, p.grad)
+                h = state["sum_sq"].sqrt().add_(delta)
+                z = p - eta * p.grad / h
+                p.copy_(_soft_threshold(z, eta * lam / h))
+        return loss
+
+
+class QRDAAdagrad(torch.optim.Optimizer):
+    """AdaGrad regularized dual averaging with an L1 term (QRDA adagrad when fed quantized gradients)."""
+
+    def __init__(self, params, lr: float = 0.1, l1: float = 0.0, delta: float = 1e-8) -> None:  # noqa: ANN001
+        if not lr > 0 or l1 < 0 or not delta > 0:
+            raise ConfigError(f"qrda-adagrad: lr > 0, l1 >= 0 and delta > 0 needed, got {lr}, {l1}, {delta}")
+        super().__init__(params, {"lr": lr, "l1": l1, "delta": delta})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            eta, lam, delta = group["lr"], group["l1"], group["delta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["t"] = torch.zeros((), dtype=torch.float64)
+                    state["sum_g"] = torch.zeros_like(p)
+                    state["sum_sq"] = torch.zeros_like(p)
+                    state["center"] = p.detach().clone()
+                state["t"] += 1
+                t = float(state["t"])
+                state["sum_g"].add_(p.grad)
+                state["sum_sq"].addcmul_(p.grad, p.grad)
+                h = state["sum_sq"].sqrt().add_(delta)
+                # eta t gbar_t / H_t = eta sum_g / H_t
+                z = state["center"] - eta * state["sum_g"] / h
+                p.copy_(_soft_threshold(z, eta * t * lam / h))
+        return loss
+
+
+def make_optimizer(
+    name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, l1: float = 0.0  # noqa: ANN001
+) -> torch.optim.Optimizer:
+    """The trainer's optimizer by name: ``sgd`` (momentum, weight decay), ``qcmd-adagrad`` or ``qrda-adagrad`` (L1)."""
+    if name == "sgd":
+        if l1:
+            raise ConfigError("--l1 needs --optimizer qcmd-adagrad or qrda-adagrad (SGD has no L1 step)")
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "qcmd-adagrad":
+        return QCMDAdagrad(params, lr=lr, l1=l1)
+    if name == "qrda-adagrad":
+        return QRDAAdagrad(params, lr=lr, l1=l1)
+    raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def sparsity(model: torch.nn.Module) -> float:
+    """Fraction of the model's parameters that are exactly zero."""
+    total = zeros = 0
+    for p in model.parameters():
+        total += p.numel()
+        zeros += int((p == 0).sum())
+    return zeros / max(total, 1)
