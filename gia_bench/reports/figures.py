@@ -7,7 +7,11 @@
   sends no more bytes and leaks no more (both lower is better for the defender);
 * accuracy vs bandwidth: final test accuracy against bytes per step, from training runs;
 * image grids, per dataset x model x attack x view: the originals in the first row,
-  then each defense's reconstructions, the same original in each column.
+  then each defense's reconstructions, the same original in each column;
+* leakage vs training step, per dataset x model with results from training runs: per
+  defense, SSIM and PSNR (mean and worst image of the strongest attacker at each step)
+  against the optimizer step, the same run's test accuracy on a second axis, and the
+  run's bytes per step in the panel title.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class Figure:
     """A figure written to ``path``."""
 
     path: Path
-    kind: str  # "privacy", "accuracy" or "grid"
+    kind: str  # "privacy", "accuracy", "grid" or "steps"
     title: str
     caption: str
     dataset: str = ""
@@ -96,9 +100,14 @@ def _log_x(ax, xs: Sequence[float]) -> None:
 
 
 def _strongest(rows: Sequence[SummaryRow], metric: str) -> dict[str, tuple[float, SummaryRow]]:
-    """Per defense: the highest mean of ``metric`` over its attacks and views, and the row that has it."""
+    """Per defense: the highest mean of ``metric`` over its attacks and views, and the row that has it.
+
+    The oracle view is an upper bound, not an attacker: it never counts as the strongest.
+    """
     out: dict[str, tuple[float, SummaryRow]] = {}
     for r in rows:
+        if r.view == "oracle":
+            continue
         s = getattr(r, metric)
         if s is None or math.isnan(s.mean):
             continue
@@ -289,3 +298,71 @@ def image_grid(results: Sequence[AttackResult], out_dir: Path, defense_order: Se
     if notes:
         caption += " Notes: " + "; ".join(notes) + "."
     return Figure(path, "grid", title, caption, first.dataset, first.model)
+
+
+def leakage_vs_step(group: TableGroup, trains: Sequence[TrainRun], out_dir: Path) -> Figure | None:
+    """Leakage against training step with the run's accuracy on a second axis; None without training results."""
+    from gia_bench.reports.tables import fmt_bytes
+
+    rows = [r for r in group.rows if r.source == "train" and r.view != "oracle" and r.ssim is not None]
+    if not rows:
+        return None
+    by_defense: dict[str, dict[int, SummaryRow]] = defaultdict(dict)
+    for r in rows:
+        best = by_defense[r.defense].get(r.step)
+        if best is None or (r.ssim.mean, r.psnr.mean if r.psnr else 0) > (best.ssim.mean, best.psnr.mean if best.psnr else 0):  # type: ignore[union-attr]
+            by_defense[r.defense][r.step] = r
+    runs = {str(t.path): t for t in trains}
+    plt = _pyplot()
+    defenses = list(dict.fromkeys(r.defense for r in group.rows if r.defense in by_defense))
+    fig, axes = plt.subplots(len(defenses), 2, figsize=(11, 2.6 * len(defenses) + 0.6), squeeze=False)
+    capped = False
+    for i, d in enumerate(defenses):
+        points = sorted(by_defense[d].items())
+        steps = [s for s, _ in points]
+        run = next((runs[r.train_run] for _, r in points if r.train_run in runs), None)
+        for j, (metric, label, floor) in enumerate(
+            (("ssim", "SSIM", group.floor_ssim), ("psnr", "PSNR dB", group.floor_psnr))
+        ):
+            ax = axes[i][j]
+            mean = [getattr(r, metric).mean for _, r in points]
+            worst = [getattr(r, metric).worst for _, r in points]
+            if any(math.isinf(v) for v in mean + worst):
+                capped = True
+                mean = [min(v, PSNR_PLOT_CAP) for v in mean]
+                worst = [min(v, PSNR_PLOT_CAP) for v in worst]
+            ax.plot(steps, mean, "o-", color="C0", label=f"{label} mean")
+            ax.plot(steps, worst, "v--", color="C3", label=f"{label} worst image")
+            if floor is not None:
+                ax.axhline(floor, color="0.5", ls=":", lw=1, label="mean-colour floor")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+            if run is not None and run.history:
+                acc = ax.twinx()
+                acc.plot([e.step for e in run.history], [100 * e.test_accuracy for e in run.history], "s-",
+                         color="0.45", lw=1, ms=3, label="test accuracy (%)")  # fmt: skip
+                acc.set_ylabel("test acc. (%)", color="0.35")
+                acc.set_ylim(0, 100)
+                if i == 0 and j == 1:
+                    h1, l1 = ax.get_legend_handles_labels()
+                    h2, l2 = acc.get_legend_handles_labels()
+                    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
+            elif i == 0 and j == 1:
+                ax.legend(fontsize=7, loc="best")
+            if i == len(defenses) - 1:
+                ax.set_xlabel("training step (optimizer steps)")
+        cost = f"{fmt_bytes(run.bytes_per_step)}/worker/step" if run is not None else "run not found"
+        axes[i][0].set_title(f"{short_spec(d, 'defense')}: {cost}", fontsize=9, loc="left")
+    title = f"Leakage along training: {group.dataset} / {group.model}"
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out_dir / f"steps-{slug(group.dataset, group.model)}.png"
+    _save(fig, path)
+    caption = (
+        "Per defense: SSIM (left) and PSNR (right) of the strongest attacker at each training step (mean over"
+        " images, and the worst image), against the optimizer step the record was captured at; grey squares:"
+        " the same run's test accuracy (right axis); the dotted line is the mean-colour floor; the title gives"
+        " the run's bytes per worker per step. The oracle view (an upper bound) is left out."
+        + (f" An infinite PSNR is drawn at {PSNR_PLOT_CAP:g} dB." if capped else "")
+    )
+    return Figure(path, "steps", title, caption, group.dataset, group.model)

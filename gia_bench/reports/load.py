@@ -6,16 +6,22 @@ with the reason while the rest is reported.
 
 Attack results (one per record x attack x view, written by the attack runner)::
 
-    {"schema": 1, "kind": "attack_result", "record_id", "record", "dataset", "model",
-     "defense", "attack", "view": "naive" | "aware", "threat": {...}, "bytes", "bytes_fp32",
-     "batch_size", "labels_inferred", "labels_true", "seconds", "iterations", "final_loss",
-     "metrics": BatchScores.to_json() | null, "ssim", "psnr", "lpips", "label_accuracy",
-     "lpips_reason"}
+    {"schema": 1 | 2, "kind": "attack_result", "record_id", "record", "dataset", "model",
+     "defense", "attack", "view": "naive" | "aware" | "oracle", "threat": {...}, "bytes",
+     "bytes_fp32", "batch_size", "labels_inferred", "labels_true", "seconds", "iterations",
+     "final_loss", "metrics": BatchScores.to_json() | null, "ssim", "psnr", "lpips",
+     "label_accuracy", "lpips_reason",
+     "step": int (optional, 0 when absent), "source": "capture" | "train" | "federated" (optional),
+     "budget": {"iterations", "restarts", "evaluations", "preset"} (optional), "seed" (optional)}
 
 with ``reconstruction.safetensors`` beside it (tensors ``reconstruction`` (B, C, H, W)
-in [0, 1], in the originals' order after pairing, and optionally ``original``).
+in [0, 1], in the originals' order after pairing, and optionally ``original``). A result
+without ``budget`` (written before budgets were recorded) gets one read from its attack
+spec (``iterations=``, ``restarts=``), marked :attr:`Budget.from_spec`.
 
-Training runs (``DIR/metrics.json``, kind ``train``) give test accuracy and bytes.
+Training runs (``DIR/metrics.json``, kind ``train``) give test accuracy, its history per
+epoch (with ``test_examples`` where the trainer wrote it, for a binomial standard error)
+and bytes.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ RESULT_NAME = "result.json"
 TRAIN_NAME = "metrics.json"
 TENSORS_NAME = "reconstruction.safetensors"
 SCHEMA = 1
-VIEWS = ("naive", "aware")
+SCHEMAS = (1, 2)  # result schemas this reporter reads (2 adds record_sha256, step, source, budget)
+VIEWS = ("naive", "aware", "oracle")
+SOURCES = ("capture", "train", "federated")
 
 
 class MalformedFile(Exception):
@@ -48,6 +56,74 @@ class Skipped:
 
     path: Path
     reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What the attack was allowed to spend: optimiser iterations x random restarts.
+
+    ``evaluations`` counts objective evaluations where the attack reports them (L-BFGS
+    evaluates several times per iteration); ``preset`` names the budget preset used, if
+    any. ``from_spec`` is True when the result predates recorded budgets and the numbers
+    were read from its attack spec instead.
+    """
+
+    iterations: int
+    restarts: int
+    evaluations: int | None = None
+    preset: str | None = None
+    from_spec: bool = False
+
+    def text(self) -> str:
+        out = f"{self.iterations:,} it × {self.restarts}"
+        if self.preset:
+            out += f" ({self.preset})"
+        return out
+
+
+def _spec_int(spec: str, key: str) -> int | None:
+    """``key=<int>`` from a ``name:k=v,...`` spec, without importing the registry (None when absent)."""
+    for item in spec.split(":", 1)[1].split(",") if ":" in spec else ():
+        k, _, v = item.partition("=")
+        if k.strip() == key:
+            try:
+                return int(float(v))
+            except ValueError:
+                return None
+    return None
+
+
+def budget_from_spec(attack: str, iterations_field: int = 0) -> Budget:
+    """The budget an older result implies: its spec's ``iterations``/``restarts``, else the attack's defaults."""
+    iters, restarts = _spec_int(attack, "iterations"), _spec_int(attack, "restarts")
+    if iters is None or restarts is None:
+        try:
+            from gia_bench.attacks import ATTACKS
+            from gia_bench.registry import describe_params, parse_spec
+
+            defaults = {p.name: p.default for p in describe_params(ATTACKS.get(parse_spec(attack).name))}
+        except Exception:  # an attack this installation does not know: keep what the result says
+            defaults = {}
+        if iters is None:
+            iters = iterations_field or (defaults.get("iterations") if isinstance(defaults.get("iterations"), int) else 0)
+        if restarts is None:
+            restarts = defaults.get("restarts") if isinstance(defaults.get("restarts"), int) else 1
+    return Budget(int(iters or 0), max(int(restarts or 1), 1), None, None, True)
+
+
+def _budget(data: dict[str, Any], attack: str, iterations_field: int) -> Budget:
+    raw = data.get("budget")
+    if raw is None:
+        return budget_from_spec(attack, iterations_field)
+    if not isinstance(raw, dict):
+        raise MalformedFile(f"field 'budget' is {type(raw).__name__}, expected an object")
+    iters = _get(raw, "iterations", int)
+    restarts = _get(raw, "restarts", int)
+    evals = _get(raw, "evaluations", int, optional=True)
+    preset = _get(raw, "preset", str, optional=True)
+    if iters < 0 or restarts < 1 or (evals is not None and evals < 0):
+        raise MalformedFile(f"budget {iters} iterations x {restarts} restarts ({evals} evaluations) is not a budget")
+    return Budget(iters, restarts, evals, preset, False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +148,10 @@ class AttackResult:
     iterations: int
     final_loss: float
     scores: BatchScores | None  # None when the run had no ground truth
+    step: int = 0  # the optimizer step the record was captured at (0 for `capture`)
+    source: str = "capture"  # "capture" | "train" | "federated"
+    budget: Budget = Budget(0, 1, None, None, True)
+    seed: int | None = None
 
     @property
     def folder(self) -> Path:
@@ -92,8 +172,19 @@ class AttackResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class EpochPoint:
+    """One evaluation of a training run: test accuracy after ``step`` optimizer steps."""
+
+    epoch: int
+    step: int
+    test_accuracy: float
+    test_examples: int | None  # None in runs written before the trainer recorded it
+    bytes_sent_per_worker: int  # during this epoch
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainRun:
-    """One training run's ``metrics.json``: its final test accuracy and bytes."""
+    """One training run's ``metrics.json``: its final test accuracy and bytes, and the accuracy history."""
 
     path: Path
     dataset: str
@@ -105,6 +196,17 @@ class TrainRun:
     bytes_sent_per_worker: int
     steps: int
     seconds: float
+    history: tuple[EpochPoint, ...] = ()
+    seed: int | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def test_examples(self) -> int | None:
+        """How many test examples the final accuracy was measured on (None when not recorded)."""
+        return self.history[-1].test_examples if self.history else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +276,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _check_header(data: dict[str, Any], kind: str) -> None:
     if data.get("kind") != kind:
         raise MalformedFile(f"kind is {data.get('kind')!r}, expected {kind!r}")
-    if data.get("schema") != SCHEMA:
-        raise MalformedFile(f"schema {data.get('schema')!r} is not supported (this gia-bench reads {SCHEMA})")
+    schemas = SCHEMAS if kind == "attack_result" else (SCHEMA,)
+    if data.get("schema") not in schemas or isinstance(data.get("schema"), bool):
+        raise MalformedFile(
+            f"schema {data.get('schema')!r} is not supported (this gia-bench reads {', '.join(map(str, schemas))})"
+        )
 
 
 def _scores_from(data: dict[str, Any], batch_size: int) -> BatchScores | None:
@@ -255,6 +360,14 @@ def parse_result(path: Path) -> AttackResult:
     if batch_size < 1 or nbytes < 0 or nbytes32 < 0:
         raise MalformedFile(f"batch_size {batch_size}, bytes {nbytes}, bytes_fp32 {nbytes32}: must be positive")
     threat = _get(data, "threat", dict, optional=True) or {}
+    step = _get(data, "step", int, optional=True)
+    if step is not None and step < 0:
+        raise MalformedFile(f"step {step} is negative")
+    source = _get(data, "source", str, optional=True) or "capture"
+    if source not in SOURCES:
+        raise MalformedFile(f"source {source!r} is not one of {', '.join(SOURCES)}")
+    attack = _get(data, "attack", str)
+    iterations = int(_get(data, "iterations", int, optional=True) or 0)
     return AttackResult(
         path=path,
         record_id=_get(data, "record_id", str),
@@ -262,7 +375,7 @@ def parse_result(path: Path) -> AttackResult:
         dataset=_get(data, "dataset", str),
         model=_get(data, "model", str),
         defense=_get(data, "defense", str),
-        attack=_get(data, "attack", str),
+        attack=attack,
         view=view,
         threat=threat,
         bytes=nbytes,
@@ -271,9 +384,13 @@ def parse_result(path: Path) -> AttackResult:
         labels_inferred=_int_list(data, "labels_inferred", optional=True) or (),
         labels_true=_int_list(data, "labels_true", optional=True),
         seconds=float(_get(data, "seconds", (int, float), optional=True) or 0.0),
-        iterations=int(_get(data, "iterations", int, optional=True) or 0),
+        iterations=iterations,
         final_loss=float(_get(data, "final_loss", (int, float), optional=True) or math.nan),
         scores=_scores_from(data, batch_size),
+        step=step or 0,
+        source=source,
+        budget=_budget(data, attack, iterations),
+        seed=_get(data, "seed", int, optional=True),
     )
 
 
@@ -292,6 +409,9 @@ def parse_train(path: Path) -> TrainRun:
         raise MalformedFile(f"totals has no {exc.args[0]!r}") from None
     if not 0.0 <= acc <= 1.0:
         raise MalformedFile(f"final_test_accuracy {acc} is outside [0, 1]")
+    history = _history(_get(data, "epochs", list, optional=True) or [])
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    seed = config.get("seed") if isinstance(config.get("seed"), int) and not isinstance(config.get("seed"), bool) else None
     return TrainRun(
         path=path,
         dataset=_get(data, "dataset", str),
@@ -303,7 +423,39 @@ def parse_train(path: Path) -> TrainRun:
         bytes_sent_per_worker=sent,
         steps=steps,
         seconds=secs,
+        history=history,
+        seed=seed,
     )
+
+
+def _history(epochs: list[Any]) -> tuple[EpochPoint, ...]:
+    """Per-epoch test accuracy at its optimizer step (an explicit ``step``, else the running sum of ``steps``)."""
+    out = []
+    step = 0
+    for n, e in enumerate(epochs):
+        if not isinstance(e, dict):
+            raise MalformedFile(f"epochs[{n}] is not an object")
+        try:
+            acc = _num(e["test_accuracy"], f"epochs[{n}].test_accuracy")
+        except KeyError:
+            raise MalformedFile(f"epochs[{n}] has no 'test_accuracy'") from None
+        if not 0.0 <= acc <= 1.0:
+            raise MalformedFile(f"epochs[{n}].test_accuracy {acc} is outside [0, 1]")
+        step += int(_num(e.get("steps", 0), f"epochs[{n}].steps"))
+        at = int(_num(e["step"], f"epochs[{n}].step")) if "step" in e else step
+        examples = e.get("test_examples")
+        if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+            raise MalformedFile(f"epochs[{n}].test_examples {examples!r} is not a positive integer")
+        out.append(
+            EpochPoint(
+                epoch=int(_num(e.get("epoch", n + 1), f"epochs[{n}].epoch")),
+                step=at,
+                test_accuracy=acc,
+                test_examples=examples,
+                bytes_sent_per_worker=int(_num(e.get("bytes_sent_per_worker", 0), f"epochs[{n}].bytes_sent_per_worker")),
+            )
+        )
+    return tuple(out)
 
 
 def load_images(path: Path, batch_size: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
@@ -387,5 +539,5 @@ def load_runs(runs: Iterable[Path], train: Iterable[Path] = ()) -> RunSet:
             trains[path.resolve()] = parse_train(path)
         except MalformedFile as exc:
             skipped.append(Skipped(path, str(exc)))
-    results.sort(key=lambda r: (r.dataset, r.model, r.defense, r.attack, r.view, r.record_id, str(r.path)))
+    results.sort(key=lambda r: (r.dataset, r.model, r.defense, r.step, r.attack, r.view, r.record_id, str(r.path)))
     return RunSet(tuple(results), tuple(sorted(trains.values(), key=lambda t: str(t.path))), tuple(skipped))

@@ -43,6 +43,9 @@ class ReportOutput:
 def _grids(results: Sequence[AttackResult], data: ReportData, fig_dir: Path) -> list[figs.Figure]:
     by_key: dict[tuple[str, str, str, str], list[AttackResult]] = defaultdict(list)
     for r in results:
+        # one grid per attack and view of the step-0 captures; a training run's later steps are in the step figure
+        if r.source == "train" and r.step != min(x.step for x in results if x.source == "train" and x.defense == r.defense):
+            continue
         by_key[(r.dataset, r.model, r.attack, r.view)].append(r)
     out = []
     for (dataset, model, _, _), rs in sorted(by_key.items()):
@@ -71,6 +74,10 @@ def make_report(options: ReportOptions, runs: RunSet | None = None) -> ReportOut
     figures: list[figs.Figure] = []
     for g in data.groups:
         f = figs.privacy_vs_bandwidth(g, fig_dir)
+        if f is not None:
+            figures.append(f)
+    for g in data.groups:
+        f = figs.leakage_vs_step(g, runs.trains, fig_dir)
         if f is not None:
             figures.append(f)
     figures += _grids(runs.results, data, fig_dir)

@@ -13,6 +13,16 @@ the mean colour does not.
 
 The compression ratio is ``bytes_fp32 / bytes``: the uncompressed fp32 gradient
 (what plain SGD sends) over what the worker sent for that step.
+
+Results from a training run (``source: "train"``) carry the optimizer ``step`` their
+record was captured at; a setting is then dataset x model x defense x attack x view x
+step. The report opens with one :class:`DefenseRow` per defense setting
+(:func:`headline`): its bytes, its accuracy with a standard error, and its strongest
+attacker with a verdict against the floor (rules in :mod:`gia_bench.reports.stats`).
+
+CSV cells that come from a record, a spec or a path are escaped against spreadsheet
+formula injection (OWASP: a cell starting with ``=``, ``+``, ``-``, ``@``, tab or CR
+gets a leading ``'``).
 """
 
 from __future__ import annotations
@@ -25,10 +35,12 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 from gia_bench.errors import GiaBenchError
 from gia_bench.metrics import LPIPSScorer, mean_colour_floor
-from gia_bench.reports.load import AttackResult, RunSet, TrainRun
+from gia_bench.reports import stats
+from gia_bench.reports.load import AttackResult, Budget, RunSet, TrainRun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,8 @@ class ImageRow:
     defense: str
     attack: str
     view: str
+    step: int
+    source: str
     record_id: str
     image: int
     matched: int
@@ -66,19 +80,23 @@ class ImageRow:
     batch_size: int
     seconds: float
     iterations: int
+    restarts: int
     final_loss: float
     result: str
 
 
 @dataclasses.dataclass(frozen=True)
 class SummaryRow:
-    """One setting: dataset x model x defense x attack x view, over all its records' images."""
+    """One setting: dataset x model x defense x attack x view x step, over all its records' images."""
 
     dataset: str
     model: str
     defense: str
     attack: str
     view: str
+    step: int
+    source: str
+    budget: Budget
     records: int
     images: int
     bytes_per_step: float
@@ -89,12 +107,16 @@ class SummaryRow:
     ssim: Stat | None
     psnr: Stat | None
     lpips: Stat | None
-    label_accuracy: float | None
+    label_accuracy: float | None  # mean over records
     floor_ssim: float | None
     floor_psnr: float | None
     lpips_reason: str | None
     threat: str  # what the attacker used, as the attack described it
     seconds: float
+    label_worst: float | None = None  # the record whose labels leaked most
+    accuracy: stats.Estimate | None = None  # test accuracy of the same defense, with its standard error
+    verdict: stats.Verdict | None = None  # this setting alone against the floor (one comparison)
+    train_run: str | None = None  # the training run the record came from (source "train"), if found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,23 +174,59 @@ def threat_text(threat: dict) -> str:
     return "; ".join(parts)
 
 
+def _base(spec: str) -> str:
+    return spec.split(":", 1)[0]
+
+
 def _accuracy_for(result: AttackResult, trains: Sequence[TrainRun]) -> TrainRun | None:
     """The training run with the same canonical defense and dataset; the same model preferred.
 
     A dataset matches exactly, or else by name alone ("digits" for "digits:channels=3,size=32"),
-    an exact match winning.
+    an exact match winning. A result captured inside a training run (its record file lies in
+    that run's folder) takes that very run.
     """
-
-    def base(spec: str) -> str:
-        return spec.split(":", 1)[0]
-
-    same = [t for t in trains if t.defense == result.defense and base(t.dataset) == base(result.dataset)]
+    own = _own_run(result, trains)
+    if own is not None:
+        return own
+    same = [t for t in trains if t.defense == result.defense and _base(t.dataset) == _base(result.dataset)]
     if not same:
         return None
     same.sort(
-        key=lambda t: (t.dataset != result.dataset, base(t.model) != base(result.model), t.model != result.model, str(t.path))
+        key=lambda t: (t.dataset != result.dataset, _base(t.model) != _base(result.model), t.model != result.model, str(t.path))
     )
     return same[0]
+
+
+def _own_run(result: AttackResult, trains: Sequence[TrainRun]) -> TrainRun | None:
+    """The training run whose folder holds the result's record (records captured by ``train``)."""
+    if result.source != "train" or not result.record:
+        return None
+    record = Path(result.record)
+    for t in trains:
+        try:
+            record.resolve().relative_to(t.folder.resolve())
+        except ValueError:
+            continue
+        return t
+    return None
+
+
+def _seeds_of(run: TrainRun, trains: Sequence[TrainRun]) -> list[TrainRun]:
+    """Every run of the same setting as ``run`` (dataset, model, defense): the seeds of one setting."""
+    return [t for t in trains if (t.dataset, t.model, t.defense) == (run.dataset, run.model, run.defense)]
+
+
+def accuracy_of(run: TrainRun | None, trains: Sequence[TrainRun]) -> stats.Estimate | None:
+    """Final test accuracy of ``run``'s setting with its standard error (binomial, or over seeds)."""
+    if run is None:
+        return None
+    runs = _seeds_of(run, trains) if run.seed is not None or len(_seeds_of(run, trains)) > 1 else [run]
+    # two files of the same seed are one run counted twice, not two seeds
+    by_seed: dict[object, TrainRun] = {}
+    for t in sorted(runs, key=lambda t: str(t.path)):
+        by_seed.setdefault(t.seed if t.seed is not None else str(t.path), t)
+    runs = list(by_seed.values())
+    return stats.accuracy_estimate([t.final_test_accuracy for t in runs], [t.test_examples for t in runs])
 
 
 def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
@@ -183,7 +241,7 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
     notes: list[str] = []
     lpips_notes: list[str] = []
     image_rows: list[ImageRow] = []
-    by_setting: dict[tuple[str, str, str, str, str], list[tuple[AttackResult, list[ImageRow]]]] = defaultdict(list)
+    by_setting: dict[tuple[str, str, str, str, str, int], list[tuple[AttackResult, list[ImageRow]]]] = defaultdict(list)
     no_truth = 0
 
     for res in runs.results:
@@ -214,6 +272,8 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
                         defense=res.defense,
                         attack=res.attack,
                         view=res.view,
+                        step=res.step,
+                        source=res.source,
                         record_id=res.record_id,
                         image=im.index,
                         matched=im.matched,
@@ -231,7 +291,8 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
                         compression_ratio=res.compression_ratio,
                         batch_size=res.batch_size,
                         seconds=res.seconds,
-                        iterations=res.iterations,
+                        iterations=res.budget.iterations,
+                        restarts=res.budget.restarts,
                         final_loss=res.final_loss,
                         result=str(res.path),
                     )
@@ -239,7 +300,7 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
             if any(r.lpips is None for r in rows) and reason and reason not in lpips_notes:
                 lpips_notes.append(reason)
         image_rows += rows
-        by_setting[(res.dataset, res.model, res.defense, res.attack, res.view)].append((res, rows))
+        by_setting[(res.dataset, res.model, res.defense, res.attack, res.view, res.step)].append((res, rows))
 
     if lpips is not None and not lpips.available and any(r.lpips is None for r in image_rows):
         if lpips.reason and lpips.reason not in lpips_notes:
@@ -248,12 +309,13 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
         notes.append(f"{no_truth} result(s) had no ground truth: listed with bytes only, no leakage scores.")
 
     summary: dict[tuple[str, str], list[SummaryRow]] = defaultdict(list)
-    for (dataset, model, defense, attack, view), items in by_setting.items():
+    for (dataset, model, defense, attack, view, step), items in by_setting.items():
         results = [r for r, _ in items]
         rows = [row for _, rs in items for row in rs]
         scored = [r for r in results if r.scores is not None]
         label_accs = [r.scores.label_accuracy for r in scored if r.scores.label_accuracy is not None]
         train = _accuracy_for(results[0], runs.trains)
+        own = _own_run(results[0], runs.trains)
         lp_vals = [r.lpips for r in rows]
         reasons = [r.scores.lpips_reason for r in scored if r.scores.lpips_reason]
         floor_s = [r.floor_ssim for r in rows if r.floor_ssim is not None]
@@ -272,6 +334,9 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
                 defense=defense,
                 attack=attack,
                 view=view,
+                step=step,
+                source=results[0].source,
+                budget=results[0].budget,
                 records=len({r.record_id for r in results}),
                 images=len(rows),
                 bytes_per_step=bytes_mean,
@@ -288,12 +353,16 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
                 lpips_reason=None if all(v is not None for v in lp_vals) else (reasons[0] if reasons else "LPIPS missing"),
                 threat=" | ".join(threats),
                 seconds=statistics.fmean(r.seconds for r in results),
+                label_worst=max(label_accs) if label_accs else None,
+                accuracy=accuracy_of(train, runs.trains),
+                verdict=stats.floor_verdict([(r.ssim, r.psnr, r.floor_ssim, r.floor_psnr) for r in rows]) if rows else None,
+                train_run=None if own is None else str(own.path),
             )
         )
 
     groups = []
     for (dataset, model), rows in sorted(summary.items()):
-        rows.sort(key=lambda r: (-r.bytes_per_step, r.defense, r.attack, r.view))
+        rows.sort(key=lambda r: (-r.bytes_per_step, r.defense, r.step, r.attack, VIEW_ORDER.get(r.view, 9), r.view))
         # the table's floor: each distinct original image once
         seen: dict[tuple[str, int], tuple[float, float]] = {}
         for row in image_rows:
@@ -312,15 +381,31 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
     return ReportData(runs, tuple(image_rows), tuple(groups), tuple(lpips_notes), tuple(notes))
 
 
+VIEW_ORDER = {"naive": 0, "aware": 1, "oracle": 2}
+
+
 # -- CSV -------------------------------------------------------------------------------------------
+
+
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: str) -> str:
+    """A text cell made inert for spreadsheets (OWASP CSV injection: prefix a leading =, +, -, @, tab, CR with ')."""
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
 
 
 def _cell(v: object) -> object:
     if v is None:
         return ""
+    if isinstance(v, bool):
+        return v
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    return v
+    if isinstance(v, int):
+        return v
+    # anything else is text that came from a record, a spec or a path: never a formula
+    return csv_text(str(v))
 
 
 def results_csv(data: ReportData) -> str:
@@ -335,16 +420,19 @@ def results_csv(data: ReportData) -> str:
 
 
 SUMMARY_FIELDS = (
-    "dataset", "model", "defense", "attack", "view", "records", "images",
+    "dataset", "model", "defense", "attack", "view", "step", "source", "records", "images",
     "bytes_per_step", "bytes_fp32", "compression_ratio", "test_accuracy", "accuracy_model",
     "ssim_mean", "ssim_worst", "ssim_spread", "psnr_mean", "psnr_worst", "psnr_spread",
     "lpips_mean", "lpips_worst", "lpips_spread", "label_accuracy",
     "floor_ssim", "floor_psnr", "seconds", "threat", "lpips_reason",
+    "label_worst", "test_accuracy_se", "test_accuracy_runs", "iterations", "restarts", "evaluations",
+    "budget_preset", "budget_from_spec", "verdict", "verdict_images", "verdict_beat_floor", "verdict_p",
+    "train_run",
 )  # fmt: skip
 
 
 def summary_csv(data: ReportData) -> str:
-    """``summary.csv``: one row per dataset x model x defense x attack x view."""
+    """``summary.csv``: one row per dataset x model x defense x attack x view x step."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SUMMARY_FIELDS)
@@ -355,6 +443,20 @@ def summary_csv(data: ReportData) -> str:
             flat[f"{name}_mean"] = None if s is None else s.mean
             flat[f"{name}_worst"] = None if s is None else s.worst
             flat[f"{name}_spread"] = None if s is None else s.spread
+        acc, budget, verdict = r.accuracy, r.budget, r.verdict
+        flat.update(
+            test_accuracy_se=None if acc is None else acc.se,
+            test_accuracy_runs=None if acc is None else acc.runs,
+            iterations=budget.iterations,
+            restarts=budget.restarts,
+            evaluations=budget.evaluations,
+            budget_preset=budget.preset,
+            budget_from_spec=budget.from_spec,
+            verdict=None if verdict is None else verdict.verdict,
+            verdict_images=None if verdict is None else verdict.n,
+            verdict_beat_floor=None if verdict is None else verdict.beats,
+            verdict_p=None if verdict is None else verdict.p,
+        )
         w.writerow([_cell(flat[f]) for f in SUMMARY_FIELDS])
     return buf.getvalue()
 

@@ -1,45 +1,53 @@
-"""The report's headline columns as rich tables, for the terminal."""
+"""The report's headline for the terminal: one row per defense setting, units in every header.
+
+Every text cell is passed to rich as a :class:`rich.text.Text`, so a ``[bold]`` in a
+record's spec prints as itself instead of being read as console markup.
+"""
 
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 
-from gia_bench.reports.tables import ReportData, Stat, fmt_accuracy, fmt_bytes, fmt_num, fmt_ratio, short_spec
-from gia_bench.reports.writers import floor_text
+from gia_bench.reports.headline import headline, study_warnings
+from gia_bench.reports.tables import ReportData
+from gia_bench.reports.writers import Cell, floor_text, headline_table
+
+HEADERS = (
+    "defense", "bytes/worker/step", "ratio vs fp32", "test acc. ± SE", "vs reference", "strongest attack",
+    "SSIM mean (worst)", "PSNR dB mean (worst)", "labels", "vs floor", "budget, images",
+)  # fmt: skip
 
 
-def _pair(s: Stat | None, digits: int) -> str:
-    if s is None:
-        return "–"
-    return f"{fmt_num(s.mean, digits)} ({fmt_num(s.worst, digits)})"
+def _text(c: Cell, with_sub: bool) -> Text:
+    text = c.text
+    if with_sub and c.sub:
+        text += f" ({c.sub})"
+    return Text(text, style="bold" if c.strong else "")
 
 
 def rich_tables(data: ReportData) -> list[Table]:
-    """One table per dataset x model: defense, bytes, ratio, accuracy, attack, view, SSIM/PSNR/LPIPS, labels."""
+    """One table per dataset x model: the headline row of each defense setting."""
     tables = []
-    for g in data.groups:
-        t = Table(title=f"{g.dataset} / {g.model}", title_justify="left", caption=floor_text(g), caption_justify="left")
-        for name, justify in (
-            ("defense", "left"), ("bytes/step", "right"), ("ratio", "right"), ("test acc.", "right"),
-            ("attack", "left"), ("view", "left"), ("SSIM mean (worst)", "right"),
-            ("PSNR dB mean (worst)", "right"), ("LPIPS mean (worst)", "right"), ("labels", "right"),
-        ):  # fmt: skip
-            t.add_column(name, justify=justify, overflow="fold", style="bold cyan" if name == "defense" else None)  # type: ignore[arg-type]
-        prev = None
-        for r in g.rows:
-            t.add_row(
-                short_spec(r.defense, "defense") if r.defense != prev else "",
-                fmt_bytes(r.bytes_per_step),
-                fmt_ratio(r.compression_ratio),
-                fmt_accuracy(r),
-                short_spec(r.attack, "attack"),
-                r.view,
-                _pair(r.ssim, 3),
-                _pair(r.psnr, 1),
-                _pair(r.lpips, 3) if r.lpips else "n/a",
-                "–" if r.label_accuracy is None else f"{100 * r.label_accuracy:.0f}%",
-                end_section=False,
-            )
-            prev = r.defense
+    heads = headline(data)
+    for hg in heads:
+        t = Table(
+            title=f"{hg.dataset} / {hg.model}",
+            title_justify="left",
+            caption=floor_text(hg.group),
+            caption_justify="left",
+        )
+        for n, name in enumerate(HEADERS):
+            numeric = n in (1, 2, 3, 6, 7, 8, 10)
+            t.add_column(name, justify="right" if numeric else "left", overflow="fold",
+                         style="bold cyan" if n == 0 else None)  # fmt: skip
+        for row in headline_table(hg).rows:
+            # the worst case and the strongest attack's view travel with their numbers
+            t.add_row(*(_text(c, with_sub=n in (5, 6, 7, 9)) for n, c in enumerate(row)))
         tables.append(t)
     return tables
+
+
+def warning_lines(data: ReportData) -> tuple[str, ...]:
+    """The banner's lines (empty when the study supports its verdicts)."""
+    return study_warnings(data)

@@ -1,0 +1,236 @@
+"""The report's first table: one row per defense setting, and the banner that says when a study cannot support it.
+
+A :class:`DefenseRow` answers, for one dataset x model x defense: what it costs (bytes
+per step, ratio against uncompressed fp32, test accuracy ± its standard error and
+whether that differs from the uncompressed reference), and how much its strongest
+attacker recovers (the attack, view and step with the highest mean SSIM over images,
+its mean and worst SSIM / PSNR / label accuracy, its budget and number of images)
+with a verdict against the mean-colour floor. The statistical rules are in
+:mod:`gia_bench.reports.stats`.
+
+The oracle view reads the worker's private residual from the truth file: it is an
+upper bound, not an attacker, so it never counts as the strongest attacker; its best
+row is kept beside (:attr:`DefenseRow.oracle`).
+
+:func:`study_warnings` is the one rule for "this study is too small to support its
+verdicts", shared by the report's banner and ``gia-bench audit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Sequence
+
+from gia_bench.reports import stats
+from gia_bench.reports.tables import ReportData, SummaryRow, TableGroup, short_spec
+
+REFERENCE = "none"  # accuracies are compared with the uncompressed baseline when the study has it
+
+# Budgets the attacks' authors ran (iterations x restarts), for the "budget too small" rule.
+PUBLISHED_BUDGETS: dict[str, tuple[int, int, str]] = {
+    "dlg": (300, 1, "Zhu et al. 2019 (DLG): 300 L-BFGS iterations in the authors' code"),
+    "ig": (4800, 1, "Geiping et al. 2020 (Inverting Gradients): inversefed's default, 4,800 Adam iterations, 1 restart"),
+}
+BUDGET_FRACTION = 0.1  # a budget below this fraction of the published one is "far below"
+
+BUDGET_RULE = (
+    "The banner appears when a study cannot support its verdicts: (1) the strongest attacker of a defense"
+    " setting was scored on fewer images than the sign test needs to say 'leaks' at its level (5 images for one"
+    " attacker setting, more when the strongest is picked from several); (2) an attack ran fewer than"
+    f" {BUDGET_FRACTION:.0%} of its published iterations x restarts"
+    " (" + "; ".join(f"{name}: {it:,} x {r}, {src.split(': ', 1)[0]}" for name, (it, r, src) in PUBLISHED_BUDGETS.items()) + ");"
+    " (3) the uncompressed baseline 'none' does not leak under the strongest attack, so the attacks cannot"
+    " separate the defenses."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DefenseRow:
+    """One defense setting of one dataset x model: cost, accuracy and its strongest attacker."""
+
+    dataset: str
+    model: str
+    defense: str
+    bytes_per_step: float
+    bytes_fp32: float
+    compression_ratio: float
+    accuracy: stats.Estimate | None
+    accuracy_model: str | None
+    vs_reference: str | None  # "reference", "not different", "lower", "higher", "unknown"; None without accuracy
+    reference: str | None  # the defense accuracies are compared with
+    strongest: SummaryRow | None  # None when no attacker was scored
+    oracle: SummaryRow | None  # the best oracle (upper bound) row, if any
+    attackers: int  # attacker settings (attack x view x step, oracle excluded) the strongest was picked from
+    verdict: stats.Verdict | None
+    reference_accuracy: float | None = None
+
+    @property
+    def images(self) -> int:
+        return 0 if self.strongest is None else self.strongest.images
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadlineGroup:
+    """The headline rows of one dataset x model, most bytes first."""
+
+    group: TableGroup
+    rows: tuple[DefenseRow, ...]
+
+    @property
+    def dataset(self) -> str:
+        return self.group.dataset
+
+    @property
+    def model(self) -> str:
+        return self.group.model
+
+
+def _key(r: SummaryRow) -> tuple[float, float]:
+    s = r.ssim.mean if r.ssim is not None and not math.isnan(r.ssim.mean) else -math.inf
+    p = r.psnr.mean if r.psnr is not None and not math.isnan(r.psnr.mean) else -math.inf
+    return (s, p)
+
+
+def strongest(rows: Sequence[SummaryRow]) -> SummaryRow | None:
+    """The row with the highest mean SSIM (then PSNR) over images; None when none was scored."""
+    scored = [r for r in rows if r.ssim is not None]
+    return max(scored, key=_key) if scored else None
+
+
+def headline(data: ReportData) -> tuple[HeadlineGroup, ...]:
+    """One :class:`DefenseRow` per dataset x model x defense."""
+    out = []
+    for g in data.groups:
+        by_defense: dict[str, list[SummaryRow]] = {}
+        for r in g.rows:
+            by_defense.setdefault(r.defense, []).append(r)
+        rows = []
+        for defense, rs in by_defense.items():
+            attackers = [r for r in rs if r.view != "oracle" and r.ssim is not None]
+            best = strongest(attackers)
+            verdict = None
+            if best is not None:
+                pairs = [
+                    (i.ssim, i.psnr, i.floor_ssim, i.floor_psnr)
+                    for i in data.image_rows
+                    if (i.dataset, i.model, i.defense, i.attack, i.view, i.step)
+                    == (g.dataset, g.model, defense, best.attack, best.view, best.step)
+                ]
+                verdict = stats.floor_verdict(pairs, comparisons=len(attackers))
+            acc_row = next((r for r in rs if r.accuracy is not None), None)
+            bytes_mean = statistics.fmean(r.bytes_per_step for r in rs)
+            bytes32 = statistics.fmean(r.bytes_fp32 for r in rs)
+            rows.append(
+                DefenseRow(
+                    dataset=g.dataset,
+                    model=g.model,
+                    defense=defense,
+                    bytes_per_step=bytes_mean,
+                    bytes_fp32=bytes32,
+                    compression_ratio=bytes32 / bytes_mean if bytes_mean > 0 else math.inf,
+                    accuracy=None if acc_row is None else acc_row.accuracy,
+                    accuracy_model=None if acc_row is None else acc_row.accuracy_model,
+                    vs_reference=None,
+                    reference=None,
+                    strongest=best,
+                    oracle=strongest([r for r in rs if r.view == "oracle"]),
+                    attackers=len(attackers),
+                    verdict=verdict,
+                )
+            )
+        rows = _compare_accuracies(rows)
+        rows.sort(key=lambda r: (-r.bytes_per_step, r.defense))
+        out.append(HeadlineGroup(g, tuple(rows)))
+    return tuple(out)
+
+
+def reference_of(rows: Sequence[DefenseRow]) -> DefenseRow | None:
+    """``none`` when it has an accuracy, else the setting with an accuracy that sends the most bytes."""
+    with_acc = [r for r in rows if r.accuracy is not None]
+    if not with_acc:
+        return None
+    return next((r for r in with_acc if r.defense == REFERENCE), max(with_acc, key=lambda r: r.bytes_per_step))
+
+
+def _compare_accuracies(rows: list[DefenseRow]) -> list[DefenseRow]:
+    ref = reference_of(rows)
+    if ref is None:
+        return rows
+    out = []
+    for r in rows:
+        if r.accuracy is None:
+            out.append(r)
+            continue
+        if r is ref:
+            vs = "reference"
+        else:
+            same = stats.not_different(r.accuracy, ref.accuracy)  # type: ignore[arg-type]
+            if same is None:
+                vs = "unknown"
+            elif same:
+                vs = "not different"
+            else:
+                vs = "higher" if r.accuracy.mean > ref.accuracy.mean else "lower"  # type: ignore[union-attr]
+        out.append(dataclasses.replace(r, vs_reference=vs, reference=ref.defense, reference_accuracy=ref.accuracy.mean))  # type: ignore[union-attr]
+    return out
+
+
+def accuracy_pairs(rows: Sequence[DefenseRow]) -> list[tuple[DefenseRow, DefenseRow, bool | None]]:
+    """Every pair of settings with an accuracy, and whether they are within noise of each other."""
+    acc = [r for r in rows if r.accuracy is not None]
+    return [(a, b, stats.not_different(a.accuracy, b.accuracy)) for i, a in enumerate(acc) for b in acc[i + 1 :]]  # type: ignore[arg-type]
+
+
+def published_budget(attack: str) -> tuple[int, int, str] | None:
+    return PUBLISHED_BUDGETS.get(attack.split(":", 1)[0])
+
+
+def study_warnings(data: ReportData, groups: Sequence[HeadlineGroup] | None = None) -> tuple[str, ...]:
+    """Why the study's verdicts (and any ranking built on them) are not supported; empty when they are.
+
+    The rule is :data:`BUDGET_RULE`; the report shows these lines as a banner and
+    ``gia-bench audit`` prints them beside its standings.
+    """
+    groups = headline(data) if groups is None else groups
+    warnings: list[str] = []
+    scored = [r for g in groups for r in g.rows if r.strongest is not None]
+    few = [r for r in scored if r.images < stats.min_images(r.attackers)]
+    if few:
+        least, most = min(r.images for r in few), max(r.images for r in few)
+        need = max(stats.min_images(r.attackers) for r in few)
+        warnings.append(
+            f"Too few images: {len(few)} of {len(scored)} defense settings rest on"
+            f" {least if least == most else f'{least} to {most}'} image(s) under their strongest attacker, fewer than"
+            f" the {need} the sign test needs to call anything a leak at its level; their verdicts can only read"
+            " 'too few images to tell', and their worst cases and spreads rest on those images alone."
+        )
+    seen: set[str] = set()
+    for g in data.groups:
+        for r in g.rows:
+            if r.attack in seen:
+                continue
+            seen.add(r.attack)
+            pub = published_budget(r.attack)
+            if pub is None:
+                continue
+            spent = r.budget.iterations * r.budget.restarts
+            wanted = pub[0] * pub[1]
+            if spent < BUDGET_FRACTION * wanted:
+                where = " (read from its spec; the result did not record its budget)" if r.budget.from_spec else ""
+                warnings.append(
+                    f"Attack budget far below the published one: {short_spec(r.attack, 'attack')} ran"
+                    f" {r.budget.iterations:,} iterations x {r.budget.restarts} restart(s){where},"
+                    f" {spent / wanted:.1%} of {pub[0]:,} x {pub[1]} ({pub[2]}). A defense that does not leak under"
+                    " it may leak under the full attack."
+                )
+    for g in groups:
+        base = next((r for r in g.rows if r.defense == REFERENCE and r.verdict is not None), None)
+        if base is not None and base.verdict.verdict == stats.FLOOR:  # type: ignore[union-attr]
+            warnings.append(
+                f"On {g.dataset} / {g.model} the uncompressed baseline 'none' is indistinguishable from the floor"
+                " under its strongest attack: the attacks are too weak at this budget to separate the defenses,"
+                " so no ranking of them follows from this study."
+            )
+    return tuple(warnings)
