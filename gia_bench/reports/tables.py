@@ -404,8 +404,9 @@ def _cell(v: object) -> object:
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
     if isinstance(v, int):
         return v
-    # anything else is text that came from a record, a spec or a path: never a formula
-    return csv_text(str(v))
+    # anything else is text that came from a record, a spec or a path: never a formula; a bare CR
+    # would end the row (csv quotes only the line terminator's characters), so it becomes a quoted LF
+    return csv_text(str(v)).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def results_csv(data: ReportData) -> str:

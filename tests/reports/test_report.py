@@ -32,6 +32,7 @@ from gia_bench.reports import (
     parse_result,
 )
 from gia_bench.reports.tables import short_spec
+from gia_bench.reports.writers import md_text
 from gia_bench.reports.load import MalformedFile
 
 
@@ -53,6 +54,34 @@ def _csv(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
+def md_rows(md: str) -> list[list[str]]:
+    """The cells of every Markdown table row, as plain text (main line only, escapes undone)."""
+    rows = []
+    for line in md.splitlines():
+        if not line.startswith("| ") or set(line) <= set("|:- "):
+            continue
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        out = []
+        for c in cells:
+            c = c.strip().split("<br>", 1)[0]
+            c = re.sub(r"</?code>|\*\*", "", c)
+            out.append(html.unescape(re.sub(r"\\(.)", r"\1", c)))
+        rows.append(out)
+    return rows
+
+
+def html_rows(page: str) -> list[list[str]]:
+    """The cells of every HTML table row, as plain text (the main line of each cell)."""
+    rows = []
+    for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", page, flags=re.S):
+        cells = []
+        for td in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", tr, flags=re.S):
+            main = re.sub(r'<span class="sub">.*?</span>', "", td, flags=re.S)
+            cells.append(html.unescape(re.sub(r"<[^>]+>", "", main)).strip())
+        rows.append(cells)
+    return rows
+
+
 def test_every_defense_row_in_summary_markdown_and_html(report) -> None:
     out, output = report
     rows = _csv(out / "summary.csv")
@@ -63,21 +92,30 @@ def test_every_defense_row_in_summary_markdown_and_html(report) -> None:
     assert len(_csv(out / "results.csv")) == len(rows) * BATCH
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
+    views = set(VIEWS)
+    for doc_rows in (md_rows(md), html_rows(page)):
+        detail = [r[:3] for r in doc_rows if len(r) >= 9 and r[2] in views]
+        headline_rows = [r[0] for r in doc_rows if len(r) == 11]
+        for d in DEFENSES:
+            # every defense x attack x view appears exactly once as a row of the details table ...
+            for a in ATTACKS:
+                for v in VIEWS:
+                    assert detail.count([short_spec(d, "defense"), short_spec(a, "attack"), v]) == 1, (d, a, v)
+            # ... and every defense once in the headline table (after its header row)
+            assert headline_rows.count(short_spec(d, "defense")) == 1, d
+        assert len(detail) == len(DEFENSES) * len(ATTACKS) * len(VIEWS)
     for d in DEFENSES:
-        shown = html.escape(short_spec(d, "defense"))
-        for a in ATTACKS:
-            for v in VIEWS:
-                # every defense x attack x view appears as a table row in both documents
-                row = rf"\| {re.escape(short_spec(d, 'defense'))} \|[^\n]*\| {re.escape(short_spec(a, 'attack'))} \| {v} \|"
-                assert re.search(row, md), (d, a, v)
-        assert page.count(f'<td class="text">{shown}</td>') == len(ATTACKS) * len(VIEWS)
-        assert d in md and html.escape(d) in page  # the full spec is there too
+        assert md_text(d) in md and html.escape(d) in page  # the full spec is there too
     assert THREAT_MODEL in md and THREAT_MODEL in html.unescape(page)
     assert "naive" in md and "aware" in md
     assert "Floor (a flat image" in md and "Floor (a flat image" in page
     # LPIPS is missing in the fixture: the report says so instead of inventing a number
     assert "LPIPS not computed" in md and "LPIPS not computed" in page
     assert all(r["lpips_mean"] == "" for r in rows)
+    # the report opens with the banner and the one-row-per-defense table, the details come later, collapsed
+    assert md.index("At a glance") < md.index("## Threat model") < md.index("<details>")
+    assert page.index("At a glance") < page.index("Threat model and attack budgets") < page.index("<details>")
+    assert "<details open" not in page
 
 
 def test_summary_numbers_match_the_per_image_rows(report, fixture_dir) -> None:
@@ -155,7 +193,7 @@ def test_malformed_files_are_listed_with_the_reason_and_skipped(report, fixture_
     assert "not valid JSON" in by_name["truncated"]
     assert "kind is 'record'" in by_name["wrongkind"]
     assert "missing field" in by_name["nofield"]
-    assert "'oracle'" in by_name["badview"]
+    assert "'psychic'" in by_name["badview"]
     md = (out / "report.md").read_text()
     assert "## Skipped files" in md
     for p in written["malformed"]:
