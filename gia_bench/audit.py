@@ -191,6 +191,7 @@ class AuditResult:
     checks: tuple[CheckResult, ...]
     standings: tuple[Standing, ...] = ()
     report: Path | None = None
+    warnings: tuple[str, ...] = ()  # why the battery cannot support its ranking (reports.study_warnings)
 
     @property
     def passed(self) -> bool:
@@ -205,6 +206,7 @@ class AuditResult:
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "standings": [dataclasses.asdict(s) for s in self.standings],
             "report": None if self.report is None else str(self.report),
+            "warnings": list(self.warnings),
         }
 
 
@@ -297,6 +299,8 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
         Standing(d, b, a, s, p, lp, i in keep, d == canonical) for i, (d, b, a, s, p, lp) in enumerate(entries)
     )
     failures = tuple(CheckResult(f"battery {f['stage']}", False, f"{f['unit']}: {f['error']}") for f in st.failures)
-    result = AuditResult(canonical, checks + failures, standings, st.report)
+    from gia_bench.reports import study_warnings
+
+    result = AuditResult(canonical, checks + failures, standings, st.report, study_warnings(data))
     _write_text_atomic(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
     return result

@@ -8,6 +8,7 @@ printed as one red line and exit with code 2.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import typer
@@ -132,6 +133,16 @@ def capture_cmd(
     console.print(f"defense [bold]{defense}[/], model [bold]{model}[/], dataset [bold]{dataset}[/], seed {seed}")
 
 
+def _print_warnings(warnings: Sequence[str], what: str) -> None:
+    """The report's banner on the terminal (rule: gia_bench.reports.headline.BUDGET_RULE)."""
+    from rich.markup import escape
+
+    if warnings:
+        console.print(f"[bold yellow]Not supported by this study: {what}.[/]")
+        for w in warnings:
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+
+
 @app.command("report")
 def report_cmd(
     runs: list[Path] = typer.Argument(..., help="folders with result.json files (searched recursively) or result files"),
@@ -148,7 +159,7 @@ def report_cmd(
         raise GiaBenchError(f"--lpips-net {lpips_net!r}: accepted values are alex, vgg")
     if lpips_weights is not None and not lpips_weights.is_file():
         raise GiaBenchError(f"--lpips-weights {lpips_weights}: no such file")
-    from gia_bench.reports import ReportOptions, make_report, rich_tables
+    from gia_bench.reports import ReportOptions, make_report, rich_tables, warning_lines
 
     options = ReportOptions(
         runs=tuple(runs),
@@ -161,6 +172,7 @@ def report_cmd(
     output = make_report(options)
     for table in rich_tables(output.data):
         console.print(table)
+    _print_warnings(warning_lines(output.data), "the verdicts above")
     for note in output.data.lpips_notes:
         console.print(f"[yellow]{note}[/]", highlight=False, soft_wrap=True)
     for s in output.data.runs.skipped:
@@ -424,6 +436,7 @@ def audit_cmd(
                 "yes" if s.on_frontier else "no",
             )
         console.print(table)
+    _print_warnings(result.warnings, "the frontier column above: this ranking means nothing at this budget")
     console.print(f"wrote [bold]{out / AUDIT_FILE}[/]" + (f" and {result.report / 'report.html'}" if result.report else ""))
     if not result.passed:
         err_console.print(f"[bold red]audit failed:[/] {next(c for c in result.checks if not c.passed).reason}",

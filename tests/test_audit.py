@@ -36,6 +36,10 @@ def test_third_party_compressor_passes_quick_audit(tmp_path):
     assert {"none", "powersgd", "lqsgd"} <= names
     saved = json.loads((tmp_path / "audit.json").read_text())
     assert saved["passed"] is True and len(saved["standings"]) == len(result.standings)
+    # --quick (1 image, 2 and 20 iterations) cannot support a ranking, and says so with the report's rule
+    assert any(w.startswith("Too few images") for w in result.warnings)
+    assert any(w.startswith("Attack budget far below") for w in result.warnings)
+    assert saved["warnings"] == list(result.warnings)
 
 
 def test_broken_compressor_fails_audit_cli(tmp_path):

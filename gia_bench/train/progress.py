@@ -31,7 +31,7 @@ class Progress:
         if self.rank0:
             self.console.print(
                 f"epoch {row['epoch']}/{self.epochs}: loss {row['train_loss']:.4f}"
-                f"  test acc {100 * row['test_accuracy']:.2f}%  {row['bytes_sent_per_worker']:,} B/worker"
+                f"  test acc {100 * row['test_accuracy']:.2f}%  {row['bytes_sent_per_worker']:,} bytes/worker this epoch"
                 f"  {row['seconds']:.1f} s",
                 highlight=False,
             )

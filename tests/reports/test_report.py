@@ -8,6 +8,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -295,19 +296,29 @@ def test_cli_report(fixture_dir, tmp_path: Path) -> None:
 # -- headless browser ------------------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+ARTIFACTS = "GIA_BENCH_ARTIFACTS"  # where the browser test leaves its screenshots (default: pytest's tmp dir)
+
+
+def _chromium(page: Path, profile: Path, *args: str) -> list[str]:
+    return [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args, page.resolve().as_uri(),
+    ]  # fmt: skip
+
+
+def _page_checks(page: Path, profile: Path, width: int = 1280) -> dict[str, str]:
+    """Open ``page`` in headless Chromium at ``width`` px; return what the report's load script measured."""
+    cmd = _chromium(page, profile, f"--window-size={width},900", "--dump-dom")
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    root = re.search(r"<html[^>]*>", dom)
+    found = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', root.group(0) if root else ""))
+    assert "images-loaded" in found, f"the page's load script did not run; DOM starts: {dom[:300]!r}"
+    return found
 
 
 def _images_loaded(page: Path, profile: Path) -> str:
-    """Open ``page`` in headless Chromium; return the report's own count of decoded images ("ok/total")."""
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
-        page.resolve().as_uri(),
-    ]  # fmt: skip
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
-    m = re.search(r'data-images-loaded="(\d+/\d+)"', dom)
-    assert m, f"the page's load script did not run; DOM starts: {dom[:300]!r}"
-    return m.group(1)
+    """The report's own count of decoded images ("ok/total")."""
+    return _page_checks(page, profile)["images-loaded"]
 
 
 @pytest.mark.browser
@@ -320,3 +331,51 @@ def test_html_opens_in_headless_chromium_with_every_image_loaded(report, tmp_pat
     broken = (out / "report.html").read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
     (tmp_path / "broken.html").write_text(broken)
     assert _images_loaded(tmp_path / "broken.html", tmp_path / "profile2") == f"{n - 1}/{n}"
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (Debian: apt-get install -y chromium)")
+def test_demo_like_report_fits_1280_px_and_is_screenshotted(tmp_path: Path, capsys) -> None:
+    """No horizontal overflow at 1280 px, collapsed or with every section open; a screenshot as an artifact."""
+    from report_fixture import write_demo_like
+
+    write_demo_like(tmp_path / "fixture")
+    out = tmp_path / "out"
+    options = ReportOptions(
+        runs=(tmp_path / "fixture" / "runs", tmp_path / "fixture" / "runs-train"),
+        train=(tmp_path / "fixture" / "train", tmp_path / "fixture" / "trainruns"),
+        out=out,
+        compute_lpips=False,
+    )
+    output = make_report(options)
+    page = out / "report.html"
+    text = page.read_text()
+    opened = out / "report-open.html"
+    opened.write_text(text.replace("<details>", "<details open>"))
+    heights = {}
+    for name, path in (("collapsed", page), ("every section open", opened)):
+        got = _page_checks(path, tmp_path / f"profile-{len(heights)}")
+        # the page is exactly as wide as the window, and nothing (a table, a spec, a figure) reaches past it
+        assert got["scroll-width"] == got["viewport-width"], (name, got)
+        assert got["overflowing"] == "0", (name, got)
+        heights[name] = int(got["page-height"])
+    n = len(output.figures)
+    assert _page_checks(opened, tmp_path / "profile-x")["images-loaded"] == f"{n}/{n}"
+    assert heights["collapsed"] < heights["every section open"] / 2
+    # the check can fail: a table wider than the window is caught
+    wide = out / "report-wide.html"
+    wide.write_text(text.replace("</style>", "table { min-width: 1600px; }</style>"))
+    got = _page_checks(wide, tmp_path / "profile-wide")
+    assert got["scroll-width"] != got["viewport-width"] or got["overflowing"] != "0"
+    # the screenshot: the whole collapsed page at 1280 px
+    shots = Path(os.environ.get(ARTIFACTS) or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    shot = shots / "report-demo-like-1280.png"
+    cmd = _chromium(page, tmp_path / "profile-shot", "--hide-scrollbars", f"--window-size=1280,{heights['collapsed']}",
+                    f"--screenshot={shot}")  # fmt: skip
+    subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    with Image.open(shot) as img:
+        assert img.format == "PNG" and img.size == (1280, heights["collapsed"])
+    with capsys.disabled():
+        print(f"\nscreenshot: {shot} (page height at 1280 px: {heights['collapsed']} px collapsed,"
+              f" {heights['every section open']} px with every section open)")  # fmt: skip
