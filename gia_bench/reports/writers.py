@@ -20,14 +20,21 @@ from pathlib import Path
 
 from gia_bench.reports import stats
 from gia_bench.reports.figures import Figure
-from gia_bench.reports.headline import BUDGET_RULE, DefenseRow, HeadlineGroup, accuracy_pairs, headline
-from gia_bench.reports.headline import published_budget, study_warnings
+from gia_bench.reports.headline import (
+    BUDGET_RULE,
+    DefenseRow,
+    HeadlineGroup,
+    accuracy_pairs,
+    headline,
+    published_budget,
+    study_warnings,
+)
 from gia_bench.reports.load import Budget
 from gia_bench.reports.tables import (
+    VIEW_ORDER,
     ReportData,
     Stat,
     SummaryRow,
-    VIEW_ORDER,
     TableGroup,
     fmt_bytes,
     fmt_num,

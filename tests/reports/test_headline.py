@@ -29,8 +29,15 @@ from report_fixture import (
 )
 from test_report import html_rows, md_rows
 
-from gia_bench.reports import ReportOptions, build_report, headline, load_runs, make_report, study_warnings
-from gia_bench.reports import stats
+from gia_bench.reports import (
+    ReportOptions,
+    build_report,
+    headline,
+    load_runs,
+    make_report,
+    stats,
+    study_warnings,
+)
 from gia_bench.reports.load import MalformedFile, parse_result
 from gia_bench.reports.tables import short_spec
 from gia_bench.reports.terminal import rich_tables

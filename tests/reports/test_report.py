@@ -32,9 +32,9 @@ from gia_bench.reports import (
     make_report,
     parse_result,
 )
+from gia_bench.reports.load import MalformedFile
 from gia_bench.reports.tables import short_spec
 from gia_bench.reports.writers import md_text
-from gia_bench.reports.load import MalformedFile
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +74,10 @@ def md_rows(md: str) -> list[list[str]]:
 def html_rows(page: str) -> list[list[str]]:
     """The cells of every HTML table row, as plain text (the main line of each cell)."""
     rows = []
-    for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", page, flags=re.S):
+    for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", page, flags=re.DOTALL):
         cells = []
-        for td in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", tr, flags=re.S):
-            main = re.sub(r'<span class="sub">.*?</span>', "", td, flags=re.S)
+        for td in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", tr, flags=re.DOTALL):
+            main = re.sub(r'<span class="sub">.*?</span>', "", td, flags=re.DOTALL)
             cells.append(html.unescape(re.sub(r"<[^>]+>", "", main)).strip())
         rows.append(cells)
     return rows
