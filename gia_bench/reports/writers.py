@@ -58,12 +58,12 @@ VIEWS = {
 }
 ORACLE_LABEL = "oracle (upper bound)"
 LEGEND = (
-    "Bytes: what one worker sent per step; ratio: the uncompressed fp32 gradient (plain SGD) over those bytes."
+    "Bytes: what one worker sent per optimizer step (bytes/worker/step); ratio: the uncompressed fp32 gradient (plain SGD) over those bytes."
     " Test accuracy: from the training run with the same defense on the same dataset (the model it was trained"
     " on in brackets when it differs), ± its standard error; 'vs' compares it with the reference. For each"
     " metric: the mean over images and the worst case (the most leaking image: highest SSIM or PSNR, lowest"
-    " LPIPS); ± is the spread (standard deviation over images). Label accuracy: mean over records / the best"
-    " record. Higher SSIM/PSNR and lower LPIPS mean more leakage. Reconstructions are paired to originals by the"
+    " LPIPS); ± is the spread (standard deviation over images). Label accuracy: mean over records, and the worst"
+    " record (the most labels recovered). Higher SSIM/PSNR and lower LPIPS mean more leakage. Reconstructions are paired to originals by the"
     " Hungarian algorithm on pixel MSE before scoring; label accuracy uses the same pairing. The floor is what a"
     " flat image of each original's mean colour scores. Budget: iterations x restarts of the attack; n: images."
 )
@@ -210,7 +210,7 @@ def floor_text(group: TableGroup) -> str:
 
 
 HEADLINE_HEADERS = (
-    ("defense", False), ("bytes/step", True), ("ratio vs fp32", True), ("test acc. ± SE", True),
+    ("defense", False), ("bytes/worker/step", True), ("ratio vs fp32", True), ("test acc. ± SE", True),
     ("vs reference", False), ("strongest attack", False), ("SSIM", True), ("PSNR dB", True), ("labels", True),
     ("vs floor", False), ("budget, images", True),
 )  # fmt: skip
