@@ -16,16 +16,25 @@ from typing import Any
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path | str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, fsync it, rename it onto ``path``.
 
     For writers that want a file name (``torch.save``, ``safetensors.save_file``, PIL).
+    The file gets the permissions an ordinary ``open(path, "w")`` would give it
+    (``0o666`` less the umask), not the temp file's private ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

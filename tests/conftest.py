@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# OpenMP threads that spin while waiting starve every other process on a shared or small
+# machine (a suite stalled for minutes at one test with ~10 suites running); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "gia-bench-mpl"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
