@@ -35,6 +35,7 @@ from gia_bench.data import DatasetSpec, load_dataset
 from gia_bench.defenses import create as create_defense
 from gia_bench.defenses.base import Compressor
 from gia_bench.errors import CheckpointError, CompressorError, DataError, RecordError, SpecError
+from gia_bench.fedavg import LocalTraining, local_update
 from gia_bench.models import MODELS, ModelSpec, build_model
 from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, truth_path
 from gia_bench.registry import describe_params, parse_spec
@@ -63,17 +64,27 @@ def capture_batch(
     seed: int = 0,
     grads: Sequence[torch.Tensor] | None = None,
     extra: dict | None = None,
+    local: LocalTraining | None = None,
 ) -> tuple[GradientRecord, Truth]:
     """One worker's step on (``inputs``, ``labels``) as a record and its truth.
 
     ``grads`` may be given when the caller already computed them (the trainer);
-    otherwise they are computed here with the cross-entropy loss.
+    otherwise they are computed here with the cross-entropy loss. With ``local`` (FedAvg,
+    :mod:`gia_bench.fedavg`) the compressor gets the client's update u = (w_0 - w_K) / lr
+    after ``local.steps`` local SGD steps (computed here unless ``grads`` holds it), and the
+    record's metadata says so; K = 1 on the whole batch is the FedSGD record, byte for byte.
     """
+    batch_size = int(inputs.shape[0])
+    local = local or LocalTraining()
+    local.check(batch_size)
     # The server knows the model as it was before this step's forward (BN statistics included).
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     names = tuple(n for n, _ in model.named_parameters())
     if grads is None:
-        grads = compute_gradient(model, inputs, labels)
+        if local.is_fedsgd(batch_size):
+            grads = compute_gradient(model, inputs, labels)
+        else:
+            grads = local_update(model, inputs, labels, local.steps, local.lr, local.local_batch(batch_size))
     comm = LocalCommunicator(record=True)
     # keys are parameter names, as the DDP hook passes them, so per-layer settings can match names
     out = compressor.step(list(grads), comm, keys=list(names))
@@ -91,6 +102,7 @@ def capture_batch(
         step=step,
         seed=seed,
         extra=dict(extra or {}),
+        **local.meta_fields(batch_size),
     )
     public = {k: v.detach().cpu().clone() for k, v in compressor.public_state().items()}
     record = GradientRecord(meta, messages_by_tag(comm.messages), weights, public)
@@ -194,6 +206,9 @@ class CaptureConfig:
         model_mode: "train" or "eval": BatchNorm behaviour during the gradient.
         device: torch device the gradient is computed on.
         fewbit_backward: bits of Few-Bit Backward activations (0: exact backward); the record says so.
+        local_steps: FedAvg local SGD steps K before the client sends (1: the FedSGD gradient).
+        local_lr: the client's local learning rate (only used when K > 1).
+        local_batch: examples per local step, taken cyclically from the batch (None: the whole batch).
     """
 
     dataset: str = "digits"
@@ -209,6 +224,13 @@ class CaptureConfig:
     model_mode: str = "train"
     device: str = "cpu"
     fewbit_backward: int = 0
+    local_steps: int = 1
+    local_lr: float = 0.1
+    local_batch: int | None = None
+
+    @property
+    def local(self) -> LocalTraining:
+        return LocalTraining(self.local_steps, self.local_lr, self.local_batch)
 
 
 def _safe_name(name: str) -> str:
@@ -259,6 +281,7 @@ def _check_config(cfg: CaptureConfig) -> torch.device:
         raise SpecError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.num < 1:
         raise SpecError(f"--num must be >= 1, got {cfg.num}")
+    cfg.local.check(cfg.batch_size)
     if cfg.model_mode not in ("train", "eval"):
         raise SpecError(f"--model-mode must be 'train' or 'eval', got {cfg.model_mode!r}")
     if not 0 <= cfg.fewbit_backward <= 8:
@@ -304,6 +327,9 @@ def exact_cuda() -> Iterator[None]:
         ) = saved
 
 
+_LOCAL_FIELDS = ("local_steps", "local_lr", "local_batch")
+
+
 def _existing_is_ours(path: Path, expected: RecordMeta, weights: dict[str, torch.Tensor]) -> bool:
     """True if ``path`` holds a valid record (and truth) of this very capture; False if absent or broken.
 
@@ -318,7 +344,7 @@ def _existing_is_ours(path: Path, expected: RecordMeta, weights: dict[str, torch
     except RecordError:
         return False  # broken or half-written: capture it again
     got, want = record.meta, expected
-    fields = ("defense", "model", "dataset", "batch_size", "seed", "loss", "step", "extra")
+    fields = ("defense", "model", "dataset", "batch_size", "seed", "loss", "step", "extra", *_LOCAL_FIELDS)
     diff = [f for f in fields if getattr(got, f) != getattr(want, f)]
     if not diff and (record.weights.keys() != weights.keys() or not all(
         torch.equal(record.weights[k], weights[k]) for k in weights
@@ -388,6 +414,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
                 bytes_sent=0,
                 seed=cfg.seed,
                 extra=extra,
+                **cfg.local.meta_fields(cfg.batch_size),
             )
             if _existing_is_ours(path, expected, initial_cpu):
                 skipped += 1
@@ -398,7 +425,7 @@ def run_capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
             with exact_cuda():
                 record, truth = capture_batch(
                     model, model_spec, spec, inputs.to(device), labels.to(device), compressor, rid,
-                    step=0, seed=cfg.seed, extra=extra,
+                    step=0, seed=cfg.seed, extra=extra, local=cfg.local,
                 )
             truth.save(truth_path(path))
             record.save(path)
@@ -421,6 +448,9 @@ def capture(
     device: str = "cpu",
     progress: bool = False,
     fewbit_backward: int = 0,
+    local_steps: int = 1,
+    local_lr: float = 0.1,
+    local_batch: int | None = None,
 ) -> list[Path]:
     """``gia-bench capture`` as a Python call: see :class:`CaptureConfig` and :func:`run_capture`."""
     cfg = CaptureConfig(
@@ -437,6 +467,9 @@ def capture(
         model_mode=model_mode,
         device=device,
         fewbit_backward=fewbit_backward,
+        local_steps=local_steps,
+        local_lr=local_lr,
+        local_batch=local_batch,
     )
     return run_capture(cfg, progress=progress)
 

@@ -107,14 +107,26 @@ def capture_cmd(
     fewbit_backward: int = typer.Option(
         0, "--fewbit-backward", help="BITS: few-bit backward activations (Novikov et al.); 0 = exact backward"
     ),
+    local_steps: int = typer.Option(
+        1, "--local-steps", help="FedAvg: local SGD steps before the client sends (1: the FedSGD gradient)"
+    ),
+    local_lr: float = typer.Option(0.1, "--local-lr", help="FedAvg: the client's local learning rate"),
+    local_batch: int = typer.Option(
+        None, "--local-batch", help="FedAvg: examples per local step, cyclic over the batch (default: the whole batch)"
+    ),
 ) -> None:
-    """Capture gradient records: one worker's messages for one step, one file per batch (+ truth)."""
+    """Capture gradient records: one worker's messages for one step, one file per batch (+ truth).
+
+    With --local-steps K > 1 the record holds the client's FedAvg update (w_0 - w_K) / lr
+    after K local SGD steps, compressed by the defense.
+    """
     from gia_bench.capture import capture, summarize
 
     try:
         paths = capture(
             dataset, model, defense, batch_size, num, seed, out, checkpoint=checkpoint, data_root=data_root,
             download=download, model_mode=model_mode, device=device, progress=True, fewbit_backward=fewbit_backward,
+            local_steps=local_steps, local_lr=local_lr, local_batch=local_batch,
         )
     except KeyboardInterrupt:
         done = sorted(p for p in out.glob("*.safetensors") if not p.name.endswith(".truth.safetensors"))

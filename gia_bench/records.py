@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 import tempfile
@@ -59,6 +60,11 @@ class RecordMeta:
     seed: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     schema: int = SCHEMA_VERSION
+    # FedAvg (gia_bench.fedavg): the messages carry u = (w_0 - w_K) / local_lr after K local
+    # SGD steps on local_batch examples; all three absent (K = 1, None, None) = a FedSGD gradient.
+    local_steps: int = 1
+    local_lr: float | None = None
+    local_batch: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -66,7 +72,24 @@ class RecordMeta:
         data["dataset"] = self.dataset.to_json()
         data["param_names"] = list(self.param_names)
         data["messages"] = list(self.messages)
+        if self.is_fedsgd:
+            # FedSGD records keep the exact bytes they had before FedAvg records existed
+            for key in _LOCAL_KEYS:
+                del data[key]
         return data
+
+    @property
+    def is_fedsgd(self) -> bool:
+        """True for a plain gradient record (no FedAvg local-training metadata)."""
+        return self.local_steps == 1 and self.local_lr is None and self.local_batch is None
+
+    def local_training(self):
+        """The client's local training as a :class:`gia_bench.fedavg.LocalTraining` (K = 1 for FedSGD)."""
+        from gia_bench.fedavg import LocalTraining
+
+        if self.is_fedsgd:
+            return LocalTraining(1, 1.0, self.batch_size)
+        return LocalTraining(self.local_steps, float(self.local_lr), self.local_batch)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RecordMeta:
@@ -84,7 +107,31 @@ class RecordMeta:
             seed=int(data.get("seed", 0)),
             extra=dict(data.get("extra", {})),
             schema=int(data["schema"]),
+            **_local_fields(data),
         )
+
+
+_LOCAL_KEYS = ("local_steps", "local_lr", "local_batch")
+
+
+def _local_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The FedAvg fields of record metadata, strictly typed; ranges are checked by :meth:`GradientRecord.validate`.
+
+    A JSON number is not silently converted: ``local_steps: 2.5`` or ``"2"`` is a bad field.
+    """
+    present = [k for k in _LOCAL_KEYS if k in data]
+    if not present:
+        return {}
+    if len(present) != len(_LOCAL_KEYS):
+        missing = [k for k in _LOCAL_KEYS if k not in data]
+        raise ValueError(f"FedAvg metadata {present} present without {missing}")
+    steps, lr, batch = (data[k] for k in _LOCAL_KEYS)
+    for key, value in (("local_steps", steps), ("local_batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{key} must be an integer, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, int | float):
+        raise TypeError(f"local_lr must be a number, got {lr!r}")
+    return {"local_steps": steps, "local_lr": float(lr), "local_batch": batch}
 
 
 def truth_path(record_path: Path) -> Path:
@@ -304,6 +351,7 @@ class GradientRecord:
         unknown = [k for k in self.weights if k not in expected]
         if unknown:
             raise RecordError(f"{where}: weights {unknown[:5]} do not belong to model {self.meta.model.spec!r}")
+        self._validate_local(where)
         names = [n for n, _ in model.named_parameters()]
         if list(self.meta.param_names) != names:
             raise RecordError(f"{where}: param_names do not match model {self.meta.model.spec!r}'s parameters")
@@ -314,6 +362,23 @@ class GradientRecord:
         for name, g, shape in zip(names, decoded, self.param_shapes):
             if tuple(g.shape) != tuple(shape):
                 raise RecordError(f"{where}: decoded gradient of {name!r} has shape {tuple(g.shape)}, expected {tuple(shape)}")
+
+
+    def _validate_local(self, where: Path | str) -> None:
+        """FedAvg metadata: 1 <= local_steps <= MAX_LOCAL_STEPS, 1 <= local_batch <= batch_size, local_lr finite > 0."""
+        from gia_bench.fedavg import MAX_LOCAL_STEPS
+
+        meta = self.meta
+        if meta.is_fedsgd:
+            return
+        if meta.local_lr is None or meta.local_batch is None:
+            raise RecordError(f"{where}: local_steps {meta.local_steps} without local_lr and local_batch")
+        if not 1 <= meta.local_steps <= MAX_LOCAL_STEPS:
+            raise RecordError(f"{where}: local_steps {meta.local_steps} is outside [1, {MAX_LOCAL_STEPS}]")
+        if not 1 <= meta.local_batch <= meta.batch_size:
+            raise RecordError(f"{where}: local_batch {meta.local_batch} is outside [1, batch_size {meta.batch_size}]")
+        if not (math.isfinite(meta.local_lr) and meta.local_lr > 0):
+            raise RecordError(f"{where}: local_lr {meta.local_lr!r} must be finite and > 0")
 
 
 @dataclasses.dataclass(frozen=True)
