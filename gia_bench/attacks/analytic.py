@@ -109,6 +109,9 @@ class Analytic(Attack):
             label_strategy=strategy_name,
             observed="decoded gradient",
             public_state_used=tuple(sorted(record.public)),
+            # the first layer sees the raw inputs at every local step, so a FedAvg update's rows are
+            # (sum_k delta_k) x^T too: the same inversion holds for any number of local steps
+            update=meta.local_training().describe(batch),
             extra={"layer": layer, "rows_used": int(good.sum())},
         )
 

@@ -61,6 +61,9 @@ class Reconstruction:
     observed: str  # "decoded gradient" or "messages"
     public_state_used: tuple[str, ...] = ()
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # what the attacker assumed the observation is: a FedSGD gradient or a FedAvg update after
+    # K local steps (gia_bench.fedavg.LocalTraining.describe); "" where the attack does not say
+    update: str = ""
 
 
 class Attack:

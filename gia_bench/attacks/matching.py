@@ -41,6 +41,7 @@ from gia_bench.attacks.optimizers import OPTIMIZERS
 from gia_bench.attacks.priors import PRIORS
 from gia_bench.attacks.views import build_view
 from gia_bench.errors import SpecError
+from gia_bench.fedavg import CandidateUpdates
 from gia_bench.records import GradientRecord
 
 INITS = ("randn", "rand")
@@ -105,6 +106,19 @@ class CandidateGradients:
         return [torch.stack(gs) for gs in zip(*per_restart)]
 
 
+def candidate_function(model: nn.Module, record: GradientRecord):
+    """What the matching loop compares with the observation, ``(x, y) -> [(R, *shape)]`` per parameter.
+
+    A FedSGD record: the candidate's gradient. A FedAvg record (``local_steps`` > 1): the
+    update its K local SGD steps would send, simulated with the record's public lr and
+    local batch (Inverting Gradients' multi-step setting, :mod:`gia_bench.fedavg`).
+    """
+    meta = record.meta
+    if meta.is_fedsgd:
+        return CandidateGradients(model, meta.param_names)
+    return CandidateUpdates(model, meta.param_names, meta.local_training(), meta.batch_size)
+
+
 class GradientMatching(Attack):
     """Shared engine; see :class:`~gia_bench.attacks.dlg.DLG` and :class:`~gia_bench.attacks.inverting.InvertingGradients`."""
 
@@ -164,7 +178,7 @@ class GradientMatching(Attack):
         objective = OBJECTIVES.create(self.loss)
         prior = PRIORS.create(self.prior)
         part = OPTIMIZERS.create(self.optimizer)
-        grads_of = CandidateGradients(model, meta.param_names)
+        grads_of = candidate_function(model, record)
 
         mean = torch.tensor(meta.dataset.mean, device=device).reshape(1, 1, -1, 1, 1)
         std = torch.tensor(meta.dataset.std, device=device).reshape(1, 1, -1, 1, 1)
@@ -270,5 +284,6 @@ class GradientMatching(Attack):
             label_strategy=strategy_name,
             observed=threat.observed,
             public_state_used=threat.public_state_used,
+            update=meta.local_training().describe(meta.batch_size),
             extra={"restart_losses": [float(s) for s in scores], "best_restart": best},
         )

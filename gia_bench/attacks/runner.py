@@ -185,6 +185,7 @@ def run_attack(
             "compressor_known": view == "aware",
             "public_state_used": list(rec.public_state_used),
             "observed": rec.observed,
+            **({"update": rec.update} if rec.update else {}),
         },
         "bytes": record.meta.bytes_sent,
         "bytes_fp32": sum(int(s.numel()) * 4 for s in record.param_shapes),
