@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gia_bench.errors import GiaBenchError
@@ -26,7 +27,8 @@ class _App(typer.Typer):
         try:
             return super().__call__(*args, **kwargs)
         except GiaBenchError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets ("pip install 'gia-bench[flower]'") that rich would eat as markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
 

@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -188,15 +189,16 @@ class DefenseMod:
             update = [given[n].to(torch.float32) for n in names]
         else:
             update = [(w0[n].to(torch.float32) - w_k[n].to(torch.float32)) / local.lr for n in names]
+        metrics = content.metric_records.get(self.metrics_key)
+        if metrics is None or "num-examples" not in metrics:
+            raise CompressorError(f"DefenseMod: the reply's {self.metrics_key!r} MetricRecord lacks 'num-examples'")
+        examples = int(metrics["num-examples"])
+        local.check(examples, "DefenseMod")
         compressor = self._compressor(ctx)
         comm = LocalCommunicator(record=True)
         compressor.step(update, comm, keys=list(names))
+        # kept for this client's next round only after a successful step
         ctx.state[STATE_KEY] = ConfigRecord({"spec": compressor.spec, "state": _save_state(compressor.state_dict())})
-        metrics = content.metric_records.get(self.metrics_key)
-        examples = int(metrics["num-examples"]) if metrics is not None and "num-examples" in metrics else None
-        if examples is None:
-            raise CompressorError(f"DefenseMod: the reply's {self.metrics_key!r} MetricRecord lacks 'num-examples'")
-        local.check(examples, "DefenseMod")
         buffers = {k: v for k, v in w_k.items() if k not in set(names)}
         info = {
             "defense": compressor.spec,
@@ -217,8 +219,7 @@ class DefenseMod:
         out[PUBLIC_KEY] = to_array_record(compressor.public_state())
         out[BUFFERS_KEY] = to_array_record(buffers)
         out[INFO_KEY] = ConfigRecord(info)
-        if metrics is not None:
-            metrics["gia-bench-bytes"] = int(comm.bytes_sent)
+        metrics["gia-bench-bytes"] = int(comm.bytes_sent)
         reply.content = out
         return reply
 
@@ -686,7 +687,7 @@ def make_server(cfg: FederatedConfig, on_round: Callable[[dict[str, Any]], None]
                 "test_accuracy": accuracy,
                 "test_examples": n,
                 "clients_sampled": len(updates),
-                "bytes_per_client": (sum(u.bytes for u in updates) / len(updates)) if updates else 0,
+                "bytes_per_client": _mean(u.bytes for u in updates),
                 "clients": [u.to_json() for u in updates],
             }
             log["rounds"].append(row)
@@ -712,6 +713,15 @@ def make_server(cfg: FederatedConfig, on_round: Callable[[dict[str, Any]], None]
     return app, log
 
 
+def _mean(values: Iterable[int]) -> int | float:
+    """The mean, as an int when it is one (every client sent the same bytes)."""
+    values = list(values)
+    if not values:
+        return 0
+    total = sum(values)
+    return total // len(values) if total % len(values) == 0 else total / len(values)
+
+
 def _record_prefix(cfg: FederatedConfig) -> str:
     from gia_bench.capture import _safe_name
     from gia_bench.registry import parse_spec
@@ -721,13 +731,21 @@ def _record_prefix(cfg: FederatedConfig) -> str:
 
 @contextlib.contextmanager
 def _quiet_flower() -> Iterator[None]:
-    """Flower logs every step at INFO and sends telemetry; a gia-bench run prints its own lines."""
+    """Flower logs every step at INFO and sends telemetry; a gia-bench run prints its own lines.
+
+    Errors still show. Flower 1.42 also warns that ``run_simulation`` is deprecated in
+    favour of ``flwr run`` (an app project and a SuperLink); it is still the in-process
+    way to run a simulation, which is what a library call needs.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     logger = logging.getLogger("flwr")
     level = logger.level
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # Ray's notice about a future default for accelerator env vars (clients here use no GPU)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\..*")
+            yield
     finally:
         logger.setLevel(level)
 

@@ -169,3 +169,114 @@ def test_two_clients_two_rounds(tmp_path, in_process, defense):
     (result,) = (tmp_path / "runs").rglob("result.json")
     assert len(json.loads(result.read_text())["psnr"]) == cfg.batch_size
 
+
+
+@pytest.mark.slow
+def test_cli_on_flowers_simulation_engine(tmp_path):
+    """`gia-bench federated` on Flower's own simulation engine (Ray): 2 clients x 2 rounds, records of round 2."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "gia_bench", "federated", "--dataset", "digits", "--model", "convnet:width=4",
+        "--clients", "2", "--rounds", "2", "--local-steps", "2", "--local-batch", "4", "--batch-size", "8",
+        "--defense", "topk:ratio=0.1", "--capture-rounds", "2", "--num-cpus", "2", "--out", str(out),
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [c["client"] for c in metrics["rounds"][1]["clients"]] == [0, 1]
+    assert all(c["record"] is None for c in metrics["rounds"][0]["clients"])
+    for c in metrics["rounds"][1]["clients"]:
+        record = GradientRecord.load(c["record"])
+        assert record.meta.bytes_sent == c["bytes"] and record.meta.local_steps == 2
+        assert Truth.load(truth_path(Path(c["record"]))).inputs.shape[0] == 8
+    print(f"flower simulation: {seconds:.1f} s wall, {metrics['totals']['simulation_seconds']:.1f} s in run_simulation")
+
+
+def _user_client_app(mods):
+    """A user's own ClientApp: 2 SGD steps of lr 0.5 on its fixed examples; replies with weights and num-examples."""
+    from flwr.app import ArrayRecord, MetricRecord
+    from flwr.clientapp import ClientApp
+
+    from gia_bench.models import ModelSpec
+
+    spec = ModelSpec("mlp:hidden=8", (1, 4, 4), 3)
+    client_app = ClientApp(mods=mods)
+
+    @client_app.train()
+    def train(msg, ctx):
+        model = build_model(spec, seed=None)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        gen = torch.Generator().manual_seed(int(ctx.node_config["partition-id"]))
+        x, y = torch.randn(6, 1, 4, 4, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for k in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[3 * k : 3 * k + 3]), y[3 * k : 3 * k + 3]).backward()
+            opt.step()
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": 6})})
+        return Message(content, reply_to=msg)
+
+    return client_app, spec
+
+
+def _fedavg_rounds(strategy, client_app, spec, monkeypatch, rounds=2):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+    grid = InProcessGrid(client_app, 2)
+    result = strategy.start(
+        grid, ArrayRecord(build_model(spec, seed=0).state_dict()), num_rounds=rounds,
+        train_config=ConfigRecord({"local-lr": 0.5}),
+    )
+    return result.arrays.to_torch_state_dict()
+
+
+def test_mod_and_wrapper_in_a_users_app(tmp_path, monkeypatch):
+    """With `none`, mod + wrapper are transparent (same global model as plain FedAvg); with `topk`
+    the bytes drop and the records hold what the mod sent; another defense is refused."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from gia_bench.data import load_dataset
+    from gia_bench.federated import CaptureStrategy, DefenseMod
+
+    dataset = load_dataset("digits").spec
+    plain_app, spec = _user_client_app([])
+    plain = _fedavg_rounds(FedAvg(fraction_evaluate=0.0), plain_app, spec, monkeypatch)
+    names = tuple(n for n, _ in build_model(spec, seed=0).named_parameters())
+    n_params = sum(p.numel() for p in build_model(spec, seed=0).parameters())
+    for defense in ("none", "topk:ratio=0.25"):
+        # local_lr from the train config, local steps and batch given to the mod
+        mod = DefenseMod(defense, local_steps=2, local_batch=3, param_names=names)
+        app_, _ = _user_client_app([mod])
+        dataset_spec = dataset.__class__(**{**dataset.to_json(), "shape": (1, 4, 4), "num_classes": 3})
+        wrapped = CaptureStrategy(
+            FedAvg(fraction_evaluate=0.0), defense, spec, dataset_spec, out=tmp_path / defense, capture_rounds={2}
+        )
+        got = _fedavg_rounds(wrapped, app_, spec, monkeypatch)
+        assert [u.round for u in wrapped.updates] == [1, 1, 2, 2]
+        records = sorted((tmp_path / defense).glob("*.safetensors"))
+        assert [r.name for r in records] == ["r002-c000.safetensors", "r002-c001.safetensors"]
+        for path, upd in zip(records, wrapped.updates[2:]):
+            record = GradientRecord.load(path)
+            assert record.meta.bytes_sent == upd.bytes and upd.buffer_bytes == 0
+            assert (record.meta.local_steps, record.meta.local_lr, record.meta.local_batch) == (2, 0.5, 3)
+        if defense == "none":
+            assert all(u.bytes == 4 * n_params for u in wrapped.updates)
+            for k in plain:
+                torch.testing.assert_close(got[k], plain[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert all(0 < u.bytes < 4 * n_params for u in wrapped.updates)
+            assert any(not torch.allclose(got[k], plain[k]) for k in plain)
+    # a client whose mod uses another defense than the server's is refused, naming both
+    other, _ = _user_client_app([DefenseMod("fp16", local_steps=2, local_batch=3, param_names=names)])
+    strict = CaptureStrategy(FedAvg(fraction_evaluate=0.0), "none", spec, dataset_spec)
+    with pytest.raises(federated.CompressorError, match="fp16"):
+        _fedavg_rounds(strict, other, spec, monkeypatch, rounds=1)
