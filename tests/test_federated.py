@@ -244,10 +244,10 @@ def test_mod_and_wrapper_in_a_users_app(tmp_path, monkeypatch):
     the bytes drop and the records hold what the mod sent; another defense is refused."""
     from flwr.serverapp.strategy import FedAvg
 
-    from gia_bench.data import load_dataset
+    from gia_bench.data import DatasetSpec
     from gia_bench.federated import CaptureStrategy, DefenseMod
 
-    dataset = load_dataset("digits").spec
+    dataset_spec = DatasetSpec("user-data", (1, 4, 4), 3, (0.0,), (1.0,))
     plain_app, spec = _user_client_app([])
     plain = _fedavg_rounds(FedAvg(fraction_evaluate=0.0), plain_app, spec, monkeypatch)
     names = tuple(n for n, _ in build_model(spec, seed=0).named_parameters())
@@ -256,7 +256,6 @@ def test_mod_and_wrapper_in_a_users_app(tmp_path, monkeypatch):
         # local_lr from the train config, local steps and batch given to the mod
         mod = DefenseMod(defense, local_steps=2, local_batch=3, param_names=names)
         app_, _ = _user_client_app([mod])
-        dataset_spec = dataset.__class__(**{**dataset.to_json(), "shape": (1, 4, 4), "num_classes": 3})
         wrapped = CaptureStrategy(
             FedAvg(fraction_evaluate=0.0), defense, spec, dataset_spec, out=tmp_path / defense, capture_rounds={2}
         )
