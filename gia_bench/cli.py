@@ -22,6 +22,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+_interrupted = False  # set once a Ctrl-C has been handled: exit at once
+
+
 class _App(typer.Typer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -30,6 +33,17 @@ class _App(typer.Typer):
             # escaped: a message may hold brackets ("pip install 'gia-bench[flower]'") that rich would eat as markup
             err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
+        except SystemExit as exc:
+            if _interrupted:
+                # Everything is cleaned up and said; the interpreter's own teardown (collecting
+                # torch's objects, atexit hooks) takes seconds and a second ^C would print a
+                # traceback from it. Ctrl-C must stop within seconds: leave now.
+                import os
+
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exc.code if isinstance(exc.code, int) else 130)
+            raise
 
 
 app = _App(
@@ -404,22 +418,27 @@ def _print_status(st: Any, out: Path) -> None:
         console.print(f"report: [bold]{st.report / 'report.html'}[/] (and report.md, summary.csv)", highlight=False)
 
 
-def _run_study_cli(source: Path, out: Path, workers: int, device: str, lpips_net: str, lpips_weights: Path | None) -> None:
+def _run_study_cli(source: Path, out: Path, workers: int, device: str, lpips_net: str, lpips_weights: Path | None,
+                   engine: str = "local", address: str | None = None) -> None:
+    import signal
     import time
 
     from gia_bench.study import StudyOptions, prepare, run_study
 
     if lpips_net not in ("alex", "vgg"):
         raise GiaBenchError(f"--lpips-net {lpips_net!r}: accepted values are alex, vgg")
+    options = StudyOptions(workers=workers, device=device, lpips_net=lpips_net, lpips_weights=lpips_weights,
+                           engine=engine, address=address)
     config = prepare(source, out)
     start = time.perf_counter()
     try:
-        st = run_study(
-            config, out, StudyOptions(workers=workers, device=device, lpips_net=lpips_net, lpips_weights=lpips_weights),
-            console=console,
-        )
+        st = run_study(config, out, options, console=console)
     except KeyboardInterrupt:
-        err_console.print(f"[yellow]interrupted:[/] finished runs are kept in {out}; run the same command to resume")
+        # the units in flight are cancelled already; a second ^C while exiting must not print a traceback
+        global _interrupted
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _interrupted = True
+        err_console.print(f"[yellow]interrupted:[/] finished units are kept in {out}; run the same command to resume")
         raise typer.Exit(130) from None
     _print_status(st, out)
     console.print(f"finished in {time.perf_counter() - start:.0f} s", highlight=False)
@@ -431,13 +450,15 @@ def _run_study_cli(source: Path, out: Path, workers: int, device: str, lpips_net
 def study_run_cmd(
     study: Path = typer.Argument(..., help="study file (TOML)"),
     out: Path = typer.Option(..., "--out", help="study folder (a rerun resumes it)"),
-    workers: int = typer.Option(1, "--workers", help="attack processes in parallel"),
+    workers: int = typer.Option(1, "--workers", help="local engine: units in parallel (this process + N-1 workers)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     lpips_net: str = typer.Option("alex", "--lpips-net", help="LPIPS trunk: alex or vgg"),
     lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
+    engine: str = typer.Option("local", "--engine", help="local (process pool) or ray (every unit a Ray task)"),
+    address: str = typer.Option(None, "--address", help="--engine ray: a running cluster (ray start --head); default a local Ray"),
 ) -> None:
     """Expand the study's grid, capture, attack, train, and report; skips what is finished."""
-    _run_study_cli(study, out, workers, device, lpips_net, lpips_weights)
+    _run_study_cli(study, out, workers, device, lpips_net, lpips_weights, engine, address)
 
 
 @study_app.command("show")

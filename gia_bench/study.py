@@ -355,35 +355,44 @@ FAILURES_FILE = "failures.json"
 
 @dataclasses.dataclass(frozen=True)
 class StudyOptions:
-    """How to run a study (the CLI's flags)."""
+    """How to run a study (the CLI's flags).
+
+    ``engine``: ``local`` (this machine: the driver plus ``workers - 1`` warm worker
+    processes) or ``ray`` (every unit a Ray task; ``address`` of a running cluster, or a
+    local Ray when None). ``plugins``: ``module:Class`` names the user trusted
+    (``--plugin``); they reach every unit through its context.
+    """
 
     workers: int = 1
     device: str = "cpu"
     lpips_net: str = "alex"
     lpips_weights: Path | None = None
     report: bool = True
+    engine: str = "local"
+    address: str | None = None
+    plugins: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyStatus:
-    """Done / total per stage, and the failures recorded so far."""
+    """Done / total per stage, and the failures recorded so far.
+
+    ``ran``: units this run executed, per kind (empty for ``study show``): a resumed run
+    executes only what was missing.
+    """
 
     captures: tuple[int, int]
     attacks: tuple[int, int]
     trains: tuple[int, int]
     failures: tuple[dict[str, str], ...]
     report: Path | None
+    ran: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
+    from gia_bench.engines.units import atomic_write_bytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def prepare(source: Path | str, out: Path) -> StudyConfig:
@@ -402,123 +411,140 @@ def prepare(source: Path | str, out: Path) -> StudyConfig:
     return config
 
 
-def _attack_worker(job: AttackJob, options: StudyOptions) -> tuple[AttackJob, str | None]:
-    """Run one attack job (in a worker process or inline); returns the error text on failure."""
-    import torch
-
-    from gia_bench.attacks.runner import run_attack
-
-    if options.workers > 1:
-        torch.set_num_threads(1)
-    try:
-        run_attack(
-            job.record,
-            job.attack,
-            job.view,
-            job.out_root,
-            seed=job.seed,
-            device=options.device,
-            lpips_net=options.lpips_net,
-            lpips_weights=options.lpips_weights,
-        )
-    except GiaBenchError as exc:
-        return job, str(exc)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # one broken run must not stop the study; it is listed as failed
-        return job, f"{type(exc).__name__}: {exc}"
-    return job, None
+# -- units: what the engines run (gia_bench.engines) -----------------------------------------------
 
 
-def _progress(console: Any):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
+def _rel(path: Path, out: Path) -> str:
+    return Path(path).relative_to(out).as_posix()
+
+
+def _capture_unit(ctx: Any, dataset: str, model: str, defense: str, batch_size: int, images: int, seed: int,
+                  model_mode: str, out: str) -> None:
+    from gia_bench.capture import capture
+
+    capture(dataset, model, defense, batch_size, images, seed, ctx.outputs / out, model_mode=model_mode,
+            device=ctx.device)
+
+
+def _attack_unit(ctx: Any, record: str, attack: str, view: str, out_root: str, seed: int) -> None:
+    from gia_bench.attacks import runner
+
+    runner.run_attack(
+        ctx.inputs / record, attack, view, ctx.outputs / out_root, seed=seed, device=ctx.device,
+        lpips_net=ctx.lpips_net, lpips_weights=ctx.lpips_weights,
     )
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("elapsed"),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
+
+def _train_unit(ctx: Any, defense: str, plan: dict[str, Any], out: str) -> None:
+    from gia_bench.train import CHECKPOINT_FILE, TrainConfig, launch
+
+    run_dir = ctx.inputs / out
+    cpu = ctx.device == "cpu"
+    config = TrainConfig(
+        out=run_dir,
+        dataset=plan["dataset"],
+        model=plan["model"],
+        defense=defense,
+        epochs=plan["epochs"],
+        batch_size=plan["batch_size"],
+        lr=plan["lr"],
+        momentum=plan["momentum"],
+        weight_decay=plan["weight_decay"],
+        seed=plan["seed"],
+        nproc_per_node=plan["nproc_per_node"],
+        backend="gloo" if cpu else "auto",
+        device="cpu" if cpu else "auto",
+        resume=(run_dir / CHECKPOINT_FILE).exists(),
     )
+    launch(config, fork=cpu and ctx.fork_ok)
+
+
+def _train_done(root: Path, unit: Any) -> bool:
+    return _train_finished(root / unit.workdir, unit.args["plan"]["epochs"])
+
+
+def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOptions()) -> list[Any]:
+    """The study's units in run order: captures, the attacks on their records, trainings.
+
+    Each attack depends on the capture that writes its record; paths are relative to ``out``.
+    """
+    from gia_bench.engines import Unit
+    from gia_bench.records import RECORD_SUFFIX, truth_path
+
+    out = Path(out)
+    cuda = options.device.startswith("cuda")
+    units: list[Unit] = []
+    caps = capture_jobs(config, out)
+    records = {job: expected_records(job) for job in caps}
+    for job in caps:
+        units.append(Unit(
+            kind="capture",
+            key=f"capture:{_rel(job.out, out)}",
+            fn="gia_bench.study:_capture_unit",
+            args=dict(dataset=job.dataset, model=job.model, defense=job.defense, batch_size=job.batch_size,
+                      images=job.images, seed=job.seed, model_mode=job.model_mode, out=_rel(job.out, out)),
+            outputs=tuple(_rel(p, out) for p in records[job]),
+            label=(("defense", job.defense), ("data", job.group), ("images", str(job.images))),
+            gpus=1 if cuda else 0,
+        ))
+    cap_of = {path: job for job, paths in records.items() for path in paths}
+    for job in attack_jobs(config, out, records):
+        cap = cap_of[job.record]
+        record = _rel(job.record, out)
+        units.append(Unit(
+            kind="attack",
+            key=f"attack:{_rel(job.result, out)}",
+            fn="gia_bench.study:_attack_unit",
+            args=dict(record=record, attack=job.attack, view=job.view, out_root=_rel(job.out_root, out),
+                      seed=job.seed),
+            outputs=(_rel(job.result, out),),
+            inputs=(record, _rel(truth_path(job.record), out)),
+            deps=(f"capture:{_rel(cap.out, out)}",),
+            label=(("defense", cap.defense), ("attack", job.attack), ("view", job.view),
+                   ("record", job.record.name.removesuffix(RECORD_SUFFIX)), ("step", "0")),
+            gpus=1 if cuda else 0,
+        ))
+    for job in train_jobs(config, out):
+        plan = dataclasses.asdict(job.plan)
+        units.append(Unit(
+            kind="train",
+            key=f"train:{_rel(job.out, out)}",
+            fn="gia_bench.study:_train_unit",
+            args=dict(defense=job.defense, plan=plan, out=_rel(job.out, out)),
+            outputs=(_rel(job.out / "metrics.json", out),),
+            label=(("defense", job.defense), ("data", f"{job.plan.dataset}-{job.plan.model}"),
+                   ("epochs", str(job.plan.epochs)), ("workers", str(job.plan.nproc_per_node))),
+            cpus=1 if cuda else job.plan.nproc_per_node,
+            gpus=job.plan.nproc_per_node if cuda else 0,
+            workdir=_rel(job.out, out),
+            done_check="gia_bench.study:_train_done",
+        ))
+    return units
 
 
 def run_study(config: StudyConfig, out: Path, options: StudyOptions = StudyOptions(), console: Any = None) -> StudyStatus:
     """Capture, attack, train and report; finished units are skipped, so this resumes.
 
-    Ctrl-C stops after the units in flight; everything finished stays on disk.
+    The units run on ``options.engine`` (see :mod:`gia_bench.engines`). Ctrl-C cancels
+    the units in flight (their partial files are removed) and re-raises
+    KeyboardInterrupt; everything finished stays on disk.
     """
     import json
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    import multiprocessing
 
-    from gia_bench.capture import capture
+    from gia_bench.engines import UnitContext, run_units
+    from gia_bench.engines.local import default_threads
 
     out = Path(out)
     if options.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {options.workers}")
-    failures: list[dict[str, str]] = []
-    caps = capture_jobs(config, out)
-    trains = train_jobs(config, out)
-    with _progress(console) as progress:
-        task = progress.add_task("capture", total=len(caps))
-        records: dict[CaptureJob, list[Path]] = {}
-        for job in caps:
-            try:
-                records[job] = capture(
-                    job.dataset, job.model, job.defense, job.batch_size, job.images, job.seed, job.out,
-                    model_mode=job.model_mode, device=options.device,
-                )
-            except GiaBenchError as exc:
-                failures.append({"stage": "capture", "unit": str(job.out), "error": str(exc)})
-                records[job] = []
-            progress.advance(task)
-
-        jobs = attack_jobs(config, out, records)
-        todo = [j for j in jobs if not j.result.exists()]
-        task = progress.add_task("attack", total=len(jobs), completed=len(jobs) - len(todo))
-
-        def done(job: AttackJob, error: str | None) -> None:
-            if error is not None:
-                failures.append({"stage": "attack", "unit": f"{job.record} {job.attack} {job.view}", "error": error})
-            progress.advance(task)
-
-        if options.workers == 1:
-            for job in todo:
-                done(*_attack_worker(job, options))
-        elif todo:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(options.workers, mp_context=ctx) as pool:
-                pending = {pool.submit(_attack_worker, job, options) for job in todo}
-                try:
-                    while pending:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            done(*fut.result())
-                except KeyboardInterrupt:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
-
-        task = progress.add_task("train", total=len(trains), completed=sum(t.done for t in trains))
-        for job in trains:
-            if job.done:
-                continue
-            try:
-                _run_train(job, options)
-            except GiaBenchError as exc:
-                failures.append({"stage": "train", "unit": str(job.out), "error": str(exc)})
-            progress.advance(task)
-
+    units = plan_units(config, out, options)
+    ctx = UnitContext(
+        inputs=out, outputs=out, device=options.device, threads=default_threads(options.workers),
+        lpips_net=options.lpips_net, lpips_weights=options.lpips_weights, plugins=tuple(options.plugins),
+    )
+    result = run_units(units, out, ctx, engine=options.engine, workers=options.workers, address=options.address,
+                       console=console)
+    failures = result.failures
     _write_text_atomic(out / FAILURES_FILE, json.dumps(failures, indent=2))
     report = None
     if options.report:
@@ -532,30 +558,8 @@ def run_study(config: StudyConfig, out: Path, options: StudyOptions = StudyOptio
                 )
             )
             report = out / "report"
-    return status(out, config, failures=failures, report=report)
-
-
-def _run_train(job: TrainJob, options: StudyOptions) -> None:
-    from gia_bench.train import CHECKPOINT_FILE, TrainConfig, launch
-
-    plan = job.plan
-    config = TrainConfig(
-        out=job.out,
-        dataset=plan.dataset,
-        model=plan.model,
-        defense=job.defense,
-        epochs=plan.epochs,
-        batch_size=plan.batch_size,
-        lr=plan.lr,
-        momentum=plan.momentum,
-        weight_decay=plan.weight_decay,
-        seed=plan.seed,
-        nproc_per_node=plan.nproc_per_node,
-        backend="gloo" if options.device == "cpu" else "auto",
-        device="cpu" if options.device == "cpu" else "auto",
-        resume=(job.out / CHECKPOINT_FILE).exists(),
-    )
-    launch(config, fork=options.device == "cpu")
+    st = status(out, config, failures=failures, report=report)
+    return dataclasses.replace(st, ran=dict(result.ran))
 
 
 def status(out: Path, config: StudyConfig | None = None, failures: list[dict[str, str]] | None = None,

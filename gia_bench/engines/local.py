@@ -1,0 +1,254 @@
+"""``--engine local``: this process plus a pool of warm worker processes on this machine.
+
+With ``workers = N`` the run holds N slots. The driver process itself is one of them: it
+runs units inline from the first second, so a small study never waits for a pool to
+start and ``--workers 2`` is never slower than ``--workers 1``. The other N-1 slots are
+worker processes forked from a forkserver that imported torch and gia-bench once
+(:mod:`gia_bench.engines.preload`): the spawn start method made each worker re-import
+torch (4.2 CPU s, 820 MiB each). They start in the background while the driver works
+and take units as soon as they are up. A unit that needs several CPUs (a training run
+of ``nproc_per_node`` processes) or writes in place runs in a worker once enough slots
+are free; units leave in plan order, so nothing overtakes it.
+
+Ctrl-C (SIGINT reaches only the driver: workers lead their own process groups): the
+driver kills the process group of every busy worker, removes the partial files of the
+units in flight, keeps everything finished, and re-raises KeyboardInterrupt, all within
+a second or two. Workers die with the driver even on SIGKILL (see
+:mod:`gia_bench.engines.worker`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.connection import wait
+from typing import Any
+
+from gia_bench.engines.driver import Driver, RunResult, ignore_interrupts, pending
+from gia_bench.engines.progress import Reporter
+from gia_bench.engines.scheduler import Scheduler
+from gia_bench.engines.units import Outcome, Unit, UnitContext, execute
+
+_PRELOAD = ["gia_bench.engines.preload"]
+_preload_set = False
+
+
+def mp_context() -> Any:
+    """A forkserver that preloads torch and gia-bench where the platform has one, else spawn."""
+    global _preload_set
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    if not _preload_set:
+        ctx.set_forkserver_preload(_PRELOAD)
+        _preload_set = True
+    return ctx
+
+
+@dataclasses.dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+    ready: bool = False
+    unit: Unit | None = None
+
+
+def _kill(proc: Any) -> None:
+    """SIGKILL a worker's whole process group (it and what it started), then reap it."""
+    if proc.pid is None:
+        return
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:  # pragma: no cover - no process groups
+            proc.kill()
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+    proc.join(timeout=2)
+
+
+class LocalEngine(Driver):
+    """See the module docstring."""
+
+    def __init__(self, sched: Scheduler, ctx: UnitContext, reporter: Reporter, workers: int) -> None:
+        super().__init__(sched, ctx, reporter)
+        self.workers = workers
+        self.used = 0  # slots taken by units in flight
+        self.pool: list[_Worker] = []
+        self.pool_broken: str | None = None
+        self.stop = threading.Event()
+        todo = pending(sched)
+        inline_only = workers == 1 or len(todo) <= 1
+        self.pool_size = 0 if inline_only else workers - 1
+        if any(not self.inline_ok(u) for u in todo):
+            self.pool_size = max(self.pool_size, 1)
+
+    def slots(self, unit: Unit) -> int:
+        return min(max(unit.cpus, 1), self.workers)
+
+    def inline_ok(self, unit: Unit) -> bool:
+        """Runs in the driver: one CPU, staged (the trainer forks and resumes in place: a worker)."""
+        return unit.cpus <= 1 and unit.workdir is None
+
+    def fits(self, unit: Unit) -> bool:
+        return self.used + self.slots(unit) <= self.workers
+
+    # -- the driver's own slot ---------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        collector = None
+        if self.pool_size:
+            ctx = mp_context()
+            if ctx.get_start_method() == "forkserver":
+                # started from the main thread: the forkserver's parent-death signal follows this thread
+                from multiprocessing import forkserver
+
+                forkserver.ensure_running()
+            collector = threading.Thread(target=self._pool_loop, name="gia-bench-pool", daemon=True)
+            collector.start()
+        try:
+            while True:
+                with self.lock:
+                    unit = None
+                    while not self.sched.settled:
+                        unit = self.sched.take(lambda u: (self.inline_ok(u) or self.pool_broken) and self.fits(u))
+                        if unit is not None:
+                            self.used += self.slots(unit)
+                            break
+                        self.lock.wait(0.2)
+                    if unit is None:
+                        break
+                self.started(unit)
+                outcome = execute(unit, self.context(unit))
+                with self.lock:
+                    self.used -= self.slots(unit)
+                    self.complete(unit, outcome)
+        except BaseException:
+            with ignore_interrupts():
+                self.stop.set()
+                with self.lock:
+                    for w in self.pool:
+                        _kill(w.proc)
+                    self.cancel_all()
+            raise
+        finally:
+            self.stop.set()
+            with ignore_interrupts():
+                self._shutdown(collector)
+        return self.result
+
+    # -- the pool ----------------------------------------------------------------------------
+
+    def _start_worker(self) -> _Worker:
+        from gia_bench.engines.worker import worker_main
+
+        ctx = mp_context()
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker_main, args=(child, os.getpid()), name="gia-bench-worker", daemon=False)
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _pool_loop(self) -> None:
+        try:
+            for _ in range(self.pool_size):
+                if self.stop.is_set():
+                    break
+                worker = self._start_worker()
+                with self.lock:
+                    self.pool.append(worker)
+                    if self.stop.is_set():  # the driver gave up while this one started
+                        _kill(worker.proc)
+                        return
+        except Exception as exc:  # no pool: the driver runs everything itself
+            with self.lock:
+                self.pool_broken = f"{type(exc).__name__}: {exc}"
+                self.lock.notify_all()
+            return
+        while not self.stop.is_set():
+            with self.lock:
+                for w in self.pool:
+                    if not w.ready or w.unit is not None:
+                        continue
+                    unit = self.sched.take(self.fits)
+                    if unit is None:
+                        break
+                    self.used += self.slots(unit)
+                    w.unit = unit
+                    self.started(unit)
+                    w.conn.send((unit, self.context(unit)))
+                if self.sched.settled:
+                    self.lock.notify_all()
+                    return
+                waitables = [w.conn for w in self.pool] + [w.proc.sentinel for w in self.pool]
+            for ready in wait(waitables, timeout=0.2):
+                self._handle(ready)
+
+    def _handle(self, ready: Any) -> None:
+        with self.lock:
+            if self.stop.is_set():
+                return
+            worker = next((w for w in self.pool if ready in (w.conn, w.proc.sentinel)), None)
+            if worker is None:
+                return
+            message = None
+            if ready is worker.conn or worker.conn.poll():
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):
+                    message = None
+            if message is not None and message[0] == "ready":
+                worker.ready = True
+                return
+            if message is not None and message[0] == "done":
+                unit, worker.unit = worker.unit, None
+                self.used -= self.slots(unit)
+                self.complete(unit, message[1])
+                return
+            # the worker died (killed, out of memory, a crash in C code): its unit failed
+            worker.proc.join(timeout=1)
+            unit, worker.unit = worker.unit, None
+            self.pool.remove(worker)
+            if unit is not None:
+                self.used -= self.slots(unit)
+                code = worker.proc.exitcode
+                self.complete(unit, Outcome(unit.key, f"its worker process died (exit code {code})", 0.0))
+        try:
+            replacement = self._start_worker()
+        except Exception as exc:
+            with self.lock:
+                if not self.pool:
+                    self.pool_broken = f"{type(exc).__name__}: {exc}"
+                    self.lock.notify_all()
+            return
+        with self.lock:
+            if self.stop.is_set():
+                _kill(replacement.proc)
+            else:
+                self.pool.append(replacement)
+
+    def _shutdown(self, collector: threading.Thread | None) -> None:
+        if collector is not None:
+            collector.join(timeout=1.0)
+        with self.lock:
+            workers, self.pool = list(self.pool), []
+        for w in workers:
+            if w.unit is None:
+                try:
+                    w.conn.send(None)
+                except (OSError, ValueError):
+                    pass
+        for w in workers:
+            w.proc.join(timeout=1.0 if w.unit is None else 0)
+            if w.proc.exitcode is None:
+                _kill(w.proc)
+            w.conn.close()
+
+
+def default_threads(workers: int) -> int:
+    """torch threads per unit: 1 when units run side by side (they would oversubscribe), else torch's default."""
+    return 1 if workers > 1 else 0
+
