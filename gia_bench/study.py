@@ -390,9 +390,9 @@ class StudyStatus:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    from gia_bench.engines.units import atomic_write_bytes
+    from gia_bench.io import atomic_write_text
 
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(path, text)
 
 
 def prepare(source: Path | str, out: Path) -> StudyConfig:

@@ -107,7 +107,7 @@ class RayEngine(Driver):
             ray.init(
                 address=self.address,
                 include_dashboard=False,
-                logging_level=logging.WARNING,
+                logging_level=logging.ERROR,
                 log_to_driver=False,
             )
         except ConnectionError as exc:

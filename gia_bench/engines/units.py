@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gia_bench.errors import GiaBenchError
+from gia_bench.io import atomic_write_bytes
 
 #: Staging folders of units in flight, under the study folder (removed when a run starts).
 STAGING_DIR = ".staging"
@@ -147,35 +147,6 @@ def execute(unit: Unit, ctx: UnitContext) -> Outcome:
 
 
 # -- files -----------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, rename."""
-    try:
-        from gia_bench.io import atomic_write_bytes as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        shared(path, data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file is as readable as any other
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def staging_dir(root: Path, unit: Unit) -> Path:
