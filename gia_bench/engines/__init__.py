@@ -52,7 +52,7 @@ def run_units(
     cached: dict[str, int] = {}
     for kind, states in sched.counts().items():
         cached[kind] = states.get(CACHED, 0)
-    with make_reporter(console, kinds, cached, workers) as reporter:
+    with make_reporter(console, kinds, cached) as reporter:
         if engine == "ray":
             from gia_bench.engines.ray_engine import RayEngine
 

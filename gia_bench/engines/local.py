@@ -154,6 +154,20 @@ class LocalEngine(Driver):
 
     def _pool_loop(self) -> None:
         try:
+            self._serve_pool()
+        except Exception as exc:  # a bug here must not leave the driver waiting for units that never end
+            with self.lock:
+                self.pool_broken = f"{type(exc).__name__}: {exc}"
+                for w in self.pool:
+                    _kill(w.proc)
+                    if w.unit is not None:
+                        self.used -= self.slots(w.unit)
+                        self.complete(w.unit, Outcome(w.unit.key, f"the worker pool failed ({self.pool_broken})", 0.0))
+                self.pool = []
+                self.lock.notify_all()
+
+    def _serve_pool(self) -> None:
+        try:
             for _ in range(self.pool_size):
                 if self.stop.is_set():
                     break
@@ -179,7 +193,10 @@ class LocalEngine(Driver):
                     self.used += self.slots(unit)
                     w.unit = unit
                     self.started(unit)
-                    w.conn.send((unit, self.context(unit)))
+                    try:
+                        w.conn.send((unit, self.context(unit)))
+                    except OSError:  # it died just now: its sentinel fires and the unit is failed there
+                        pass
                 if self.sched.settled:
                     self.lock.notify_all()
                     return

@@ -32,13 +32,12 @@ def _duration(seconds: float) -> str:
 class Reporter:
     """Counts per kind and the ETA; subclasses render them."""
 
-    def __init__(self, console: Any, kinds: dict[str, int], cached: dict[str, int], parallel: int) -> None:
+    def __init__(self, console: Any, kinds: dict[str, int], cached: dict[str, int]) -> None:
         self.console = console
         self.kinds = dict(kinds)  # total per kind
         self.finished_by_kind: dict[str, int] = defaultdict(int, cached)
         self.failed = 0
         self.total = sum(kinds.values())
-        self.parallel = max(1, parallel)
         self.start = time.perf_counter()
         self.ran = 0  # units finished by this run (the ETA's base; cached ones cost nothing)
         self._lock = threading.Lock()
@@ -177,11 +176,11 @@ class RichReporter(Reporter):
         self.progress.stop()
 
 
-def make_reporter(console: Any, kinds: dict[str, int], cached: dict[str, int], parallel: int) -> Reporter:
+def make_reporter(console: Any, kinds: dict[str, int], cached: dict[str, int]) -> Reporter:
     """Rich on a terminal, plain lines otherwise."""
     if console is None:
         from rich.console import Console
 
         console = Console()
     cls = RichReporter if console.is_terminal else LineReporter
-    return cls(console, kinds, cached, parallel)
+    return cls(console, kinds, cached)

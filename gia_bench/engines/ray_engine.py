@@ -64,7 +64,7 @@ def run_task(unit: Unit, ctx: UnitContext, origin: str, names: list[str], lpips:
     try:
         src = tmp / "study"
         src.mkdir()
-        for rel, data in zip(names, blobs):
+        for rel, data in zip(names, blobs, strict=True):
             path = src / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)

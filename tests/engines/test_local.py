@@ -3,7 +3,6 @@
 import io
 import os
 import time
-from pathlib import Path
 
 import pytest
 from rich.console import Console
