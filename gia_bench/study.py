@@ -33,9 +33,13 @@ On disk (``DIR``)::
     DIR/runs/<defense>/<record id>/<attack>-<view>/result.json
     DIR/train/<defense>/metrics.json
     DIR/report/                                      report.html, report.md, CSVs, figures
+    DIR/.staging/                                    units in flight (their files move out when finished)
 
 A unit of work is finished when its output file exists (outputs are written
 atomically), so a rerun skips it: studies resume after Ctrl-C or a crash.
+:func:`plan_units` turns the grid into units (an attack depends on the capture that
+writes its record) and :func:`run_study` hands them to an engine
+(:mod:`gia_bench.engines`: ``local`` or ``ray``).
 """
 
 from __future__ import annotations
