@@ -112,6 +112,10 @@ class RayEngine(Driver):
             )
         except ConnectionError as exc:
             raise EngineError(f"--address {self.address}: cannot connect to a Ray cluster ({exc})") from None
+        except Exception as exc:  # Ray raises a bare Exception when its local node does not come up
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            raise EngineError(f"--engine ray: {where} did not start ({first})") from None
         finally:
             quiet.setLevel(level)
         return True
