@@ -86,6 +86,8 @@ def capture_batch(
         else:
             grads = local_update(model, inputs, labels, local.steps, local.lr, local.local_batch(batch_size))
     comm = LocalCommunicator(record=True)
+    # what this worker adds privately to the gradient (error feedback): truth file only
+    private = compressor.private_state(list(names), [g.shape for g in grads])
     # keys are parameter names, as the DDP hook passes them, so per-layer settings can match names
     out = compressor.step(list(grads), comm, keys=list(names))
     if len(out) != len(grads) or any(o.shape != g.shape for o, g in zip(out, grads)):
@@ -106,7 +108,12 @@ def capture_batch(
     )
     public = {k: v.detach().cpu().clone() for k, v in compressor.public_state().items()}
     record = GradientRecord(meta, messages_by_tag(comm.messages), weights, public)
-    truth = Truth(inputs.detach().cpu().clone(), labels.detach().cpu().clone().to(torch.int64), record_id)
+    truth = Truth(
+        inputs.detach().cpu().clone(),
+        labels.detach().cpu().clone().to(torch.int64),
+        record_id,
+        {k: v.detach().cpu().clone() for k, v in private.items()},
+    )
     return record, truth
 
 

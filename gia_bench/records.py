@@ -259,6 +259,14 @@ class GradientRecord:
     weights: dict[str, torch.Tensor]
     public: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     path: Path | None = None
+    #: The worker's private state (its error-feedback residual) from the truth file, attached by
+    #: the *evaluation side* for the ``oracle`` view only (:meth:`with_private`). Never saved,
+    #: never filled by :meth:`load`: a record holds what a receiver sees and nothing else.
+    private: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+
+    def with_private(self, truth: Truth) -> GradientRecord:
+        """This record with ``truth.private`` attached: the oracle view's upper-bound input."""
+        return dataclasses.replace(self, private=dict(truth.private))
 
     @property
     def record_id(self) -> str:
@@ -383,15 +391,23 @@ class GradientRecord:
 
 @dataclasses.dataclass(frozen=True)
 class Truth:
-    """The ground truth of a record: the model inputs (normalised) and labels. Never given to attacks."""
+    """The ground truth of a record: the model inputs (normalised) and labels. Never given to attacks.
+
+    ``private``: the worker's private compressor state at that step (``"residual"``: the
+    error feedback it added to the gradient, see ``Compressor.private_state``), stored as
+    ``private/<key>``; only the evaluation side reads it, for the ``oracle`` view.
+    """
 
     inputs: torch.Tensor  # (B, C, H, W), as fed to the model
     labels: torch.Tensor  # (B,), int64
     record_id: str = ""
+    private: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def save(self, path: Path) -> Path:
         meta = {"kind": "truth", "schema": SCHEMA_VERSION, "record_id": self.record_id}
-        _atomic_save({"inputs": self.inputs, "labels": self.labels}, {_META_KEY: json.dumps(meta)}, Path(path))
+        tensors = {"inputs": self.inputs, "labels": self.labels}
+        tensors.update({f"private/{k}": v for k, v in self.private.items()})
+        _atomic_save(tensors, {_META_KEY: json.dumps(meta)}, Path(path))
         return Path(path)
 
     @classmethod
@@ -399,10 +415,13 @@ class Truth:
         path = Path(path)
         tensors, metadata = _load_tensors(path)
         meta = _parse_meta(path, metadata, "truth")
-        if set(tensors) != {"inputs", "labels"}:
-            raise RecordError(f"{path}: truth file must hold exactly 'inputs' and 'labels', has {sorted(tensors)}")
+        private = {k.removeprefix("private/"): v for k, v in tensors.items() if k.startswith("private/")}
+        if set(tensors) - {f"private/{k}" for k in private} != {"inputs", "labels"}:
+            raise RecordError(
+                f"{path}: truth file must hold 'inputs', 'labels' and optional 'private/*', has {sorted(tensors)}"
+            )
         inputs, labels = tensors["inputs"], tensors["labels"]
         if inputs.dim() != 4 or labels.dim() != 1 or inputs.shape[0] != labels.shape[0]:
             raise RecordError(f"{path}: truth shapes {tuple(inputs.shape)} / {tuple(labels.shape)} do not match")
         _check_finite(path, tensors)
-        return cls(inputs, labels.to(torch.int64), str(meta.get("record_id", "")))
+        return cls(inputs, labels.to(torch.int64), str(meta.get("record_id", "")), private)

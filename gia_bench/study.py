@@ -14,13 +14,13 @@ accuracy column::
     attacks = ["dlg:iterations=50", "ig:iterations=300"]
     views = ["naive", "aware"]
 
-    [train]                    # optional: accuracy and bytes from real DDP training
+    [train]                    # optional: accuracy, bytes and leakage along real DDP training
     dataset = "digits"
-    model = "lenet"
+    model = "convnet:width=16"
     epochs = 2
-    batch_size = 64
-    lr = 0.1
-    nproc_per_node = 2
+    batch_size = 8             # per worker; also the batch the attacks at attack_steps face
+    nproc_per_node = 2         # lr: omitted -> 0.1 x global batch / 256 (the trainer's rule)
+    attack_steps = [0, 50, "end"]   # optimizer steps whose rank-0 messages the attacks target
 
 The file is checked completely before anything runs: an unknown key, a value of
 the wrong type or a spec that does not resolve raises :class:`ConfigError` naming
@@ -58,25 +58,34 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-VIEWS = ("naive", "aware")
+VIEWS = ("naive", "aware", "oracle")
+#: Views a study runs when it names none (``oracle``, an upper bound, only when asked for).
+DEFAULT_VIEWS = ("naive", "aware")
 #: The built-in study that ``gia-bench demo`` runs.
 DEMO_STUDY = Path(__file__).parent / "studies" / "demo.toml"
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
-    """Training runs that give the accuracy and wire-bytes columns (one per defense)."""
+    """Training runs (one per defense): the accuracy and wire-bytes columns, and records along the run.
+
+    ``lr`` None takes the trainer's rule (0.1 x global batch / 256, linear warm-up; see
+    :func:`gia_bench.train.default_lr`). ``attack_steps``: optimizer steps (0-based;
+    ``"end"``: the last one) at which the trainer saves rank 0's messages as records; the
+    study's attacks and views run on them, so leakage, accuracy and bytes come from one run.
+    """
 
     dataset: str = "digits"
     model: str = "lenet"
     epochs: int = 2
     batch_size: int = 64
-    lr: float = 0.1
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     nproc_per_node: int = 2
     seed: int = 0
     defenses: tuple[str, ...] | None = None  # None: the study's defenses
+    attack_steps: tuple[int | str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +97,7 @@ class StudyConfig:
     models: tuple[str, ...]
     defenses: tuple[str, ...]
     attacks: tuple[str, ...]
-    views: tuple[str, ...] = VIEWS
+    views: tuple[str, ...] = DEFAULT_VIEWS
     batch_sizes: tuple[int, ...] = (1,)
     images: int = 4
     seeds: tuple[int, ...] = (0,)
@@ -102,7 +111,7 @@ _TOP_KEYS: dict[str, str] = {
     "models": "list of model specs",
     "defenses": "list of defense specs",
     "attacks": "list of attack specs",
-    "views": "list of 'naive' / 'aware'",
+    "views": "list of 'naive' / 'aware' / 'oracle'",
     "batch_sizes": "list of positive integers",
     "images": "positive integer",
     "seeds": "list of integers",
@@ -164,6 +173,12 @@ def _parse_train(where: Path | str, raw: Any) -> TrainPlan:
         default = fields[key].default
         if key == "defenses":
             kwargs[key] = _str_list(where, "train.defenses", value)
+        elif key == "attack_steps":
+            kwargs[key] = _attack_steps(where, value)
+        elif key == "lr":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise _fail(where, "train.lr", f"expected a number > 0 (omit it for 0.1 x global batch / 256), got {value!r}")
+            kwargs[key] = float(value)
         elif isinstance(default, bool) or not isinstance(value, type(default)) and not (
             isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
         ):
@@ -174,9 +189,19 @@ def _parse_train(where: Path | str, raw: Any) -> TrainPlan:
     for key in ("epochs", "batch_size", "nproc_per_node"):
         if getattr(plan, key) < 1:
             raise _fail(where, f"train.{key}", f"must be >= 1, got {getattr(plan, key)}")
-    if plan.lr <= 0:
-        raise _fail(where, "train.lr", f"must be > 0, got {plan.lr}")
     return plan
+
+
+def _attack_steps(where: Path | str, value: Any) -> tuple[int | str, ...]:
+    """``[0, 50, "end"]``: distinct optimizer steps >= 0, or ``"end"`` (the run's last step)."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        value = [value]
+    ok = isinstance(value, list) and all(
+        (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or v == "end" for v in value
+    )
+    if not ok or len(set(value)) != len(value):
+        raise _fail(where, "train.attack_steps", f'expected distinct optimizer steps >= 0 or "end", got {value!r}')
+    return tuple(value)
 
 
 def parse_study(raw: Mapping[str, Any], where: Path | str = "<study>") -> StudyConfig:
@@ -199,7 +224,7 @@ def parse_study(raw: Mapping[str, Any], where: Path | str = "<study>") -> StudyC
     models = _str_list(where, "models", raw["models"])
     defenses = _str_list(where, "defenses", raw["defenses"])
     attacks = _str_list(where, "attacks", raw["attacks"])
-    views = _str_list(where, "views", raw.get("views", list(VIEWS)))
+    views = _str_list(where, "views", raw.get("views", list(DEFAULT_VIEWS)))
     bad_views = [v for v in views if v not in VIEWS]
     if bad_views:
         raise _fail(where, "views", f"{bad_views} not accepted; accepted: {', '.join(VIEWS)}")

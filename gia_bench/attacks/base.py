@@ -36,7 +36,9 @@ register = ATTACKS.register
 #: ``progress(iteration, total, loss)``: called while an attack runs (loss may be NaN before the first step).
 Progress = Callable[[int, int, float], None]
 
-VIEWS = ("naive", "aware")
+#: ``oracle`` is ``aware`` plus the worker's private error-feedback residual, which the
+#: evaluation side attaches from the truth file (``GradientRecord.with_private``): an upper bound.
+VIEWS = ("naive", "aware", "oracle")
 
 
 class AttackError(GiaBenchError):
@@ -56,7 +58,7 @@ class Reconstruction:
     labels: torch.Tensor  # (B,) int64, inferred
     iterations: int  # optimiser steps taken (0 for analytic attacks)
     final_loss: float  # the matching objective of the kept result (without priors)
-    view: str  # "naive" or "aware"
+    view: str  # "naive", "aware" or "oracle"
     label_strategy: str  # registry name of the label strategy used
     observed: str  # "decoded gradient" or "messages"
     public_state_used: tuple[str, ...] = ()

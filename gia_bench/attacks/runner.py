@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from gia_bench.attacks.base import Attack, Progress, Reconstruction, create
+from gia_bench.attacks.views import RESIDUAL
 from gia_bench.errors import GiaBenchError
 from gia_bench.records import GradientRecord, Truth, truth_path
 
@@ -138,6 +139,13 @@ def run_attack(
     if result_path.exists():
         return result_path
 
+    tpath = truth_path(record_path)
+    if view == "oracle":
+        # the evaluation side, not the attack, reads the worker's private residual: an upper bound
+        if not tpath.exists():
+            raise GiaBenchError(f"--view oracle: {record_path} has no truth file {tpath.name} to read the residual from")
+        record = record.with_private(Truth.load(tpath))
+
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed)
     start = time.perf_counter()
@@ -147,7 +155,6 @@ def run_attack(
     seconds = time.perf_counter() - start
 
     # The attack has returned: only now may the truth be read, to score.
-    tpath = truth_path(record_path)
     truth = Truth.load(tpath) if tpath.exists() else None
     metrics: dict[str, Any] | None = None
     spec = record.meta.dataset
@@ -182,11 +189,15 @@ def run_attack(
             "model": "white-box",
             "batch_size_known": True,
             "labels": f"inferred ({rec.label_strategy})",
-            "compressor_known": view == "aware",
+            "compressor_known": view in ("aware", "oracle"),
             "public_state_used": list(rec.public_state_used),
             "observed": rec.observed,
             **({"update": rec.update} if rec.update else {}),
+            "residual": RESIDUAL.get(view, "not modelled"),
+            "upper_bound": view == "oracle",
         },
+        "step": record.meta.step,
+        "source": record.meta.extra.get("source", "capture"),
         "bytes": record.meta.bytes_sent,
         "bytes_fp32": sum(int(s.numel()) * 4 for s in record.param_shapes),
         "batch_size": record.meta.batch_size,

@@ -24,7 +24,12 @@ Conventions every compressor follows:
   ``"values"``...). Their layout follows from the shapes and the parameters, so
   :meth:`decode` needs the shapes and the messages, nothing else.
 * Public state the receiver knows before the step (the previous round's Q, a shared
-  seed) is returned by :meth:`public_state` after ``step``; records save it.
+  seed) or computes during it (the summed P a multi-worker decode needs) is returned
+  by :meth:`public_state` after ``step``; records save it.
+* Private state of the worker that shapes its messages (its error-feedback residual
+  ``e``: it sends ``C(g + e)``) is returned by :meth:`private_state` *before* ``step``;
+  it goes to the truth file, never to a record. :meth:`simulate` takes it as
+  ``private`` (the oracle view, an upper bound); without it the residual is taken as 0.
 * Bytes are what is sent: packed codes as ``uint8`` tensors, fp32 scales, int32
   indices. Nothing is counted that is not in a message.
 * Randomness comes from ``torch.Generator`` objects seeded from the ``seed``
@@ -88,6 +93,15 @@ class Compressor:
         """Public inputs of the last :meth:`step` that the receiver knows (e.g. the Q it started from)."""
         return {}
 
+    def private_state(self, keys: Sequence[Hashable], shapes: Sequence[torch.Size]) -> dict[str, torch.Tensor]:
+        """This worker's private inputs to its *next* step on tensors ``keys`` of ``shapes`` (call before ``step``).
+
+        ``{"residual": flat}``: the error-feedback residual ``e_{t-1}`` the step adds to the
+        gradient, concatenated in gradient order (zeros where a tensor has none). Empty when
+        the next step's messages are a function of its gradient and the public state alone.
+        """
+        return {}
+
     # -- the compressor-aware attacker's side -------------------------------------------
     def message_values(
         self,
@@ -103,12 +117,15 @@ class Compressor:
         grads: Sequence[torch.Tensor],
         messages: Mapping[str, torch.Tensor],
         public: Mapping[str, torch.Tensor] | None = None,
+        private: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """What this worker would send for candidate ``grads``, as float views (see :meth:`message_values`).
 
         Differentiable in ``grads`` where the compressor is (straight-through where it
         rounds). ``messages`` gives what the attacker may reuse from the observation
-        (e.g. Top-k's index mask); ``public`` the public state (e.g. PowerSGD's Q).
+        (e.g. Top-k's index mask); ``public`` the public state (e.g. PowerSGD's Q);
+        ``private`` the worker's :meth:`private_state` (only the oracle view has it;
+        absent, an error-feedback residual is taken as zero).
         """
         raise NotImplementedError(f"{self.registry_name} has no compressor-aware view")
 
@@ -174,6 +191,9 @@ class ResidualState:
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {k: v.clone() for k, v in self._residual.items()}}
 
+    def private_state(self, keys: Sequence[Hashable], shapes: Sequence[torch.Size]) -> dict[str, torch.Tensor]:
+        return residual_vector(self._residual, keys, shapes)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         check_state_keys(state, {"residuals"}, self.registry_name)
         self._residual = {k: v.clone() for k, v in state.get("residuals", {}).items()}
@@ -219,6 +239,44 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+def residual_vector(
+    residuals: Mapping[Hashable, torch.Tensor], keys: Sequence[Hashable], shapes: Sequence[torch.Size]
+) -> dict[str, torch.Tensor]:
+    """``{"residual": flat}``: ``residuals[key]`` per tensor in gradient order, zeros where absent, fp32 on the CPU.
+
+    Empty when no tensor has a residual (a fresh compressor: the message depends on the gradient alone).
+    """
+    if not any(k in residuals for k in keys):
+        return {}
+    parts = []
+    for key, shape in zip(keys, shapes):
+        n = int(torch.Size(shape).numel())
+        e = residuals.get(key)
+        if e is None or e.numel() != n:
+            parts.append(torch.zeros(n))
+        else:
+            parts.append(e.detach().reshape(-1).to("cpu", torch.float32))
+    return {"residual": torch.cat(parts) if parts else torch.zeros(0)}
+
+
+def with_residual(
+    grads: Sequence[torch.Tensor], private: Mapping[str, torch.Tensor] | None, who: str
+) -> list[torch.Tensor]:
+    """``g + e`` per tensor when ``private`` holds the worker's residual (the oracle view), else ``grads``.
+
+    Error feedback sends ``C(g_t + e_{t-1})`` (Stich et al. 2018, Alg. 1; Karimireddy et al. 2019,
+    Alg. 1; Vogels et al. 2019, Alg. 2), so with ``e`` known the simulation is exact.
+    """
+    if not private or "residual" not in private:
+        return list(grads)
+    e = private["residual"].reshape(-1)
+    total = sum(g.numel() for g in grads)
+    if e.numel() != total:
+        raise CompressorError(f"{who}: private residual holds {e.numel()} values, the gradients {total}")
+    parts = unflatten(e, [g.shape for g in grads])
+    return [g + r.to(device=g.device, dtype=g.dtype) for g, r in zip(grads, parts)]
 
 
 def check_messages(messages: Mapping[str, torch.Tensor], needed: Sequence[str], who: str) -> None:

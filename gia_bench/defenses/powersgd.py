@@ -23,7 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from gia_bench.comm import Communicator
-from gia_bench.defenses.base import Compressor, check_messages, flatten, register, resolve_keys, unflatten
+from gia_bench.defenses.base import (
+    Compressor,
+    check_messages,
+    flatten,
+    register,
+    residual_vector,
+    resolve_keys,
+    unflatten,
+    with_residual,
+)
 from gia_bench.errors import CompressorError, SpecError
 
 # PyTorch's hook draws each Q seed as ``rng.randint(1_000_000_000)`` from ``np.random.RandomState(seed)``.
@@ -355,8 +364,10 @@ class PowerSGD(Compressor):
         for g, M, Q in zip(plan.groups, Ms, Qs):
             torch.bmm(M, Q, out=P[g.p_offset : g.p_offset + g.p_numel].view(g.count, g.n, g.r))
 
-        # 5. P summed over workers
+        # 5. P summed over workers; every receiver knows the sum, and a multi-worker decode needs it
         P = self._send_P(P, comm, plan, keys)
+        if comm.world_size > 1:
+            self._public["P_sum"] = P.detach().clone()
 
         # 6. P_hat = orthogonalize(P), identical on every worker
         P_hats = orthogonalize_blocks([self._p_view(P, g) for g in plan.groups], self.epsilon)
@@ -460,7 +471,15 @@ class PowerSGD(Compressor):
         return Q[g.q_offset : g.q_offset + g.q_numel].view(g.count, g.m, g.r)
 
     def public_state(self) -> dict[str, torch.Tensor]:
+        """``Q_init``: the (orthogonalized) Q the step started from (warm start: last step's
+        aggregated Q); ``P_sum``: the P summed over workers (only with several workers)."""
         return dict(self._public)
+
+    def private_state(self, keys: Sequence[Hashable], shapes: Sequence[torch.Size]) -> dict[str, torch.Tensor]:
+        """``{"residual": e}``: the error feedback step 1 adds to ``M`` (and LQ-SGD to the quantized rest)."""
+        if not self.error_feedback:
+            return {}
+        return residual_vector(self._error, keys, shapes)
 
     # -- the receiver's side ----------------------------------------------------------------------------
     def message_values(
@@ -491,8 +510,10 @@ class PowerSGD(Compressor):
     ) -> list[torch.Tensor]:
         """``P_hat Q^T`` per compressed tensor, the rest as sent.
 
-        ``P_hat = orth(P)`` from this worker's own P, exact at world size 1; with several
-        workers the aggregated P goes in ``public["P_sum"]``.
+        ``P_hat = orth(P)`` from this worker's own P at world size 1; with several workers
+        ``P_hat = orth(public["P_sum"])``, the summed P every receiver orthogonalized (records
+        of a multi-worker step hold it), so the decode is exact for any world size: this
+        worker's share ``P_hat Q_i^T`` of the aggregate ``mean_i P_hat Q_i^T``.
         """
         values = self.message_values(messages, shapes, public)
         shapes = [torch.Size(s) for s in shapes]
@@ -524,13 +545,17 @@ class PowerSGD(Compressor):
         grads: Sequence[torch.Tensor],
         messages: Mapping[str, torch.Tensor],
         public: Mapping[str, torch.Tensor] | None = None,
+        private: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Steps 3-7 for candidate ``grads`` with the observed step's Q: ``P = M Q_init``,
-        ``P_hat = orth(P)``, ``Q = M^T P_hat``; differentiable (through Gram-Schmidt or QR).
+        """Steps 1 and 3-7 for candidate ``grads`` with the observed step's Q: ``M = G + e``,
+        ``P = M Q_init``, ``P_hat = orth(P)``, ``Q = M^T P_hat``; differentiable (through
+        Gram-Schmidt or QR).
 
-        No error feedback: a capture starts with a zero residual, so the observed P and Q
-        are functions of this step's gradient alone.
+        ``e`` is the worker's residual from ``private`` (the oracle view); without it,
+        zero (exact for a fresh compressor, as ``capture`` makes). With several workers
+        ``P_hat = orth(public["P_sum"])``, the aggregate every receiver orthogonalized.
         """
+        grads = with_residual(grads, private, self._name())
         if "grads" in messages:
             return {"grads": flatten(grads).to(torch.float32)}
         plan = self.plan([g.shape for g in grads])
@@ -547,7 +572,14 @@ class PowerSGD(Compressor):
             Q_init = Q_init.to(device=Ms[0].device, dtype=torch.float32)
             P = torch.cat([torch.bmm(M, self._q_view(Q_init, g)).reshape(-1) for g, M in zip(plan.groups, Ms)])
             P = self._simulate_quantize(P, "P", plan)
-            P_hats = orthogonalize_blocks([self._p_view(P, g) for g in plan.groups], self.epsilon)
+            P_basis = P
+            if "P_sum" in public:
+                P_basis = public["P_sum"].reshape(-1).to(device=P.device, dtype=torch.float32)
+                if P_basis.numel() != plan.p_numel:
+                    raise CompressorError(
+                        f"{self._name()}: public P_sum holds {P_basis.numel()} values, shapes need {plan.p_numel}"
+                    )
+            P_hats = orthogonalize_blocks([self._p_view(P_basis, g) for g in plan.groups], self.epsilon)
             Q = torch.cat([torch.bmm(M.transpose(1, 2), P_hat).reshape(-1) for M, P_hat in zip(Ms, P_hats)])
             out["P"] = P
             out["Q"] = self._simulate_quantize(Q, "Q", plan)

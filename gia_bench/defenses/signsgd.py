@@ -15,6 +15,7 @@ from gia_bench.defenses.base import (
     register,
     resolve_keys,
     unflatten,
+    with_residual,
 )
 from gia_bench.defenses.codecs import pack_bits, packed_nbytes, unpack_bits
 from gia_bench.errors import CompressorError
@@ -54,8 +55,9 @@ class SignSGD(ResidualState, Compressor):
     negative entries) and ``"scales"`` (fp32, one per tensor). Workers ``all_gather`` them,
     decode each in rank order and average.
 
-    Compressor-aware view (:meth:`simulate`): ``(||x||_1/d) * sign(x)`` of the candidate,
-    exact in the scale and straight-through in the sign.
+    Compressor-aware view (:meth:`simulate`): ``(||x||_1/d) * sign(x)`` of the candidate
+    plus the residual when it is known (oracle view), exact in the scale and
+    straight-through in the sign.
 
     Args:
         error_feedback: keep the residual ``e`` and add it to the next step's gradient.
@@ -132,9 +134,10 @@ class SignSGD(ResidualState, Compressor):
     def message_values(self, messages, shapes, public=None) -> dict[str, torch.Tensor]:
         return {"values": flatten(self.decode(messages, shapes))}
 
-    def simulate(self, grads, messages, public=None) -> dict[str, torch.Tensor]:
+    def simulate(self, grads, messages, public=None, private=None) -> dict[str, torch.Tensor]:
+        """``(||p||_1/d) sign(p)`` per tensor of ``p = g + e`` (``e`` from ``private``, else zero)."""
         parts = []
-        for g in grads:
+        for g in with_residual(grads, private, "signsgd"):
             x = g.reshape(-1).to(torch.float32)
             if x.numel():
                 parts.append(x.abs().mean() * _sign_ste(x))

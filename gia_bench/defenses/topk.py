@@ -16,6 +16,7 @@ from gia_bench.defenses.base import (
     register,
     resolve_keys,
     unflatten,
+    with_residual,
 )
 from gia_bench.errors import CompressorError, SpecError
 
@@ -150,9 +151,13 @@ class TopK(ResidualState, Compressor):
         check_messages(messages, ["values"], "topk")
         return {"values": messages["values"].to(torch.float32)}
 
-    def simulate(self, grads, messages, public=None) -> dict[str, torch.Tensor]:
-        """The candidate gradient at the observed indices (the mask is public once seen): differentiable."""
+    def simulate(self, grads, messages, public=None, private=None) -> dict[str, torch.Tensor]:
+        """``g + e`` at the observed indices (the mask is public once seen): differentiable.
+
+        ``e`` is the worker's residual from ``private`` (oracle view); without it, zero.
+        """
         check_messages(messages, ["indices"], "topk")
+        grads = with_residual(grads, private, "topk")
         shapes = [g.shape for g in grads]
         numels = [int(torch.Size(s).numel()) for s in shapes]
         ks = self.counts(shapes)
