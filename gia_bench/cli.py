@@ -224,7 +224,12 @@ def train_cmd(
     rdzv_id: str = typer.Option(None, "--rdzv-id", help="job id shared by all machines"),
     epochs: int = typer.Option(3, "--epochs", help="epochs in total (a resumed run continues up to this)"),
     batch_size: int = typer.Option(64, "--batch-size", help="examples per worker per step"),
-    lr: float = typer.Option(0.1, "--lr", help="SGD learning rate (peak of the schedule)"),
+    lr: float = typer.Option(
+        None, "--lr", help="peak SGD learning rate (default: 0.1 x global batch / 256, global = batch x workers)"
+    ),
+    lr_warmup_steps: int = typer.Option(
+        None, "--lr-warmup-steps", help="linear lr warm-up steps (default: 5% of the run, at least 1; 0: none)"
+    ),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum, applied after the reduce"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="SGD weight decay, applied after the reduce"),
     lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="constant or cosine"),
@@ -233,6 +238,9 @@ def train_cmd(
         None, "--collective", help="the defense's collective: auto, allgather or alltoall (lqsgd)"
     ),
     capture_every: int = typer.Option(0, "--capture-every", help="save rank 0's GradientRecord every K steps"),
+    capture_steps: str = typer.Option(
+        None, "--capture-steps", help='save rank 0\'s GradientRecord at these optimizer steps, e.g. 0,50,end'
+    ),
     seed: int = typer.Option(0, "--seed", help="model init, data order and compressor seed"),
     backend: str = typer.Option("auto", "--backend", help="auto, gloo or nccl"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -252,11 +260,12 @@ def train_cmd(
     l1: float = typer.Option(0.0, "--l1", help="L1 weight lambda of the adagrad optimizers (sparse models)"),
 ) -> None:
     """Train with DDP, any defense as the gradient communication hook (torchrun underneath)."""
-    from gia_bench.train import TrainConfig, launch
+    from gia_bench.train import TrainConfig, launch, parse_capture_steps
 
     config = TrainConfig(
         out=out, dataset=dataset, model=model, defense=defense, epochs=epochs, batch_size=batch_size, lr=lr,
         momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
+        lr_warmup_steps=lr_warmup_steps, capture_steps=parse_capture_steps(capture_steps or ""),
         collective=collective, capture_every=capture_every, seed=seed, nproc_per_node=nproc_per_node,
         nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, backend=backend, device=device,  # type: ignore[arg-type]
         bucket_cap_mb=bucket_cap_mb, max_steps_per_epoch=max_steps_per_epoch, data_root=data_root,

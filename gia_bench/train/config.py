@@ -28,9 +28,69 @@ class TrainError(GiaBenchError):
     """A training run failed (a worker died, the rendezvous failed)."""
 
 
+#: The default learning rate is ``BASE_LR x global batch / BASE_BATCH`` (see :func:`default_lr`).
+BASE_LR = 0.1
+BASE_BATCH = 256
+#: The default linear warm-up spans this fraction of the run's optimizer steps (at least one).
+WARMUP_FRACTION = 0.05
+
+
+def default_lr(global_batch: int) -> float:
+    """The linear scaling rule: ``0.1 x global batch / 256``.
+
+    Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour",
+    Sec. 2.1 (eq. 3: multiply the learning rate by k when the minibatch grows k-fold;
+    0.1 for 256 images is the ResNet reference of He et al. 2016). ``global_batch`` is
+    the per-worker batch times the number of workers: the aggregate every step applies
+    is the mean over that many examples.
+    """
+    if global_batch < 1:
+        raise ConfigError(f"global batch must be >= 1, got {global_batch}")
+    return BASE_LR * global_batch / BASE_BATCH
+
+
+def default_warmup(total_steps: int) -> int:
+    """Linear warm-up steps when none are given: 5% of the run, at least 1 (Goyal et al. 2017, Sec. 2.2)."""
+    return max(1, math.ceil(WARMUP_FRACTION * total_steps))
+
+
+def parse_capture_steps(text: str) -> tuple[int | str, ...]:
+    """``"0,50,end"`` -> ``(0, 50, "end")`` (``--capture-steps``); raises :class:`ConfigError` naming the flag."""
+    steps: list[int | str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part == "end":
+            steps.append("end")
+        elif part.isdigit():
+            steps.append(int(part))
+        else:
+            raise ConfigError(f'--capture-steps: {part!r} is not an optimizer step (an integer >= 0) or "end"')
+    return tuple(steps)
+
+
+def lr_at(peak: float, schedule: str, step: int, total: int, warmup: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total``.
+
+    Steps ``0 .. warmup-1`` ramp linearly to ``peak`` (``peak (step+1) / warmup``, Goyal et
+    al. 2017, Sec. 2.2, gradual warm-up); afterwards ``constant`` keeps ``peak`` and
+    ``cosine`` decays it to 0 over the remaining steps (Loshchilov & Hutter 2017, SGDR eq. 5
+    without restarts). A function of the step alone, so a resumed run continues it exactly.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    rest = max(total - warmup, 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / rest))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. ``batch_size`` is per worker; ``lr`` is not scaled by the world size.
+    """One training run. ``batch_size`` is per worker.
+
+    ``lr`` None (the default) takes :func:`default_lr` of the global batch (``batch_size``
+    x workers); a given ``lr`` is used as is, whatever the world size.
 
     Args:
         out: run folder (metrics.json, checkpoint.pt, records/).
@@ -39,13 +99,18 @@ class TrainConfig:
         defense: compressor spec (``lqsgd:rank=2``).
         epochs: epochs in total (a resumed run continues up to this).
         batch_size: examples per worker per step.
-        lr: SGD learning rate (peak, with the cosine schedule).
+        lr: peak SGD learning rate; None: 0.1 x global batch / 256 (:func:`default_lr`).
+        lr_warmup_steps: linear warm-up to the peak over this many steps; None: 5% of the
+            run (:func:`default_warmup`); 0: none.
         momentum: SGD momentum, applied after the reduce.
         weight_decay: SGD weight decay, applied after the reduce.
         lr_schedule: ``constant`` or ``cosine`` (cosine decay to 0 over all steps).
         warmup_steps: uncompressed steps first: sets the compressor's ``start_iter``.
         collective: sets the compressor's ``collective`` (``auto``, ``allgather``, ``alltoall``).
         capture_every: save rank 0's GradientRecord every K steps (0: never).
+        capture_steps: also save it at these optimizer steps (0-based; ``"end"``: the last step).
+        capture_ranks: the workers whose steps are saved (rank 0 by default; a curious server
+            sees them all; ``step0000050-rank1`` names another rank's record).
         seed: model init, data order and compressor seeds derive from it.
         nproc_per_node: workers on this machine.
         nnodes: machines (``N`` or ``MIN:MAX``), as torchrun's ``--nnodes``.
@@ -72,13 +137,16 @@ class TrainConfig:
     defense: str = "none"
     epochs: int = 3
     batch_size: int = 64
-    lr: float = 0.1
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_warmup_steps: int | None = None
     warmup_steps: int | None = None
     collective: str | None = None
     capture_every: int = 0
+    capture_steps: tuple[int | str, ...] = ()
+    capture_ranks: tuple[int, ...] = (0,)
     seed: int = 0
     nproc_per_node: int = 1
     nnodes: str = "1"
@@ -99,6 +167,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "capture_steps", tuple(self.capture_steps))
+        object.__setattr__(self, "capture_ranks", tuple(self.capture_ranks))
         if self.data_root is not None:
             object.__setattr__(self, "data_root", Path(self.data_root))
 
@@ -114,8 +184,15 @@ class TrainConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_warmup_steps is not None and self.lr_warmup_steps < 0:
+            raise ConfigError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
+        bad = [s for s in self.capture_steps if not (s == "end" or (isinstance(s, int) and not isinstance(s, bool) and s >= 0))]
+        if bad:
+            raise ConfigError(f'--capture-steps: {bad} are not optimizer steps >= 0 or "end"')
+        if any(not isinstance(r, int) or r < 0 for r in self.capture_ranks):
+            raise ConfigError(f"capture_ranks: {list(self.capture_ranks)} are not worker ranks >= 0")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
@@ -184,6 +261,30 @@ class TrainConfig:
         DEFENSES.kwargs_for(text)  # raises SpecError for bad values now, not in a worker
         return text
 
+    # -- the schedule and the captures, once the world size is known ----------------------------
+    def peak_lr(self, world_size: int) -> float:
+        """``lr``, or :func:`default_lr` of the global batch ``batch_size x world_size``."""
+        return self.lr if self.lr is not None else default_lr(self.batch_size * world_size)
+
+    def warmup(self, total_steps: int) -> int:
+        """Linear warm-up steps of a run of ``total_steps``."""
+        return self.lr_warmup_steps if self.lr_warmup_steps is not None else default_warmup(total_steps)
+
+    def steps_per_epoch(self, train_examples: int, world_size: int) -> int:
+        """Optimizer steps per epoch: each worker's share (DistributedSampler, drop_last) in whole batches."""
+        steps = (train_examples // world_size) // self.batch_size
+        if self.max_steps_per_epoch is not None:
+            steps = min(steps, self.max_steps_per_epoch)
+        return steps
+
+    def capture_plan(self, total_steps: int) -> tuple[int, ...]:
+        """The steps ``capture_steps`` names (``"end"`` -> ``total_steps - 1``), sorted; raises for one past the end."""
+        steps = {total_steps - 1 if s == "end" else int(s) for s in self.capture_steps}
+        late = sorted(s for s in steps if s >= total_steps)
+        if late:
+            raise ConfigError(f"--capture-steps {late}: the run has only {total_steps} optimizer steps (0..{total_steps - 1})")
+        return tuple(sorted(steps))
+
     # -- JSON ----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -221,3 +322,16 @@ def load_data(config: TrainConfig) -> tuple[Any, Any]:
         load_dataset(config.dataset, root=root, download=config.download, split="train"),
         load_dataset(config.dataset, root=root, download=config.download, split="test"),
     )
+
+
+def planned_steps(config: TrainConfig, world_size: int | None = None) -> int:
+    """Optimizer steps the run will take in all (``world_size``: default ``nproc_per_node x nnodes``).
+
+    Reads the training split's length; a study uses it to name the records of ``"end"``.
+    """
+    from gia_bench.data import load_dataset
+
+    if world_size is None:
+        world_size = config.nproc_per_node * _nnodes(config.nnodes)[0]
+    n = len(load_dataset(config.dataset, root=config.data_root, download=config.download, split="train"))
+    return config.steps_per_epoch(n, world_size) * config.epochs

@@ -25,6 +25,7 @@ from gia_bench.train.config import (
     TrainError,
     _nnodes,
     load_data,
+    planned_steps,
 )
 from gia_bench.train.loop import run_worker
 
@@ -45,6 +46,10 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config.validate()
+    min_nodes, max_nodes = _nnodes(config.nnodes)
+    if config.capture_steps and min_nodes == max_nodes:
+        # a step past the end fails here, with its flag, not in a worker
+        config.capture_plan(planned_steps(config, config.nproc_per_node * min_nodes))
     out = config.out
     if not config.resume and ((out / METRICS_FILE).exists() or (out / CHECKPOINT_FILE).exists()):
         raise ConfigError(f"--out {out}: already holds a run; pass --resume to continue it or choose another folder")
@@ -61,7 +66,6 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     config_path = out / CONFIG_FILE
     atomic_write_json(config_path, config.to_json())
 
-    min_nodes, max_nodes = _nnodes(config.nnodes)
     standalone = max_nodes == 1 and not config.rdzv_endpoint
     launch_config = LaunchConfig(
         min_nodes=min_nodes,

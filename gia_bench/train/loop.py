@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-import math
+import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,14 +28,10 @@ from gia_bench.train.config import (
     RECORDS_DIR,
     TrainConfig,
     load_data,
+    lr_at,
 )
 from gia_bench.train.progress import Progress
-
-def _lr_at(config: TrainConfig, step: int, total: int) -> float:
-    if config.lr_schedule == "constant":
-        return config.lr
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
-
+from gia_bench.train.records import record_path, save_step_record
 
 def _fail_at() -> tuple[int, int] | None:
     text = os.environ.get(FAIL_ENV)
@@ -71,62 +66,40 @@ def _evaluate(model: torch.nn.Module, test: Any, device: torch.device, rank: int
     return int(correct) / max(len(test), 1)
 
 
-def _capture(
+def _capture_step(
     config: TrainConfig,
-    model_before: torch.nn.Module,
-    compressor_before: Any,
+    weights: dict[str, torch.Tensor],
+    names: list[str],
     model_spec: Any,
     dataset_spec: Any,
+    compressor: Any,
     inputs: torch.Tensor,
     labels: torch.Tensor,
-    grads: Sequence[torch.Tensor],
+    messages: list[Any],
+    private: dict[str, torch.Tensor],
     step: int,
     epoch: int,
     world_size: int,
-    wire: list[dict],
+    lr: float,
+    rank: int,
 ) -> None:
-    """Save rank 0's step as a record: its raw local gradients through its live compressor state.
-
-    What the record holds: ``compressor_before`` is a copy of rank 0's compressor
-    as it stood before this step (error feedback, warm-start Q, RNG: everything
-    that makes this step's messages); it compresses rank 0's raw local gradients
-    (taken inside the hook, before any reduction) through a
-    :class:`~gia_bench.comm.LocalCommunicator`, as ``gia-bench capture`` does. The
-    first round of messages (PowerSGD's P, LQ-SGD's codes of P, Top-k's values...)
-    is therefore exactly what rank 0 put on the wire in this step; later rounds
-    (PowerSGD's Q, computed from the all-reduced P) are the one-worker view of a
-    curious server talking to rank 0 alone. The weights are the model before this
-    step's forward. ``extra["wire_messages"]`` lists the messages (tag, shape, bytes)
-    rank 0 actually sent through ``torch.distributed`` in this step.
-    """
-    from gia_bench.capture import capture_batch
-    from gia_bench.records import truth_path
-
-    record_id = f"step{step:07d}"
-    record, truth = capture_batch(
-        model_before,
-        model_spec,
-        dataset_spec,
-        inputs.cpu(),
-        labels.cpu(),
-        compressor_before,
-        record_id=record_id,
-        step=step,
-        seed=config.seed,
-        grads=[g.cpu() for g in grads],
+    """Save this rank's step ``step`` as a record (see :mod:`gia_bench.train.records` for what it holds)."""
+    wire = [m.info() for m in messages]
+    save_step_record(
+        record_path(config.out / RECORDS_DIR, step, rank), weights, names, model_spec, dataset_spec,
+        compressor.spec, inputs, labels, messages, compressor.public_state(), private, step, config.seed,
         extra={
             "source": "train",
             "epoch": epoch,
-            "rank": 0,
+            "rank": rank,
             "world_size": world_size,
-            "view": "rank 0's raw gradient through a copy of its live compressor state, LocalCommunicator",
+            "lr": lr,
+            "view": f"rank {rank}'s messages as sent through torch.distributed in this step",
             "wire_messages": wire,
             "wire_bytes": sum(int(m["nbytes"]) for m in wire),
         },
+        rank=rank,
     )
-    path = config.out / RECORDS_DIR / f"{record_id}.safetensors"
-    record.save(path)
-    truth.save(truth_path(path))
 
 
 def _raised_by_collective(exc: BaseException) -> bool:
@@ -173,7 +146,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
     from torch.utils.data import DistributedSampler
 
     from gia_bench.defenses import create
-    from gia_bench.defenses.ddp import clone_state, make_hook
+    from gia_bench.capture import model_spec_string
+    from gia_bench.defenses.ddp import make_hook
     from gia_bench.models import ModelSpec, build_model
 
     train, test = load_data(config)
@@ -182,23 +156,25 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
         config.model, tuple(dataset_spec.shape), dataset_spec.num_classes, "train", config.fewbit_backward
     )
     model = build_model(model_spec, seed=config.seed, device=device)
+    model_spec = dataclasses.replace(model_spec, spec=model_spec_string(model, config.model))
     names = [n for n, _ in model.named_parameters()]
     compressor = create(config.defense_spec())
+    peak_lr = config.peak_lr(world_size)
     optimizer = make_optimizer(
-        config.optimizer, model.parameters(), lr=config.lr, momentum=config.momentum,
+        config.optimizer, model.parameters(), lr=peak_lr, momentum=config.momentum,
         weight_decay=config.weight_decay, l1=config.l1,
     )
     sampler = DistributedSampler(
         range(len(train)), num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed, drop_last=True
     )
-    steps_per_epoch = len(sampler) // config.batch_size
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    steps_per_epoch = config.steps_per_epoch(len(train), world_size)
     if steps_per_epoch < 1:
         raise ConfigError(
             f"--batch-size {config.batch_size}: each of {world_size} workers has only {len(sampler)} training examples"
         )
     total_steps = steps_per_epoch * config.epochs
+    warmup = config.warmup(total_steps)
+    capture_at = set(config.capture_plan(total_steps))
 
     ckpt_path = config.out / CHECKPOINT_FILE
     start_epoch, global_step, history = 0, 0, []
@@ -235,24 +211,25 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                 idx = order[s * config.batch_size : (s + 1) * config.batch_size]
                 x, y = train.batch(idx.tolist())
                 x, y = x.to(device), y.to(device)
-                capturing = rank == 0 and config.capture_every > 0 and global_step % config.capture_every == 0
+                capturing = rank in config.capture_ranks and (
+                    global_step in capture_at or (config.capture_every > 0 and global_step % config.capture_every == 0)
+                )
                 if capturing:
-                    model_before = copy.deepcopy(model).cpu()
-                    compressor_before = create(compressor.spec)
-                    compressor_before.load_state_dict(to_cpu(clone_state(compressor.state_dict())))
-                    state.capture_grads = {}
-                    state.keep_messages = True
+                    # what the server has before this step (BN buffers too), and what rank 0 adds privately
+                    weights = to_cpu(model.state_dict())
+                    private = compressor.private_state(names, [p.shape for p in model.parameters()])
+                    state.comm.record, state.keep_messages = True, True
+                lr = lr_at(peak_lr, config.lr_schedule, global_step, total_steps, warmup)
                 for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(config, global_step, total_steps)
+                    group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(ddp(x), y)
                 loss.backward()
                 if capturing:
-                    raw = state.capture_grads
-                    state.capture_grads, state.keep_messages = None, False
-                    wire = [m.info() for m in state.comm.reset()]
-                    _capture(config, model_before, compressor_before, model_spec, dataset_spec, x, y,
-                             [raw[n] for n in names], global_step, epoch + 1, world_size, wire)
+                    messages = state.comm.reset()
+                    state.comm.record, state.keep_messages = False, False
+                    _capture_step(config, weights, names, model_spec, dataset_spec, compressor, x, y, messages,
+                                  private, global_step, epoch + 1, world_size, lr, rank)
                 optimizer.step()
                 loss_sum += loss.detach().double()
                 global_step += 1
@@ -270,6 +247,8 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                     "test_accuracy": accuracy,
                     "test_examples": len(test),
                     "sparsity": sparsity(model),
+                    "lr": lr_at(peak_lr, config.lr_schedule, global_step - 1, total_steps, warmup),
+                    "end_step": global_step,
                     "bytes_sent_per_worker": state.bytes_sent - bytes_before,
                     "payload_bytes_per_worker": state.payload_bytes - payload_before,
                     "steps": steps_per_epoch,
@@ -279,15 +258,31 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
             )
             save_checkpoint(config, rank, world_size, device, model, optimizer, state, epoch + 1, global_step, history)
             if rank == 0:
-                atomic_write_json(config.out / METRICS_FILE, _metrics(config, compressor, world_size, backend, history))
+                atomic_write_json(
+                    config.out / METRICS_FILE,
+                    _metrics(config, compressor, world_size, backend, history, peak_lr, warmup, total_steps),
+                )
                 progress.epoch_done(history[-1])
     finally:
         progress.close()
 
 
-def _metrics(config: TrainConfig, compressor: Any, world_size: int, backend: str, history: list[dict]) -> dict:
+def _metrics(
+    config: TrainConfig,
+    compressor: Any,
+    world_size: int,
+    backend: str,
+    history: list[dict],
+    peak_lr: float,
+    warmup: int,
+    total_steps: int,
+) -> dict:
     steps = sum(e["steps"] for e in history)
     total_bytes = sum(e["bytes_sent_per_worker"] for e in history)
+    captured = sorted(
+        {s for s in config.capture_plan(total_steps) if s < steps}
+        | ({s for s in range(0, steps, config.capture_every)} if config.capture_every > 0 else set())
+    )
     return {
         "schema": 1,
         "kind": "train",
@@ -297,6 +292,16 @@ def _metrics(config: TrainConfig, compressor: Any, world_size: int, backend: str
         "world_size": world_size,
         "backend": backend,
         "collective": getattr(compressor, "collective", None),
+        "global_batch": config.batch_size * world_size,
+        "lr": {
+            "peak": peak_lr,
+            "rule": "given" if config.lr is not None else "0.1 x global batch / 256",
+            "warmup_steps": warmup,
+            "schedule": config.lr_schedule,
+        },
+        "total_steps": total_steps,
+        # records of rank 0's messages: step -> file under records/ (the study's attacks run on them)
+        "records": {str(s): f"{RECORDS_DIR}/{record_path(Path(), s).name}" for s in captured},
         "epochs": history,
         "totals": {
             "final_test_accuracy": history[-1]["test_accuracy"] if history else 0.0,
