@@ -27,7 +27,7 @@ What it writes in ``out``:
 * ``metrics.json`` after every epoch, atomically (schema 1, ``kind: "train"``):
   per epoch train loss (mean over workers and steps), test accuracy (fraction in
   [0, 1], rank 0's model on the whole test split) and ``test_examples`` (its binomial
-  standard error is ``sqrt(p(1-p)/n)``), ``end_step``, the lr, bytes each worker sent through
+  standard error is ``sqrt(p(1-p)/n)``), ``step`` (optimizer steps done), the lr, bytes each worker sent through
   the hook (``Message.nbytes`` of its :class:`~gia_bench.comm.TorchCommunicator`,
   counted as the ring algorithms send them) and seconds; totals.
 * ``checkpoint.pt`` after every epoch, atomically: model, optimizer, every rank's

@@ -248,7 +248,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                     "test_examples": len(test),
                     "sparsity": sparsity(model),
                     "lr": lr_at(peak_lr, config.lr_schedule, global_step - 1, total_steps, warmup),
-                    "end_step": global_step,
+                    "step": global_step,  # optimizer steps done at the end of the epoch
                     "bytes_sent_per_worker": state.bytes_sent - bytes_before,
                     "payload_bytes_per_worker": state.payload_bytes - payload_before,
                     "steps": steps_per_epoch,
