@@ -19,9 +19,12 @@ file with our schema; every error names the file and what is wrong.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
+import stat
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -29,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from gia_bench.data import DatasetSpec
@@ -40,7 +44,6 @@ SCHEMA_VERSION = 1
 RECORD_SUFFIX = ".safetensors"
 TRUTH_SUFFIX = ".truth.safetensors"
 _META_KEY = "gia_bench"
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,26 +144,50 @@ def truth_path(record_path: Path) -> Path:
     return record_path.with_name(stem + TRUTH_SUFFIX)
 
 
-def find_records(paths: list[Path] | Path) -> list[Path]:
-    """Record files among ``paths`` (files, or folders searched recursively); truth files excluded."""
+def find_record_files(paths: list[Path] | Path) -> list[tuple[Path, bool]]:
+    """Candidate record files among ``paths``, each with whether it was named directly.
+
+    Folders are searched recursively for ``*.safetensors`` (truth files excluded); a
+    file found in a folder may still turn out not to be a record (callers skip it
+    with a warning), a file named directly must be one.
+    """
     if isinstance(paths, Path):
         paths = [paths]
-    found: list[Path] = []
+    found: list[tuple[Path, bool]] = []
     for p in paths:
         if p.is_dir():
             found += sorted(
-                f for f in p.rglob(f"*{RECORD_SUFFIX}") if not f.name.endswith(TRUTH_SUFFIX)
+                (f, False) for f in p.rglob(f"*{RECORD_SUFFIX}") if not f.name.endswith(TRUTH_SUFFIX)
             )
         elif p.exists():
             if p.name.endswith(TRUTH_SUFFIX):
                 raise RecordError(f"{p}: is a truth file, not a gradient record")
-            found.append(p)
+            found.append((p, True))
         else:
             raise RecordError(f"{p}: no such file or folder")
     return found
 
 
+def find_records(paths: list[Path] | Path) -> list[Path]:
+    """Record files among ``paths`` (files, or folders searched recursively); truth files excluded."""
+    return [p for p, _ in find_record_files(paths)]
+
+
 # -- low-level safetensors I/O ------------------------------------------------------------------
+
+#: Largest record or truth file read (bytes). The whole file is read once into memory,
+#: hashed (the result identity) and parsed from those bytes, so this bounds the memory
+#: a load takes (about twice the file). ResNet-18 records are ~90 MB.
+MAX_FILE_BYTES = 2 * 1024**3
+#: Largest safetensors header (JSON) accepted, and its deepest nesting of arrays/objects.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+MAX_TENSORS = 100_000
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
@@ -176,61 +203,138 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         raise
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse and check the safetensors header ourselves before the library opens the file."""
+def _regular_file_check(path: Path, st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise RecordError(f"{path}: is {kind}, not a gradient record file")
+    if st.st_size > limit:
+        raise RecordError(f"{path}: {st.st_size:,} bytes is larger than the {limit:,} bytes a record may have")
+
+
+def read_file_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, refusing anything else without blocking.
+
+    ``os.stat`` is checked before opening: a FIFO, a device or a folder named
+    ``*.safetensors`` is refused at once instead of blocking or streaming forever,
+    and a file larger than ``limit`` before it is read. The opened file is checked
+    again (``fstat``), so what is read is the regular file that was checked.
+    """
+    path = Path(path)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise RecordError(f"{path}: truncated file ({size} bytes), not a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or n + 8 > size:
-                raise RecordError(
-                    f"{path}: not a safetensors file (bad header length {n} for {size} bytes;"
-                    " a pickle or torch.save file is refused, never unpickled)"
-                )
-            raw = fh.read(n)
+        _regular_file_check(path, os.stat(path), limit)
+        with path.open("rb", buffering=0) as fh:
+            st = os.fstat(fh.fileno())
+            _regular_file_check(path, st, limit)
+            data = fh.read(st.st_size)
     except OSError as exc:
-        raise RecordError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        raise RecordError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return data
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of JSON arrays/objects in ``raw`` (brackets inside strings do not count)."""
+    import numpy as np
+
+    bare = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
+    steps = np.isin(bare, (ord("["), ord("{"))).astype(np.int64) - np.isin(bare, (ord("]"), ord("}")))
+    return int(steps.cumsum().max(initial=0))
+
+
+def loads_bounded(path: Path, raw: bytes | str, what: str) -> Any:
+    """``json.loads`` that refuses over-deep nesting first (a recursion error is not a message)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise RecordError(f"{path}: {what} nests {depth} levels deep (at most {MAX_JSON_DEPTH})")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise RecordError(f"{path}: not a safetensors file (header is not JSON)") from None
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RecordError(f"{path}: {what} is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+
+
+def _read_header(path: Path, data: bytes) -> dict[str, Any]:
+    """Parse and check the safetensors header ourselves before the library sees the bytes."""
+    size = len(data)
+    head = data[:64]
+    text = bool(head) and all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+    if text and not head.startswith(b"{"):
+        raise RecordError(f"{path}: not a gradient record (a {size}-byte text file, not a safetensors file)")
+    if size < 8:
+        raise RecordError(f"{path}: truncated file ({size} bytes), not a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or n + 8 > size or n < 2:
+        raise RecordError(
+            f"{path}: not a safetensors file (bad header length {n} for {size} bytes;"
+            " a pickle, torch.save or text file is refused, never unpickled)"
+        )
+    raw = data[8 : 8 + n]
+    if raw[:1] != b"{":
+        raise RecordError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header = loads_bounded(path, raw, "safetensors header")
     if not isinstance(header, dict):
         raise RecordError(f"{path}: not a safetensors file (header is not a JSON object)")
+    if len(header) > MAX_TENSORS:
+        raise RecordError(f"{path}: {len(header)} tensors (at most {MAX_TENSORS})")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise RecordError(f"{path}: safetensors metadata is not a string -> string map")
     data_len = size - 8 - n
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if len(name) > 512:
+            raise RecordError(f"{path}: a tensor name is {len(name)} characters long (at most 512)")
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise RecordError(f"{path}: tensor {name!r} has a malformed header entry")
-        if offsets[1] > data_len:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPE_BYTES:
+            raise RecordError(f"{path}: tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and d >= 0 for d in shape)):
+            raise RecordError(f"{path}: tensor {name!r} has a malformed shape {str(shape)[:60]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise RecordError(f"{path}: tensor {name!r} has malformed data offsets")
+        start, end = offsets
+        if not 0 <= start <= end:
+            raise RecordError(f"{path}: tensor {name!r} has bad data offsets {offsets}")
+        if end > data_len:
             raise RecordError(f"{path}: truncated file (tensor {name!r} ends past the end of the file)")
+        if math.prod(shape) * _DTYPE_BYTES[dtype] != end - start:
+            raise RecordError(
+                f"{path}: tensor {name!r} is {dtype} {shape} ({math.prod(shape) * _DTYPE_BYTES[dtype]} bytes)"
+                f" but has {end - start} bytes of data"
+            )
+        spans.append((start, end))
+    position = 0
+    for start, end in sorted(spans):
+        if start != position:
+            raise RecordError(f"{path}: tensor data overlaps or has gaps (at byte {start}, expected {position})")
+        position = end
+    if position != data_len:
+        raise RecordError(f"{path}: {data_len - position} bytes after the last tensor (corrupt or truncated file)")
     return header
 
 
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    header = _read_header(path)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """Tensors, metadata and the sha256 of the bytes they were parsed from (read once)."""
+    data = read_file_bytes(path)
+    header = _read_header(path, data)
     metadata = header.get("__metadata__") or {}
     try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-    except (SafetensorError, RuntimeError, ValueError) as exc:
-        raise RecordError(f"{path}: corrupt safetensors file ({exc})") from exc
-    return tensors, metadata
+        tensors = safetensors_load(data)
+    except (SafetensorError, RuntimeError, ValueError, TypeError) as exc:
+        raise RecordError(f"{path}: corrupt safetensors file ({str(exc)[:200]})") from None
+    return tensors, metadata, hashlib.sha256(data).hexdigest()
 
 
 def _parse_meta(path: Path, metadata: Mapping[str, str], kind: str) -> dict[str, Any]:
     if _META_KEY not in metadata:
         raise RecordError(f"{path}: not a gia-bench {kind} (no '{_META_KEY}' metadata)")
-    try:
-        meta = json.loads(metadata[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"{path}: {kind} metadata is not valid JSON ({exc})") from exc
+    meta = loads_bounded(path, metadata[_META_KEY], f"{kind} metadata")
     if not isinstance(meta, dict):
         raise RecordError(f"{path}: {kind} metadata is not a JSON object")
     schema = meta.get("schema")
@@ -247,6 +351,17 @@ def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
             raise RecordError(f"{path}: tensor {name!r} has non-finite values (NaN or inf)")
 
 
+def read_meta(path: Path | str) -> RecordMeta:
+    """The public metadata of the record at ``path`` (header checks only; tensors not validated)."""
+    path = Path(path)
+    header = _read_header(path, read_file_bytes(path))
+    raw = _parse_meta(path, header.get("__metadata__") or {}, "record")
+    try:
+        return RecordMeta.from_json(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"{path}: record metadata is missing or has a bad field ({exc})") from None
+
+
 # -- the record ----------------------------------------------------------------------------------
 
 
@@ -259,6 +374,7 @@ class GradientRecord:
     weights: dict[str, torch.Tensor]
     public: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     path: Path | None = None
+    sha256: str | None = None  # of the file it was loaded from: part of every result's identity
 
     @property
     def record_id(self) -> str:
@@ -299,7 +415,7 @@ class GradientRecord:
         path = Path(path)
         if path.name.endswith(TRUTH_SUFFIX):
             raise RecordError(f"{path}: is a truth file, not a gradient record")
-        tensors, metadata = _load_tensors(path)
+        tensors, metadata, sha256 = _load_tensors(path)
         raw = _parse_meta(path, metadata, "record")
         try:
             meta = RecordMeta.from_json(raw)
@@ -311,7 +427,7 @@ class GradientRecord:
             if not sep or prefix not in groups:
                 raise RecordError(f"{path}: unexpected tensor {key!r}")
             groups[prefix][name] = t
-        record = cls(meta, groups["msg"], groups["weight"], groups["public"], path)
+        record = cls(meta, groups["msg"], groups["weight"], groups["public"], path, sha256)
         if validate:
             record.validate()
         return record
@@ -397,7 +513,7 @@ class Truth:
     @classmethod
     def load(cls, path: Path | str) -> Truth:
         path = Path(path)
-        tensors, metadata = _load_tensors(path)
+        tensors, metadata, _ = _load_tensors(path)
         meta = _parse_meta(path, metadata, "truth")
         if set(tensors) != {"inputs", "labels"}:
             raise RecordError(f"{path}: truth file must hold exactly 'inputs' and 'labels', has {sorted(tensors)}")

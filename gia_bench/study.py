@@ -30,7 +30,7 @@ On disk (``DIR``)::
 
     DIR/study.toml                                   the study as run
     DIR/records/<dataset>-<model>-b<B>-s<seed>/<defense>/<id>.safetensors (+ .truth)
-    DIR/runs/<defense>/<record id>/<attack>-<view>/result.json
+    DIR/runs/<dataset>-<model>-b<B>-s<seed>/<defense>/<record id>/<attack>-<view>/result.json
     DIR/train/<defense>/metrics.json
     DIR/report/                                      report.html, report.md, CSVs, figures
 
@@ -276,15 +276,17 @@ class AttackJob:
     view: str
     out_root: Path
     seed: int
+    defense: str = ""  # the record's defense spec ("": read from the record's header)
 
     @property
     def result(self) -> Path:
         from gia_bench.attacks import create as create_attack
-        from gia_bench.attacks.runner import result_dir
-        from gia_bench.records import RECORD_SUFFIX
+        from gia_bench.evaluate import RESULT_FILE, result_dir
+        from gia_bench.records import RECORD_SUFFIX, read_meta
 
         record_id = self.record.name.removesuffix(RECORD_SUFFIX)  # capture names files by record id
-        return result_dir(self.out_root, record_id, create_attack(self.attack), self.view) / "result.json"
+        defense = self.defense or read_meta(self.record).defense
+        return result_dir(self.out_root, record_id, create_attack(self.attack), self.view, defense, self.seed) / RESULT_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,11 +327,11 @@ def capture_jobs(config: StudyConfig, out: Path) -> list[CaptureJob]:
 def attack_jobs(config: StudyConfig, out: Path, records: dict[CaptureJob, list[Path]]) -> list[AttackJob]:
     jobs = []
     for cap, paths in records.items():
-        root = out / "runs" / slug(cap.defense) / cap.group
+        root = out / "runs" / cap.group  # the result folder adds the defense (gia_bench.evaluate.result_dir)
         for path in paths:
             for attack in config.attacks:
                 for view in config.views:
-                    jobs.append(AttackJob(path, attack, view, root, cap.seed))
+                    jobs.append(AttackJob(path, attack, view, root, cap.seed, cap.defense))
     return jobs
 
 
@@ -362,6 +364,7 @@ class StudyOptions:
     lpips_net: str = "alex"
     lpips_weights: Path | None = None
     report: bool = True
+    plugins: tuple[str, ...] = ()  # module:Class names the user trusts (--plugin), for every unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,21 +409,23 @@ def _attack_worker(job: AttackJob, options: StudyOptions) -> tuple[AttackJob, st
     """Run one attack job (in a worker process or inline); returns the error text on failure."""
     import torch
 
-    from gia_bench.attacks.runner import run_attack
+    from gia_bench.evaluate import run_attack
+    from gia_bench.registry import trusted
 
     if options.workers > 1:
         torch.set_num_threads(1)
     try:
-        run_attack(
-            job.record,
-            job.attack,
-            job.view,
-            job.out_root,
-            seed=job.seed,
-            device=options.device,
-            lpips_net=options.lpips_net,
-            lpips_weights=options.lpips_weights,
-        )
+        with trusted(options.plugins):  # a spawned worker gets the trusted set through the options
+            run_attack(
+                job.record,
+                job.attack,
+                job.view,
+                job.out_root,
+                seed=job.seed,
+                device=options.device,
+                lpips_net=options.lpips_net,
+                lpips_weights=options.lpips_weights,
+            )
     except GiaBenchError as exc:
         return job, str(exc)
     except KeyboardInterrupt:
@@ -457,7 +462,15 @@ def run_study(config: StudyConfig, out: Path, options: StudyOptions = StudyOptio
     """Capture, attack, train and report; finished units are skipped, so this resumes.
 
     Ctrl-C stops after the units in flight; everything finished stays on disk.
+    ``options.plugins`` are trusted for every unit (worker processes inherit them).
     """
+    from gia_bench.registry import trusted
+
+    with trusted(options.plugins):
+        return _run_study(config, out, options, console)
+
+
+def _run_study(config: StudyConfig, out: Path, options: StudyOptions, console: Any) -> StudyStatus:
     import json
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     import multiprocessing
