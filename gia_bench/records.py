@@ -26,7 +26,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
 from gia_bench.data import DatasetSpec
 from gia_bench.errors import GiaBenchError, RecordError
+from gia_bench.io import atomic_write_bytes
 from gia_bench.models import ModelSpec, build_model
 
 SCHEMA_VERSION = 1
@@ -191,16 +191,9 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; records are meant to be shared and read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = safetensors_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+    os.chmod(path, 0o644)  # mkstemp creates 0600; records are meant to be shared and read by others
 
 
 def _regular_file_check(path: Path, st: os.stat_result, limit: int) -> None:
