@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from gia_bench.attacks.base import VIEWS, Attack, Progress, Reconstruction, create
 from gia_bench.errors import GiaBenchError, RecordError

@@ -442,19 +442,28 @@ def _keys(v: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> 
     return f"has unknown keys {[_short(k) for k in unknown[:3]]}" if unknown else None
 
 
+def _fields(v: Any, checks: tuple[tuple[str, Check], ...]) -> str | None:
+    """The first problem of the object ``v``'s fields (already known to be present), prefixed by the key."""
+    for key, check in checks:
+        problem = check(v[key])
+        if problem:
+            return f"{key} {problem}"
+    return None
+
+
 def _model(v: Any) -> str | None:
-    problem = _keys(v, ("spec", "in_shape", "num_classes"), ("mode",))
-    for key, check in (("spec", _text(MAX_SPEC_CHARS)), ("in_shape", _shape3), ("num_classes", _int(1, MAX_CLASSES))):
-        problem = problem or (lambda p: p and f"{key} {p}")(check(v[key]))
+    problem = _keys(v, ("spec", "in_shape", "num_classes"), ("mode",)) or _fields(
+        v, (("spec", _text(MAX_SPEC_CHARS)), ("in_shape", _shape3), ("num_classes", _int(1, MAX_CLASSES)))
+    )
     if not problem and v.get("mode", "train") not in ("train", "eval"):
         problem = f"mode must be 'train' or 'eval', got {_short(v['mode'])}"
     return problem
 
 
 def _dataset(v: Any) -> str | None:
-    problem = _keys(v, ("name", "shape", "num_classes", "mean", "std"))
-    for key, check in (("name", _text(MAX_SPEC_CHARS)), ("shape", _shape3), ("num_classes", _int(1, MAX_CLASSES))):
-        problem = problem or (lambda p: p and f"{key} {p}")(check(v[key]))
+    problem = _keys(v, ("name", "shape", "num_classes", "mean", "std")) or _fields(
+        v, (("name", _text(MAX_SPEC_CHARS)), ("shape", _shape3), ("num_classes", _int(1, MAX_CLASSES)))
+    )
     if problem:
         return problem
     channels = v["shape"][0]
@@ -487,7 +496,7 @@ def _messages(v: Any) -> str | None:
             problem = f"op {_short(m.get('op'))} is not one of {', '.join(MESSAGE_OPS)}"
         for key in ("nbytes", "payload_nbytes"):
             if not problem and key in m:
-                problem = (lambda p: p and f"{key} {p}")(_int(0, MAX_FILE_BYTES * 64)(m[key]))
+                problem = _fields(m, ((key, _int(0, MAX_FILE_BYTES * 64)),))
         if not problem and m["tag"] in tags:
             problem = f"tag {m['tag']!r} appears twice"
         if problem:
