@@ -128,3 +128,29 @@ def test_defense_spec_round_trips():
         again = create(comp.spec)
         assert type(again) is type(comp)
         assert again.spec == comp.spec
+
+
+def test_study_file_names_only_trusted_code(tmp_path):
+    from typer.testing import CliRunner
+
+    from gia_bench.cli import app
+    from gia_bench.errors import ConfigError
+    from gia_bench.study import StudyOptions, parse_study
+
+    raw = {"datasets": ["digits"], "models": ["lenet"], "defenses": ["test_registry:ToyCompressor"], "attacks": ["dlg"]}
+    with pytest.raises(ConfigError, match="not trusted"):
+        parse_study(raw)
+    with trusted(["test_registry:ToyCompressor"]):
+        assert parse_study(raw).defenses == ("test_registry:ToyCompressor",)
+    assert StudyOptions(plugins=("a.b:C",)).plugins == ("a.b:C",)
+    study = tmp_path / "s.toml"
+    study.write_text('datasets = ["digits"]\nmodels = ["lenet"]\ndefenses = ["test_registry:ToyCompressor"]\nattacks = ["dlg"]\n')
+    res = CliRunner().invoke(app, ["study", "run", str(study), "--out", str(tmp_path / "o")])
+    assert isinstance(res.exception, ConfigError) and "--plugin test_registry:ToyCompressor" in str(res.exception)
+
+
+from gia_bench.defenses.none import NoCompression  # noqa: E402
+
+
+class ToyCompressor(NoCompression):
+    """A third party's compressor (plain gradients under another name)."""
