@@ -452,9 +452,11 @@ def _fields(v: Any, checks: tuple[tuple[str, Check], ...]) -> str | None:
 
 
 def _model(v: Any) -> str | None:
-    problem = _keys(v, ("spec", "in_shape", "num_classes"), ("mode",)) or _fields(
+    problem = _keys(v, ("spec", "in_shape", "num_classes"), ("mode", "fewbit_backward")) or _fields(
         v, (("spec", _text(MAX_SPEC_CHARS)), ("in_shape", _shape3), ("num_classes", _int(1, MAX_CLASSES)))
     )
+    if not problem and "fewbit_backward" in v:
+        problem = _fields(v, (("fewbit_backward", _int(0, 8)),))  # gia_bench.fewbit: bits of the backward
     if not problem and v.get("mode", "train") not in ("train", "eval"):
         problem = f"mode must be 'train' or 'eval', got {_short(v['mode'])}"
     return problem
