@@ -533,10 +533,10 @@ META_FIELDS: tuple[MetaField, ...] = (
     MetaField("step", _int(0, 2**53), False),
     MetaField("seed", _int(-(2**63), 2**64 - 1), False),
     MetaField("extra", _object, False),
-    # FedAvg (gia_bench.fedavg): absent on FedSGD records.
-    MetaField("local_steps", _int(1, MAX_LOCAL_STEPS), False),
-    MetaField("local_lr", _number(0.0, 1e6, positive=True), False),
-    MetaField("local_batch", _int(1, MAX_BATCH), False),
+    # FedAvg (gia_bench.fedavg): absent on FedSGD records; typed by _local_fields, bounded by _validate_local.
+    MetaField("local_steps", lambda v: None, False),
+    MetaField("local_lr", lambda v: None, False),
+    MetaField("local_batch", lambda v: None, False),
 )
 
 #: Public compressor state a record may carry (``public/<key>``); an undeclared key gets DEFAULT_PUBLIC.
@@ -580,8 +580,6 @@ def check_meta_json(path: Path | str, data: dict[str, Any]) -> None:
             f"{path}: batch of {data['batch_size']} x {model['in_shape']} is {data['batch_size'] * c * h * w:,}"
             f" input values, more than the {MAX_INPUT_ELEMENTS:,} an attack may allocate"
         )
-    if "local_steps" in data and "local_batch" in data and data["local_batch"] > data["batch_size"]:
-        raise RecordError(f"{path}: local_batch {data['local_batch']} exceeds the batch size {data['batch_size']}")
     declared_bytes = sum(m.get("nbytes", 0) for m in data["messages"])
     if any("nbytes" in m for m in data["messages"]) and declared_bytes != data["bytes_sent"]:
         raise RecordError(
@@ -763,6 +761,22 @@ class GradientRecord:
             if tuple(g.shape) != tuple(shape):
                 raise RecordError(f"{where}: decoded gradient of {name!r} has shape {tuple(g.shape)}, expected {tuple(shape)}")
 
+    def _validate_local(self, where: Path | str) -> None:
+        """FedAvg metadata: 1 <= local_steps <= MAX_LOCAL_STEPS, 1 <= local_batch <= batch_size, local_lr finite > 0."""
+        from gia_bench.fedavg import MAX_LOCAL_STEPS
+
+        meta = self.meta
+        if meta.is_fedsgd:
+            return
+        if meta.local_lr is None or meta.local_batch is None:
+            raise RecordError(f"{where}: local_steps {meta.local_steps} without local_lr and local_batch")
+        if not 1 <= meta.local_steps <= MAX_LOCAL_STEPS:
+            raise RecordError(f"{where}: local_steps {meta.local_steps} is outside [1, {MAX_LOCAL_STEPS}]")
+        if not 1 <= meta.local_batch <= meta.batch_size:
+            raise RecordError(f"{where}: local_batch {meta.local_batch} is outside [1, batch_size {meta.batch_size}]")
+        if not (math.isfinite(meta.local_lr) and meta.local_lr > 0):
+            raise RecordError(f"{where}: local_lr {meta.local_lr!r} must be finite and > 0")
+
     def _check_message_layout(self, where: Path | str, compressor: Any) -> None:
         """The tags and dtypes a fresh compressor of this spec sends for these parameters, against the record's.
 
@@ -818,23 +832,6 @@ def _check_topk(record: GradientRecord, compressor: Any) -> str | None:
 
 #: Per-defense checks of message contents beyond dtype and shape (index ranges ...): registry name -> check.
 MESSAGE_CHECKS: dict[str, Callable[[GradientRecord, Any], "str | None"]] = {"topk": _check_topk}
-
-
-    def _validate_local(self, where: Path | str) -> None:
-        """FedAvg metadata: 1 <= local_steps <= MAX_LOCAL_STEPS, 1 <= local_batch <= batch_size, local_lr finite > 0."""
-        from gia_bench.fedavg import MAX_LOCAL_STEPS
-
-        meta = self.meta
-        if meta.is_fedsgd:
-            return
-        if meta.local_lr is None or meta.local_batch is None:
-            raise RecordError(f"{where}: local_steps {meta.local_steps} without local_lr and local_batch")
-        if not 1 <= meta.local_steps <= MAX_LOCAL_STEPS:
-            raise RecordError(f"{where}: local_steps {meta.local_steps} is outside [1, {MAX_LOCAL_STEPS}]")
-        if not 1 <= meta.local_batch <= meta.batch_size:
-            raise RecordError(f"{where}: local_batch {meta.local_batch} is outside [1, batch_size {meta.batch_size}]")
-        if not (math.isfinite(meta.local_lr) and meta.local_lr > 0):
-            raise RecordError(f"{where}: local_lr {meta.local_lr!r} must be finite and > 0")
 
 
 @dataclasses.dataclass(frozen=True)
