@@ -727,7 +727,8 @@ class GradientRecord:
                 raise RecordError(
                     f"{where}: weight {name!r} has shape {tuple(got.shape)}, model {meta.model.spec!r} needs {shape}"
                 )
-            if got.dtype != dtype:
+            # counters (BatchNorm's num_batches_tracked) may come back as floats from a federated run
+            if got.dtype != dtype and (dtype.is_floating_point or got.dtype not in _FLOATS + _INTS):
                 raise RecordError(f"{where}: weight {name!r} is {got.dtype}, model {meta.model.spec!r} needs {dtype}")
         unknown = [k for k in self.weights if k not in expected]
         if unknown:
