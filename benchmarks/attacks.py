@@ -8,7 +8,7 @@ uncompressed, with seeded models. Rows:
   the median over ``--repeats`` timed runs of ``--iterations`` steps after a warm-up run.
 * ``restarts``: IG with R restarts stacked in one vmap'd forward/backward vs R runs of
   one restart (what a Python loop over restarts costs).
-* ``end_to_end``: :func:`gia_bench.attacks.run_attack` on a saved record with a truth file
+* ``end_to_end``: :func:`gia_bench.evaluate.run_attack` on a saved record with a truth file
   (attack + scoring + files), at the demo study's attack settings (LeNet, one ``digits``
   image; ``--demo SPEC`` to change them).
 
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from gia_bench.attacks import create, run_attack
+from gia_bench.attacks import create
+from gia_bench.evaluate import run_attack
 from gia_bench.attacks.matching import CandidateGradients
 from gia_bench.capture import capture_batch
 from gia_bench.data import load_dataset

@@ -104,6 +104,30 @@ def list_cmd(
 from pathlib import Path  # noqa: E402  (typer reads the annotations below from this module's globals)
 
 
+def _plugin_option() -> Any:
+    return typer.Option(
+        [], "--plugin", help="trust this module:Class (a compressor, model, attack ... named by a record or spec); repeatable"
+    )
+
+
+def _flag_plugins(*specs: str | None) -> list[str]:
+    """The ``module:Class`` names among specs the user typed on the command line (trusted by typing them)."""
+    from gia_bench.registry import _MODULE_CLASS, parse_spec
+
+    names = []
+    for spec in specs:
+        if spec:
+            try:
+                name = parse_spec(spec).name
+            except GiaBenchError:
+                continue  # the command itself reports the bad spec
+            if _MODULE_CLASS.match(name):
+                names.append(name)
+    return names
+
+
+
+
 @app.command("capture")
 def capture_cmd(
     dataset: str = typer.Option("digits", "--dataset", help="data set spec, e.g. digits, faces, photos, cifar10:channels=1"),
@@ -137,13 +161,15 @@ def capture_cmd(
     after K local SGD steps, compressed by the defense.
     """
     from gia_bench.capture import capture, summarize
+    from gia_bench.registry import trusted
 
     try:
-        paths = capture(
-            dataset, model, defense, batch_size, num, seed, out, checkpoint=checkpoint, data_root=data_root,
-            download=download, model_mode=model_mode, device=device, progress=True, fewbit_backward=fewbit_backward,
-            local_steps=local_steps, local_lr=local_lr, local_batch=local_batch,
-        )
+        with trusted(_flag_plugins(dataset, model, defense)):  # module:Class typed here is trusted by the user
+            paths = capture(
+                dataset, model, defense, batch_size, num, seed, out, checkpoint=checkpoint, data_root=data_root,
+                download=download, model_mode=model_mode, device=device, progress=True,
+                fewbit_backward=fewbit_backward, local_steps=local_steps, local_lr=local_lr, local_batch=local_batch,
+            )
     except KeyboardInterrupt:
         done = sorted(p for p in out.glob("*.safetensors") if not p.name.endswith(".truth.safetensors"))
         err_console.print(f"[yellow]interrupted:[/] {len(done)} complete records kept in {out}; run again to resume")
@@ -181,10 +207,13 @@ def report_cmd(
         None, "--lpips-weights", help="trunk weights file (else $GIA_BENCH_LPIPS_WEIGHTS, else torchvision's cache)"
     ),
     no_lpips: bool = typer.Option(False, "--no-lpips", help="do not compute LPIPS the results lack"),
+    plugin: list[str] = _plugin_option(),
 ) -> None:
     """Privacy vs compression: tables, figures and an HTML report from attack results and training runs."""
-    if lpips_net not in ("alex", "vgg"):
-        raise GiaBenchError(f"--lpips-net {lpips_net!r}: accepted values are alex, vgg")
+    from gia_bench.evaluate import check_lpips_net
+    from gia_bench.registry import trusted
+
+    check_lpips_net(lpips_net)
     if lpips_weights is not None and not lpips_weights.is_file():
         raise GiaBenchError(f"--lpips-weights {lpips_weights}: no such file")
     from gia_bench.reports import ReportOptions, make_report, rich_tables, warning_lines
@@ -197,7 +226,8 @@ def report_cmd(
         lpips_weights=lpips_weights,
         compute_lpips=not no_lpips,
     )
-    output = make_report(options)
+    with trusted(plugin):
+        output = make_report(options)
     for table in rich_tables(output.data):
         console.print(table)
     _print_warnings(warning_lines(output.data), "the verdicts above")
@@ -260,19 +290,21 @@ def train_cmd(
     l1: float = typer.Option(0.0, "--l1", help="L1 weight lambda of the adagrad optimizers (sparse models)"),
 ) -> None:
     """Train with DDP, any defense as the gradient communication hook (torchrun underneath)."""
+    from gia_bench.registry import trusted
     from gia_bench.train import TrainConfig, launch, parse_capture_steps
 
-    config = TrainConfig(
-        out=out, dataset=dataset, model=model, defense=defense, epochs=epochs, batch_size=batch_size, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
-        lr_warmup_steps=lr_warmup_steps, capture_steps=parse_capture_steps(capture_steps or ""),
-        collective=collective, capture_every=capture_every, seed=seed, nproc_per_node=nproc_per_node,
-        nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, backend=backend, device=device,  # type: ignore[arg-type]
-        bucket_cap_mb=bucket_cap_mb, max_steps_per_epoch=max_steps_per_epoch, data_root=data_root,
-        download=download, threads_per_worker=threads_per_worker, timeout_s=timeout, resume=resume,
-        fewbit_backward=fewbit_backward, optimizer=optimizer, l1=l1,
-    )
-    metrics = launch(config)
+    with trusted(_flag_plugins(dataset, model, defense)):  # module:Class typed here is trusted by the user
+        config = TrainConfig(
+            out=out, dataset=dataset, model=model, defense=defense, epochs=epochs, batch_size=batch_size, lr=lr,
+            momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,  # type: ignore[arg-type]
+            lr_warmup_steps=lr_warmup_steps, capture_steps=parse_capture_steps(capture_steps or ""),
+            collective=collective, capture_every=capture_every, seed=seed, nproc_per_node=nproc_per_node,
+            nnodes=nnodes, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, backend=backend, device=device,  # type: ignore[arg-type]
+            bucket_cap_mb=bucket_cap_mb, max_steps_per_epoch=max_steps_per_epoch, data_root=data_root,
+            download=download, threads_per_worker=threads_per_worker, timeout_s=timeout, resume=resume,
+            fewbit_backward=fewbit_backward, optimizer=optimizer, l1=l1,
+        )
+        metrics = launch(config)
     totals = metrics["totals"]
     console.print(
         f"{metrics['defense']} on {metrics['world_size']} workers: test accuracy"
@@ -338,75 +370,70 @@ def attack_cmd(
     view: list[str] = typer.Option(
         ["naive"], "--view", help="naive (match decode(messages)) or aware (match simulate(...)); repeatable"
     ),
-    out: str = typer.Option("runs", "--out", "-o", help="results go to OUT/<record-id>/<attack>-<view>/"),
+    out: str = typer.Option("runs", "--out", "-o", help="results go to OUT/<defense>/<record-id>/<attack>-<view>/"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     seed: int = typer.Option(0, "--seed", help="seed of the attack's random initialisation"),
     lpips_net: str = typer.Option("alex", "--lpips-net", help="LPIPS trunk: alex or vgg"),
     lpips_weights: str = typer.Option(
         None, "--lpips-weights", help="local trunk weights file (else $GIA_BENCH_LPIPS_WEIGHTS / torch cache)"
     ),
+    plugin: list[str] = _plugin_option(),
 ) -> None:
     """Reconstruct the images and labels of saved gradient records; score them where a truth file exists."""
-    import json
-    from pathlib import Path
-
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from gia_bench.attacks import create as create_attack
-    from gia_bench.attacks import run_attack
-    from gia_bench.attacks.base import VIEWS
-    from gia_bench.attacks.runner import resolve_device
-    from gia_bench.records import find_records
+    from gia_bench.evaluate import AttackOptions, AttackResult, Skipped, run_attacks
 
-    for v in view:
-        if v not in VIEWS:
-            raise GiaBenchError(f"--view {v!r} is not one of {', '.join(VIEWS)}")
-    if lpips_net not in ("alex", "vgg"):
-        raise GiaBenchError(f"--lpips-net {lpips_net!r} is not one of alex, vgg")
-    for spec in attack:
-        create_attack(spec)  # a bad spec fails before any work
-    resolve_device(device)
-    paths = find_records([Path(r) for r in records])
-    if not paths:
-        raise GiaBenchError(f"no gradient records found in {', '.join(records)}")
-    weights = Path(lpips_weights) if lpips_weights else None
-    jobs = [(p, a, v) for p in paths for a in attack for v in view]
-    finished = 0
-    try:
-        for path, spec, v in jobs:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("it {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                transient=True,
-            ) as bar:
-                task = bar.add_task(f"{path.name} {spec.split(':')[0]}-{v}", total=1, loss="-")
+    options = AttackOptions(
+        out=Path(out), seed=seed, device=device, lpips_net=lpips_net,
+        lpips_weights=Path(lpips_weights) if lpips_weights else None, plugins=tuple(plugin),
+    )
+    finished: list[AttackResult] = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("it {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        tasks: list[Any] = []
 
-                def report(i: int, total: int, loss: float) -> None:
-                    bar.update(task, completed=i, total=total, loss=f"{loss:.4g}")
+        def start(path: Path, spec: str, v: str):
+            task = bar.add_task(f"{path.name} {spec.split(':')[0]}-{v}", total=1, loss="-")
+            tasks.append(task)
 
-                result_path = run_attack(
-                    path, spec, v, Path(out), seed=seed, device=device,
-                    lpips_net=lpips_net, lpips_weights=weights, progress=report,
-                )
-            result = json.loads(result_path.read_text())
-            finished += 1
-            scored = ""
-            if result.get("psnr"):
-                psnr = sum(result["psnr"]) / len(result["psnr"])
-                ssim = sum(result["ssim"]) / len(result["ssim"])
-                scored = f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {result['label_accuracy']:.2f}"
+            def report(i: int, total: int, loss: float) -> None:
+                bar.update(task, completed=i, total=total, loss=f"{loss:.4g}")
+
+            return report
+
+        def done(r: AttackResult) -> None:
+            while tasks:
+                bar.remove_task(tasks.pop())
+            finished.append(r)
+            psnr, ssim, acc = r.mean("psnr"), r.mean("ssim"), r.data.get("label_accuracy")
+            scored = "" if psnr is None else f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {acc:.2f}"
+            mark = "[cyan]reused[/] " if r.reused else ""
             console.print(
-                f"{result['record_id']} {result['attack'].split(':')[0]} ({v}): {result['iterations']} it,"
-                f" {result['seconds']:.1f} s{scored} -> [bold]{result_path}[/]",
-                highlight=False,
+                f"{mark}{r.record_id} [{r.defense.split(':')[0]}] {r.attack.split(':')[0]} ({r.view}):"
+                f" {r.data['iterations']} it, {r.data['seconds']:.1f} s{scored} -> [bold]{r.path}[/]",
+                highlight=False, soft_wrap=True,
             )
-    except KeyboardInterrupt:
-        err_console.print(f"[yellow]interrupted:[/] {finished} of {len(jobs)} results kept under {out}")
-        raise typer.Exit(130) from None
+
+        def skip(s: Skipped) -> None:
+            err_console.print(f"[yellow]skipped[/] {s.reason}", highlight=False, soft_wrap=True)
+
+        try:
+            run_attacks(records=[Path(r) for r in records], attacks=attack, views=view, options=options,
+                        on_start=start, on_result=done, on_skip=skip)
+        except KeyboardInterrupt:
+            err_console.print(f"[yellow]interrupted:[/] {len(finished)} results kept under {out}")
+            raise typer.Exit(130) from None
+    reused = sum(r.reused for r in finished)
+    console.print(f"{len(finished)} result(s) under [bold]{out}[/], {reused} reused (same record content, attack,"
+                  " view and seed)", highlight=False)
 
 
 study_app = typer.Typer(help="Run a study file (TOML): captures, attacks, trainings, one report.", no_args_is_help=True)
@@ -427,18 +454,22 @@ def _print_status(st: Any, out: Path) -> None:
         console.print(f"report: [bold]{st.report / 'report.html'}[/] (and report.md, summary.csv)", highlight=False)
 
 
-def _run_study_cli(source: Path, out: Path, workers: int, device: str, lpips_net: str, lpips_weights: Path | None,
-                   engine: str = "local", address: str | None = None) -> None:
+def _run_study_cli(
+    source: Path, out: Path, workers: int, device: str, lpips_net: str, lpips_weights: Path | None,
+    engine: str = "local", address: str | None = None, plugins: tuple[str, ...] = (),
+) -> None:
     import signal
     import time
 
+    from gia_bench.evaluate import check_lpips_net
+    from gia_bench.registry import trusted
     from gia_bench.study import StudyOptions, prepare, run_study
 
-    if lpips_net not in ("alex", "vgg"):
-        raise GiaBenchError(f"--lpips-net {lpips_net!r}: accepted values are alex, vgg")
+    check_lpips_net(lpips_net)
     options = StudyOptions(workers=workers, device=device, lpips_net=lpips_net, lpips_weights=lpips_weights,
-                           engine=engine, address=address)
-    config = prepare(source, out)
+                           engine=engine, address=address, plugins=plugins)
+    with trusted(plugins):  # the study file's specs resolve only to registered or trusted classes
+        config = prepare(source, out)
     start = time.perf_counter()
     try:
         st = run_study(config, out, options, console=console)
@@ -465,9 +496,10 @@ def study_run_cmd(
     lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
     engine: str = typer.Option("local", "--engine", help="local (process pool) or ray (every unit a Ray task)"),
     address: str = typer.Option(None, "--address", help="--engine ray: a running cluster (ray start --head); default a local Ray"),
+    plugin: list[str] = _plugin_option(),
 ) -> None:
     """Expand the study's grid, capture, attack, train, and report; skips what is finished."""
-    _run_study_cli(study, out, workers, device, lpips_net, lpips_weights, engine, address)
+    _run_study_cli(study, out, workers, device, lpips_net, lpips_weights, engine, address, tuple(plugin))
 
 
 @study_app.command("show")
@@ -502,9 +534,13 @@ def audit_cmd(
     """Check a compressor's contract, then rank it against none / powersgd / lqsgd at matched bytes."""
     from gia_bench.audit import AUDIT_FILE, AuditOptions, run_audit
 
-    result = run_audit(
-        spec, out, AuditOptions(workers=workers, quick=quick, train=not no_train, lpips_weights=lpips_weights), console
-    )
+    from gia_bench.registry import trusted
+
+    with trusted(_flag_plugins(spec)):  # auditing a module:Class trusts it
+        result = run_audit(
+            spec, out, AuditOptions(workers=workers, quick=quick, train=not no_train, lpips_weights=lpips_weights),
+            console,
+        )
     checks = Table(title=f"audit of {result.spec}: contract", title_justify="left")
     checks.add_column("check")
     checks.add_column("result")

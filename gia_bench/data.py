@@ -96,7 +96,7 @@ def channel_stats(images01: torch.Tensor) -> tuple[tuple[float, ...], tuple[floa
 # live (``--data-root``) and whether to download them are arguments of ``load``,
 # not of the spec: the spec names *what* the data is, and travels into records.
 
-DATASETS: Registry[DataSource] = Registry("dataset", entry_point_group="gia_bench.datasets")
+DATASETS: Registry[DataSource] = Registry("dataset", entry_point_group="gia_bench.datasets", base=lambda: DataSource)
 
 SPLITS = ("train", "test")
 #: Embedded data sets are split once, with this seed, into train / test.

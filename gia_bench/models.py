@@ -18,7 +18,7 @@ from torch import nn
 from gia_bench.errors import SpecError
 from gia_bench.registry import Registry, parse_spec
 
-MODELS: Registry[nn.Module] = Registry("model", entry_point_group="gia_bench.models")
+MODELS: Registry[nn.Module] = Registry("model", entry_point_group="gia_bench.models", base=nn.Module)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,28 +19,31 @@ file with our schema; every error names the file and what is wrong.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
+import stat
 import struct
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from gia_bench.data import DatasetSpec
 from gia_bench.errors import GiaBenchError, RecordError
+from gia_bench.io import atomic_write_bytes
 from gia_bench.models import ModelSpec, build_model
 
 SCHEMA_VERSION = 1
 RECORD_SUFFIX = ".safetensors"
 TRUTH_SUFFIX = ".truth.safetensors"
 _META_KEY = "gia_bench"
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,96 +144,186 @@ def truth_path(record_path: Path) -> Path:
     return record_path.with_name(stem + TRUTH_SUFFIX)
 
 
-def find_records(paths: list[Path] | Path) -> list[Path]:
-    """Record files among ``paths`` (files, or folders searched recursively); truth files excluded."""
+def find_record_files(paths: list[Path] | Path) -> list[tuple[Path, bool]]:
+    """Candidate record files among ``paths``, each with whether it was named directly.
+
+    Folders are searched recursively for ``*.safetensors`` (truth files excluded); a
+    file found in a folder may still turn out not to be a record (callers skip it
+    with a warning), a file named directly must be one.
+    """
     if isinstance(paths, Path):
         paths = [paths]
-    found: list[Path] = []
+    found: list[tuple[Path, bool]] = []
     for p in paths:
         if p.is_dir():
             found += sorted(
-                f for f in p.rglob(f"*{RECORD_SUFFIX}") if not f.name.endswith(TRUTH_SUFFIX)
+                (f, False) for f in p.rglob(f"*{RECORD_SUFFIX}") if not f.name.endswith(TRUTH_SUFFIX)
             )
         elif p.exists():
             if p.name.endswith(TRUTH_SUFFIX):
                 raise RecordError(f"{p}: is a truth file, not a gradient record")
-            found.append(p)
+            found.append((p, True))
         else:
             raise RecordError(f"{p}: no such file or folder")
     return found
 
 
+def find_records(paths: list[Path] | Path) -> list[Path]:
+    """Record files among ``paths`` (files, or folders searched recursively); truth files excluded."""
+    return [p for p, _ in find_record_files(paths)]
+
+
 # -- low-level safetensors I/O ------------------------------------------------------------------
+
+#: Largest record or truth file read (bytes). The whole file is read once into memory,
+#: hashed (the result identity) and parsed from those bytes, so this bounds the memory
+#: a load takes (about twice the file). ResNet-18 records are ~90 MB.
+MAX_FILE_BYTES = 2 * 1024**3
+#: Largest safetensors header (JSON) accepted, and its deepest nesting of arrays/objects.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 32
+MAX_TENSORS = 100_000
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; records are meant to be shared and read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = safetensors_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+    os.chmod(path, 0o644)  # mkstemp creates 0600; records are meant to be shared and read by others
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse and check the safetensors header ourselves before the library opens the file."""
+def _regular_file_check(path: Path, st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise RecordError(f"{path}: is {kind}, not a gradient record file")
+    if st.st_size > limit:
+        raise RecordError(f"{path}: {st.st_size:,} bytes is larger than the {limit:,} bytes a record may have")
+
+
+def read_file_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, refusing anything else without blocking.
+
+    ``os.stat`` is checked before opening: a FIFO, a device or a folder named
+    ``*.safetensors`` is refused at once instead of blocking or streaming forever,
+    and a file larger than ``limit`` before it is read. The opened file is checked
+    again (``fstat``), so what is read is the regular file that was checked.
+    """
+    path = Path(path)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise RecordError(f"{path}: truncated file ({size} bytes), not a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or n + 8 > size:
-                raise RecordError(
-                    f"{path}: not a safetensors file (bad header length {n} for {size} bytes;"
-                    " a pickle or torch.save file is refused, never unpickled)"
-                )
-            raw = fh.read(n)
+        _regular_file_check(path, os.stat(path), limit)
+        with path.open("rb", buffering=0) as fh:
+            st = os.fstat(fh.fileno())
+            _regular_file_check(path, st, limit)
+            data = fh.read(st.st_size)
     except OSError as exc:
-        raise RecordError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        raise RecordError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return data
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of JSON arrays/objects in ``raw`` (brackets inside strings do not count)."""
+    import numpy as np
+
+    bare = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
+    steps = np.isin(bare, (ord("["), ord("{"))).astype(np.int64) - np.isin(bare, (ord("]"), ord("}")))
+    return int(steps.cumsum().max(initial=0))
+
+
+def loads_bounded(path: Path, raw: bytes | str, what: str) -> Any:
+    """``json.loads`` that refuses over-deep nesting first (a recursion error is not a message)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise RecordError(f"{path}: {what} nests {depth} levels deep (at most {MAX_JSON_DEPTH})")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise RecordError(f"{path}: not a safetensors file (header is not JSON)") from None
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RecordError(f"{path}: {what} is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+
+
+def _read_header(path: Path, data: bytes) -> dict[str, Any]:
+    """Parse and check the safetensors header ourselves before the library sees the bytes."""
+    size = len(data)
+    head = data[:64]
+    text = bool(head) and all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+    if text and not head.startswith(b"{"):
+        raise RecordError(f"{path}: not a gradient record (a {size}-byte text file, not a safetensors file)")
+    if size < 8:
+        raise RecordError(f"{path}: truncated file ({size} bytes), not a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or n + 8 > size or n < 2:
+        raise RecordError(
+            f"{path}: not a safetensors file (bad header length {n} for {size} bytes;"
+            " a pickle, torch.save or text file is refused, never unpickled)"
+        )
+    raw = data[8 : 8 + n]
+    if raw[:1] != b"{":
+        raise RecordError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header = loads_bounded(path, raw, "safetensors header")
     if not isinstance(header, dict):
         raise RecordError(f"{path}: not a safetensors file (header is not a JSON object)")
+    if len(header) > MAX_TENSORS:
+        raise RecordError(f"{path}: {len(header)} tensors (at most {MAX_TENSORS})")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise RecordError(f"{path}: safetensors metadata is not a string -> string map")
     data_len = size - 8 - n
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if len(name) > 512:
+            raise RecordError(f"{path}: a tensor name is {len(name)} characters long (at most 512)")
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise RecordError(f"{path}: tensor {name!r} has a malformed header entry")
-        if offsets[1] > data_len:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPE_BYTES:
+            raise RecordError(f"{path}: tensor {name!r} has unknown dtype {str(dtype)[:20]!r}")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and d >= 0 for d in shape)):
+            raise RecordError(f"{path}: tensor {name!r} has a malformed shape {str(shape)[:60]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise RecordError(f"{path}: tensor {name!r} has malformed data offsets")
+        start, end = offsets
+        if not 0 <= start <= end:
+            raise RecordError(f"{path}: tensor {name!r} has bad data offsets {offsets}")
+        if end > data_len:
             raise RecordError(f"{path}: truncated file (tensor {name!r} ends past the end of the file)")
+        if math.prod(shape) * _DTYPE_BYTES[dtype] != end - start:
+            raise RecordError(
+                f"{path}: tensor {name!r} is {dtype} {shape} ({math.prod(shape) * _DTYPE_BYTES[dtype]} bytes)"
+                f" but has {end - start} bytes of data"
+            )
+        spans.append((start, end))
+    position = 0
+    for start, end in sorted(spans):
+        if start != position:
+            raise RecordError(f"{path}: tensor data overlaps or has gaps (at byte {start}, expected {position})")
+        position = end
+    if position != data_len:
+        raise RecordError(f"{path}: {data_len - position} bytes after the last tensor (corrupt or truncated file)")
     return header
 
 
-def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    header = _read_header(path)
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """Tensors, metadata and the sha256 of the bytes they were parsed from (read once)."""
+    data = read_file_bytes(path)
+    header = _read_header(path, data)
     metadata = header.get("__metadata__") or {}
     try:
-        tensors = {}
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
-    except (SafetensorError, RuntimeError, ValueError) as exc:
-        raise RecordError(f"{path}: corrupt safetensors file ({exc})") from exc
-    return tensors, metadata
+        tensors = safetensors_load(data)
+    except (SafetensorError, RuntimeError, ValueError, TypeError) as exc:
+        raise RecordError(f"{path}: corrupt safetensors file ({str(exc)[:200]})") from None
+    return tensors, metadata, hashlib.sha256(data).hexdigest()
 
 
 def _parse_meta(path: Path, metadata: Mapping[str, str], kind: str) -> dict[str, Any]:
     if _META_KEY not in metadata:
         raise RecordError(f"{path}: not a gia-bench {kind} (no '{_META_KEY}' metadata)")
-    try:
-        meta = json.loads(metadata[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"{path}: {kind} metadata is not valid JSON ({exc})") from exc
+    meta = loads_bounded(path, metadata[_META_KEY], f"{kind} metadata")
     if not isinstance(meta, dict):
         raise RecordError(f"{path}: {kind} metadata is not a JSON object")
     schema = meta.get("schema")
@@ -247,6 +340,266 @@ def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
             raise RecordError(f"{path}: tensor {name!r} has non-finite values (NaN or inf)")
 
 
+# -- what a valid record holds: declared field by field ------------------------------------------
+#
+# Every metadata key and every public tensor a record may carry is declared here, with its
+# check. A record with an undeclared metadata key is refused; a new field (e.g. a FedAvg
+# setting, or a training run's public state) is added by declaring it: a ``MetaField`` in
+# ``META_FIELDS`` (name, check of its JSON value, required or not) or a ``TensorRule`` in
+# ``PUBLIC_TENSORS`` (allowed dtypes, size bound). Nothing else needs to change.
+
+#: Bounds (documented limits; a record outside them is refused before anything is allocated).
+MAX_ID_CHARS = 200
+MAX_SPEC_CHARS = 2000
+MAX_BATCH = 4096
+MAX_CHANNELS = 64
+MAX_SIDE = 4096
+#: Largest batch of model inputs (B x C x H x W elements) an attack may be asked to allocate:
+#: 2^26 fp32 values = 256 MiB per copy (an attack keeps a few: inputs, gradient, optimiser state).
+MAX_INPUT_ELEMENTS = 2**26
+MAX_CLASSES = 100_000
+MAX_LOCAL_STEPS = 100_000
+MESSAGE_OPS = ("all_reduce", "all_gather", "all_to_all", "broadcast")
+
+Check = Callable[[Any], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaField:
+    """One key of the record metadata: how its JSON value is checked, and whether it must be there."""
+
+    name: str
+    check: Check  # returns what is wrong with the value, or None
+    required: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """What a public-state tensor may be: its dtypes and at most how many elements per model parameter."""
+
+    dtypes: tuple[torch.dtype, ...]
+    per_parameter: float = 2.0  # numel <= per_parameter * (number of model parameters) + 2**16
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(v: Any) -> str | None:
+        if not _is_int(v):
+            return f"must be an integer, got {_short(v)}"
+        return None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v}"
+
+    return check
+
+
+def _number(lo: float, hi: float, positive: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"must be a finite number, got {_short(v)}"
+        if positive and v <= 0:
+            return f"must be > 0, got {v}"
+        return None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v}"
+
+    return check
+
+
+def _text(limit: int, nonempty: bool = True) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return f"must be a string, got {_short(v)}"
+        if nonempty and not v.strip():
+            return "must not be empty"
+        if len(v) > limit:
+            return f"is {len(v)} characters long (at most {limit})"
+        return None if v.isprintable() else "has control characters"
+
+    return check
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _shape3(v: Any) -> str | None:
+    if not (isinstance(v, list) and len(v) == 3 and all(_is_int(d) for d in v)):
+        return f"must be [C, H, W] integers, got {_short(v)}"
+    c, h, w = v
+    if not (1 <= c <= MAX_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        return f"{v} is outside [1..{MAX_CHANNELS}, 1..{MAX_SIDE}, 1..{MAX_SIDE}]"
+    return None
+
+
+def _keys(v: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> str | None:
+    if not isinstance(v, dict):
+        return f"must be an object, got {_short(v)}"
+    missing = [k for k in required if k not in v]
+    unknown = [k for k in v if k not in required + optional]
+    if missing:
+        return f"lacks {missing}"
+    return f"has unknown keys {[_short(k) for k in unknown[:3]]}" if unknown else None
+
+
+def _fields(v: Any, checks: tuple[tuple[str, Check], ...]) -> str | None:
+    """The first problem of the object ``v``'s fields (already known to be present), prefixed by the key."""
+    for key, check in checks:
+        problem = check(v[key])
+        if problem:
+            return f"{key} {problem}"
+    return None
+
+
+def _model(v: Any) -> str | None:
+    problem = _keys(v, ("spec", "in_shape", "num_classes"), ("mode", "fewbit_backward")) or _fields(
+        v, (("spec", _text(MAX_SPEC_CHARS)), ("in_shape", _shape3), ("num_classes", _int(1, MAX_CLASSES)))
+    )
+    if not problem and "fewbit_backward" in v:
+        problem = _fields(v, (("fewbit_backward", _int(0, 8)),))  # gia_bench.fewbit: bits of the backward
+    if not problem and v.get("mode", "train") not in ("train", "eval"):
+        problem = f"mode must be 'train' or 'eval', got {_short(v['mode'])}"
+    return problem
+
+
+def _dataset(v: Any) -> str | None:
+    problem = _keys(v, ("name", "shape", "num_classes", "mean", "std")) or _fields(
+        v, (("name", _text(MAX_SPEC_CHARS)), ("shape", _shape3), ("num_classes", _int(1, MAX_CLASSES)))
+    )
+    if problem:
+        return problem
+    channels = v["shape"][0]
+    for key in ("mean", "std"):
+        values = v[key]
+        if not (isinstance(values, list) and len(values) == channels):
+            return f"{key} must list one number per channel ({channels}), got {_short(values)}"
+        for x in values:
+            bad = _number(-1e6, 1e6, positive=key == "std")(x)
+            if bad:
+                return f"{key} {bad}"
+    return None
+
+
+def _messages(v: Any) -> str | None:
+    if not isinstance(v, list) or not v:
+        return f"must be a non-empty list, got {_short(v)}"
+    if len(v) > MAX_TENSORS:
+        return f"has {len(v)} entries (at most {MAX_TENSORS})"
+    tags = set()
+    for i, m in enumerate(v):
+        problem = _keys(m, ("tag", "dtype", "shape"), ("op", "nbytes", "payload_nbytes"))
+        if not problem:
+            problem = _text(512)(m["tag"]) or _text(16)(m["dtype"])
+            problem = problem and f"tag/dtype {problem}"
+        if not problem and not (isinstance(m["shape"], list) and len(m["shape"]) <= 8
+                                and all(_is_int(d) and d >= 0 for d in m["shape"])):
+            problem = f"shape must be a list of sizes, got {_short(m['shape'])}"
+        if not problem and m.get("op", "all_reduce") not in MESSAGE_OPS:
+            problem = f"op {_short(m.get('op'))} is not one of {', '.join(MESSAGE_OPS)}"
+        for key in ("nbytes", "payload_nbytes"):
+            if not problem and key in m:
+                problem = _fields(m, ((key, _int(0, MAX_FILE_BYTES * 64)),))
+        if not problem and m["tag"] in tags:
+            problem = f"tag {m['tag']!r} appears twice"
+        if problem:
+            return f"entry {i} {problem}"
+        tags.add(m["tag"])
+    return None
+
+
+def _list_of_names(v: Any) -> str | None:
+    if not isinstance(v, list) or len(v) > MAX_TENSORS:
+        return f"must be a list of at most {MAX_TENSORS} names"
+    check = _text(512)
+    return next((f"entry {_short(n)} {p}" for n in v if (p := check(n))), None)
+
+
+def _object(v: Any) -> str | None:
+    return None if isinstance(v, dict) else f"must be an object, got {_short(v)}"
+
+
+META_FIELDS: tuple[MetaField, ...] = (
+    MetaField("kind", lambda v: None if v == "record" else "must be 'record'"),
+    MetaField("schema", _int(SCHEMA_VERSION, SCHEMA_VERSION)),
+    MetaField("record_id", _text(MAX_ID_CHARS)),
+    MetaField("defense", _text(MAX_SPEC_CHARS)),
+    MetaField("model", _model),
+    MetaField("dataset", _dataset),
+    MetaField("batch_size", _int(1, MAX_BATCH)),
+    MetaField("param_names", _list_of_names),
+    MetaField("messages", _messages),
+    MetaField("bytes_sent", _int(0, MAX_FILE_BYTES * 64)),
+    MetaField("loss", lambda v: None if v == "cross_entropy" else f"must be 'cross_entropy', got {_short(v)}", False),
+    MetaField("step", _int(0, 2**53), False),
+    MetaField("seed", _int(-(2**63), 2**64 - 1), False),
+    MetaField("extra", _object, False),
+    # FedAvg (gia_bench.fedavg): absent on FedSGD records; typed by _local_fields, bounded by _validate_local.
+    MetaField("local_steps", lambda v: None, False),
+    MetaField("local_lr", lambda v: None, False),
+    MetaField("local_batch", lambda v: None, False),
+)
+
+#: Public compressor state a record may carry (``public/<key>``); an undeclared key gets DEFAULT_PUBLIC.
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+PUBLIC_TENSORS: dict[str, TensorRule] = {
+    "Q_init": TensorRule(_FLOATS),  # PowerSGD / LQ-SGD: the Q every compressed tensor started from
+    "P_sum": TensorRule(_FLOATS),  # PowerSGD / LQ-SGD: the summed P a multi-worker receiver orthogonalizes
+    "last": TensorRule(_FLOATS, 1.0),  # LAQ: the receiver's stale copy of the gradient
+    "bits": TensorRule((torch.int32,), 1.0),  # mixed precision: bits per parameter tensor
+}
+DEFAULT_PUBLIC = TensorRule(_FLOATS + _INTS)
+
+
+def check_meta_json(path: Path | str, data: dict[str, Any]) -> None:
+    """Check the raw metadata against :data:`META_FIELDS` (types and bounds, before anything is built)."""
+    declared = {f.name for f in META_FIELDS}
+    unknown = [k for k in data if k not in declared]
+    if unknown:
+        raise RecordError(
+            f"{path}: record metadata has undeclared keys {[_short(k) for k in unknown[:3]]}"
+            " (a new field is declared in gia_bench.records.META_FIELDS)"
+        )
+    for field in META_FIELDS:
+        if field.name not in data:
+            if field.required:
+                raise RecordError(f"{path}: record metadata lacks '{field.name}'")
+            continue
+        problem = field.check(data[field.name])
+        if problem:
+            raise RecordError(f"{path}: record metadata '{field.name}' {problem}")
+    model, dataset = data["model"], data["dataset"]
+    if model["in_shape"] != dataset["shape"] or model["num_classes"] != dataset["num_classes"]:
+        raise RecordError(
+            f"{path}: model input {model['in_shape']} / {model['num_classes']} classes does not match the data set's"
+            f" {dataset['shape']} / {dataset['num_classes']}"
+        )
+    c, h, w = model["in_shape"]
+    if data["batch_size"] * c * h * w > MAX_INPUT_ELEMENTS:
+        raise RecordError(
+            f"{path}: batch of {data['batch_size']} x {model['in_shape']} is {data['batch_size'] * c * h * w:,}"
+            f" input values, more than the {MAX_INPUT_ELEMENTS:,} an attack may allocate"
+        )
+    declared_bytes = sum(m.get("nbytes", 0) for m in data["messages"])
+    if any("nbytes" in m for m in data["messages"]) and declared_bytes != data["bytes_sent"]:
+        raise RecordError(
+            f"{path}: bytes_sent {data['bytes_sent']} is not the sum of the messages' bytes ({declared_bytes})"
+        )
+
+
+
+def read_meta(path: Path | str) -> RecordMeta:
+    """The public metadata of the record at ``path`` (header checks only; tensors not validated)."""
+    path = Path(path)
+    header = _read_header(path, read_file_bytes(path))
+    raw = _parse_meta(path, header.get("__metadata__") or {}, "record")
+    check_meta_json(path, raw)
+    try:
+        return RecordMeta.from_json(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"{path}: record metadata is missing or has a bad field ({exc})") from None
+
+
 # -- the record ----------------------------------------------------------------------------------
 
 
@@ -259,6 +612,7 @@ class GradientRecord:
     weights: dict[str, torch.Tensor]
     public: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     path: Path | None = None
+    sha256: str | None = None  # of the file it was loaded from: part of every result's identity
     #: The worker's private state (its error-feedback residual) from the truth file, attached by
     #: the *evaluation side* for the ``oracle`` view only (:meth:`with_private`). Never saved,
     #: never filled by :meth:`load`: a record holds what a receiver sees and nothing else.
@@ -307,8 +661,9 @@ class GradientRecord:
         path = Path(path)
         if path.name.endswith(TRUTH_SUFFIX):
             raise RecordError(f"{path}: is a truth file, not a gradient record")
-        tensors, metadata = _load_tensors(path)
+        tensors, metadata, sha256 = _load_tensors(path)
         raw = _parse_meta(path, metadata, "record")
+        check_meta_json(path, raw)
         try:
             meta = RecordMeta.from_json(raw)
         except (KeyError, TypeError, ValueError) as exc:
@@ -319,58 +674,101 @@ class GradientRecord:
             if not sep or prefix not in groups:
                 raise RecordError(f"{path}: unexpected tensor {key!r}")
             groups[prefix][name] = t
-        record = cls(meta, groups["msg"], groups["weight"], groups["public"], path)
+        record = cls(meta, groups["msg"], groups["weight"], groups["public"], path, sha256)
         if validate:
             record.validate()
         return record
 
     def validate(self) -> None:
-        """Check the record against its own metadata and model spec."""
+        """Check every field against the record's own tensors, model and defense (one :class:`RecordError`).
+
+        In order, each before anything larger is built: the defense and model resolve to
+        registered or trusted classes; tensors are finite; each message is described
+        (tag, dtype, shape, bytes) and its bytes are its packed size; the weights are the
+        model's, name by name, in shape and dtype; public tensors are declared kinds of a
+        bounded size; the messages have the tags and dtypes the defense sends (for a
+        record of a fresh compressor, ``step`` 0) and pass its index checks
+        (:data:`MESSAGE_CHECKS`); they decode to the parameters' shapes.
+        """
+        from gia_bench.defenses import DEFENSES
+        from gia_bench.models import MODELS
+        from gia_bench.registry import parse_spec
+
         where = self.path or self.meta.record_id
+        meta = self.meta
+        for registry, spec in ((DEFENSES, meta.defense), (MODELS, meta.model.spec)):
+            try:
+                registry.kwargs_for(parse_spec(spec))  # refuses untrusted module:Class without importing it
+            except GiaBenchError as exc:
+                raise RecordError(f"{where}: {exc}") from None
         _check_finite(where, {**self.messages, **self.weights, **self.public})
-        described = [m["tag"] for m in self.meta.messages]
+        described = [m["tag"] for m in meta.messages]
         missing = [t for t in described if t not in self.messages]
         if missing:
             raise RecordError(f"{where}: message tensors {missing} are missing")
         extra = [t for t in self.messages if t not in described]
         if extra:
             raise RecordError(f"{where}: message tensors {extra} are not described in the metadata")
-        for info in self.meta.messages:
+        for info in meta.messages:
             t = self.messages[info["tag"]]
             if list(t.shape) != list(info["shape"]) or str(t.dtype).removeprefix("torch.") != info["dtype"]:
                 raise RecordError(
                     f"{where}: message {info['tag']!r} is {str(t.dtype)} {list(t.shape)},"
                     f" metadata says {info['dtype']} {info['shape']}"
                 )
+            size = t.numel() * t.element_size()
+            if info.get("payload_nbytes", size) != size:
+                raise RecordError(
+                    f"{where}: message {info['tag']!r} declares {info['payload_nbytes']} bytes, its tensor has {size}"
+                )
         try:
             with torch.device("meta"):
-                model = build_model(self.meta.model, seed=None, device=None)
+                model = build_model(meta.model, seed=None, device=None)
         except GiaBenchError as exc:
-            raise RecordError(f"{where}: model spec {self.meta.model.spec!r} is invalid ({exc})") from exc
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for name, shape in expected.items():
+            raise RecordError(f"{where}: model spec {meta.model.spec!r} is invalid ({exc})") from None
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        for name, (shape, dtype) in expected.items():
             if name not in self.weights:
-                raise RecordError(f"{where}: weight {name!r} of model {self.meta.model.spec!r} is missing")
-            if tuple(self.weights[name].shape) != shape:
+                raise RecordError(f"{where}: weight {name!r} of model {meta.model.spec!r} is missing")
+            got = self.weights[name]
+            if tuple(got.shape) != shape:
                 raise RecordError(
-                    f"{where}: weight {name!r} has shape {tuple(self.weights[name].shape)},"
-                    f" model {self.meta.model.spec!r} needs {shape}"
+                    f"{where}: weight {name!r} has shape {tuple(got.shape)}, model {meta.model.spec!r} needs {shape}"
                 )
+            # counters (BatchNorm's num_batches_tracked) may come back as floats from a federated run
+            if got.dtype != dtype and (dtype.is_floating_point or got.dtype not in _FLOATS + _INTS):
+                raise RecordError(f"{where}: weight {name!r} is {got.dtype}, model {meta.model.spec!r} needs {dtype}")
         unknown = [k for k in self.weights if k not in expected]
         if unknown:
-            raise RecordError(f"{where}: weights {unknown[:5]} do not belong to model {self.meta.model.spec!r}")
+            raise RecordError(f"{where}: weights {unknown[:5]} do not belong to model {meta.model.spec!r}")
         self._validate_local(where)
         names = [n for n, _ in model.named_parameters()]
-        if list(self.meta.param_names) != names:
-            raise RecordError(f"{where}: param_names do not match model {self.meta.model.spec!r}'s parameters")
+        if list(meta.param_names) != names:
+            raise RecordError(f"{where}: param_names do not match model {meta.model.spec!r}'s parameters")
+        n_params = sum(int(self.weights[n].numel()) for n in names)
+        for key, t in self.public.items():
+            rule = PUBLIC_TENSORS.get(key, DEFAULT_PUBLIC)
+            if t.dtype not in rule.dtypes:
+                raise RecordError(f"{where}: public tensor {key!r} is {t.dtype}; accepted: {rule.dtypes}")
+            if t.numel() > rule.per_parameter * n_params + 2**16:
+                raise RecordError(f"{where}: public tensor {key!r} has {t.numel():,} values, too many for the model")
         try:
-            decoded = self.decode()
-        except (GiaBenchError, RuntimeError, ValueError) as exc:
-            raise RecordError(f"{where}: messages do not decode with defense {self.meta.defense!r} ({exc})") from exc
+            compressor = self.compressor()
+        except _PLUGIN_ERRORS as exc:
+            raise RecordError(f"{where}: defense {meta.defense!r} cannot be built ({exc})") from None
+        if meta.step == 0 and meta.extra.get("world_size", 1) == 1:
+            self._check_message_layout(where, compressor)
+        check = MESSAGE_CHECKS.get(parse_spec(meta.defense).name)
+        problem = check(self, compressor) if check is not None else None
+        if problem:
+            raise RecordError(f"{where}: {problem}")
+        try:
+            decoded = compressor.decode(self.messages, self.param_shapes, self.public)
+        except _PLUGIN_ERRORS as exc:
+            raise RecordError(f"{where}: messages do not decode with defense {meta.defense!r} ({exc})") from None
         for name, g, shape in zip(names, decoded, self.param_shapes):
             if tuple(g.shape) != tuple(shape):
                 raise RecordError(f"{where}: decoded gradient of {name!r} has shape {tuple(g.shape)}, expected {tuple(shape)}")
-
 
     def _validate_local(self, where: Path | str) -> None:
         """FedAvg metadata: 1 <= local_steps <= MAX_LOCAL_STEPS, 1 <= local_batch <= batch_size, local_lr finite > 0."""
@@ -387,6 +785,62 @@ class GradientRecord:
             raise RecordError(f"{where}: local_batch {meta.local_batch} is outside [1, batch_size {meta.batch_size}]")
         if not (math.isfinite(meta.local_lr) and meta.local_lr > 0):
             raise RecordError(f"{where}: local_lr {meta.local_lr!r} must be finite and > 0")
+
+    def _check_message_layout(self, where: Path | str, compressor: Any) -> None:
+        """The tags and dtypes a fresh compressor of this spec sends for these parameters, against the record's.
+
+        Shapes may depend on the data (entropy-coded lengths), tags and dtypes do not; a
+        record whose defense spec does not match its messages (e.g. ``lqsgd:rank=100000``
+        over plain-gradient messages) is refused here.
+        """
+        from gia_bench.comm import LocalCommunicator
+
+        gen = torch.Generator().manual_seed(0)
+        grads = [torch.randn(s, generator=gen) for s in self.param_shapes]
+        comm = LocalCommunicator(record=True)
+        try:
+            fresh = self.compressor()  # a second instance: the layout run must not touch the decoder's state
+            fresh.step(grads, comm, keys=list(self.meta.param_names))
+        except _PLUGIN_ERRORS as exc:
+            raise RecordError(f"{where}: defense {self.meta.defense!r} cannot run on this model ({exc})") from None
+        want = {m.tag: str(m.dtype).removeprefix("torch.") for m in comm.messages}
+        have = {m["tag"]: m["dtype"] for m in self.meta.messages}
+        if want != have:
+            raise RecordError(
+                f"{where}: messages {_short(sorted(have.items()))} are not what defense {self.meta.defense!r}"
+                f" sends ({_short(sorted(want.items()))})"
+            )
+
+
+#: Errors a (possibly third-party) compressor may raise on messages it cannot take: a record problem.
+_PLUGIN_ERRORS = (GiaBenchError, RuntimeError, ValueError, TypeError, IndexError, KeyError, NotImplementedError)
+
+
+def _check_topk(record: GradientRecord, compressor: Any) -> str | None:
+    """Top-k indices are per-tensor flat positions: each in [0, numel) of its tensor, distinct within it."""
+    indices = record.messages.get("indices")
+    if indices is None:
+        return None
+    if indices.dtype not in _INTS:
+        return f"topk indices are {indices.dtype}, not integers"
+    shapes = record.param_shapes
+    ks = compressor.counts(shapes)
+    if indices.numel() != sum(ks):
+        return f"topk: {indices.numel()} indices, defense {record.meta.defense!r} on this model sends {sum(ks)}"
+    start = 0
+    for name, shape, k in zip(record.meta.param_names, shapes, ks):
+        part = indices.reshape(-1)[start : start + k].to(torch.int64)
+        start += k
+        numel = int(torch.Size(shape).numel())
+        if k and (int(part.min()) < 0 or int(part.max()) >= numel):
+            return f"topk index out of range for {name!r} (values in [{int(part.min())}, {int(part.max())}], size {numel})"
+        if part.unique().numel() != part.numel():
+            return f"topk indices of {name!r} repeat"
+    return None
+
+
+#: Per-defense checks of message contents beyond dtype and shape (index ranges ...): registry name -> check.
+MESSAGE_CHECKS: dict[str, Callable[[GradientRecord, Any], "str | None"]] = {"topk": _check_topk}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,7 +867,7 @@ class Truth:
     @classmethod
     def load(cls, path: Path | str) -> Truth:
         path = Path(path)
-        tensors, metadata = _load_tensors(path)
+        tensors, metadata, _ = _load_tensors(path)
         meta = _parse_meta(path, metadata, "truth")
         private = {k.removeprefix("private/"): v for k, v in tensors.items() if k.startswith("private/")}
         if set(tensors) - {f"private/{k}" for k in private} != {"inputs", "labels"}:

@@ -1,8 +1,17 @@
 """Name -> class registries and ``name:key=value,...`` spec strings.
 
 A registry is filled by the ``@REGISTRY.register("name")`` decorator where a class
-is defined (as in timm / torchvision), by the entry-point group given to the
-registry (third-party packages), or on the fly by ``module:Class`` specs.
+is defined (as in timm / torchvision) and by the entry-point group given to the
+registry (installed third-party packages).
+
+Trust: a ``module:Class`` spec imports code, so it resolves only when the user
+trusted that class explicitly: ``--plugin module:Class`` on the command line (or
+:func:`trusted` in Python; ``gia-bench audit module:Class`` trusts the class it
+audits). A spec read from a file (a record's defense or model, a study's lists, a
+result's attack) never imports a module that was not trusted, and a trusted class
+must subclass the registry's base (``Compressor``, ``nn.Module``, ``Attack``, ...),
+checked before anything calls it. Child processes inherit the trusted set through
+the ``GIA_BENCH_PLUGINS`` environment variable (comma-separated ``module:Class``).
 
 A spec string parses to exactly the constructor's keyword arguments::
 
@@ -16,19 +25,28 @@ Values are converted with the constructor's type hints (int, float, bool, str an
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import importlib
 import inspect
+import os
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
 from gia_bench.errors import SpecError
 
 T = TypeVar("T")
+
+#: Environment variable carrying the trusted ``module:Class`` names into child processes.
+PLUGINS_ENV = "GIA_BENCH_PLUGINS"
+_MODULE_CLASS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+# module:Class names trusted in this process (a count, so nested ``trusted`` blocks compose).
+_TRUSTED: collections.Counter[str] = collections.Counter()
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -77,6 +95,54 @@ def parse_spec(text: str) -> Spec:
             raise SpecError(f"spec {text!r}: key {key.strip()!r} given twice")
         kwargs[key.strip()] = value.strip()
     return Spec(name.strip(), kwargs)
+
+
+def plugin_name(text: str) -> str:
+    """The ``module:Class`` a ``--plugin`` value names (parameters after it are ignored).
+
+    Raises :class:`SpecError` unless ``text`` has that form.
+    """
+    name = parse_spec(text).name if text.strip() else ""
+    if not _MODULE_CLASS.match(name):
+        raise SpecError(f"--plugin {text!r}: expected module:Class (e.g. mypkg.compressors:MyCompressor)")
+    return name
+
+
+def _env_trusted() -> set[str]:
+    return {n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()}
+
+
+def is_trusted(name: str) -> bool:
+    """Whether the user trusted the ``module:Class`` ``name`` (``--plugin``, :func:`trusted`, or the environment)."""
+    return _TRUSTED[name] > 0 or name in _env_trusted()
+
+
+def trusted_plugins() -> tuple[str, ...]:
+    """Every ``module:Class`` trusted now, sorted."""
+    return tuple(sorted({n for n, c in _TRUSTED.items() if c > 0} | _env_trusted()))
+
+
+@contextlib.contextmanager
+def trusted(plugins: Iterable[str]) -> Iterator[tuple[str, ...]]:
+    """Trust the ``module:Class`` names in ``plugins`` inside the block (what ``--plugin`` does).
+
+    Child processes started inside the block (process pools, torchrun workers) inherit
+    the trust through :data:`PLUGINS_ENV`. Values are checked first (:func:`plugin_name`).
+    """
+    names = tuple(dict.fromkeys(plugin_name(p) for p in plugins))
+    previous = os.environ.get(PLUGINS_ENV)
+    _TRUSTED.update(names)
+    if names:
+        os.environ[PLUGINS_ENV] = ",".join(trusted_plugins())
+    try:
+        yield names
+    finally:
+        _TRUSTED.subtract(names)
+        if names:
+            if previous is None:
+                os.environ.pop(PLUGINS_ENV, None)
+            else:
+                os.environ[PLUGINS_ENV] = previous
 
 
 def _type_name(hint: Any) -> str:
@@ -179,9 +245,14 @@ def summary(cls: type) -> str:
 class Registry(Generic[T]):
     """A name -> class table for one kind of component (defenses, attacks, ...)."""
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    def __init__(
+        self, kind: str, entry_point_group: str | None = None, base: type | Callable[[], type] | None = None
+    ) -> None:
+        """``base``: the class every entry must subclass (or a function returning it, when the
+        base is defined after the registry); checked before a plug-in is ever called."""
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self._base = base
         self._classes: dict[str, type[T]] = {}
         self._loaded_entry_points = False
 
@@ -197,6 +268,24 @@ class Registry(Generic[T]):
 
         return wrap
 
+    @property
+    def base(self) -> type | None:
+        base = self._base
+        if base is not None and not isinstance(base, type):
+            base = self._base = base()
+        return base
+
+    def _check_base(self, name: str, cls: Any, origin: str) -> type[T]:
+        """``cls`` must be a class deriving from the registry's base; nothing of it has run yet."""
+        if not isinstance(cls, type):
+            raise SpecError(f"{self.kind} {name!r} ({origin}) is a {type(cls).__name__}, not a class")
+        base = self.base
+        if base is not None and not issubclass(cls, base):
+            raise SpecError(
+                f"{self.kind} {name!r} ({origin}) is not a {base.__module__}.{base.__qualname__} subclass; refused"
+            )
+        return cls
+
     def _load_entry_points(self) -> None:
         if self._loaded_entry_points or self.entry_point_group is None:
             return
@@ -209,7 +298,7 @@ class Registry(Generic[T]):
                     raise SpecError(
                         f"{self.kind} entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
                     ) from exc
-                self._classes[ep.name] = cls
+                self._classes[ep.name] = self._check_base(ep.name, cls, f"entry point {ep.value}")
                 if not hasattr(cls, "registry_name"):
                     cls.registry_name = ep.name
 
@@ -221,13 +310,24 @@ class Registry(Generic[T]):
         return [(name, self._classes[name]) for name in self.names()]
 
     def get(self, name: str) -> type[T]:
-        """The class for a registered name, an entry point, or ``module:Class``."""
+        """The class for a registered name, an entry point, or a trusted ``module:Class``.
+
+        An untrusted ``module:Class`` is refused without importing anything; a trusted
+        one must be a subclass of the registry's base (checked before it is called).
+        """
         if name in self._classes:
             return self._classes[name]
         self._load_entry_points()
         if name in self._classes:
             return self._classes[name]
         if ":" in name:
+            if not _MODULE_CLASS.match(name):
+                raise SpecError(f"{self.kind} {name!r}: expected a registered name or module:Class")
+            if not is_trusted(name):
+                raise SpecError(
+                    f"{self.kind} {name!r} is not registered and not trusted; code named by a spec is loaded"
+                    f" only when you trust it: --plugin {name}"
+                )
             module_name, _, attr = name.partition(":")
             try:
                 module = importlib.import_module(module_name)
@@ -236,7 +336,7 @@ class Registry(Generic[T]):
             cls = getattr(module, attr, None)
             if not isinstance(cls, type):
                 raise SpecError(f"{self.kind} {name!r}: module {module_name!r} has no class {attr!r}")
-            return cls
+            return self._check_base(name, cls, "trusted plug-in")
         raise SpecError(
             f"unknown {self.kind} {name!r}; accepted: {', '.join(self.names())} (or module:Class)"
         )

@@ -30,7 +30,7 @@ On disk (``DIR``)::
 
     DIR/study.toml                                   the study as run
     DIR/records/<dataset>-<model>-b<B>-s<seed>/<defense>/<id>.safetensors (+ .truth)
-    DIR/runs/<defense>/<record id>/<attack>-<view>/result.json
+    DIR/runs/<dataset>-<model>-b<B>-s<seed>/<defense>/<record id>/<attack>-<view>/result.json
     DIR/train/<defense>/metrics.json
     DIR/report/                                      report.html, report.md, CSVs, figures
     DIR/.staging/                                    units in flight (their files move out when finished)
@@ -305,15 +305,17 @@ class AttackJob:
     view: str
     out_root: Path
     seed: int
+    defense: str = ""  # the record's defense spec ("": read from the record's header)
 
     @property
     def result(self) -> Path:
         from gia_bench.attacks import create as create_attack
-        from gia_bench.attacks.runner import result_dir
-        from gia_bench.records import RECORD_SUFFIX
+        from gia_bench.evaluate import RESULT_FILE, result_dir
+        from gia_bench.records import RECORD_SUFFIX, read_meta
 
         record_id = self.record.name.removesuffix(RECORD_SUFFIX)  # capture names files by record id
-        return result_dir(self.out_root, record_id, create_attack(self.attack), self.view) / "result.json"
+        defense = self.defense or read_meta(self.record).defense
+        return result_dir(self.out_root, record_id, create_attack(self.attack), self.view, defense, self.seed) / RESULT_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,11 +356,11 @@ def capture_jobs(config: StudyConfig, out: Path) -> list[CaptureJob]:
 def attack_jobs(config: StudyConfig, out: Path, records: dict[CaptureJob, list[Path]]) -> list[AttackJob]:
     jobs = []
     for cap, paths in records.items():
-        root = out / "runs" / slug(cap.defense) / cap.group
+        root = out / "runs" / cap.group  # the result folder adds the defense (gia_bench.evaluate.result_dir)
         for path in paths:
             for attack in config.attacks:
                 for view in config.views:
-                    jobs.append(AttackJob(path, attack, view, root, cap.seed))
+                    jobs.append(AttackJob(path, attack, view, root, cap.seed, cap.defense))
     return jobs
 
 
@@ -399,7 +401,7 @@ class StudyOptions:
     report: bool = True
     engine: str = "local"
     address: str | None = None
-    plugins: tuple[str, ...] = ()
+    plugins: tuple[str, ...] = ()  # module:Class names the user trusts (--plugin), for every unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,18 +452,22 @@ def _rel(path: Path, out: Path) -> str:
 def _capture_unit(ctx: Any, dataset: str, model: str, defense: str, batch_size: int, images: int, seed: int,
                   model_mode: str, out: str) -> None:
     from gia_bench.capture import capture
+    from gia_bench.registry import trusted
 
-    capture(dataset, model, defense, batch_size, images, seed, ctx.outputs / out, model_mode=model_mode,
-            device=ctx.device)
+    with trusted(ctx.plugins):  # a worker (or a Ray task) applies the user's --plugin set itself
+        capture(dataset, model, defense, batch_size, images, seed, ctx.outputs / out, model_mode=model_mode,
+                device=ctx.device)
 
 
 def _attack_unit(ctx: Any, record: str, attack: str, view: str, out_root: str, seed: int) -> None:
-    from gia_bench.attacks import runner
+    from gia_bench.evaluate import run_attack
+    from gia_bench.registry import trusted
 
-    runner.run_attack(
-        ctx.inputs / record, attack, view, ctx.outputs / out_root, seed=seed, device=ctx.device,
-        lpips_net=ctx.lpips_net, lpips_weights=ctx.lpips_weights,
-    )
+    with trusted(ctx.plugins):
+        run_attack(
+            ctx.inputs / record, attack, view, ctx.outputs / out_root, seed=seed, device=ctx.device,
+            lpips_net=ctx.lpips_net, lpips_weights=ctx.lpips_weights,
+        )
 
 
 def _train_unit(ctx: Any, defense: str, plan: dict[str, Any], out: str) -> None:
@@ -557,7 +563,15 @@ def run_study(config: StudyConfig, out: Path, options: StudyOptions = StudyOptio
     The units run on ``options.engine`` (see :mod:`gia_bench.engines`). Ctrl-C cancels
     the units in flight (their partial files are removed) and re-raises
     KeyboardInterrupt; everything finished stays on disk.
+    ``options.plugins`` are trusted for every unit (worker processes inherit them).
     """
+    from gia_bench.registry import trusted
+
+    with trusted(options.plugins):
+        return _run_study(config, out, options, console)
+
+
+def _run_study(config: StudyConfig, out: Path, options: StudyOptions, console: Any) -> StudyStatus:
     import json
 
     from gia_bench.engines import UnitContext, run_units

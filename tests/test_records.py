@@ -200,9 +200,9 @@ def test_load_never_touches_the_truth(tmp_path, monkeypatch):
     opened = []
     real_read_header, real_open = records._read_header, Path.open
 
-    def guard_header(p):
+    def guard_header(p, *args):
         assert Path(p) != t, "GradientRecord.load opened the truth file"
-        return real_read_header(p)
+        return real_read_header(p, *args)
 
     def guard_open(self, *args, **kwargs):
         opened.append(self)
@@ -243,3 +243,40 @@ def test_fp16_record_round_trip_and_decode(tmp_path):
         # fp16 has an 11-bit significand: relative error <= 2^-11 (values far above fp16's subnormals)
         big = b.abs() > 1e-4
         assert torch.all((a[big] - b[big]).abs() <= b[big].abs() * 2**-11)
+
+
+# -- trust: a record names code; it runs only if registered or trusted (--plugin) ------------------
+
+
+@pytest.mark.parametrize("field", ["defense", "model"])
+def test_record_naming_a_shell_command_runs_nothing(tmp_path, field):
+    marker = tmp_path / "X"
+    spec = f"subprocess:Popen:args=touch {marker},shell=true"
+    path, *_ = _saved(tmp_path)
+    _rewrite(path, edit_meta=lambda m: m.update(defense=spec) if field == "defense" else m["model"].update(spec=spec))
+    msg = _refused(path, "subprocess:Popen", "not trusted")
+    assert "\n" not in msg
+    from gia_bench.registry import trusted
+
+    with trusted(["subprocess:Popen"]):  # even trusted, a Popen is not a compressor or a model: never called
+        _refused(path, "subprocess:Popen", "subclass")
+    assert not marker.exists()
+
+
+def test_cli_attack_on_a_shell_command_record_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "X"
+    path, *_ = _saved(tmp_path)
+    _rewrite(path, edit_meta=lambda m: m.update(defense=f"subprocess:Popen:args=touch {marker},shell=true"))
+    script = Path(sys.executable).with_name("gia-bench")
+    for extra in ([], ["--plugin", "subprocess:Popen"]):
+        proc = subprocess.run(
+            [str(script), "attack", str(path), "--attack", "dlg:iterations=1", "--out", str(tmp_path / "r"), *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "subprocess:Popen" in lines[0] and str(path.name) in lines[0], proc.stderr
+        assert not marker.exists()

@@ -40,7 +40,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
 
 
 def test_interrupted_study_resumes_without_redoing(tmp_path, monkeypatch):
-    import gia_bench.attacks.runner as runner
+    import gia_bench.evaluate as runner
 
     out = tmp_path / "out"
     config = prepare(_write(tmp_path, TINY), out)

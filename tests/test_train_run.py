@@ -104,7 +104,7 @@ def test_two_worker_records_decode_to_the_applied_aggregate(tmp_path, defense):
 
 
 def test_attack_result_names_the_step_and_source(tmp_path):
-    from gia_bench.attacks.runner import run_attack
+    from gia_bench.evaluate import run_attack
 
     out = tmp_path / "run"
     launch(

@@ -9,6 +9,4 @@ from gia_bench.attacks.base import ATTACKS, Attack, AttackError, Reconstruction,
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")
 
-from gia_bench.attacks.runner import attack_dirname, run_attack  # noqa: E402
-
-__all__ = ["ATTACKS", "Attack", "AttackError", "Reconstruction", "attack_dirname", "create", "register", "run_attack"]
+__all__ = ["ATTACKS", "Attack", "AttackError", "Reconstruction", "create", "register"]

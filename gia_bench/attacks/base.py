@@ -4,7 +4,7 @@ An attack sees what a curious server sees and nothing else: it receives a
 :class:`~gia_bench.records.GradientRecord` (model weights, messages, public
 compressor state, the public metadata), a threat *view* and a seeded
 ``torch.Generator``. It never receives a path to, or the contents of, the truth
-file; :func:`gia_bench.attacks.runner.run_attack` opens that only after the
+file; :func:`gia_bench.evaluate.run_attack` opens that only after the
 attack has returned, to score the result::
 
     attack = gia_bench.attacks.create("ig:iterations=2000,restarts=4")
@@ -30,7 +30,7 @@ from gia_bench.errors import GiaBenchError
 from gia_bench.records import GradientRecord
 from gia_bench.registry import Registry, canonical_spec, describe_params
 
-ATTACKS: Registry[Attack] = Registry("attack", entry_point_group="gia_bench.attacks")
+ATTACKS: Registry[Attack] = Registry("attack", entry_point_group="gia_bench.attacks", base=lambda: Attack)
 register = ATTACKS.register
 
 #: ``progress(iteration, total, loss)``: called while an attack runs (loss may be NaN before the first step).

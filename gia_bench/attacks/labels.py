@@ -47,7 +47,9 @@ from torch import nn
 from gia_bench.attacks.base import AttackError
 from gia_bench.registry import Registry
 
-LABELS: Registry[LabelStrategy] = Registry("label strategy", entry_point_group="gia_bench.label_strategies")
+LABELS: Registry[LabelStrategy] = Registry(
+    "label strategy", entry_point_group="gia_bench.label_strategies", base=lambda: LabelStrategy
+)
 register = LABELS.register
 
 

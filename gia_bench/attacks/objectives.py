@@ -16,7 +16,7 @@ import torch
 
 from gia_bench.registry import Registry
 
-OBJECTIVES: Registry[Objective] = Registry("objective", entry_point_group="gia_bench.objectives")
+OBJECTIVES: Registry[Objective] = Registry("objective", entry_point_group="gia_bench.objectives", base=lambda: Objective)
 register = OBJECTIVES.register
 
 

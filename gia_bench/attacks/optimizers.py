@@ -9,7 +9,7 @@ import torch
 
 from gia_bench.registry import Registry
 
-OPTIMIZERS: Registry[OptimizerPart] = Registry("optimizer", entry_point_group="gia_bench.optimizers")
+OPTIMIZERS: Registry[OptimizerPart] = Registry("optimizer", entry_point_group="gia_bench.optimizers", base=lambda: OptimizerPart)
 register = OPTIMIZERS.register
 
 

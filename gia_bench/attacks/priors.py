@@ -10,7 +10,7 @@ import torch
 
 from gia_bench.registry import Registry
 
-PRIORS: Registry[Prior] = Registry("prior", entry_point_group="gia_bench.priors")
+PRIORS: Registry[Prior] = Registry("prior", entry_point_group="gia_bench.priors", base=lambda: Prior)
 register = PRIORS.register
 
 

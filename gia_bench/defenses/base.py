@@ -47,7 +47,7 @@ from gia_bench.comm import Communicator
 from gia_bench.errors import CompressorError
 from gia_bench.registry import Registry, canonical_spec
 
-DEFENSES: Registry[Compressor] = Registry("defense", entry_point_group="gia_bench.defenses")
+DEFENSES: Registry[Compressor] = Registry("defense", entry_point_group="gia_bench.defenses", base=lambda: Compressor)
 register = DEFENSES.register
 
 

@@ -20,7 +20,7 @@ if any(frame.filename.endswith("multiprocessing/forkserver.py") for frame in ins
 import torch  # noqa: E402,F401
 
 import gia_bench.attacks  # noqa: E402,F401
-import gia_bench.attacks.runner  # noqa: E402,F401
+import gia_bench.evaluate  # noqa: E402,F401
 import gia_bench.capture  # noqa: E402,F401
 import gia_bench.defenses  # noqa: E402,F401
 import gia_bench.engines.units  # noqa: E402,F401

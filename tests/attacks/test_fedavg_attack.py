@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from gia_bench.attacks import run_attack
+from gia_bench.evaluate import run_attack
 from gia_bench.attacks.matching import CandidateGradients, attack_model, candidate_function
 from gia_bench.attacks.objectives import SquaredL2, total_distance
 from gia_bench.attacks.views import build_view

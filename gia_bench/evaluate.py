@@ -1,0 +1,443 @@
+"""Run attacks on saved records, then (and only then) score them against the truth.
+
+This is the evaluation side of the threat model in DESIGN.md: an attack
+(:mod:`gia_bench.attacks`) turns a record into a reconstruction from the record
+alone; this module runs it, opens the truth file beside the record only after the
+attack has returned, scores the reconstruction (:func:`gia_bench.metrics.score_batch`,
+Hungarian pairing) and writes the result. ``gia-bench attack`` is one call of
+:func:`run_attacks`; a study calls :func:`run_attack` per unit.
+
+Layout, for each record and each (attack, view)::
+
+    OUT/<defense>/<record-id>/<attack-dir>/result.json              (written last, atomically)
+    OUT/<defense>/<record-id>/<attack-dir>/reconstruction.png       reconstructions (top row), originals under them
+    OUT/<defense>/<record-id>/<attack-dir>/reconstruction.safetensors   "reconstruction" (B,C,H,W in [0,1]), "original"
+
+``<defense>`` is the slug of the record's compressor: its registry name plus
+``_key-value`` for every parameter that differs from the default (``none``,
+``topk_ratio-0.05``), so two defenses never share a folder. ``<attack-dir>`` is
+``<slug>-<view>`` (``dlg-naive``, ``ig_iterations-2000-aware``; see
+:attr:`Attack.slug`), with ``-s<seed>`` appended for a seed other than 0.
+
+A result is identified by its content, not its folder: (sha256 of the record file,
+the attack's canonical spec with every default, the view, the seed, the result
+schema). A result.json with the same identity is reused (and reported as reused);
+one computed from an older version of the same record file is recomputed; one that
+belongs to a *different* record file with the same id and defense is never reused
+nor overwritten: that is an error naming both files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gia_bench.attacks.base import VIEWS, Attack, Progress, Reconstruction, create
+from gia_bench.attacks.views import RESIDUAL
+from gia_bench.errors import GiaBenchError, RecordError
+from gia_bench.io import atomic_write_bytes, atomic_write_text
+from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
+
+#: Version of the result.json format; part of every result's identity.
+RESULT_SCHEMA = 1
+RESULT_FILE = "result.json"
+LPIPS_NETS = ("alex", "vgg")
+
+
+class ResultConflictError(GiaBenchError):
+    """The result folder holds the result of a different record; reusing or overwriting it would be wrong."""
+
+
+def check_lpips_net(lpips_net: str, flag: str = "--lpips-net") -> str:
+    """``lpips_net`` if it is a known LPIPS trunk, else a one-line error naming the flag."""
+    if lpips_net not in LPIPS_NETS:
+        raise GiaBenchError(f"{flag} {lpips_net!r}: accepted values are {', '.join(LPIPS_NETS)}")
+    return lpips_net
+
+
+def resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GiaBenchError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GiaBenchError(f"--device {device!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise GiaBenchError(f"--device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
+# -- where results go ----------------------------------------------------------------------------
+
+
+def _safe_name(text: str, limit: int = 120) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip(".") or "record"
+    if len(name) > limit:  # a path component has at most 255 bytes; keep it unique with a hash
+        import hashlib
+
+        name = name[: limit - 13] + "-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    return name
+
+
+def defense_slug(spec: str) -> str:
+    """A folder name for a defense spec: the registry name plus ``_key-value`` per non-default parameter.
+
+    ``none`` -> ``none``; ``topk:ratio=0.05`` and its canonical spec (every parameter
+    spelled out) -> the same ``topk_ratio-0.05``. A spec that does not resolve here
+    (an untrusted plug-in) is slugged as written.
+    """
+    from gia_bench.defenses import DEFENSES
+    from gia_bench.registry import describe_params, parse_spec
+
+    try:
+        parsed = parse_spec(spec)
+        cls, kwargs = DEFENSES.kwargs_for(parsed)
+        defaults = {p.name: p.default for p in describe_params(cls)}
+    except GiaBenchError:
+        return _safe_name(spec.replace(":", "_").replace(",", "_").replace("=", "-"))
+    parts = [parsed.name.replace(":", "_")]
+    for key, value in kwargs.items():
+        if key in defaults and value == defaults[key]:
+            continue
+        parts.append(f"{key}-{str(value).lower() if isinstance(value, bool) else value}")
+    return _safe_name("_".join(parts))
+
+
+def attack_dirname(attack: Attack, view: str, seed: int = 0) -> str:
+    """``<slug>-<view>``, e.g. ``dlg-naive`` or ``ig_iterations-2000-aware``; ``-s<seed>`` for seed != 0."""
+    return f"{attack.slug}-{view}" + (f"-s{seed}" if seed else "")
+
+
+def result_dir(out_root: Path, record_id: str, attack: Attack, view: str, defense: str, seed: int = 0) -> Path:
+    """Where :func:`run_attack` writes the result of ``attack`` in ``view`` on record ``record_id``."""
+    return Path(out_root) / defense_slug(defense) / _safe_name(record_id) / attack_dirname(attack, view, seed)
+
+
+# -- pictures ------------------------------------------------------------------------------------
+
+
+def _tile(images01: torch.Tensor, scale: int) -> np.ndarray:
+    """(B, C, H, W) in [0, 1] -> one uint8 row of tiles, 2 px gaps, each upscaled by ``scale``."""
+    b, c, h, w = images01.shape
+    gap = 2
+    row = np.full((h * scale, b * (w * scale + gap) - gap, 3), 255, dtype=np.uint8)
+    for i in range(b):
+        img = images01[i].detach().cpu().float()
+        img = img.expand(3, h, w) if c == 1 else img[:3]
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+        x0 = i * (w * scale + gap)
+        row[:, x0 : x0 + w * scale] = arr
+    return row
+
+
+def save_grid(path: Path, reconstruction01: torch.Tensor, original01: torch.Tensor | None) -> None:
+    """Reconstructions in the top row, the originals (when known) under them, as a PNG."""
+    import io
+
+    h = reconstruction01.shape[-2]
+    scale = max(1, math.ceil(64 / h))
+    rows = [_tile(reconstruction01, scale)]
+    if original01 is not None:
+        rows += [np.full((4, rows[0].shape[1], 3), 255, dtype=np.uint8), _tile(original01, scale)]
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(rows, axis=0)).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# -- one attack ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackResult:
+    """One finished (record, attack, view): where its result.json is, what it holds, whether it was reused."""
+
+    path: Path  # the result.json
+    record: Path
+    view: str
+    reused: bool
+    data: dict[str, Any]  # the result.json contents
+
+    @property
+    def record_id(self) -> str:
+        return self.data["record_id"]
+
+    @property
+    def attack(self) -> str:
+        return self.data["attack"]
+
+    @property
+    def defense(self) -> str:
+        return self.data["defense"]
+
+    def mean(self, metric: str) -> float | None:
+        """Mean of a per-image metric (``psnr``, ``ssim``, ``lpips``) over the batch, or None if unscored."""
+        values = [v for v in (self.data.get(metric) or []) if v is not None]
+        return sum(values) / len(values) if values else None
+
+
+def identity(record_sha256: str | None, attack_spec: str, view: str, seed: int) -> dict[str, Any]:
+    """The fields that identify a result (DESIGN.md, "Results are keyed by content")."""
+    return {"record_sha256": record_sha256, "attack": attack_spec, "view": view, "seed": seed, "schema": RESULT_SCHEMA}
+
+
+def _existing(result_path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(result_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: not a result we could reuse, recompute it
+    return data if isinstance(data, dict) else {}
+
+
+def _same_file(a: str | Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _scores(record: GradientRecord, rec: Reconstruction, truth: Truth, lpips_net: str, lpips_weights: Path | None):
+    from gia_bench.metrics import get_lpips, score_batch
+
+    spec = record.meta.dataset
+    rec01 = spec.denormalize(rec.inputs).clamp(0, 1)
+    orig01 = spec.denormalize(truth.inputs.to(torch.float32)).clamp(0, 1)
+    scores = score_batch(rec01, orig01, rec.labels, truth.labels, lpips=get_lpips(lpips_net, lpips_weights))
+    return scores, rec01, orig01
+
+
+def evaluate(
+    record_path: Path,
+    attack_spec: str,
+    view: str,
+    out_root: Path,
+    seed: int = 0,
+    device: str = "cpu",
+    lpips_net: str = "alex",
+    lpips_weights: Path | None = None,
+    progress: Progress | None = None,
+) -> AttackResult:
+    """Attack the record at ``record_path``, score it if a truth file is beside it, write the result.
+
+    A result with the same identity (record content, canonical attack spec, view,
+    seed, schema) is reused, not recomputed (``reused=True``).
+    """
+    record_path = Path(record_path)
+    attack = create(attack_spec)
+    attack.check_view(view)
+    dev = resolve_device(device)
+    record = GradientRecord.load(record_path)
+    out_dir = result_dir(out_root, record.record_id, attack, view, record.meta.defense, seed)
+    result_path = out_dir / RESULT_FILE
+    wanted = identity(record.sha256, attack.spec, view, seed)
+    existing = _existing(result_path)
+    if existing:
+        if all(existing.get(k) == v for k, v in wanted.items()):
+            return AttackResult(result_path, record_path, view, True, existing)
+        other = existing.get("record_sha256")
+        if other != record.sha256 and not _same_file(existing.get("record", ""), record_path):
+            raise ResultConflictError(
+                f"{result_path}: holds the result of record {existing.get('record')!r}"
+                f" (sha256 {str(other)[:12]}), not of {record_path} (sha256 {record.sha256[:12]}), which has the"
+                " same id and defense; use another --out"
+            )
+        # Same record file, changed since (or same content, another spec/seed/schema): recompute.
+
+    tpath = truth_path(record_path)
+    if view == "oracle":
+        # the evaluation side, not the attack, reads the worker's private residual: an upper bound
+        if not tpath.exists():
+            raise GiaBenchError(f"--view oracle: {record_path} has no truth file {tpath.name} to read the residual from")
+        record = record.with_private(Truth.load(tpath))
+
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(seed)
+    start = time.perf_counter()
+    rec = attack.run(record, view, generator, progress, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
+
+    # The attack has returned: only now may the truth be read, to score.
+    truth = Truth.load(tpath) if tpath.exists() else None
+    metrics: dict[str, Any] | None = None
+    spec = record.meta.dataset
+    labels = rec.labels
+    original01 = None
+    reconstruction01 = spec.denormalize(rec.inputs).clamp(0, 1)
+    if truth is not None:
+        if truth.inputs.shape[0] != record.meta.batch_size:
+            raise RecordError(
+                f"{tpath}: holds {truth.inputs.shape[0]} examples, its record {record_path} a batch of"
+                f" {record.meta.batch_size}"
+            )
+        scores, reconstruction01, original01 = _scores(record, rec, truth, lpips_net, lpips_weights)
+        order = list(scores.matching)
+        reconstruction01, labels = reconstruction01[order], labels[order]
+        metrics = scores.to_json()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {"reconstruction": reconstruction01.contiguous()}
+    if original01 is not None:
+        tensors["original"] = original01.contiguous()
+    from safetensors.torch import save
+
+    atomic_write_bytes(out_dir / "reconstruction.safetensors", save(tensors))
+    save_grid(out_dir / "reconstruction.png", reconstruction01, original01)
+
+    images = metrics["images"] if metrics else None
+    result = {
+        "schema": RESULT_SCHEMA,
+        "kind": "attack_result",
+        "record_id": record.record_id,
+        "record": str(record_path),
+        "record_sha256": record.sha256,
+        "dataset": spec.name,
+        "model": record.meta.model.spec,
+        "defense": record.meta.defense,
+        "attack": attack.spec,
+        "view": view,
+        "threat": {
+            "model": "white-box",
+            "batch_size_known": True,
+            "labels": f"inferred ({rec.label_strategy})",
+            "compressor_known": view in ("aware", "oracle"),
+            "public_state_used": list(rec.public_state_used),
+            "observed": rec.observed,
+            **({"update": rec.update} if rec.update else {}),
+            "residual": RESIDUAL.get(view, "not modelled"),
+            "upper_bound": view == "oracle",
+        },
+        "step": record.meta.step,
+        "source": record.meta.extra.get("source", "capture"),
+        "bytes": record.meta.bytes_sent,
+        "bytes_fp32": sum(int(s.numel()) * 4 for s in record.param_shapes),
+        "batch_size": record.meta.batch_size,
+        "labels_inferred": [int(v) for v in labels],
+        "labels_true": [int(v) for v in truth.labels] if truth is not None else None,
+        "seconds": seconds,
+        "iterations": rec.iterations,
+        "final_loss": rec.final_loss,
+        "seed": seed,
+        "device": str(dev),
+        "metrics": metrics,
+        "ssim": [im["ssim"] for im in images] if images else None,
+        "psnr": [im["psnr"] for im in images] if images else None,
+        "lpips": [im["lpips"] for im in images] if images else None,
+        "label_accuracy": metrics["label_accuracy"] if metrics else None,
+        "lpips_reason": metrics["lpips_reason"] if metrics else None,
+        "extra": rec.extra,
+    }
+    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+    return AttackResult(result_path, record_path, view, False, result)
+
+
+def run_attack(
+    record_path: Path,
+    attack_spec: str,
+    view: str,
+    out_root: Path,
+    seed: int = 0,
+    device: str = "cpu",
+    lpips_net: str = "alex",
+    lpips_weights: Path | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """:func:`evaluate`, returning the path of ``result.json`` (kept for scripts that want only the file)."""
+    return evaluate(record_path, attack_spec, view, out_root, seed, device, lpips_net, lpips_weights, progress).path
+
+
+# -- the records x attacks x views grid (``gia-bench attack``) ------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackOptions:
+    """How ``gia-bench attack`` runs (its flags)."""
+
+    out: Path = Path("runs")
+    seed: int = 0
+    device: str = "cpu"
+    lpips_net: str = "alex"
+    lpips_weights: Path | None = None
+    plugins: tuple[str, ...] = ()  # module:Class names the user trusts (--plugin)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A file found in a folder that is not a usable record, and why."""
+
+    path: Path
+    reason: str
+
+
+#: ``on_start(record, attack_spec, view)`` -> a progress callback for that attack (or None).
+OnStart = Callable[[Path, str, str], "Progress | None"]
+
+
+def run_attacks(
+    records: Sequence[Path],
+    attacks: Sequence[str],
+    views: Sequence[str],
+    options: AttackOptions = AttackOptions(),
+    on_start: OnStart | None = None,
+    on_result: Callable[[AttackResult], None] | None = None,
+    on_skip: Callable[[Skipped], None] | None = None,
+) -> list[AttackResult]:
+    """Every attack in every view on every record (files, or folders searched recursively).
+
+    Everything is checked before the first attack runs: the views, the attack specs,
+    the device, the LPIPS trunk, and every record (a record named directly that does
+    not load is an error; a file in a folder that is not a record is skipped, with
+    ``on_skip`` told why). Results come back in order; ``on_result`` sees each as it
+    finishes (reused ones too, marked ``reused``).
+    """
+    from gia_bench.registry import trusted
+
+    with trusted(options.plugins):
+        for v in views:
+            if v not in VIEWS:
+                raise GiaBenchError(f"--view {v!r} is not one of {', '.join(VIEWS)}")
+        check_lpips_net(options.lpips_net)
+        for spec in attacks:
+            create(spec)  # a bad spec fails before any work
+        resolve_device(options.device)
+        if options.lpips_weights is not None and not Path(options.lpips_weights).is_file():
+            raise GiaBenchError(f"--lpips-weights {options.lpips_weights}: no such file")
+        paths: list[Path] = []
+        for path, named in find_record_files([Path(r) for r in records]):
+            try:
+                GradientRecord.load(path)
+            except RecordError as exc:
+                if named:
+                    raise
+                if on_skip is not None:
+                    on_skip(Skipped(path, str(exc)))
+                continue
+            paths.append(path)
+        if not paths:
+            raise GiaBenchError(f"no gradient records found in {', '.join(map(str, records))}")
+        results = []
+        for path in paths:
+            for spec in attacks:
+                for view in views:
+                    progress = on_start(path, spec, view) if on_start is not None else None
+                    result = evaluate(
+                        path, spec, view, Path(options.out), seed=options.seed, device=options.device,
+                        lpips_net=options.lpips_net, lpips_weights=options.lpips_weights, progress=progress,
+                    )
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(result)
+        return results
