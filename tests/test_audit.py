@@ -124,15 +124,12 @@ def test_cheating_plugin_fails_audit_cli(tmp_path):
     assert saved["standings"] == []  # no battery runs for a compressor that breaks the contract
 
 
-def test_a_class_that_is_not_a_compressor_is_a_user_error(tmp_path):
-    import os
-    import subprocess
+def test_a_class_that_is_not_a_compressor_is_a_user_error(tmp_path, capsys):
+    from gia_bench.cli import app
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run(
-        [sys.executable, "-m", "gia_bench", "audit", "collections:OrderedDict", "--out", str(tmp_path), "--quick"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert res.returncode == 2, res.stderr
-    assert "not a gia_bench Compressor" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(SystemExit) as info:
+        app(["audit", "collections:OrderedDict", "--out", str(tmp_path), "--quick"], prog_name="gia-bench")
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "not a gia_bench Compressor" in err and "Traceback" not in err
     assert not (tmp_path / "audit.json").exists()
