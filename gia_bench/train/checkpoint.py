@@ -60,9 +60,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _int(ck: Mapping[str, Any], key: str, path: Path, where: str = "") -> int:
-    value = ck.get(key) if isinstance(ck, Mapping) else None
+    """``ck[key]``, a non-negative int (not a bool), or a one-line :class:`CheckpointError`."""
     if key not in ck:
         raise CheckpointError(f"{path}: {where}{key!r} is missing")
+    value = ck[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise CheckpointError(f"{path}: {where}{key!r} is {value!r}, not an integer")
     if value < 0:
