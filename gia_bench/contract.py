@@ -390,15 +390,21 @@ def check_decode_fresh(s: Subject) -> str:
     """A fresh instance rebuilt from the spec decodes the counted messages and public state to the output.
 
     This is all a receiver has: decode must not read anything the worker's instance kept.
+    The steps are decoded after all of them (and another instance's step on other
+    gradients) ran, so state kept outside the instance (a global holding the last
+    gradient) does not stand in either; the gloo check decodes in another process.
     """
     comp = s.build()
+    steps = []
     for seed in range(3):
         grads = battery_grads(seed)
         out, comm = _step(comp, grads)
-        public = comp.public_state()
+        steps.append((seed, grads, out, messages_by_tag(comm.messages), comp.public_state()))
+    _step(s.build(), battery_grads(99))
+    for seed, grads, out, messages, public in steps:
         receiver = s.from_spec_string(comp.spec)
         try:
-            decoded = receiver.decode(messages_by_tag(comm.messages), _shapes(grads), public)
+            decoded = receiver.decode(messages, _shapes(grads), public)
         except Exception as exc:  # a plug-in's decode may fail in any way; this is the finding
             return (
                 f"decode on a fresh instance rebuilt from {comp.spec!r}, given only the counted messages and the"
@@ -608,11 +614,15 @@ def _gloo_worker(rank: int, world_size: int, port: int, subjects: dict[str, tupl
                     grads = battery_grads(seed=1000 * step + rank)
                     comm = TorchCommunicator(record=True)
                     out = comp.step([g.clone() for g in grads], comm)
+                    public = {k: v.detach().cpu().clone() for k, v in comp.public_state().items()}
+                    # what this process decodes from its own messages, with a fresh instance
+                    own = klass(**kwargs).decode({m.tag: m.tensor for m in comm.messages}, [g.shape for g in grads], public)
                     steps.append(
                         {
                             "inputs": grads,
                             "out": [o.detach().clone() for o in out],
-                            "public": {k: v.detach().cpu().clone() for k, v in comp.public_state().items()},
+                            "decoded": [d.detach().cpu().clone() for d in own],
+                            "public": public,
                             "messages": [
                                 {
                                     "tag": m.tag,
@@ -651,12 +661,32 @@ def ring_bytes(op: str, payload: int, n: int) -> int:
     }[op]
 
 
-def check_gloo_run(runs: Sequence[dict]) -> str:
-    """The reason one compressor's runs (one per rank, from :func:`gloo_runs`) break the contract, or ""."""
+def check_gloo_run(runs: Sequence[dict], build: Callable[[], Compressor] | None = None) -> str:
+    """The reason one compressor's runs (one per rank, from :func:`gloo_runs`) break the contract, or "".
+
+    With ``build`` (fresh instances), each rank's messages are also decoded here, in a
+    process that never saw that rank's gradient, and must give what the rank decoded
+    itself: decode must not read a global or class attribute the step filled.
+    """
     for rank, run in enumerate(runs):
         if "error" in run:
             return f"failed on rank {rank} of {len(runs)} gloo workers:\n{run['error']}"
     n = len(runs)
+    if build is not None:
+        for rank, run in enumerate(runs):
+            for step, s in enumerate(run["steps"]):
+                messages = {m["tag"]: m["tensor"] for m in s["messages"]}
+                try:
+                    here = build().decode(messages, [g.shape for g in s["inputs"]], s["public"])
+                except Exception as exc:  # a plug-in's decode may fail in any way; this is the finding
+                    here, error = None, f"{type(exc).__name__}: {exc}"
+                if here is None or not all_close(here, s["decoded"], 1e-6):
+                    return (
+                        f"decode of rank {rank}'s messages (step {step}) in another process"
+                        f" {'raised ' + error if here is None else 'differs from the one in its own process'}:"
+                        " decode reads state the step left in its process (a global or class attribute),"
+                        " which the receiver does not have"
+                    )
     for step, per_rank in enumerate(zip(*(r["steps"] for r in runs))):
         # replicas stay in sync only if every rank computes exactly the same aggregate
         for rank_run in per_rank[1:]:
@@ -677,7 +707,7 @@ def check_gloo_run(runs: Sequence[dict]) -> str:
 def check_gloo(s: Subject) -> str:
     """Two worker processes over gloo compute the same aggregate, with ring byte counts."""
     runs = gloo_runs({s.label: (s.cls, s.kwargs)})
-    return check_gloo_run([r[s.label] for r in runs])
+    return check_gloo_run([r[s.label] for r in runs], s.build)
 
 
 #: The battery, in the order it runs. The gloo check runs last and only when every other passed.

@@ -93,6 +93,26 @@ class InstanceMemo(Honest):
         return {"sum": flatten(grads).to(torch.float32).sum().reshape(1)}
 
 
+class GlobalMemo(InstanceMemo):
+    """Sends 4 bytes (the gradient's sum) and decodes from a table of every gradient, kept in the module."""
+
+    def step(self, grads, comm, keys=None):
+        out = super().step(grads, comm, keys)
+        if grads:
+            _TABLE[float(flatten(grads).sum())] = self._memo
+        return out
+
+    def decode(self, messages, shapes, public=None):
+        check_messages(messages, ["sum"], "GlobalMemo")
+        memo = _TABLE.get(float(messages["sum"].reshape(-1)[0]))
+        if memo is None:
+            memo = torch.zeros(sum(torch.Size(s).numel() for s in shapes))
+        return unflatten(memo.clone(), shapes)
+
+
+_TABLE: dict[float, torch.Tensor] = {}
+
+
 # -- (b) the gradient travels in public_state(), whose bytes are not counted --------------------------------
 
 

@@ -32,6 +32,8 @@ def test_every_check_reports_once():
 # Each cheat breaks one rule of the contract, and the battery names that rule (and only that one).
 CHEATS = {
     "InstanceMemo": ("decode needs only the messages", "fresh instance"),
+    # keeps every gradient in a module-level table: only another process (the receiver) lacks it
+    "GlobalMemo": ("two gloo workers agree", "in another process"),
     "PublicSmuggler": ("public state is known to the receiver", "not counted"),
     "InPlace": ("inputs untouched", "in place"),
     "ReturnsInputs": ("output does not alias the input", "shares memory"),
