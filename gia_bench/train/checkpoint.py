@@ -111,7 +111,8 @@ def reference_model(config: TrainConfig) -> torch.nn.Module:
 
     spec = load_dataset(config.dataset, root=config.data_root, download=False, split="train").spec
     with torch.device("meta"):
-        return build_model(ModelSpec(config.model, tuple(spec.shape), spec.num_classes, "train"), seed=None, device=None)
+        model_spec = ModelSpec(config.model, tuple(spec.shape), spec.num_classes, "train", config.fewbit_backward)
+        return build_model(model_spec, seed=None, device=None)
 
 
 def size_bound(model: torch.nn.Module, world_size: int) -> int:
