@@ -1,43 +1,30 @@
-"""Audit a compressor: does it keep the interface, and where does it stand?
+"""Audit a compressor: does it keep the contract, and where does it stand?
 
 ``gia-bench audit SPEC`` (SPEC: a built-in name, an entry-point name, or
-``module:Class[:k=v,...]``) first checks the contract every compressor must keep
-(:func:`check_compressor`), then runs the standard battery (the demo's images,
-attacks and views, and a short training) on it next to ``none``, ``powersgd`` and
-``lqsgd`` at matched bytes, and reports where it stands on the
-privacy-bandwidth frontier.
+``module:Class[:k=v,...]``) first runs the contract battery of :mod:`gia_bench.contract`
+on it (the same checks pytest runs on every built-in compressor), then runs the
+standard battery (the demo's images, attacks and views, and a short training) on it
+next to ``none``, ``powersgd`` and ``lqsgd`` at matched bytes, and reports where it
+stands on the privacy-bandwidth frontier.
 
-The contract checks are what a receiver and a byte count rely on:
-
-* ``step`` returns one tensor per gradient with the same shape and dtype, finite,
-  also for all-zero gradients;
-* the output is what the messages carry: ``decode(messages)`` of one worker
-  reproduces ``step``'s output (with one worker they are the same thing), so no
-  information reaches the receiver that the byte count does not pay for;
-* something is sent whenever the output is not zero;
-* ``state_dict`` / ``load_state_dict`` resume the same computation;
-* the spec string round-trips.
+The audit trusts the class it is given (the user named it on the command line): its
+``module:Class`` spec resolves, and its spec stays ``module:Class`` even when it
+subclasses a built-in, so the records the battery captures say what made them.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from gia_bench.comm import LocalCommunicator, messages_by_tag
+from gia_bench.comm import LocalCommunicator
+from gia_bench.contract import CheckResult, Subject, check_compressor
 from gia_bench.defenses.base import Compressor
 from gia_bench.errors import GiaBenchError
 
-
-@dataclasses.dataclass(frozen=True)
-class CheckResult:
-    name: str
-    passed: bool
-    reason: str = ""
+__all__ = ["AUDIT_FILE", "AuditOptions", "AuditResult", "CheckResult", "Standing", "check_compressor", "run_audit"]
 
 
 def _lenet_like_grads(gen: torch.Generator) -> list[torch.Tensor]:
@@ -49,111 +36,6 @@ def _run(comp: Compressor, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor
     comm = LocalCommunicator(record=True)
     names = [f"p{i}" for i in range(len(grads))]
     return comp.step([g.clone() for g in grads], comm, keys=names), comm
-
-
-def _check_outputs(grads, out) -> str:
-    if not isinstance(out, (list, tuple)) or len(out) != len(grads):
-        return f"step returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}, expected a list of {len(grads)} tensors"
-    for i, (g, o) in enumerate(zip(grads, out)):
-        if not isinstance(o, torch.Tensor):
-            return f"output {i} is {type(o).__name__}, not a tensor"
-        if o.shape != g.shape:
-            return f"output {i} has shape {tuple(o.shape)}, the gradient has {tuple(g.shape)}"
-        if o.dtype != g.dtype:
-            return f"output {i} has dtype {o.dtype}, the gradient has {g.dtype}"
-        if not bool(torch.isfinite(o).all()):
-            return f"output {i} has NaN or inf values"
-    return ""
-
-
-def check_compressor(factory: Callable[[], Compressor], seed: int = 0) -> list[CheckResult]:
-    """Run the interface checks on fresh instances from ``factory``; one result per check."""
-    results: list[CheckResult] = []
-    gen = torch.Generator().manual_seed(seed)
-    grads = _lenet_like_grads(gen)
-
-    def check(name: str, fn: Callable[[], str]) -> bool:
-        try:
-            reason = fn()
-        except GiaBenchError as exc:
-            reason = str(exc)
-        except Exception as exc:  # a third-party compressor may fail in any way; the audit reports it
-            reason = f"raised {type(exc).__name__}: {exc}"
-        results.append(CheckResult(name, not reason, reason))
-        return not reason
-
-    state: dict = {}
-
-    def shapes() -> str:
-        out, comm = _run(factory(), grads)
-        state["out"], state["comm"] = out, comm
-        return _check_outputs(grads, out)
-
-    if not check("shapes, dtypes and finite values", shapes):
-        return results
-
-    def zeros() -> str:
-        zero = [torch.zeros_like(g) for g in grads]
-        out, _ = _run(factory(), zero)
-        return _check_outputs(zero, out)
-
-    check("all-zero gradients", zeros)
-
-    def sends() -> str:
-        out, comm = state["out"], state["comm"]
-        if comm.bytes_sent == 0 and any(bool(o.abs().sum() > 0) for o in out):
-            return "the output is non-zero but no message was sent (bytes would be under-counted)"
-        return ""
-
-    check("something is sent", sends)
-
-    def carried() -> str:
-        comp = factory()
-        out, comm = _run(comp, grads)
-        messages = messages_by_tag(comm.messages)
-        decoded = comp.decode(messages, [g.shape for g in grads], comp.public_state())
-        if len(decoded) != len(grads):
-            return f"decode returned {len(decoded)} tensors for {len(grads)} gradients"
-        for i, (d, o) in enumerate(zip(decoded, out)):
-            if d.shape != o.shape:
-                return f"decode of tensor {i} has shape {tuple(d.shape)}, step's output {tuple(o.shape)}"
-            scale = float(o.abs().max()) or 1.0
-            if float((d.float() - o.float()).abs().max()) > 1e-4 * scale + 1e-6:
-                return (
-                    f"decode(messages) differs from step's output for tensor {i}: the output carries"
-                    " information that the messages (and the byte count) do not"
-                )
-        return ""
-
-    check("output is what the messages carry", carried)
-
-    def resumes() -> str:
-        a = factory()
-        _run(a, grads)
-        saved = copy.deepcopy(a.state_dict())
-        b = factory()
-        b.load_state_dict(saved)
-        more = [g * 0.5 + 0.1 for g in grads]
-        out_a, _ = _run(a, more)
-        out_b, _ = _run(b, more)
-        for i, (x, y) in enumerate(zip(out_a, out_b)):
-            if not torch.equal(x, y):
-                return f"after load_state_dict the next step differs (tensor {i})"
-        return ""
-
-    check("state_dict resumes the same computation", resumes)
-
-    def spec() -> str:
-        from gia_bench.defenses import create
-
-        comp = factory()
-        again = create(comp.spec)
-        if type(again) is not type(comp) or again.spec != comp.spec:
-            return f"spec {comp.spec!r} does not rebuild the same compressor"
-        return ""
-
-    check("spec string round-trips", spec)
-    return results
 
 
 # -- the battery: where the compressor stands -------------------------------------------------------
@@ -251,29 +133,31 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
     """Check the contract of the compressor ``spec``; if it holds, run the battery and rank it."""
     import json
 
-    from gia_bench.defenses import DEFENSES, create
+    from gia_bench.defenses import create
     from gia_bench.reports import load_runs
     from gia_bench.reports.figures import frontier
     from gia_bench.reports.tables import build_report
-    from gia_bench.study import StudyOptions, _write_text_atomic, parse_study, run_study
+    from gia_bench.io import atomic_write_text
+    from gia_bench.study import StudyOptions, parse_study, run_study
 
     out = Path(out)
-    DEFENSES.kwargs_for(spec)  # unknown names / parameters are a user error, not a failed audit
+    # unknown names / parameters, or a class that is not a Compressor, are a user error, not a failed audit
+    subject = Subject.from_spec(spec)
     try:
-        canonical = create(spec).spec
+        canonical = subject.build().spec
     except GiaBenchError:
         raise
     except Exception as exc:  # a third-party constructor may fail in any way
         result = AuditResult(spec, (CheckResult("construct", False, f"raised {type(exc).__name__}: {exc}"),))
-        _write_text_atomic(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
+        atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
         return result
-    checks = tuple(check_compressor(lambda: create(spec)))
+    checks = tuple(check_compressor(subject))
     if not all(c.passed for c in checks):
         result = AuditResult(canonical, checks)
-        _write_text_atomic(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
+        atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
         return result
 
-    references = matched_references(lenet_bytes(create(spec)))
+    references = matched_references(lenet_bytes(subject.build()))
     raw = _audit_study(spec, references, options)
     config = parse_study(raw, "audit battery")
     st = run_study(config, out, StudyOptions(workers=options.workers, lpips_weights=options.lpips_weights), console)
@@ -302,5 +186,5 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
     from gia_bench.reports import study_warnings
 
     result = AuditResult(canonical, checks + failures, standings, st.report, study_warnings(data))
-    _write_text_atomic(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
+    atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
     return result

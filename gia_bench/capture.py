@@ -131,14 +131,17 @@ def read_checkpoint(path: Path | str) -> dict[str, torch.Tensor]:
     what ``weights_only`` allows; every problem raises :class:`CheckpointError`.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file (--checkpoint)")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path}: not a regular file (--checkpoint)")
     with path.open("rb") as fh:
         head = fh.read(8)
     # torch.save writes a zip archive (PK\x03\x04) or, in its legacy format, a pickle (\x80 + protocol)
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # an archive is memory-mapped: what its header declares is never allocated beyond the file
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04"))
         except Exception as exc:  # weights_only refuses arbitrary objects with UnpicklingError, others vary
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
@@ -188,6 +191,10 @@ def load_checkpoint(model: nn.Module, path: Path | str, spec: str = "") -> str:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, {what} needs {tuple(t.shape)}"
             )
+        # load_state_dict would cast silently: integer codes are not weights (fp16 / bf16 weights are)
+        got = state[name].dtype
+        if t.is_floating_point() != got.is_floating_point or got in (torch.bool, torch.complex64, torch.complex128):
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {got}, {what} needs {t.dtype}")
     model.load_state_dict(state, strict=True)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -545,7 +545,10 @@ def audit_cmd(
     checks.add_column("check")
     checks.add_column("result")
     for c in result.checks:
-        checks.add_row(c.name, "[green]pass[/]" if c.passed else f"[red]FAIL[/] {c.reason}")
+        if c.skipped:
+            checks.add_row(c.name, f"[dim]{'n/a' if c.passed else 'skipped'}[/] {c.reason}")
+        else:
+            checks.add_row(c.name, "[green]pass[/]" if c.passed else f"[red]FAIL[/] {c.reason}")
     console.print(checks)
     if result.standings:
         table = Table(title="where it stands (worst case over images, attacks and views)", title_justify="left")
@@ -566,6 +569,6 @@ def audit_cmd(
     _print_warnings(result.warnings, "the frontier column above: this ranking means nothing at this budget")
     console.print(f"wrote [bold]{out / AUDIT_FILE}[/]" + (f" and {result.report / 'report.html'}" if result.report else ""))
     if not result.passed:
-        err_console.print(f"[bold red]audit failed:[/] {next(c for c in result.checks if not c.passed).reason}",
+        err_console.print(f"[bold red]audit failed:[/] {next(c for c in result.checks if not c.passed and not c.skipped).reason}",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(1)

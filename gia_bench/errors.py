@@ -33,4 +33,4 @@ class CompressorError(GiaBenchError):
 
 
 class CheckpointError(GiaBenchError):
-    """A model checkpoint (``--checkpoint``) cannot be read or does not fit the model."""
+    """A checkpoint (``capture --checkpoint``, ``train --resume``) cannot be read or does not fit the run."""

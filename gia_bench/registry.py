@@ -201,8 +201,17 @@ def _convert(value: str, hint: Any, where: str) -> Any:
 
 
 def _docstring_params(cls: type) -> dict[str, str]:
-    """Parameter help from the class docstring's ``Args:`` section (``name: text`` lines)."""
-    doc = inspect.getdoc(cls) or ""
+    """Parameter help from the ``Args:`` sections (``name: text`` lines) of the class's docstring
+    and, for parameters it does not describe, of its base classes' (a subclass inherits its help)."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        helps.update(_own_docstring_params(klass))
+    return helps
+
+
+def _own_docstring_params(cls: type) -> dict[str, str]:
+    doc = vars(cls).get("__doc__")
+    doc = inspect.cleandoc(doc) if isinstance(doc, str) else ""
     helps: dict[str, str] = {}
     in_args = False
     current = None
@@ -299,7 +308,7 @@ class Registry(Generic[T]):
                         f"{self.kind} entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
                     ) from exc
                 self._classes[ep.name] = self._check_base(ep.name, cls, f"entry point {ep.value}")
-                if not hasattr(cls, "registry_name"):
+                if "registry_name" not in vars(cls):  # a subclass of a built-in gets its own name
                     cls.registry_name = ep.name
 
     def names(self) -> list[str]:
@@ -369,9 +378,14 @@ class Registry(Generic[T]):
 
 
 def canonical_spec(obj: Any) -> str:
-    """The spec string that rebuilds ``obj``: its registry name and every parameter value."""
+    """The spec string that rebuilds ``obj``: its registry name and every parameter value.
+
+    The name is the one registered for ``type(obj)`` itself, never one inherited from a
+    registered base class: ``class Mine(TopK)`` loaded as ``module:Mine`` keeps
+    ``module:Mine``, so its records do not claim to be ``topk``.
+    """
     cls = type(obj)
-    name = getattr(cls, "registry_name", f"{cls.__module__}:{cls.__qualname__}")
+    name = vars(cls).get("registry_name") or f"{cls.__module__}:{cls.__qualname__}"
     parts = []
     for p in describe_params(cls):
         if hasattr(obj, p.name):

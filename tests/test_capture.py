@@ -238,6 +238,26 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_checkpoint_dtypes_and_special_files_are_refused(tmp_path):
+    def refused(path: Path, fragment: str) -> None:
+        with pytest.raises(CheckpointError) as exc:
+            capture(defense="none", out=tmp_path / "out", checkpoint=path, **{**SMALL, "num": 1})
+        assert str(path) in str(exc.value) and fragment in str(exc.value), str(exc.value)
+
+    codes = tmp_path / "codes.safetensors"
+    state = _trained_like()
+    state["fc.weight"] = state["fc.weight"].to(torch.int32)  # integer codes where fp32 weights belong
+    save_file(state, str(codes))
+    refused(codes, "tensor 'fc.weight' has dtype torch.int32")
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)  # would block a reader forever
+    refused(fifo, "not a regular file")
+    half = tmp_path / "half.pt"  # lower-precision weights are weights: accepted
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in _trained_like().items()}, half)
+    (path,) = capture(defense="none", out=tmp_path / "half-out", checkpoint=half, **{**SMALL, "num": 1})
+    assert GradientRecord.load(path).weights["fc.weight"].dtype == torch.float32
+
+
 class _Evil:
     marker = ""
 

@@ -15,7 +15,7 @@ import torch
 
 from gia_bench.errors import ConfigError
 from gia_bench.io import atomic_write_json
-from gia_bench.train.checkpoint import checkpoint_note, load_checkpoint
+from gia_bench.train.checkpoint import check_resume, checkpoint_note
 from gia_bench.train.config import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -53,15 +53,7 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     out = config.out
     if not config.resume and ((out / METRICS_FILE).exists() or (out / CHECKPOINT_FILE).exists()):
         raise ConfigError(f"--out {out}: already holds a run; pass --resume to continue it or choose another folder")
-    if config.resume and (out / CHECKPOINT_FILE).exists():
-        ck = load_checkpoint(out / CHECKPOINT_FILE)
-        if ck.get("format") != "gia-bench-train-checkpoint":
-            raise ConfigError(f"{out / CHECKPOINT_FILE}: not a gia-bench training checkpoint")
-        from gia_bench.defenses import create
-
-        spec = create(config.defense_spec()).spec
-        if ck["defense"] != spec:
-            raise ConfigError(f"--resume: {out / CHECKPOINT_FILE} was trained with {ck['defense']!r}, not {spec!r}")
+    check_resume(config)  # field by field, before any worker starts: one line naming the file and the field
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / CONFIG_FILE
     atomic_write_json(config_path, config.to_json())
