@@ -75,6 +75,10 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     threads = str(config.threads_per_worker)
     saved_env = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = threads  # workers inherit it; torch's launcher would print a warning otherwise
+    if fork and _fork_unsafe():
+        # Ray / gRPC keep native threads that a forked child inherits mid-operation: forked
+        # workers hung in torch.save after a Ray test had run in the same process. Spawn instead.
+        fork = False
     try:
         if fork:
             if torch.cuda.is_initialized():
@@ -113,6 +117,11 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
         return json.loads((out / METRICS_FILE).read_text())
     except FileNotFoundError:
         raise TrainError(f"{out / METRICS_FILE}: the workers finished without writing metrics") from None
+
+
+def _fork_unsafe() -> bool:
+    """True when this process has loaded libraries whose threads make ``fork`` unsafe (Ray, gRPC)."""
+    return any(name in sys.modules for name in ("ray", "grpc", "flwr"))
 
 
 def _forked_worker(config_path: str) -> None:
