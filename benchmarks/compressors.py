@@ -374,7 +374,11 @@ class RefMixedPrecision:
 
 
 class RefLAQ:
-    """LAQ (Sun et al. 2019, Eq. 3-4), a sending round from a fresh state: one flat innovation."""
+    """LAQ (Sun et al. 2019, Eq. 3-4, 7), a sending round from a fresh state: one flat innovation.
+
+    With the skip rule's quantities (``||dQ||^2``, ``||eps||^2``, ``||Q||^2`` for the
+    model-change history) and the new stale copy kept, as LAQ must.
+    """
 
     def __init__(self, shapes: list[torch.Size], bits: int = 8) -> None:
         self.flat, self.bits = _Flat(shapes), bits
@@ -387,7 +391,10 @@ class RefLAQ:
         step = 2 * radius / top
         codes = torch.floor((g - last + radius) / torch.where(step > 0, step, torch.ones_like(step)) + 0.5)
         codes = codes.clamp_(0, top).to(torch.uint8)
-        q = last + (codes.to(torch.float32) * (2 * radius / top) - radius)
+        dq = codes.to(torch.float32) * (2 * radius / top) - radius
+        q = last + dq
+        self.skip_terms = (float(dq.pow(2).sum()), float((q - g).pow(2).sum()), float(q.pow(2).sum()))
+        self.state = q
         msgs = {"flag": torch.ones(1, dtype=torch.uint8), "codes": _np_pack(codes, self.bits), "radius": radius.reshape(1)}
         return msgs, self.flat.split(q)
 

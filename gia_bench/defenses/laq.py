@@ -224,7 +224,9 @@ class LAQ(Compressor):
         if not self.sent(messages):
             return unflatten(last.clone(), shapes)
         check_messages(messages, ["codes", "radius"], "laq")
-        codes = unpack_bits(messages["codes"].reshape(-1), self.bits, last.numel(), torch.int32)
+        # 8 bits or fewer: the codes stay bytes until the float conversion (no int32/int64 copy)
+        dtype = torch.uint8 if self.bits <= 8 else torch.int32
+        codes = unpack_bits(messages["codes"].reshape(-1), self.bits, last.numel(), dtype)
         return unflatten(last + laq_dequantize(codes, messages["radius"], self.bits), shapes)
 
     # -- compressor-aware attacker ----------------------------------------------------------------
