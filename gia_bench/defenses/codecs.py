@@ -10,20 +10,68 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-
-_POW2_CACHE: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _pow2(bits: int, device: torch.device) -> torch.Tensor:
-    key = (bits, str(device))
-    if key not in _POW2_CACHE:
-        _POW2_CACHE[key] = torch.arange(bits, device=device, dtype=torch.int64)
-    return _POW2_CACHE[key]
 
 
 def packed_nbytes(n: int, bits: int) -> int:
     return math.ceil(n * bits / 8)
+
+
+def _group_plan(bits: int) -> list[list[tuple[int, int]]]:
+    """For a group of 8 codes of ``bits`` bits (``bits`` bytes): byte k = OR of ``(code i, shift)``.
+
+    ``shift`` > 0 moves the code left (towards higher stream bits), < 0 right.
+    """
+    plan: list[list[tuple[int, int]]] = [[] for _ in range(bits)]
+    for i in range(8):
+        lo, hi = i * bits, (i + 1) * bits
+        for k in range(lo // 8, (hi - 1) // 8 + 1):
+            plan[k].append((i, lo - 8 * k))
+    return plan
+
+
+def _pack_groups(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bytes of the stream, 8 codes (= ``bits`` bytes) at a time, one column operation per piece.
+
+    uint8 arithmetic (shifts truncate to the byte) for ``bits < 8``, int32 for wider codes:
+    no int64 words and no bit expansion.
+    """
+    n = codes.numel()
+    dtype = torch.uint8 if bits < 8 else torch.int32
+    c = codes.to(dtype)
+    if n % 8:
+        c = torch.cat([c, c.new_zeros(8 - n % 8)])
+    cols = c.reshape(-1, 8)
+    out = torch.empty(cols.shape[0], bits, dtype=torch.uint8, device=c.device)
+    for k, pieces in enumerate(_group_plan(bits)):
+        acc = None
+        for i, shift in pieces:
+            col = cols[:, i]
+            part = col << shift if shift >= 0 else col >> -shift
+            acc = part if acc is None else acc | part
+        out[:, k] = acc if bits < 8 else acc & 0xFF
+    return out.reshape(-1)[: packed_nbytes(n, bits)]
+
+
+def _unpack_groups(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_groups`: codes (uint8 for ``bits < 8``, else int32)."""
+    dtype = torch.uint8 if bits < 8 else torch.int32
+    p = packed.to(dtype)
+    if p.numel() % bits:
+        p = torch.cat([p, p.new_zeros(bits - p.numel() % bits)])
+    rows = p.reshape(-1, bits)
+    mask = (1 << bits) - 1
+    out = torch.empty(rows.shape[0], 8, dtype=dtype, device=p.device)
+    for i in range(8):
+        lo = i * bits
+        acc = None
+        for k in range(lo // 8, (lo + bits - 1) // 8 + 1):
+            shift = lo - 8 * k  # where the code starts relative to byte k
+            part = rows[:, k] >> shift if shift >= 0 else rows[:, k] << -shift
+            acc = part if acc is None else acc | part
+        out[:, i] = acc & mask
+    return out.reshape(-1)[:n]
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -31,38 +79,19 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 32:
         raise ValueError(f"bits must be in 1..32, got {bits}")
     codes = codes.reshape(-1)
-    n = codes.numel()
     if bits == 8:
         return codes.to(torch.uint8)
-    if 8 % bits == 0:  # 1, 2, 4 bits: several codes per byte, no bit expansion needed
-        per = 8 // bits
-        pad = (-n) % per
-        c = codes.to(torch.int32)
-        if pad:
-            c = torch.cat([c, c.new_zeros(pad)])
-        c = c.reshape(-1, per) << (torch.arange(per, device=c.device, dtype=torch.int32) * bits)
-        return c.sum(dim=1).to(torch.uint8)
+    if bits == 1 and codes.device.type == "cpu":  # numpy's table-driven packbits, same layout (LSB first)
+        return torch.from_numpy(np.packbits(codes.to(torch.bool).numpy(), bitorder="little"))
     if bits % 8 == 0:  # 16, 24, 32 bits: little-endian bytes of each code
         nb = bits // 8
         c = codes.to(torch.int64).reshape(-1, 1) >> (8 * torch.arange(nb, device=codes.device))
         return (c & 0xFF).to(torch.uint8).reshape(-1)
-    if bits < 8:  # 3, 5, 6, 7 bits: 8 codes fill exactly `bits` bytes; one int64 word per group
-        c = codes.to(torch.int64)
-        if n % 8:
-            c = torch.cat([c, c.new_zeros(8 - n % 8)])
-        word = (c.reshape(-1, 8) << (torch.arange(8, device=c.device) * bits)).sum(dim=1)
-        out = (word.reshape(-1, 1) >> (8 * torch.arange(bits, device=c.device))) & 0xFF
-        return out.to(torch.uint8).reshape(-1)[: packed_nbytes(n, bits)]
-    stream = (codes.to(torch.int64).reshape(-1, 1) >> _pow2(bits, codes.device)) & 1
-    stream = stream.reshape(-1)
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    return (stream.reshape(-1, 8) << _pow2(8, codes.device)).sum(dim=1).to(torch.uint8)
+    return _pack_groups(codes, bits)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` codes as int64."""
+def unpack_bits(packed: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` codes, as ``dtype`` (int64 unless asked)."""
     if not 1 <= bits <= 32:
         raise ValueError(f"bits must be in 1..32, got {bits}")
     packed = packed.reshape(-1)
@@ -70,24 +99,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
     if packed.numel() != packed_nbytes(n, bits):
         raise ValueError(f"{packed.numel()} bytes cannot hold exactly {n} codes of {bits} bits")
-    p = packed.to(torch.int64)
     if bits == 8:
-        return p
-    if 8 % bits == 0:
-        per = 8 // bits
-        shifts = torch.arange(per, device=p.device, dtype=torch.int64) * bits
-        return ((p.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+        return packed.to(dtype)
+    if bits == 1 and packed.device.type == "cpu":
+        bits_np = np.unpackbits(packed.numpy(), count=n, bitorder="little")
+        return torch.from_numpy(bits_np).to(dtype)
     if bits % 8 == 0:
         nb = bits // 8
-        return (p.reshape(-1, nb) << (8 * torch.arange(nb, device=p.device))).sum(dim=1)
-    if bits < 8:  # inverse of pack_bits' word-per-8-codes path
-        if p.numel() % bits:
-            p = torch.cat([p, p.new_zeros(bits - p.numel() % bits)])
-        word = (p.reshape(-1, bits) << (8 * torch.arange(bits, device=p.device))).sum(dim=1)
-        codes = (word.reshape(-1, 1) >> (torch.arange(8, device=p.device) * bits)) & ((1 << bits) - 1)
-        return codes.reshape(-1)[:n]
-    stream = ((p.reshape(-1, 1) >> _pow2(8, p.device)) & 1).reshape(-1)[: n * bits]
-    return (stream.reshape(n, bits) << _pow2(bits, p.device)).sum(dim=1)
+        p = packed.to(torch.int64)
+        return (p.reshape(-1, nb) << (8 * torch.arange(nb, device=p.device))).sum(dim=1).to(dtype)
+    return _unpack_groups(packed, bits, n).to(dtype)
 
 
 def round_codes(v: torch.Tensor, stochastic: bool, generator: torch.Generator | None) -> torch.Tensor:

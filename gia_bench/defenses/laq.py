@@ -78,7 +78,9 @@ def laq_quantize(innovation: torch.Tensor, bits: int) -> tuple[torch.Tensor, tor
     radius = innovation.abs().max() if innovation.numel() else torch.zeros((), device=innovation.device)
     step = 2 * radius / top
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.floor((innovation + radius) / safe + 0.5).clamp_(0, top).to(torch.int64)
+    # the narrowest integer type holding the codes: one byte per entry at the default 8 bits
+    dtype = torch.uint8 if bits <= 8 else torch.int32
+    codes = torch.floor((innovation + radius) / safe + 0.5).clamp_(0, top).to(dtype)
     return codes, radius.to(torch.float32).reshape(1)
 
 
@@ -170,8 +172,13 @@ class LAQ(Compressor):
             all_radius = comm.all_gather(radius if send else torch.zeros_like(radius), "radius")
             for m, flag in enumerate(flags):
                 if int(flag.item()):
-                    dq = laq_dequantize(unpack_bits(all_codes[m].reshape(-1), self.bits, g.numel()), all_radius[m], self.bits)
-                    group.peers[m] = group.peers[m] + dq.to(group.peers.device)
+                    # this worker's own innovation is the dq above (same codes, same radius): no unpacking
+                    dq_m = dq if m == rank else laq_dequantize(
+                        unpack_bits(all_codes[m].reshape(-1), self.bits, g.numel(), torch.int32),
+                        all_radius[m],
+                        self.bits,
+                    )
+                    group.peers[m].add_(dq_m.to(group.peers.device))
 
         if send:
             group.eps_last_sq, group.skips = eps_sq, 0
@@ -217,7 +224,9 @@ class LAQ(Compressor):
         if not self.sent(messages):
             return unflatten(last.clone(), shapes)
         check_messages(messages, ["codes", "radius"], "laq")
-        codes = unpack_bits(messages["codes"].reshape(-1), self.bits, last.numel())
+        # 8 bits or fewer: the codes stay bytes until the float conversion (no int32/int64 copy)
+        dtype = torch.uint8 if self.bits <= 8 else torch.int32
+        codes = unpack_bits(messages["codes"].reshape(-1), self.bits, last.numel(), dtype)
         return unflatten(last + laq_dequantize(codes, messages["radius"], self.bits), shapes)
 
     # -- compressor-aware attacker ----------------------------------------------------------------
@@ -275,6 +284,8 @@ class LAQ(Compressor):
 
 def _mean_rows(rows: torch.Tensor) -> torch.Tensor:
     """Mean of the rows summed in rank order (every worker gets the same bits)."""
+    if rows.shape[0] == 1:  # x / 1 == x: a copy is all it takes
+        return rows[0].clone()
     total = rows[0].clone()
     for row in rows[1:]:
         total += row

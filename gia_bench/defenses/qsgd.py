@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
@@ -19,13 +21,45 @@ from gia_bench.defenses.codecs import pack_bits, packed_nbytes, unpack_bits
 from gia_bench.errors import CompressorError, SpecError
 
 
-def _bucket_index(numels: Sequence[int], bucket: int, device: torch.device) -> torch.Tensor:
-    """Bucket of every entry of the concatenated tensors: buckets never straddle two tensors."""
-    parts, start = [], 0
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """One tensor in the flat buffer: its entries ``[start, start + n)`` and buckets ``[row, row + full (+1))``."""
+
+    start: int
+    n: int
+    row: int
+    full: int  # whole buckets
+    tail: int  # entries of the last, shorter bucket (0: none)
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(numels: tuple[int, ...], bucket: int) -> tuple[_Piece, ...]:
+    """Where every tensor's entries and buckets lie (buckets never straddle two tensors)."""
+    pieces, start, row = [], 0, 0
     for n in numels:
-        parts.append(start + torch.arange(n, device=device) // bucket)
-        start += -(-n // bucket)
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+        full, tail = divmod(n, bucket)
+        pieces.append(_Piece(start, n, row, full, tail))
+        start += n
+        row += full + (1 if tail else 0)
+    return tuple(pieces)
+
+
+def _per_bucket(
+    op, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, layout: Sequence[_Piece], bucket: int
+) -> torch.Tensor:
+    """``out = op(x, rows of the entry's bucket)`` per tensor, through views: no per-entry index."""
+    for pc in layout:
+        fb = pc.full * bucket
+        if pc.full:
+            op(
+                x[pc.start : pc.start + fb].view(pc.full, bucket),
+                rows[pc.row : pc.row + pc.full, None],
+                out=out[pc.start : pc.start + fb].view(pc.full, bucket),
+            )
+        if pc.tail:
+            end = pc.start + pc.n
+            op(x[pc.start + fb : end], rows[pc.row + pc.full], out=out[pc.start + fb : end])
+    return out
 
 
 def _bucket_norms(v: torch.Tensor, numels: Sequence[int], bucket: int) -> torch.Tensor:
@@ -81,7 +115,6 @@ class QSGD(GeneratorState, Compressor):
         self.bucket = int(bucket)
         self.seed = int(seed)
         self._gen: torch.Generator | None = None
-        self._index_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def level_bits(self) -> int:
@@ -96,14 +129,12 @@ class QSGD(GeneratorState, Compressor):
         n = sum(int(torch.Size(s).numel()) for s in shapes)
         return 4 * self.num_buckets(shapes) + packed_nbytes(n, 1) + packed_nbytes(n, self.level_bits)
 
-    def _buckets(self, shapes: Sequence[torch.Size], device: torch.device) -> torch.Tensor:
-        key = (tuple(tuple(s) for s in shapes), str(device))
-        if key not in self._index_cache:
-            if len(self._index_cache) > 16:
-                self._index_cache.clear()
-            numels = [int(torch.Size(s).numel()) for s in shapes]
-            self._index_cache[key] = _bucket_index(numels, self.bucket, device)
-        return self._index_cache[key]
+    def _layout(self, shapes: Sequence[torch.Size]) -> tuple[_Piece, ...]:
+        return _layout(tuple(int(torch.Size(s).numel()) for s in shapes), self.bucket)
+
+    def _code_dtype(self) -> torch.dtype:
+        # int8 holds a signed level up to 127 (one byte per entry); wider level counts use int32
+        return torch.int8 if self.levels <= 127 else torch.int32
 
     # -- worker ------------------------------------------------------------------------------
     def step(
@@ -113,47 +144,56 @@ class QSGD(GeneratorState, Compressor):
             return []
         shapes = [g.shape for g in grads]
         device = grads[0].device
+        layout = self._layout(shapes)
         v = flatten([g.detach() for g in grads]).to(torch.float32)
-        bidx = self._buckets(shapes, device)
-        norms = _bucket_norms(v, [int(torch.Size(s).numel()) for s in shapes], self.bucket)
-        per_entry = norms[bidx]
-        safe = torch.where(per_entry > 0, per_entry, torch.ones_like(per_entry))
-        r = v.abs() / safe * self.levels
+        norms = _bucket_norms(v, [pc.n for pc in layout], self.bucket)
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        # r = |v| / ||bucket|| * s, bucket by bucket through views (the same ops per entry as a gather)
+        r = _per_bucket(torch.div, v.abs(), safe, torch.empty_like(v), layout, self.bucket).mul_(self.levels)
         gen = self._generator(device, comm.rank)
         u = torch.rand(v.numel(), generator=gen, device=gen.device, dtype=torch.float32).to(device)
         # floor(r + u) with u ~ U[0, 1) rounds up with probability r - floor(r): E = r (unbiased)
-        level = torch.floor(r + u).clamp_(0, self.levels)
+        level = r.add_(u).floor_().clamp_(0, self.levels).to(self._code_dtype())
         negative = v < 0
         all_norms = comm.all_gather(norms, "norms")
         all_signs = comm.all_gather(pack_bits(negative, 1), "signs")
-        all_levels = comm.all_gather(pack_bits(level.to(torch.int64), self.level_bits), "levels")
+        all_levels = comm.all_gather(pack_bits(level, self.level_bits), "levels")
         # this worker's part, computed as the receiver decodes it (same ops), without unpacking
-        own = self._values(per_entry, negative, level)
+        own = self._values(norms, negative.to(level.dtype), level, layout)
         if comm.world_size == 1:
             flat = own
         else:
-            nb = norms.numel()
             flat = torch.zeros_like(v)
             for rank, (n_, s_, l_) in enumerate(zip(all_norms, all_signs, all_levels)):
-                flat += own if rank == comm.rank else self._dequantize(n_, s_, l_, bidx, nb)
+                flat += own if rank == comm.rank else self._dequantize(n_.to(device), s_, l_, layout, device)
             flat.div_(comm.world_size)
         return [t.to(g.dtype) for t, g in zip(unflatten(flat, shapes), grads)]
 
-    def _values(self, norm_per_entry: torch.Tensor, negative: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        """``||bucket|| * sign * l / s``, flat fp32."""
-        mag = norm_per_entry * (level.to(torch.float32) / self.levels)
-        return torch.where(negative, -mag, mag)
+    def _values(
+        self, norms: torch.Tensor, negative: torch.Tensor, level: torch.Tensor, layout: Sequence[_Piece]
+    ) -> torch.Tensor:
+        """``||bucket|| * sign * l / s``, flat fp32.
+
+        The sign is applied to the integer level (two's complement: ``(l ^ -neg) + neg``,
+        one byte per entry), then ``(+-l / s) * ||bucket||``: the same floats as
+        ``sign * (||bucket|| * (l / s))``.
+        """
+        signed = (level ^ -negative).add_(negative)
+        values = signed.to(torch.float32).div_(self.levels)
+        return _per_bucket(torch.mul, values, norms.to(torch.float32), values, layout, self.bucket)
 
     def _dequantize(
-        self, norms: torch.Tensor, signs: torch.Tensor, levels: torch.Tensor, bidx: torch.Tensor, nb: int
+        self, norms: torch.Tensor, signs: torch.Tensor, levels: torch.Tensor, layout: Sequence[_Piece], device
     ) -> torch.Tensor:
         """The flat fp32 values one worker's messages stand for."""
-        device, n = bidx.device, bidx.numel()
+        n = layout[-1].start + layout[-1].n if layout else 0
+        nb = layout[-1].row + layout[-1].full + (1 if layout[-1].tail else 0) if layout else 0
         if norms.numel() != nb:
             raise CompressorError(f"qsgd: {norms.numel()} norms, the shapes have {nb} buckets")
-        negative = unpack_bits(signs.to(device), 1, n).bool()
-        level = unpack_bits(levels.to(device), self.level_bits, n)
-        return self._values(norms.to(device, torch.float32)[bidx], negative, level)
+        dtype = self._code_dtype()
+        negative = unpack_bits(signs.to(device), 1, n, dtype)
+        level = unpack_bits(levels.to(device), self.level_bits, n, dtype)
+        return self._values(norms.to(device, torch.float32), negative, level, layout)
 
     # -- receiver ------------------------------------------------------------------------------
     def decode(
@@ -164,10 +204,9 @@ class QSGD(GeneratorState, Compressor):
     ) -> list[torch.Tensor]:
         check_messages(messages, ["norms", "signs", "levels"], "qsgd")
         device = messages["norms"].device
-        bidx = self._buckets(shapes, device)
         try:
             flat = self._dequantize(
-                messages["norms"], messages["signs"], messages["levels"], bidx, self.num_buckets(shapes)
+                messages["norms"], messages["signs"], messages["levels"], self._layout(shapes), device
             )
         except ValueError as exc:
             raise CompressorError(f"qsgd: messages do not match the shapes ({exc})") from exc

@@ -21,21 +21,29 @@ from gia_bench.defenses.codecs import pack_bits, packed_nbytes, unpack_bits
 from gia_bench.errors import CompressorError
 
 
-def _per_entry(scales: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
-    """Each tensor's scale repeated over its entries, flat fp32."""
+def _signed_scales(
+    negative: torch.Tensor, scales: torch.Tensor, numels: Sequence[int], out: torch.Tensor
+) -> torch.Tensor:
+    """``out`` = ``-scale_t`` where negative, ``+scale_t`` elsewhere, tensor by tensor through views.
+
+    One ``where`` per tensor on 0-d scales: no per-entry scale buffer, no concatenation.
+    """
     scales = scales.to(torch.float32)
-    if not numels:
-        return scales.new_zeros(0)
-    return torch.cat([scales[i].expand(n) for i, n in enumerate(numels)])
+    minus = -scales
+    start = 0
+    for i, n in enumerate(numels):
+        torch.where(negative[start : start + n], minus[i], scales[i], out=out[start : start + n])
+        start += n
+    return out
 
 
 def _dequantize(signs: torch.Tensor, scales: torch.Tensor, numels: Sequence[int]) -> torch.Tensor:
     """``scale_t * (+-1)`` for every entry of every tensor t, flat fp32."""
     if scales.numel() != len(numels):
         raise CompressorError(f"signsgd: {scales.numel()} scales for {len(numels)} tensors")
-    negative = unpack_bits(signs, 1, sum(numels)).to(scales.device).bool()
-    per_entry = _per_entry(scales, numels)
-    return torch.where(negative, -per_entry, per_entry)
+    negative = unpack_bits(signs, 1, sum(numels), torch.bool).to(scales.device)
+    out = torch.empty(negative.numel(), dtype=torch.float32, device=scales.device)
+    return _signed_scales(negative, scales, numels, out)
 
 
 def _sign_ste(x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +106,7 @@ class SignSGD(ResidualState, Compressor):
         negative = p_flat < 0
         scale_buf = torch.stack(scales)
         # exactly what the receiver decodes from the messages, without unpacking them again
-        per_entry = _per_entry(scale_buf, numels)
-        own = torch.where(negative, -per_entry, per_entry)
+        own = _signed_scales(negative, scale_buf, numels, torch.empty_like(p_flat))
         if self.error_feedback:
             # the residual is p minus what was sent
             for key, e in zip(keys, torch.split(p_flat - own, numels)):
