@@ -199,6 +199,12 @@ class ThresholdQuantization(GeneratorState, Compressor):
 
     # -- receiver ------------------------------------------------------------------------------
     def _split(self, messages: Mapping[str, torch.Tensor], shapes: Sequence[torch.Size]):
+        """(position tag, segment ids, kept count, positions, codes) of one worker's messages.
+
+        With several workers, ``indices`` and ``codes`` travel padded to the longest
+        worker's (all-gather needs equal shapes): the worker's ``count`` says how much of
+        them is its own, so a record of what a worker actually sent decodes exactly.
+        """
         check_messages(messages, ["scales", "codes"], "tq")
         tags = [t for t in ("mask", "indices") if t in messages]
         if len(tags) != 1:
@@ -206,11 +212,24 @@ class ThresholdQuantization(GeneratorState, Compressor):
         tag = tags[0]
         seg = segment_ids([int(torch.Size(s).numel()) for s in shapes], messages["scales"].device)
         n = seg.numel()
+        positions, codes = messages[tag], messages["codes"]
         if tag == "mask":
-            k = int(unpack_bits(messages["mask"], 1, n).sum()) if messages["mask"].numel() == packed_nbytes(n, 1) else -1
+            k = int(unpack_bits(positions, 1, n).sum()) if positions.numel() == packed_nbytes(n, 1) else -1
         else:
-            k = messages["indices"].numel()
-        return tag, seg, k
+            k = positions.numel()
+        if "count" in messages:
+            count = messages["count"].reshape(-1)
+            if count.numel() != 1 or not 0 <= int(count[0]) <= n:
+                raise CompressorError(f"tq: 'count' must be one integer in [0, {n}]")
+            sent = int(count[0])
+            if tag == "indices":
+                if positions.numel() < sent:
+                    raise CompressorError(f"tq: {positions.numel()} indices, 'count' says {sent}")
+                positions, k = positions[:sent], sent
+            elif k != sent:
+                raise CompressorError(f"tq: the mask keeps {k} entries, 'count' says {sent}")
+            codes = codes[: packed_nbytes(k, self.bits)]
+        return tag, seg, k, positions, codes
 
     def decode(
         self,
@@ -218,15 +237,15 @@ class ThresholdQuantization(GeneratorState, Compressor):
         shapes: Sequence[torch.Size],
         public: Mapping[str, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        tag, seg, k = self._split(messages, shapes)
-        flat = self._dequantize(messages["scales"], tag, messages[tag], messages["codes"], k, seg, len(shapes))
+        tag, seg, k, positions, codes = self._split(messages, shapes)
+        flat = self._dequantize(messages["scales"], tag, positions, codes, k, seg, len(shapes))
         return unflatten(flat, shapes)
 
     def _kept_index(self, messages: Mapping[str, torch.Tensor], shapes: Sequence[torch.Size]) -> torch.Tensor:
-        tag, seg, _ = self._split(messages, shapes)
+        tag, seg, _, positions, _ = self._split(messages, shapes)
         if tag == "mask":
-            return torch.nonzero(unpack_bits(messages["mask"], 1, seg.numel())).reshape(-1)
-        return messages["indices"].to(torch.int64)
+            return torch.nonzero(unpack_bits(positions, 1, seg.numel())).reshape(-1)
+        return positions.to(torch.int64)
 
     def message_values(self, messages, shapes, public=None) -> dict[str, torch.Tensor]:
         idx = self._kept_index(messages, shapes)

@@ -80,6 +80,20 @@ def test_two_workers_average_what_each_receiver_decodes():
         assert len(out) == len(shapes)
 
 
+def test_each_workers_padded_messages_decode_to_its_own_part():
+    # indices / codes travel padded to the longest worker's; 'count' cuts them back
+    spec = "tq:threshold=0.6,bits=4,rounding=nearest"
+    per_worker = [_grads(1), [g * (1 + 3 * (g.abs() > 1.5)) for g in _grads(2)]]
+    results = run_workers([create(spec) for _ in range(2)], per_worker)
+    shapes = [g.shape for g in per_worker[0]]
+    for rank in range(2):
+        msgs = results[rank][1]
+        alone_comm = LocalCommunicator()
+        alone = create(spec).step(per_worker[rank], alone_comm)
+        for d, a in zip(create(spec).decode(msgs, shapes), alone):
+            torch.testing.assert_close(d, a, rtol=0, atol=0)
+
+
 def test_simulate_matches_message_values_at_the_true_gradient():
     comp = create("tq:threshold=0.2,bits=8,rounding=nearest")
     grads = [g.requires_grad_() for g in _grads()]
