@@ -31,14 +31,15 @@ On disk (``DIR``)::
     DIR/study.toml                                   the study as run
     DIR/records/<dataset>-<model>-b<B>-s<seed>/<defense>/<id>.safetensors (+ .truth)
     DIR/runs/<dataset>-<model>-b<B>-s<seed>/<defense>/<record id>/<attack>-<view>/result.json
-    DIR/train/<defense>/metrics.json
+    DIR/train/<defense>/metrics.json                 (+ records/step0000050.safetensors at attack_steps)
+    DIR/runs/train-<dataset>-<model>-b<B>-s<seed>/<defense>/step0000050/<attack>-<view>/result.json
     DIR/report/                                      report.html, report.md, CSVs, figures
     DIR/.staging/                                    units in flight (their files move out when finished)
 
 A unit of work is finished when its output file exists (outputs are written
 atomically), so a rerun skips it: studies resume after Ctrl-C or a crash.
-:func:`plan_units` turns the grid into units (an attack depends on the capture that
-writes its record) and :func:`run_study` hands them to an engine
+:func:`plan_units` turns the grid into units (an attack depends on the capture, or the
+training run, that writes its record) and :func:`run_study` hands them to an engine
 (:mod:`gia_bench.engines`: ``local`` or ``ray``).
 """
 
@@ -73,6 +74,9 @@ class TrainPlan:
     :func:`gia_bench.train.default_lr`). ``attack_steps``: optimizer steps (0-based;
     ``"end"``: the last one) at which the trainer saves rank 0's messages as records; the
     study's attacks and views run on them, so leakage, accuracy and bytes come from one run.
+    ``attacks`` (default: the study's) and ``attack_defenses`` (default: every trained
+    defense) narrow what runs on those records: a BatchNorm model's batch is costlier to
+    attack than a one-image LeNet record.
     """
 
     dataset: str = "digits"
@@ -86,6 +90,8 @@ class TrainPlan:
     seed: int = 0
     defenses: tuple[str, ...] | None = None  # None: the study's defenses
     attack_steps: tuple[int | str, ...] = ()
+    attacks: tuple[str, ...] | None = None  # attacks on the training records; None: the study's
+    attack_defenses: tuple[str, ...] | None = None  # runs whose records are attacked; None: all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +177,8 @@ def _parse_train(where: Path | str, raw: Any) -> TrainPlan:
         if key not in fields:
             raise _fail(where, f"train.{key}", f"unknown key; accepted: {', '.join(fields)}")
         default = fields[key].default
-        if key == "defenses":
-            kwargs[key] = _str_list(where, "train.defenses", value)
+        if key in ("defenses", "attacks", "attack_defenses"):
+            kwargs[key] = _str_list(where, f"train.{key}", value)
         elif key == "attack_steps":
             kwargs[key] = _attack_steps(where, value)
         elif key == "lr":
@@ -246,6 +252,18 @@ def parse_study(raw: Mapping[str, Any], where: Path | str = "<study>") -> StudyC
         _check_specs(where, "train.model", (train.model,), MODELS, instantiate=False)
         if train.defenses:
             _check_specs(where, "train.defenses", train.defenses, DEFENSES, instantiate=True)
+        if train.attacks:
+            _check_specs(where, "train.attacks", train.attacks, ATTACKS, instantiate=True)
+        if train.attack_defenses:
+            trained = set(train.defenses or defenses)
+            stray = [d for d in train.attack_defenses if d not in trained]
+            if stray:
+                raise _fail(where, "train.attack_defenses", f"{stray} are not trained (train.defenses or defenses)")
+        if train.attack_steps:
+            try:  # a step past the run's end is refused now, not after the training
+                train_records(TrainJob((train.attack_defenses or train.defenses or defenses)[0], train, Path(".")))
+            except GiaBenchError as exc:
+                raise _fail(where, "train.attack_steps", str(exc)) from None
     return StudyConfig(
         name=name,
         datasets=datasets,
@@ -371,6 +389,72 @@ def train_jobs(config: StudyConfig, out: Path) -> list[TrainJob]:
     return [TrainJob(d, config.train, out / "train" / slug(d)) for d in defenses]
 
 
+def train_attack_jobs(config: StudyConfig, out: Path, trains: list[TrainJob]) -> list[AttackJob]:
+    """The study's (or ``[train] attacks``) attacks and views on the records of every run's ``attack_steps``."""
+    jobs = []
+    plan = config.train
+    for job in trains:
+        if plan is None or not _attacked(job):
+            continue
+        root = train_attack_root(job, out)
+        for path in train_records(job).values():
+            for attack in plan.attacks or config.attacks:
+                for view in config.views:
+                    jobs.append(AttackJob(path, attack, view, root, job.plan.seed, job.defense))
+    return jobs
+
+
+def train_config(job: TrainJob, device: str = "cpu") -> Any:
+    """The :class:`~gia_bench.train.TrainConfig` of a study's training run (records at ``attack_steps``)."""
+    from gia_bench.train import CHECKPOINT_FILE, TrainConfig
+
+    plan = job.plan
+    cpu = device == "cpu"
+    return TrainConfig(
+        out=job.out,
+        dataset=plan.dataset,
+        model=plan.model,
+        defense=job.defense,
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
+        lr=plan.lr,
+        momentum=plan.momentum,
+        weight_decay=plan.weight_decay,
+        seed=plan.seed,
+        nproc_per_node=plan.nproc_per_node,
+        capture_steps=tuple(plan.attack_steps) if _attacked(job) else (),
+        backend="gloo" if cpu else "auto",
+        device="cpu" if cpu else "auto",
+        resume=(job.out / CHECKPOINT_FILE).exists(),
+    )
+
+
+def _attacked(job: TrainJob) -> bool:
+    return job.plan.attack_defenses is None or job.defense in job.plan.attack_defenses
+
+
+def train_records(job: TrainJob) -> dict[int, Path]:
+    """``step -> record path`` of the records the run writes at ``attack_steps`` (``"end"`` resolved)."""
+    if not job.plan.attack_steps or not _attacked(job):
+        return {}
+    from gia_bench.train import RECORDS_DIR, planned_steps
+    from gia_bench.train.records import record_path
+
+    config = train_config(job)
+    steps = config.capture_plan(planned_steps(config))
+    return {s: record_path(job.out / RECORDS_DIR, s) for s in steps}
+
+
+def train_attack_root(job: TrainJob, out: Path) -> Path:
+    """Where the attacks on a run's records write: ``runs/train-<dataset>-<model>-b<B>-s<seed>``.
+
+    Like a capture group; the result folder adds the defense and the record id
+    (:func:`gia_bench.evaluate.result_dir`), so results of two runs never share a folder.
+    """
+    plan = job.plan
+    return out / "runs" / f"train-{slug(plan.dataset)}-{slug(plan.model)}-b{plan.batch_size}-s{plan.seed}"
+
+
 def expected_records(job: CaptureJob) -> list[Path]:
     """The record paths a finished capture job has (ids follow ``capture.record_id``)."""
     from gia_bench.capture import record_id
@@ -470,28 +554,17 @@ def _attack_unit(ctx: Any, record: str, attack: str, view: str, out_root: str, s
         )
 
 
-def _train_unit(ctx: Any, defense: str, plan: dict[str, Any], out: str) -> None:
-    from gia_bench.train import CHECKPOINT_FILE, TrainConfig, launch
+def _plan_of(plan: Mapping[str, Any]) -> TrainPlan:
+    """A :class:`TrainPlan` back from its ``dataclasses.asdict`` (a unit's args may come back with lists)."""
+    return TrainPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
 
-    run_dir = ctx.inputs / out
-    cpu = ctx.device == "cpu"
-    config = TrainConfig(
-        out=run_dir,
-        dataset=plan["dataset"],
-        model=plan["model"],
-        defense=defense,
-        epochs=plan["epochs"],
-        batch_size=plan["batch_size"],
-        lr=plan["lr"],
-        momentum=plan["momentum"],
-        weight_decay=plan["weight_decay"],
-        seed=plan["seed"],
-        nproc_per_node=plan["nproc_per_node"],
-        backend="gloo" if cpu else "auto",
-        device="cpu" if cpu else "auto",
-        resume=(run_dir / CHECKPOINT_FILE).exists(),
-    )
-    launch(config, fork=cpu and ctx.fork_ok)
+
+def _train_unit(ctx: Any, defense: str, plan: dict[str, Any], out: str) -> None:
+    from gia_bench.train import launch
+
+    # the trainer saves rank 0's records at attack_steps (train_config), the attack units read them
+    config = train_config(TrainJob(defense, _plan_of(plan), ctx.inputs / out), ctx.device)
+    launch(config, fork=ctx.device == "cpu" and ctx.fork_ok)
 
 
 def _train_done(root: Path, unit: Any) -> bool:
@@ -499,9 +572,11 @@ def _train_done(root: Path, unit: Any) -> bool:
 
 
 def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOptions()) -> list[Any]:
-    """The study's units in run order: captures, the attacks on their records, trainings.
+    """The study's units in run order: captures, the attacks on their records, trainings, the
+    attacks on the trainings' records (``[train] attack_steps``).
 
-    Each attack depends on the capture that writes its record; paths are relative to ``out``.
+    Each attack depends on the capture or training run that writes its record; paths are
+    relative to ``out``.
     """
     from gia_bench.engines import Unit
     from gia_bench.records import RECORD_SUFFIX, truth_path
@@ -539,7 +614,8 @@ def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOpti
                    ("record", job.record.name.removesuffix(RECORD_SUFFIX)), ("step", "0")),
             gpus=1 if cuda else 0,
         ))
-    for job in train_jobs(config, out):
+    trains = train_jobs(config, out)
+    for job in trains:
         plan = dataclasses.asdict(job.plan)
         units.append(Unit(
             kind="train",
@@ -554,6 +630,24 @@ def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOpti
             workdir=_rel(job.out, out),
             done_check="gia_bench.study:_train_done",
         ))
+    for job in trains:
+        steps = {path: step for step, path in train_records(job).items()}
+        for attack_job in train_attack_jobs(config, out, [job]):
+            record = _rel(attack_job.record, out)
+            units.append(Unit(
+                kind="attack",
+                key=f"attack:{_rel(attack_job.result, out)}",
+                fn="gia_bench.study:_attack_unit",
+                args=dict(record=record, attack=attack_job.attack, view=attack_job.view,
+                          out_root=_rel(attack_job.out_root, out), seed=attack_job.seed),
+                outputs=(_rel(attack_job.result, out),),
+                inputs=(record, _rel(truth_path(attack_job.record), out)),
+                deps=(f"train:{_rel(job.out, out)}",),
+                label=(("defense", job.defense), ("attack", attack_job.attack), ("view", attack_job.view),
+                       ("record", attack_job.record.name.removesuffix(RECORD_SUFFIX)),
+                       ("step", str(steps[attack_job.record]))),
+                gpus=1 if cuda else 0,
+            ))
     return units
 
 
@@ -618,9 +712,9 @@ def status(out: Path, config: StudyConfig | None = None, failures: list[dict[str
     caps = capture_jobs(config, out)
     records = {job: expected_records(job) for job in caps}
     caps_done = sum(all(p.exists() for p in paths) for paths in records.values())
-    jobs = attack_jobs(config, out, records)
-    attacks_done = sum(j.result.exists() for j in jobs)
     trains = train_jobs(config, out)
+    jobs = attack_jobs(config, out, records) + train_attack_jobs(config, out, trains)
+    attacks_done = sum(j.result.exists() for j in jobs)
     if failures is None:
         try:
             failures = json.loads((out / FAILURES_FILE).read_text())
