@@ -126,6 +126,10 @@ def _audit_study(spec: str, references: list[str], options: AuditOptions) -> dic
         raw["attacks"] = ["dlg:iterations=2", "ig:iterations=20"]
     if options.quick or not options.train:
         raw.pop("train", None)
+    elif "train" in raw:
+        # the audit trains the defenses it ranks (accuracy column), without the demo's training-run section
+        for key in ("defenses", "attack_defenses", "attack_steps", "attacks"):
+            raw["train"].pop(key, None)
     return raw
 
 

@@ -368,7 +368,9 @@ def attack_cmd(
         ["dlg"], "--attack", "-a", help="attack spec, e.g. ig:iterations=2000,tv=1e-4 (repeatable)"
     ),
     view: list[str] = typer.Option(
-        ["naive"], "--view", help="naive (match decode(messages)) or aware (match simulate(...)); repeatable"
+        ["naive"], "--view",
+        help="naive (match decode(messages)), aware (match simulate(...); residual assumed zero) or oracle"
+        " (aware + the private residual from the truth file: an upper bound); repeatable",
     ),
     out: str = typer.Option("runs", "--out", "-o", help="results go to OUT/<defense>/<record-id>/<attack>-<view>/"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
