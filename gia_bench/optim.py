@@ -32,13 +32,21 @@ def _soft_threshold(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.sign(z) * torch.clamp(z.abs() - tau, min=0.0)
 
 
-class QCMDAdagrad(torch.optim.Optimizer):
-    """AdaGrad composite mirror descent with an L1 term (QCMD adagrad when fed quantized gradients)."""
+class _L1Adagrad(torch.optim.Optimizer):
+    """Shared options of the two: learning rate ``eta``, L1 weight ``lambda``, AdaGrad's ``delta``."""
+
+    name = ""
 
     def __init__(self, params, lr: float = 0.1, l1: float = 0.0, delta: float = 1e-8) -> None:  # noqa: ANN001
         if not lr > 0 or l1 < 0 or not delta > 0:
-            raise ConfigError(f"qcmd-adagrad: lr > 0, l1 >= 0 and delta > 0 needed, got {lr}, {l1}, {delta}")
+            raise ConfigError(f"{self.name}: lr > 0, l1 >= 0 and delta > 0 needed, got {lr}, {l1}, {delta}")
         super().__init__(params, {"lr": lr, "l1": l1, "delta": delta})
+
+
+class QCMDAdagrad(_L1Adagrad):
+    """AdaGrad composite mirror descent with an L1 term (QCMD adagrad when fed quantized gradients)."""
+
+    name = "qcmd-adagrad"
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201
@@ -58,13 +66,10 @@ class QCMDAdagrad(torch.optim.Optimizer):
         return loss
 
 
-class QRDAAdagrad(torch.optim.Optimizer):
+class QRDAAdagrad(_L1Adagrad):
     """AdaGrad regularized dual averaging with an L1 term (QRDA adagrad when fed quantized gradients)."""
 
-    def __init__(self, params, lr: float = 0.1, l1: float = 0.0, delta: float = 1e-8) -> None:  # noqa: ANN001
-        if not lr > 0 or l1 < 0 or not delta > 0:
-            raise ConfigError(f"qrda-adagrad: lr > 0, l1 >= 0 and delta > 0 needed, got {lr}, {l1}, {delta}")
-        super().__init__(params, {"lr": lr, "l1": l1, "delta": delta})
+    name = "qrda-adagrad"
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201
