@@ -329,6 +329,7 @@ def evaluate(
         "labels_true": [int(v) for v in truth.labels] if truth is not None else None,
         "seconds": seconds,
         "iterations": rec.iterations,
+        "budget": (rec.budget or attack.budget).to_json(),
         "final_loss": rec.final_loss,
         "seed": seed,
         "device": str(dev),

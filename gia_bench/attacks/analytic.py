@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gia_bench.attacks import labels as label_parts
-from gia_bench.attacks.base import Attack, AttackError, Progress, Reconstruction, register
+from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Reconstruction, register
 from gia_bench.attacks.matching import attack_model
 from gia_bench.errors import SpecError
 from gia_bench.records import GradientRecord
@@ -113,6 +113,7 @@ class Analytic(Attack):
             # (sum_k delta_k) x^T too: the same inversion holds for any number of local steps
             update=meta.local_training().describe(batch),
             extra={"layer": layer, "rows_used": int(good.sum())},
+            budget=Budget(iterations=0, restarts=1, evaluations=0),
         )
 
     def _batch(self, candidates: torch.Tensor, batch: int) -> torch.Tensor:

@@ -51,6 +51,37 @@ def create(spec: str, **overrides: Any) -> Attack:
 
 
 @dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much an attack optimised: what result.json stores under ``"budget"``.
+
+    ``iterations`` optimiser steps per restart, ``restarts`` random starts,
+    ``evaluations`` loss+gradient evaluations actually made (summed over restarts;
+    None when not counted, e.g. a budget read from a paper), ``preset`` the named
+    preset the settings came from (``ig:preset=paper``) or None.
+    """
+
+    iterations: int
+    restarts: int = 1
+    evaluations: int | None = None
+    preset: str | None = None
+    #: where a published budget comes from (not stored in result.json)
+    source: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def steps(self) -> int:
+        """Iterations times restarts: the comparable size of a budget."""
+        return self.iterations * self.restarts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"iterations": self.iterations, "restarts": self.restarts, "evaluations": self.evaluations,
+                "preset": self.preset}  # fmt: skip
+
+
+#: a budget below this fraction of the published one is "far below" (reports warn)
+FAR_BELOW = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
 class Reconstruction:
     """What an attack recovered from one record (no ground truth in here)."""
 
@@ -66,6 +97,7 @@ class Reconstruction:
     # what the attacker assumed the observation is: a FedSGD gradient or a FedAvg update after
     # K local steps (gia_bench.fedavg.LocalTraining.describe); "" where the attack does not say
     update: str = ""
+    budget: Budget | None = None  # what was spent (evaluations counted)
 
 
 class Attack:
@@ -94,6 +126,34 @@ class Attack:
             )
 
     @property
+    def budget(self) -> Budget:
+        """The budget this attack is configured with (analytic attacks: 0 iterations)."""
+        return Budget(iterations=0, restarts=1)
+
+    @property
+    def published_budget(self) -> Budget | None:
+        """The budget of the published attack this one should be compared with (None: no such figure)."""
+        return None
+
+    def budget_warning(self) -> str | None:
+        """A one-line warning when :attr:`budget` is far below :attr:`published_budget`, else None."""
+        published = self.published_budget
+        if published is None or published.steps == 0:
+            return None
+        own = self.budget
+        fraction = own.steps / published.steps
+        if fraction >= FAR_BELOW:
+            return None
+        return (
+            f"budget far below published: {own.iterations:,} iterations x {own.restarts} restart(s)"
+            f" is {100 * fraction:.2g}% of {published.iterations:,} x {published.restarts} ({published.source})"
+        )
+
+    def spec_defaults(self) -> dict[str, Any]:
+        """The value of every parameter that the slug leaves out (the defaults, or a preset's values)."""
+        return {p.name: p.default for p in describe_params(type(self))}
+
+    @property
     def spec(self) -> str:
         """The canonical spec: registry name and every parameter value."""
         return canonical_spec(self)
@@ -105,10 +165,11 @@ class Attack:
         ``ig`` with defaults -> ``ig``; ``ig:iterations=2000`` -> ``ig_iterations-2000``.
         """
         name = getattr(type(self), "registry_name", type(self).__name__)
+        defaults = self.spec_defaults()
         parts = []
         for p in describe_params(type(self)):
             value = getattr(self, p.name, p.default)
-            if value != p.default:
+            if value != defaults.get(p.name, p.default):
                 if isinstance(value, bool):
                     value = str(value).lower()
                 parts.append(f"{p.name}-{value}")

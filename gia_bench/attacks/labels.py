@@ -343,16 +343,24 @@ def resolve(name: str, batch_size: int) -> tuple[str, LabelStrategy]:
 
 
 def infer_labels(
-    record, model: nn.Module, strategy: str, generator: torch.Generator, device: torch.device | str = "cpu"
+    record,
+    model: nn.Module,
+    strategy: str,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    grads: list[torch.Tensor] | None = None,
 ) -> tuple[str, torch.Tensor | None]:
-    """Labels of ``record`` (a GradientRecord) from its decoded gradient: (strategy used, labels or None for joint).
+    """Labels of ``record`` (a GradientRecord): (strategy used, labels or None for joint).
 
-    ``model`` must be stateless (see :func:`gia_bench.attacks.matching.attack_model`).
+    ``grads``: the threat view's estimate of the worker's gradient (``ThreatView.gradient``);
+    by default the decoded gradient. ``model`` must be stateless (see
+    :func:`gia_bench.attacks.matching.attack_model`).
     """
     meta = record.meta
     name, part = resolve(strategy, meta.batch_size)
     # a FedAvg update is the sum of K local gradients: the strategies expect one gradient
-    grads = [g.to(device, torch.float32) / meta.local_steps for g in record.decode()]
+    source = record.decode() if grads is None or len(grads) == 0 else grads
+    grads = [g.to(device, torch.float32) / meta.local_steps for g in source]
     head = find_head(model, meta.param_names, meta.dataset.num_classes)
     ctx = LabelContext(grads, head, meta.batch_size, meta.dataset.num_classes, model, meta.dataset.shape, generator)
     labels = part.infer(ctx)

@@ -1,33 +1,60 @@
 """The gradient-matching engine behind DLG and Inverting Gradients.
 
 Dummy inputs x (and, for ``labels=joint``, soft-label logits) are optimised so
-that the gradient they produce matches the observation, as the threat view
+that the observation they would produce matches the one seen, as the threat view
 defines it (:mod:`gia_bench.attacks.views`)::
 
-    minimise_x  sum_k  D(view(grad_theta L(f_theta(x), y))_k, observed_k)  +  tv * prior(x)
+    minimise_x  D(view(grad_theta L(f_theta(x), y)), observed)  +  tv * prior(x)
 
-with D an objective (:mod:`~gia_bench.attacks.objectives`), the prior from
-:mod:`~gia_bench.attacks.priors` and the optimiser from
-:mod:`~gia_bench.attacks.optimizers`. DLG (``dlg``) and Inverting Gradients
-(``ig``) are this engine with different defaults; every part is a spec value.
+with D an objective (:mod:`~gia_bench.attacks.objectives`) over the whole
+observation, the prior from :mod:`~gia_bench.attacks.priors` and the optimiser
+from :mod:`~gia_bench.attacks.optimizers`. DLG (``dlg``) and Inverting Gradients
+(``ig``) are this engine with different :class:`MatchingConfig` defaults; every
+field is a spec value, and named presets (``ig:preset=paper``) set several at once.
+
+Robustness (an audit must not understate leakage because an optimiser tripped):
+
+* every evaluation is a candidate: each restart keeps its best iterate by the
+  objective it minimises (the matching loss when ``tv = 0``), not the last one;
+* a non-finite step (L-BFGS without a line search can jump to inf within a few
+  steps) does not end the run: the restart goes back to its best iterate, the step
+  size is multiplied by ``backoff`` and the optimiser starts afresh;
+* an L-BFGS run that stalls before its budget is spent (a long step into a flat,
+  saturated region of a sigmoid network) backs off the same way, or, if it stalled
+  at its best iterate, goes on from a new random start (best-of all attempts);
+* of several restarts (and, in the ``aware`` view, of the naive phase's solutions)
+  the one with the lowest matching loss in the attack's own view wins
+  (Geiping et al.'s ``scoring_choice="loss"``).
+
+Aware >= naive by construction: in the ``aware`` view the first ``naive_start``
+fraction of the iterations matches the decoded gradient (the naive attack), the
+rest matches the messages starting from the naive solution, and the naive
+solution stays a candidate, judged by the aware objective. The budget is the same
+as the naive attack's.
 
 Speed: R restarts are stacked in one tensor (R, B, C, H, W), scored together and
-updated by one optimiser step: an element-wise optimiser (Adam) updates every
-restart exactly as if it ran apart, and one backward pass serves them all.
-Their per-restart parameter gradients come from one ``torch.func.vmap`` of
-``torch.func.grad`` over a functional call of the model on CUDA (one batched
-kernel per layer; 2-3x faster than one pass per restart on an H100 for ConvNet and
-ResNet-18, benchmarks/attacks.py); on the CPU, where it gained nothing (0.98-1.07x
-on 2 threads, slower on a loaded machine), and for train-mode
-BatchNorm, whose vmap'd double backward is inexact, from one autograd pass
-per restart. L-BFGS couples coordinates, so its restarts run one after another.
-Gradients are concatenated once into a flat row per restart; no per-parameter
-Python arithmetic in the loop.
+updated by one optimiser step when the optimiser is element-wise (Adam, SGD):
+one backward pass serves them all. Their per-restart parameter gradients come from
+one ``torch.func.vmap`` of ``torch.func.grad`` on CUDA (one batched kernel per
+layer); on the CPU, where vmap gained nothing (0.98-1.07x, benchmarks/attacks.py),
+and for train-mode BatchNorm, whose vmap'd double backward is inexact, from one
+autograd pass per restart. L-BFGS couples coordinates, so its restarts run one
+after another. The objective's target statistics are computed once.
+
+Candidates: :func:`candidate_function` maps candidate data to what the worker
+would have fed its compressor: the gradient (FedSGD), or the update after K
+simulated local steps for a FedAvg record (:class:`gia_bench.fedavg.CandidateUpdates`,
+same call signature as :class:`CandidateGradients`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +62,70 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from gia_bench.attacks import labels as label_parts
-from gia_bench.attacks.base import Attack, AttackError, Progress, Reconstruction
-from gia_bench.attacks.objectives import OBJECTIVES, total_distance
+from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Reconstruction
+from gia_bench.attacks.objectives import OBJECTIVES, BoundObjective
 from gia_bench.attacks.optimizers import OPTIMIZERS
 from gia_bench.attacks.priors import PRIORS
-from gia_bench.attacks.views import build_view
+from gia_bench.attacks.views import ThreatView, build_view, naive_view
 from gia_bench.errors import SpecError
 from gia_bench.fedavg import CandidateUpdates
 from gia_bench.records import GradientRecord
 
 INITS = ("randn", "rand")
+#: Inverting Gradients' learning-rate decay: / 10 at these fractions of the iterations
+DECAY_AT = (3 / 8, 5 / 8, 7 / 8)
+
+
+def _field(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchingConfig:
+    """Every setting of a gradient-matching attack; :class:`DLG` and :class:`InvertingGradients` differ in defaults."""
+
+    iterations: int = _field(300, "optimiser steps per restart (L-BFGS: steps of up to max_iter evaluations each)")
+    lr: float = _field(1.0, "learning rate (L-BFGS: step scale)")
+    loss: str = _field("l2", "gradient distance over the whole observation (objectives registry: l2, cosine, l1,"
+                       " masked-l2, masked-cosine)")  # fmt: skip
+    optimizer: str = _field("lbfgs", "lbfgs, adam or sgd")
+    labels: str = _field("auto", "auto (idlg for B = 1, bias-corrected otherwise), idlg, bias-corrected, yin or"
+                         " joint (optimised soft labels, as the original DLG)")  # fmt: skip
+    prior: str = _field("tv", "image prior (tv, l2, none) weighted by tv")
+    tv: float = _field(0.0, "weight of the image prior (0: none)")
+    restarts: int = _field(1, "independent random starts; the lowest matching loss wins")
+    signed: bool = _field(False, "step on the sign of the input gradient (Inverting Gradients)")
+    boxed: bool = _field(False, "clamp pixels to the valid range after every step")
+    decay: bool = _field(False, "divide the learning rate by 10 at 3/8, 5/8 and 7/8 of the iterations")
+    init: str = _field("randn", "initial dummy: randn (N(0,1) in model-input space) or rand (uniform, valid range)")
+    max_iter: int = _field(20, "L-BFGS evaluations per step (torch's default 20, as DLG's code)")
+    history_size: int = _field(100, "L-BFGS history (torch's default 100)")
+    line_search: bool = _field(False, "L-BFGS with a strong-Wolfe line search")
+    backoff: float = _field(0.5, "on a non-finite step: back to the best iterate, step size times this, fresh optimiser")
+    naive_start: float = _field(0.5, "aware view: fraction of the iterations spent on the naive objective first"
+                                " (its solution stays a candidate); 0: aware objective only")  # fmt: skip
+    preset: str | None = _field(None, "named settings (a preset's values apply unless given explicitly)")
+
+    def check(self, name: str) -> None:
+        """Raise :class:`SpecError` naming the attack and the bad value."""
+        if self.iterations < 1 or self.restarts < 1 or self.max_iter < 1 or self.history_size < 1:
+            raise SpecError(f"{name}: iterations, restarts, max_iter and history_size must be >= 1")
+        if not self.lr > 0 or self.tv < 0:
+            raise SpecError(f"{name}: lr must be > 0 and tv >= 0")
+        if not 0 < self.backoff < 1:
+            raise SpecError(f"{name}: backoff must be in (0, 1), got {self.backoff}")
+        if not 0 <= self.naive_start < 1:
+            raise SpecError(f"{name}: naive_start must be in [0, 1), got {self.naive_start}")
+        if self.init not in INITS:
+            raise SpecError(f"{name}: init {self.init!r} is not one of {', '.join(INITS)}")
+        OBJECTIVES.get(self.loss)
+        OPTIMIZERS.get(self.optimizer)
+        PRIORS.get(self.prior)
+        if self.labels != "auto":
+            label_parts.LABELS.get(self.labels)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(MatchingConfig))
 
 
 def attack_model(record: GradientRecord, device: torch.device | str) -> nn.Module:
@@ -106,7 +187,11 @@ class CandidateGradients:
         return [torch.stack(gs) for gs in zip(*per_restart)]
 
 
-def candidate_function(model: nn.Module, record: GradientRecord):
+#: ``(x, y) -> [(R, *param.shape)]``: what a candidate batch would have produced before compression
+CandidateFunction = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
+
+
+def candidate_function(model: nn.Module, record: GradientRecord) -> CandidateFunction:
     """What the matching loop compares with the observation, ``(x, y) -> [(R, *shape)]`` per parameter.
 
     A FedSGD record: the candidate's gradient. A FedAvg record (``local_steps`` > 1): the
@@ -119,43 +204,129 @@ def candidate_function(model: nn.Module, record: GradientRecord):
     return CandidateUpdates(model, meta.param_names, meta.local_training(), meta.batch_size)
 
 
+@dataclasses.dataclass
+class _Problem:
+    """One objective to minimise: the view's bound distance, the labels, the prior and the box."""
+
+    view: ThreatView
+    distance_to_target: BoundObjective
+    candidates: CandidateFunction
+    labels: torch.Tensor | None  # (B,) or None when optimised (joint)
+    batch: int
+    lo: torch.Tensor
+    hi: torch.Tensor
+    evaluations: int = 0
+
+    def distance(self, x: torch.Tensor, y_logits: torch.Tensor | None) -> torch.Tensor:
+        """Matching loss per restart, (R,): x (R, B, C, H, W), y_logits (R, B, K) or None."""
+        if y_logits is None:
+            assert self.labels is not None
+            y = self.labels.expand(x.shape[0], self.batch)
+        else:
+            y = torch.softmax(y_logits, dim=-1)
+        self.evaluations += x.shape[0]
+        return self.distance_to_target(self.view.rows(self.candidates(x, y)))
+
+
+@dataclasses.dataclass
+class _Run:
+    """The best iterate of each restart (by the objective) and what the run spent."""
+
+    x: torch.Tensor  # (R, B, C, H, W)
+    y: torch.Tensor | None  # (R, B, K) soft-label logits or None
+    steps: int = 0
+    backoffs: int = 0
+    fresh_starts: int = 0
+
+
+def _apply_defaults(cls: type[GradientMatching]) -> None:
+    """Give ``cls`` a keyword-only ``__init__`` whose signature lists every :class:`MatchingConfig`
+    field with ``cls.defaults``' value, and an ``Args:`` docstring section with each field's help:
+    the registry (``gia-bench list attacks``, spec parsing) reads both."""
+    hints = typing.get_type_hints(MatchingConfig)
+    defaults = cls.defaults
+
+    def __init__(self: GradientMatching, **settings: Any) -> None:
+        GradientMatching._configure(self, settings)
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, name), annotation=hints[name])
+        for name in _FIELDS
+    ]
+    __init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    __init__.__annotations__ = {name: hints[name] for name in _FIELDS}
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    if "\nArgs:" not in doc:
+        lines = [f"    {f.name}: {f.metadata['help']}" for f in dataclasses.fields(MatchingConfig)]
+        if cls.presets:
+            lines[-1] += f" ({', '.join(sorted(cls.presets))})"
+        cls.__doc__ = doc + "\n\nArgs:\n" + "\n".join(lines) + "\n"
+
+
 class GradientMatching(Attack):
-    """Shared engine; see :class:`~gia_bench.attacks.dlg.DLG` and :class:`~gia_bench.attacks.inverting.InvertingGradients`."""
+    """Shared engine; see :class:`~gia_bench.attacks.dlg.DLG` and :class:`~gia_bench.attacks.inverting.InvertingGradients`.
 
-    def __init__(
-        self,
-        iterations: int,
-        lr: float,
-        loss: str,
-        optimizer: str,
-        labels: str,
-        prior: str,
-        tv: float,
-        restarts: int,
-        signed: bool,
-        boxed: bool,
-        decay: bool,
-        init: str,
-        max_iter: int,
-        history_size: int,
-        line_search: bool,
-    ):
-        if iterations < 1 or restarts < 1 or max_iter < 1 or history_size < 1:
-            raise SpecError(f"{self.registry_name}: iterations, restarts, max_iter and history_size must be >= 1")
-        if not lr > 0 or tv < 0:
-            raise SpecError(f"{self.registry_name}: lr must be > 0 and tv >= 0")
-        if init not in INITS:
-            raise SpecError(f"{self.registry_name}: init {init!r} is not one of {', '.join(INITS)}")
-        OBJECTIVES.get(loss)
-        OPTIMIZERS.get(optimizer)
-        PRIORS.get(prior)
-        if labels != "auto":
-            label_parts.LABELS.get(labels)
-        self.iterations, self.lr, self.loss, self.optimizer = iterations, lr, loss, optimizer
-        self.labels, self.prior, self.tv, self.restarts = labels, prior, tv, restarts
-        self.signed, self.boxed, self.decay, self.init = signed, boxed, decay, init
-        self.max_iter, self.history_size, self.line_search = max_iter, history_size, line_search
+    A subclass sets ``defaults`` (a :class:`MatchingConfig`), optionally ``presets``
+    (name -> field values) and ``published`` (the budget of the published attack it
+    reproduces), and gets a keyword ``__init__`` over every config field.
+    """
 
+    defaults: ClassVar[MatchingConfig] = MatchingConfig()
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    published: ClassVar[Budget | None] = None
+    config: MatchingConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _apply_defaults(cls)
+
+    def __init__(self, **settings: Any) -> None:
+        self._configure(settings)
+
+    @classmethod
+    def from_config(cls, config: MatchingConfig) -> GradientMatching:
+        """The attack with exactly these settings."""
+        return cls(**dataclasses.asdict(config))
+
+    def _configure(self, settings: dict[str, Any]) -> None:
+        unknown = sorted(set(settings) - set(_FIELDS))
+        if unknown:
+            raise SpecError(f"{self.registry_name}: unknown parameter(s) {', '.join(unknown)}")
+        base = self._preset_base(settings.get("preset", self.defaults.preset))
+        config = dataclasses.replace(base, **settings)
+        config.check(self.registry_name)
+        self.config = config
+
+    def _preset_base(self, preset: str | None) -> MatchingConfig:
+        if preset is None:
+            return self.defaults
+        if preset not in self.presets:
+            accepted = ", ".join(sorted(self.presets)) or "none"
+            raise SpecError(f"{self.registry_name}: unknown preset {preset!r}; accepted: {accepted}")
+        return dataclasses.replace(self.defaults, preset=preset, **self.presets[preset])
+
+    def __getattr__(self, name: str) -> Any:
+        # ``attack.iterations`` etc. read the config (spec strings and slugs use them)
+        if name in _FIELDS and "config" in self.__dict__:
+            return getattr(self.config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def spec_defaults(self) -> dict[str, Any]:
+        # a preset's values are implied by its name: ``ig:preset=paper`` -> slug ``ig_preset-paper``
+        return {**dataclasses.asdict(self._preset_base(self.config.preset)), "preset": self.defaults.preset}
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.config.iterations, self.config.restarts, None, self.config.preset)
+
+    @property
+    def published_budget(self) -> Budget | None:
+        return self.published
+
+    # -- the attack ---------------------------------------------------------------------------
     def run(
         self,
         record: GradientRecord,
@@ -165,125 +336,226 @@ class GradientMatching(Attack):
         device: torch.device | str = "cpu",
     ) -> Reconstruction:
         self.check_view(view)
+        cfg = self.config
         device = torch.device(device)
         meta = record.meta
-        batch, num_classes = meta.batch_size, meta.dataset.num_classes
-        shape = meta.dataset.shape
+        batch, num_classes, shape = meta.batch_size, meta.dataset.num_classes, meta.dataset.shape
         threat = build_view(record, view, device)
         model = attack_model(record, device)
 
-        # Labels come from the observed (decoded) last-layer gradient, never from the truth.
-        strategy_name, inferred = label_parts.infer_labels(record, model, self.labels, generator, device)
-
-        objective = OBJECTIVES.create(self.loss)
-        prior = PRIORS.create(self.prior)
-        part = OPTIMIZERS.create(self.optimizer)
-        grads_of = candidate_function(model, record)
+        # Labels come from the view's estimate of the gradient, never from the truth.
+        strategy_name, inferred = label_parts.infer_labels(
+            record, model, cfg.labels, generator, device, grads=list(threat.gradient)
+        )
+        if inferred is not None:
+            inferred = inferred.to(device)
+        candidates = candidate_function(model, record)
+        objective = OBJECTIVES.create(cfg.loss)
 
         mean = torch.tensor(meta.dataset.mean, device=device).reshape(1, 1, -1, 1, 1)
         std = torch.tensor(meta.dataset.std, device=device).reshape(1, 1, -1, 1, 1)
         lo, hi = (0 - mean) / std, (1 - mean) / std
-        R = self.restarts
-        if self.init == "randn":
-            x_all = torch.randn((R, batch, *shape), generator=generator, device=device)
-        else:
-            x_all = lo + (hi - lo) * torch.rand((R, batch, *shape), generator=generator, device=device)
-        y_all = torch.randn((R, batch, num_classes), generator=generator, device=device) if inferred is None else None
 
-        def distance(x: torch.Tensor, y_logits: torch.Tensor | None) -> torch.Tensor:
-            if y_logits is None:
-                assert inferred is not None
-                y = inferred.to(device).expand(x.shape[0], batch)
+        def problem(v: ThreatView) -> _Problem:
+            return _Problem(v, objective.bind(v.target), candidates, inferred, batch, lo, hi)
+
+        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """n random starts from the attack's generator: images (and soft-label logits for joint)."""
+            if cfg.init == "randn":
+                x = torch.randn((n, batch, *shape), generator=generator, device=device)
             else:
-                y = torch.softmax(y_logits, dim=-1)
-            return total_distance(objective, threat.transform(grads_of(x, y)), list(threat.targets))
+                x = lo + (hi - lo) * torch.rand((n, batch, *shape), generator=generator, device=device)
+            y = torch.randn((n, batch, num_classes), generator=generator, device=device) if inferred is None else None
+            return x, y
 
-        groups = [list(range(R))] if part.elementwise else [[r] for r in range(R)]
-        total_steps = self.iterations * len(groups)
-        done = 0
-        final_x, final_y, final_d = [], [], []
-        steps_taken = 0
-        for group in groups:
-            x = x_all[group].clone().requires_grad_(True)
-            y_logits = None if y_all is None else y_all[group].clone().requires_grad_(True)
-            tensors = [x] if y_logits is None else [x, y_logits]
-            opt = part.build(tensors, self.lr, self.max_iter, self.history_size, self.line_search)
-            milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1) if self.decay else None
+        R = cfg.restarts
+        x0, y0 = draw(R)
 
-            def closure() -> torch.Tensor:
-                loss = distance(x, y_logits)
-                if self.tv > 0:
-                    loss = loss + self.tv * prior(x)
-                loss = loss.sum()
-                gs = torch.autograd.grad(loss, tensors)
-                for t, g in zip(tensors, gs):
-                    t.grad = g.sign() if self.signed else g
-                return loss.detach()
+        main = problem(threat)
+        phases: list[tuple[_Problem, int]] = [(main, cfg.iterations)]
+        if threat.name != "naive" and not threat.same_as_naive and cfg.naive_start > 0 and cfg.iterations > 1:
+            first = min(cfg.iterations - 1, max(1, round(cfg.iterations * cfg.naive_start)))
+            phases = [(problem(naive_view(record, device)), first), (main, cfg.iterations - first)]
+        tracker = _ProgressTracker(progress, cfg.iterations * (R if not OPTIMIZERS.get(cfg.optimizer).elementwise else 1))
 
-            report_every = max(1, self.iterations // 200)
-            last_start = math.nan
-            # the last iterate known to be finite: L-BFGS can diverge to NaN on hard targets,
-            # and then the best answer is where it was before
-            good_x = x.detach().clone()
-            good_y = None if y_logits is None else y_logits.detach().clone()
-            for it in range(self.iterations):
-                if part.needs_closure:
-                    loss = opt.step(closure)
-                    # L-BFGS returns the loss it started from; the same start twice means the
-                    # step left x unchanged (converged: max |grad| <= tolerance), as will every later one.
-                    start = float(loss)
-                    if start == last_start:
-                        done += self.iterations - it
-                        break
-                    last_start = start
-                else:
-                    loss = closure()
-                    opt.step()
-                if sched is not None:
-                    sched.step()
-                if self.boxed:
-                    with torch.no_grad():
-                        x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-                done += 1
-                steps_taken = max(steps_taken, it + 1)
-                if (it + 1) % report_every == 0 or it + 1 == self.iterations:
-                    value = float(loss)  # one device sync per report, not per step
-                    if progress is not None:
-                        progress(done, total_steps, value)
-                    finite = math.isfinite(value) and bool(torch.isfinite(x).all())
-                    if y_logits is not None:
-                        finite = finite and bool(torch.isfinite(y_logits).all())
-                    if not finite:
-                        with torch.no_grad():
-                            x.copy_(good_x)
-                            if y_logits is not None:
-                                y_logits.copy_(good_y)
-                        break
-                    good_x = x.detach().clone()
-                    good_y = None if y_logits is None else y_logits.detach().clone()
-            final_x.append(x.detach())
-            final_y.append(None if y_logits is None else y_logits.detach())
-            # Restarts are scored by the matching loss alone (Geiping et al.: scoring_choice="loss").
-            final_d.append(distance(x.detach(), final_y[-1]).detach())
-
-        scores = torch.cat(final_d)
+        pool_x, pool_y, steps, backoffs, fresh_starts = [], [], 0, 0, 0
+        x, y = x0, y0
+        for prob, its in phases:
+            run = self._optimise(prob, x, y, its, tracker, draw)
+            pool_x.append(run.x)
+            pool_y.append(run.y)
+            steps, backoffs, fresh_starts = steps + run.steps, backoffs + run.backoffs, fresh_starts + run.fresh_starts
+            x, y = run.x, run.y
+        # Every phase's solutions are candidates; the view's own matching loss decides.
+        xs = torch.cat(pool_x)
+        ys = None if y0 is None else torch.cat(pool_y)
+        with torch.enable_grad():
+            scores = main.distance(xs, ys).detach()
         scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, math.inf))
         best = int(scores.argmin())
-        xs = torch.cat(final_x)
-        if inferred is None:
-            labels = torch.cat(final_y)[best].argmax(dim=-1).cpu()
-        else:
-            labels = inferred.cpu()
+        labels = inferred.cpu() if ys is None else ys[best].argmax(dim=-1).cpu()
+        evaluations = sum(p.evaluations for p, _ in phases) if len(phases) > 1 else main.evaluations
         return Reconstruction(
             inputs=xs[best].cpu().to(torch.float32),
             labels=labels.to(torch.int64),
-            iterations=steps_taken,
+            iterations=steps,
             final_loss=float(scores[best]),
             view=view,
             label_strategy=strategy_name,
             observed=threat.observed,
             public_state_used=threat.public_state_used,
             update=meta.local_training().describe(meta.batch_size),
-            extra={"restart_losses": [float(s) for s in scores], "best_restart": best},
+            extra={
+                "restart_losses": [float(s) for s in scores[-R:]],
+                "best_restart": best % R,
+                "candidates": [f"{p.view.name}:{r}" for p, _ in phases for r in range(R)],
+                "best_candidate": best,
+                "backoffs": backoffs,
+                "fresh_starts": fresh_starts,
+            },
+            budget=Budget(cfg.iterations, R, evaluations, cfg.preset),
         )
+
+    def _optimise(
+        self,
+        prob: _Problem,
+        x0: torch.Tensor,
+        y0: torch.Tensor | None,
+        iterations: int,
+        tracker: _ProgressTracker,
+        fresh: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    ) -> _Run:
+        """Minimise ``prob`` from (x0, y0) for ``iterations`` steps; the best iterate of each restart.
+
+        ``fresh(n)`` draws n new random starts: an L-BFGS run that stalls (its step leaves x
+        unchanged) before the budget is spent goes on from one, if it stalled at its best
+        iterate, or from that best iterate with a smaller step, if it stalled somewhere worse;
+        either way the best iterate of every attempt stays the candidate.
+        """
+        cfg = self.config
+        part = OPTIMIZERS.create(cfg.optimizer)
+        prior = PRIORS.create(cfg.prior)
+        R = x0.shape[0]
+        groups = [list(range(R))] if part.elementwise else [[r] for r in range(R)]
+        best_x, best_y = x0.detach().clone(), None if y0 is None else y0.detach().clone()
+        steps_taken = backoffs = fresh_starts = 0
+        milestones = [int(iterations * f) for f in DECAY_AT] if cfg.decay else []
+
+        for group in groups:
+            x = x0[group].detach().clone()
+            if cfg.boxed:  # every evaluated iterate is a candidate, the first one included
+                x = torch.maximum(torch.minimum(x, prob.hi), prob.lo)
+            x.requires_grad_(True)
+            y = None if y0 is None else y0[group].detach().clone().requires_grad_(True)
+            tensors = [x] if y is None else [x, y]
+            # the best iterate of each restart in the group, by the minimised objective
+            best_obj = torch.full((len(group),), math.inf, device=x.device)
+            gx, gy = x.detach().clone(), None if y is None else y.detach().clone()
+
+            def closure() -> torch.Tensor:
+                nonlocal best_obj, gx, gy
+                objective = prob.distance(x, y)
+                if cfg.tv > 0:
+                    objective = objective + cfg.tv * prior(x)
+                with torch.no_grad():  # NaN compares False: a non-finite point is never kept
+                    better = objective.detach() < best_obj
+                    best_obj = torch.where(better, objective.detach(), best_obj)
+                    gx = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x.detach(), gx)
+                    if y is not None:
+                        gy = torch.where(better.view(-1, 1, 1), y.detach(), gy)
+                loss = objective.sum()
+                gs = torch.autograd.grad(loss, tensors)
+                for t, g in zip(tensors, gs):
+                    t.grad = g.sign() if cfg.signed else g
+                return loss.detach()
+
+            scale = 1.0  # product of the backoffs so far
+            opt = part.build(tensors, cfg.lr, cfg.max_iter, cfg.history_size, cfg.line_search)
+            last_start = math.nan
+            it = 0
+            while it < iterations:
+                lr = cfg.lr * scale * 0.1 ** sum(it >= m for m in milestones)
+                for pg in opt.param_groups:
+                    pg["lr"] = lr
+                if part.needs_closure:
+                    start = float(opt.step(closure))
+                    # L-BFGS returns the loss it started from; the same start twice means the
+                    # step left x unchanged (converged: max |grad| <= tolerance), as will every later one.
+                    if start == last_start:
+                        if fresh is None:
+                            tracker.advance(iterations - it, best_obj)
+                            break
+                        # Stalled before the budget is spent: sigmoid networks have flat regions
+                        # a long L-BFGS step can land in. Use the rest of the budget.
+                        with torch.no_grad():
+                            if start > float(best_obj.sum()):  # wandered off: back off to the best
+                                x.copy_(gx)
+                                if y is not None:
+                                    y.copy_(gy)
+                                scale *= cfg.backoff
+                                backoffs += 1
+                            else:  # stalled at its best: a new random start
+                                nx, ny = fresh(len(group))
+                                x.copy_(nx)
+                                if y is not None and ny is not None:
+                                    y.copy_(ny)
+                                scale = 1.0
+                                fresh_starts += 1
+                        opt = part.build(tensors, cfg.lr * scale, cfg.max_iter, cfg.history_size, cfg.line_search)
+                        last_start = math.nan
+                        it += 1
+                        tracker.advance(1, best_obj)
+                        continue
+                    last_start = start
+                else:
+                    closure()
+                    opt.step()
+                if cfg.boxed:
+                    with torch.no_grad():
+                        x.copy_(torch.maximum(torch.minimum(x, prob.hi), prob.lo))
+                it += 1
+                tracker.advance(1, best_obj)
+                finite = torch.isfinite(x).flatten(1).all(dim=1)
+                if y is not None:
+                    finite &= torch.isfinite(y).flatten(1).all(dim=1)
+                if not bool(finite.all()):
+                    # Back off: every restart of the group resumes from its best iterate with a
+                    # smaller step and a fresh optimiser state (L-BFGS's curvature pairs and
+                    # Adam's moments were built on the diverging path).
+                    with torch.no_grad():
+                        x.copy_(gx)
+                        if y is not None:
+                            y.copy_(gy)
+                    scale *= cfg.backoff
+                    backoffs += 1
+                    opt = part.build(tensors, cfg.lr * scale, cfg.max_iter, cfg.history_size, cfg.line_search)
+                    last_start = math.nan
+            steps_taken = max(steps_taken, it)
+            # the iterate after the last step has not been evaluated yet: it may be the best
+            if all(bool(torch.isfinite(t).all()) for t in tensors):
+                with torch.enable_grad():
+                    last = prob.distance(x, y).detach()
+                    if cfg.tv > 0:
+                        last = last + cfg.tv * prior(x.detach())
+                better = last < best_obj
+                gx = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x.detach(), gx)
+                if y is not None:
+                    gy = torch.where(better.view(-1, 1, 1), y.detach(), gy)
+            best_x[group] = gx
+            if best_y is not None:
+                best_y[group] = gy
+        return _Run(best_x, best_y, steps_taken, backoffs, fresh_starts)
+
+
+class _ProgressTracker:
+    """Calls ``progress(done, total, loss)`` about 200 times per run (one device sync each)."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+        self.every = max(1, total // 200)
+
+    def advance(self, steps: int, loss: torch.Tensor | float) -> None:
+        before, self.done = self.done, self.done + steps
+        if self.progress is not None and (self.done // self.every > before // self.every or self.done >= self.total):
+            value = float(loss.min()) if isinstance(loss, torch.Tensor) else float(loss)
+            self.progress(min(self.done, self.total), self.total, value)

@@ -4,15 +4,24 @@
   decodes, ``compressor.decode(messages)`` (one key, the flat gradient).
 * ``aware``: the attacker knows the compressor and its public state and matches
   ``compressor.simulate(grad(dummy), messages, public)`` to
-  ``compressor.message_values(messages, shapes, public)``, key by key (sorted key
-  order): Top-k's mask, PowerSGD/LQ-SGD's projection with the known Q,
-  straight-through rounding. A compressor without ``simulate`` has no aware view.
-  The worker's error-feedback residual ``e`` (it sent ``C(g + e)``) is private and
-  unknown to this attacker: it is **assumed zero**, exact for a fresh compressor
-  (``capture``), an approximation mid-training.
+  ``compressor.message_values(messages, shapes, public)``: Top-k's mask,
+  PowerSGD/LQ-SGD's projection with the known Q, straight-through rounding. All
+  messages are concatenated (sorted key order) into one observation, so the
+  attack's distance is one distance over everything observed. A compressor
+  without ``simulate`` has no aware view. The worker's error-feedback residual
+  ``e`` (it sent ``C(g + e)``) is private and unknown to this attacker: it is
+  **assumed zero**, exact for a fresh compressor (``capture``), an approximation
+  mid-training.
 * ``oracle``: ``aware`` plus the residual, read from the truth file by the evaluation
   side and attached to the record (``record.private``), never by the attack: the
   simulation is then exact, so this is an **upper bound**, not a threat.
+
+A view also says which gradient the label strategies read (:attr:`ThreatView.gradient`,
+the view's best estimate of the worker's gradient), and whether it is the naive
+view in disguise (:attr:`ThreatView.same_as_naive`: ``none``'s aware view), so an
+attack does not spend budget on a second, identical objective.
+
+More views register a builder in :data:`VIEW_BUILDERS` (``name -> build(record, device)``).
 """
 
 from __future__ import annotations
@@ -38,8 +47,22 @@ class ThreatView:
     observed: str
     compressor_known: bool
     public_state_used: tuple[str, ...]
+    #: the view's estimate of the worker's gradient, per parameter (what label strategies read)
+    gradient: tuple[torch.Tensor, ...] = ()
+    #: the view's objective is the naive one (same target, identity transform)
+    same_as_naive: bool = False
     residual: str = "not modelled"  # how the worker's private error-feedback residual is treated
     private_state_used: tuple[str, ...] = ()
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The whole observation as one flat row ``(N,)`` (keys concatenated in order)."""
+        return self.targets[0] if len(self.targets) == 1 else torch.cat(self.targets)
+
+    def rows(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Candidate gradients ``[(R, *shape_p)]`` -> the candidates' observations ``(R, N)``, like :attr:`target`."""
+        parts = self.transform(grads)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 #: How each view treats the worker's private error-feedback residual (the threat line says it).
@@ -54,20 +77,20 @@ def _flat_rows(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)]
 
 
-def build_view(record: GradientRecord, view: str, device: torch.device | str = "cpu") -> ThreatView:
-    """The naive, compressor-aware or oracle view of ``record`` (tensors on ``device``).
-
-    ``oracle`` passes ``record.private`` (attached by the evaluation side) to ``simulate``.
-    """
-    if view not in VIEWS:
-        raise AttackError(f"--view {view!r} is not one of {', '.join(VIEWS)}")
+def naive_view(record: GradientRecord, device: torch.device | str = "cpu") -> ThreatView:
+    """Match the dummy's gradient to the decoded gradient."""
+    decoded = [g.to(device, torch.float32) for g in record.decode()]
+    target = torch.cat([g.reshape(-1) for g in decoded])
     public_keys = tuple(sorted(record.public))
-    if view == "naive":
-        target = torch.cat([g.reshape(-1) for g in record.decode()]).to(device, torch.float32)
-        return ThreatView(
-            "naive", ("grads",), (target,), _flat_rows, "decoded gradient", False, public_keys, RESIDUAL["naive"]
-        )
+    return ThreatView(
+        "naive", ("grads",), (target,), _flat_rows, "decoded gradient", False, public_keys, tuple(decoded), True,
+        RESIDUAL["naive"],
+    )  # fmt: skip
 
+
+def aware_view(record: GradientRecord, device: torch.device | str = "cpu", view: str = "aware") -> ThreatView:
+    """Match ``simulate(grad(dummy))`` to the observed messages' values (``view="oracle"``: with the
+    private residual the evaluation side attached to the record)."""
     compressor: Compressor = record.compressor()
     if not compressor.supports_simulate:
         raise AttackError(
@@ -96,6 +119,47 @@ def build_view(record: GradientRecord, view: str, device: torch.device | str = "
             rows.append([out[k].reshape(-1) for k in keys])
         return [torch.stack(col) for col in zip(*rows)]
 
-    return ThreatView(
-        view, keys, targets, transform, "messages", True, public_keys, RESIDUAL[view], tuple(sorted(private))
-    )
+    decoded = [g.to(device, torch.float32) for g in record.decode()]
+    naive_target = torch.cat([g.reshape(-1) for g in decoded])
+    threat = ThreatView(
+        view, keys, targets, transform, "messages", True, tuple(sorted(record.public)), tuple(decoded),
+        residual=RESIDUAL[view], private_state_used=tuple(sorted(private)),
+    )  # fmt: skip
+    return dataclasses.replace(threat, same_as_naive=_is_identity(threat, naive_target, record, device))
+
+
+def _is_identity(view: ThreatView, naive_target: torch.Tensor, record: GradientRecord, device) -> bool:
+    """True when the aware objective is the naive one: same target, and simulate is the identity.
+
+    Checked on the observation itself and on one seeded random gradient (``none``, and
+    PowerSGD's uncompressed warm-up steps, pass; a mask, a projection or rounding does not).
+    """
+    target = view.target
+    if target.shape != naive_target.shape or not torch.equal(target, naive_target):
+        return False
+    probe = torch.randn(naive_target.numel(), generator=torch.Generator().manual_seed(0)).to(device)
+    grads, offset = [], 0
+    for shape in record.param_shapes:
+        n = int(torch.Size(shape).numel())
+        grads.append(probe[offset : offset + n].reshape(1, *shape))
+        offset += n
+    with torch.no_grad():
+        return torch.equal(view.rows(grads)[0], probe)
+
+
+#: ``name -> build(record, device)``; every name must also be in ``base.VIEWS``.
+VIEW_BUILDERS: dict[str, Callable[[GradientRecord, torch.device | str], ThreatView]] = {
+    "naive": naive_view,
+    "aware": aware_view,
+    "oracle": lambda record, device: aware_view(record, device, "oracle"),
+}
+
+
+def build_view(record: GradientRecord, view: str, device: torch.device | str = "cpu") -> ThreatView:
+    """The ``view`` of ``record`` (tensors on ``device``): naive, compressor-aware or oracle.
+
+    ``oracle`` passes ``record.private`` (attached by the evaluation side) to ``simulate``.
+    """
+    if view not in VIEWS or view not in VIEW_BUILDERS:
+        raise AttackError(f"--view {view!r} is not one of {', '.join(VIEWS)}")
+    return VIEW_BUILDERS[view](record, device)
