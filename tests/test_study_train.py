@@ -67,6 +67,11 @@ def test_study_attacks_a_training_run_at_its_steps(tmp_path):
     # the report: the step table (accuracy at each attacked step) and the leakage-vs-step figure
     assert list((out / "report").rglob("steps-*.png"))
     assert "test acc. at step" in (out / "report" / "report.md").read_text()
+    # one summary row per (source, step, view): the run's step-0 record is not merged with the capture's
+    import csv
+
+    summary = list(csv.DictReader((out / "report" / "summary.csv").open()))
+    assert sorted((r["source"], r["step"], r["view"]) for r in summary) == sorted((s, str(n), v) for s, n, v in by_source)
 
 
 def test_attack_steps_are_checked_before_anything_runs(tmp_path):

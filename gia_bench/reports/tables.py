@@ -241,7 +241,7 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
     notes: list[str] = []
     lpips_notes: list[str] = []
     image_rows: list[ImageRow] = []
-    by_setting: dict[tuple[str, str, str, str, str, int], list[tuple[AttackResult, list[ImageRow]]]] = defaultdict(list)
+    by_setting: dict[tuple[str, str, str, str, str, int, str], list[tuple[AttackResult, list[ImageRow]]]] = defaultdict(list)
     no_truth = 0
 
     for res in runs.results:
@@ -300,7 +300,8 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
             if any(r.lpips is None for r in rows) and reason and reason not in lpips_notes:
                 lpips_notes.append(reason)
         image_rows += rows
-        by_setting[(res.dataset, res.model, res.defense, res.attack, res.view, res.step)].append((res, rows))
+        # source too: a training run's step-0 record is not the capture's step-0 record (other batch, weights)
+        by_setting[(res.dataset, res.model, res.defense, res.attack, res.view, res.step, res.source)].append((res, rows))
 
     if lpips is not None and not lpips.available and any(r.lpips is None for r in image_rows):
         if lpips.reason and lpips.reason not in lpips_notes:
@@ -309,7 +310,7 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
         notes.append(f"{no_truth} result(s) had no ground truth: listed with bytes only, no leakage scores.")
 
     summary: dict[tuple[str, str], list[SummaryRow]] = defaultdict(list)
-    for (dataset, model, defense, attack, view, step), items in by_setting.items():
+    for (dataset, model, defense, attack, view, step, _source), items in by_setting.items():
         results = [r for r, _ in items]
         rows = [row for _, rs in items for row in rs]
         scored = [r for r in results if r.scores is not None]
@@ -362,7 +363,7 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
 
     groups = []
     for (dataset, model), rows in sorted(summary.items()):
-        rows.sort(key=lambda r: (-r.bytes_per_step, r.defense, r.step, r.attack, VIEW_ORDER.get(r.view, 9), r.view))
+        rows.sort(key=lambda r: (-r.bytes_per_step, r.defense, r.source, r.step, r.attack, VIEW_ORDER.get(r.view, 9), r.view))
         # the table's floor: each distinct original image once
         seen: dict[tuple[str, int], tuple[float, float]] = {}
         for row in image_rows:

@@ -123,3 +123,25 @@ def test_unit_resources_follow_the_study():
     cpu = {u.kind: u for u in study_mod.plan_units(config, Path("demo"))}
     assert cpu["attack"].gpus == 0 and cpu["train"].cpus == config.train.nproc_per_node
     assert all(u.deps for u in units if u.kind == "attack")
+
+
+def test_a_training_run_study_with_attack_steps_runs_on_ray(tmp_path, ray_local):
+    """[train] attack_steps on Ray: the training unit's step records come back through the object
+    store, the attack units that depend on them run, and the summary equals the local engine's."""
+    import runpy
+
+    STEPS = runpy.run_path(str(Path(__file__).parents[1] / "test_study_train.py"))["STUDY"]
+
+    summaries = []
+    for engine in ("local", "ray"):
+        (tmp_path / "s.toml").write_text(STEPS)
+        out = tmp_path / engine
+        config = prepare(tmp_path / "s.toml", out)
+        st = run_study(config, out, StudyOptions(engine=engine, workers=1))
+        assert st.failures == () and st.trains == (1, 1) and st.attacks == (6, 6)
+        steps = sorted(p.name for p in (out / "train" / "topk_ratio-0.2" / "records").glob("step*[0-9].safetensors"))
+        assert steps == ["step0000000.safetensors", "step0000005.safetensors"]
+        # the one path in the summary (the training run a row came from) names the study folder
+        summaries.append([{**r, "train_run": r["train_run"].replace(str(out), "OUT")} for r in _summary(out)])
+    assert summaries[0] == summaries[1] and len(summaries[0]) == 6
+    assert {r["train_run"] for r in summaries[0]} == {"", "OUT/train/topk_ratio-0.2/metrics.json"}
