@@ -135,6 +135,21 @@ def make_plan(shapes: tuple[torch.Size, ...], rank: int, min_compression_rate: f
     return Plan(tuple(shapes), tuple(groups), tuple(rest), p_off, q_off, rest_numel)
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupResidual:
+    """One shape group's error-feedback residual, stored once: ``(count, n, m)`` for a
+    compressed group, flat for the uncompressed rest. Per-parameter tensors exist only as
+    views made on demand (:meth:`views`) for ``state_dict`` and ``private_state``."""
+
+    keys: tuple[Hashable, ...]
+    shapes: tuple[torch.Size, ...]
+    values: torch.Tensor
+
+    def views(self) -> list[torch.Tensor]:
+        """Each parameter's residual in its own shape: views of :attr:`values`, in key order."""
+        return unflatten(self.values.reshape(-1), self.shapes)
+
+
 # -- orthogonalization ------------------------------------------------------------------------------
 
 
@@ -281,10 +296,9 @@ class PowerSGD(Compressor):
         self._rng = np.random.RandomState(self.seed)
         self._steps: dict[Hashable, int] = {}  # steps seen per key (for start_iter)
         self._q: dict[Hashable, torch.Tensor] = {}  # warm start: last aggregated Q per key (m x r)
-        self._error: dict[Hashable, torch.Tensor] = {}  # error feedback residual per key
-        # the same residuals as stacked per shape group / flat for the rest (these are views of them),
-        # so that they are added in one op
-        self._group_error: dict[tuple[Hashable, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        # error feedback: one residual per shape group (and one for the rest), keyed by the group's
+        # parameter keys, so that step 1 adds it in one op; every key lives in exactly one entry
+        self._residuals: dict[tuple[Hashable, ...], GroupResidual] = {}
         self._public: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -342,12 +356,12 @@ class PowerSGD(Compressor):
             if self.error_feedback:
                 self._add_rest_error(rest_in, plan, keys)
             rest_out, rest_sent = self._send_rest(rest_in, comm, plan, keys)
-            if self.error_feedback and rest_sent is not None:
-                flat_residual = rest_in - rest_sent
-                residual = unflatten(flat_residual, [plan.shapes[i] for i in plan.rest])
-                for i, e in zip(plan.rest, residual):
-                    self._error[keys[i]] = e
-                self._group_error[tuple(keys[i] for i in plan.rest)] = (flat_residual, residual)
+            if self.error_feedback:
+                rest_keys = tuple(keys[i] for i in plan.rest)
+                if rest_sent is not None:
+                    self._store_residual(rest_keys, tuple(plan.shapes[i] for i in plan.rest), rest_in - rest_sent)
+                else:  # sent exactly: whatever residual was added has gone out
+                    self._drop_residuals(rest_keys)
             for i, t in zip(plan.rest, unflatten(rest_out, [plan.shapes[i] for i in plan.rest])):
                 out[i] = t
         if not plan.groups:
@@ -391,12 +405,10 @@ class PowerSGD(Compressor):
                     M.baddbmm_(P_hat, self._q_view(Q_own, g).transpose(1, 2), alpha=-1)
             for k, i in enumerate(g.indices):
                 out[i] = M_hat[k].view(plan.shapes[i])
-                if self.error_feedback:
-                    self._error[keys[i]] = M[k].view(plan.shapes[i])
                 if self.warm_start:
                     self._q[keys[i]] = Q_g[k]
             if self.error_feedback:
-                self._group_error[tuple(keys[i] for i in g.indices)] = (M, [self._error[keys[i]] for i in g.indices])
+                self._store_residual(tuple(keys[i] for i in g.indices), tuple(plan.shapes[i] for i in g.indices), M)
         self._count(keys)
         return out  # type: ignore[return-value]
 
@@ -421,29 +433,51 @@ class PowerSGD(Compressor):
             # nothing writes into M then, so a single tensor can be a view
             return views[0].unsqueeze(0) if g.count == 1 else torch.stack(views)
         M = torch.stack(views)
-        group_keys = tuple(keys[i] for i in g.indices)
-        cached = self._group_error.get(group_keys)
-        if cached is not None and all(self._error.get(k) is v for k, v in zip(group_keys, cached[1])):
-            return M.add_(cached[0])  # last step's residuals, still stacked: one add
+        stored = self._residuals.get(tuple(keys[i] for i in g.indices))
+        if stored is not None and stored.values.shape == M.shape:
+            return M.add_(stored.values)  # last step's residual of this group, still stacked: one add
+        # the keys were grouped differently last step (a restored checkpoint, another key order)
+        residuals = self._residual_views()
         for k, i in enumerate(g.indices):
-            e = self._error.get(keys[i])
+            e = residuals.get(keys[i])
             if e is not None and e.numel() == g.n * g.m:
                 M[k].add_(e.view(g.n, g.m))
         return M
 
     def _add_rest_error(self, rest: torch.Tensor, plan: Plan, keys: Sequence[Hashable]) -> None:
-        errors = [self._error.get(keys[i]) for i in plan.rest]
-        if all(e is None for e in errors):
+        stored = self._residuals.get(tuple(keys[i] for i in plan.rest))
+        if stored is not None and stored.values.shape == rest.shape:
+            rest.add_(stored.values)  # last step's flat residual of the rest: one add
             return
-        cached = self._group_error.get(tuple(keys[i] for i in plan.rest))
-        if cached is not None and all(e is v for e, v in zip(errors, cached[1])):
-            rest.add_(cached[0])  # still the flat residual of last step: one add
+        residuals = self._residual_views()
+        errors = [residuals.get(keys[i]) for i in plan.rest]
+        if all(e is None for e in errors):
             return
         parts = [
             e.reshape(-1) if e is not None and e.shape == plan.shapes[i] else rest.new_zeros(plan.shapes[i].numel())
             for e, i in zip(errors, plan.rest)
         ]
         rest.add_(torch.cat(parts))
+
+    # -- the residual, stored once per group ---------------------------------------------------------
+    def _residual_views(self) -> dict[Hashable, torch.Tensor]:
+        """Every parameter's residual, as a view into its group's tensor (nothing is copied)."""
+        return {k: v for r in self._residuals.values() for k, v in zip(r.keys, r.views())}
+
+    def _drop_residuals(self, keys: Sequence[Hashable]) -> None:
+        """Forget the residuals of ``keys``; other keys of the same entries keep theirs (as views)."""
+        drop = set(keys)
+        for group_keys in [t for t in self._residuals if drop.intersection(t)]:
+            old = self._residuals.pop(group_keys)
+            for key, shape, view in zip(old.keys, old.shapes, old.views()):
+                if key not in drop:
+                    self._residuals[(key,)] = GroupResidual((key,), (shape,), view)
+
+    def _store_residual(self, keys: tuple[Hashable, ...], shapes: tuple[torch.Size, ...], values: torch.Tensor) -> None:
+        """This step's residual of one group; replaces whatever entries held these keys before."""
+        if keys not in self._residuals:
+            self._drop_residuals(keys)
+        self._residuals[keys] = GroupResidual(keys, shapes, values)
 
     def _start_qs(
         self, plan: Plan, keys: Sequence[Hashable], device: torch.device, dtype: torch.dtype
@@ -479,7 +513,7 @@ class PowerSGD(Compressor):
         """``{"residual": e}``: the error feedback step 1 adds to ``M`` (and LQ-SGD to the quantized rest)."""
         if not self.error_feedback:
             return {}
-        return residual_vector(self._error, keys, shapes)
+        return residual_vector(self._residual_views(), keys, shapes)
 
     # -- the receiver's side ----------------------------------------------------------------------------
     def message_values(
@@ -598,7 +632,8 @@ class PowerSGD(Compressor):
             "rng_cached_gaussian": float(cached),
             "steps": dict(self._steps),
             "q": {k: v.detach().clone() for k, v in self._q.items()},
-            "residuals": {k: v.detach().clone() for k, v in self._error.items()},
+            # per-parameter tensors exist only here, in the checkpoint's format
+            "residuals": {k: v.detach().clone() for k, v in self._residual_views().items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -616,5 +651,7 @@ class PowerSGD(Compressor):
         )
         self._steps = dict(state["steps"])
         self._q = {k: v.clone() for k, v in state["q"].items()}
-        self._error = {k: v.clone() for k, v in state["residuals"].items()}
-        self._group_error = {}
+        # one entry per parameter until the next step stores them per shape group again
+        self._residuals = {
+            (k,): GroupResidual((k,), (v.shape,), v.clone()) for k, v in state["residuals"].items()
+        }

@@ -214,3 +214,67 @@ def test_spec_round_trip_and_bad_values():
     for bad in ("powersgd:rank=0", "powersgd:start_iter=-1", "powersgd:min_compression_rate=0"):
         with pytest.raises(SpecError):
             create(bad)
+
+
+def _reachable_tensors(obj, seen=None) -> list[torch.Tensor]:
+    """Every tensor object reachable from ``obj`` through attributes, dataclass fields and containers."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.Generator)):
+        children = list(vars(obj).values())
+    else:
+        return []
+    return [t for c in children for t in _reachable_tensors(c, seen)]
+
+
+@pytest.mark.parametrize("spec", ["powersgd:rank=2,warm_start=false", "lqsgd:rank=2,bits=4,warm_start=false"])
+def test_residual_is_stored_once_per_shape_group(gen, spec):
+    """Issue 15.6: one residual tensor per shape group (and one for a quantized rest), no per-parameter
+    copies or views beside it, also after a key reorder and after a checkpoint round trip; per-parameter
+    tensors appear only in ``state_dict`` (the checkpoint format), and a restored compressor sends the
+    same next message."""
+    keys = [f"p{i}" for i in range(len(SHAPES))]
+    comp = create(spec)
+    plan = comp.plan(SHAPES)
+    quantized_rest = spec.startswith("lqsgd")
+
+    def check(c):
+        # warm_start=false: besides the residuals it holds only the public state (and LQ-SGD integer segment ids)
+        public = c.public_state().values()
+        held = [t for t in _reachable_tensors(c) if t.is_floating_point() and not any(t is v for v in public)]
+        storages = [t.untyped_storage().data_ptr() for t in held]
+        assert len(storages) == len(set(storages)), "two tensor objects hold the same residual"
+        want = sorted([(g.count, g.n, g.m) for g in plan.groups] + ([(plan.rest_numel,)] if quantized_rest else []))
+        assert sorted(tuple(t.shape) for t in held) == want
+
+    for step in range(4):
+        order = list(range(len(SHAPES)))[:: (-1 if step == 2 else 1)]  # step 2: another key order
+        grads = _grads(gen)
+        comp.step([grads[i] for i in order], LocalCommunicator(record=False), keys=[keys[i] for i in order])
+        check(comp)
+    state = comp.state_dict()
+    compressed = {keys[i] for g in plan.groups for i in g.indices}
+    assert set(state["residuals"]) == compressed | ({keys[i] for i in plan.rest} if quantized_rest else set())
+    assert all(state["residuals"][keys[i]].shape == SHAPES[i] for i in range(len(SHAPES)) if keys[i] in state["residuals"])
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    resumed = create(spec)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(resumed.private_state(keys, SHAPES)["residual"], comp.private_state(keys, SHAPES)["residual"])
+    grads = _grads(gen)
+    sent = []
+    for c in (comp, resumed):
+        comm = LocalCommunicator()
+        c.step(grads, comm, keys=keys)
+        sent.append(messages_by_tag(comm.messages))
+        check(c)
+    assert sent[0].keys() == sent[1].keys() and all(torch.equal(sent[0][t], sent[1][t]) for t in sent[0])
