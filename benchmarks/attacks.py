@@ -54,6 +54,7 @@ from gia_bench.defenses import create as create_defense
 from gia_bench.evaluate import run_attack
 from gia_bench.metrics import psnr, ssim
 from gia_bench.models import ModelSpec, build_model
+from gia_bench.receiver import decode_record
 from gia_bench.records import GradientRecord, Truth, truth_path
 from gia_bench.study import DEMO_STUDY, load_study
 
@@ -111,7 +112,7 @@ def hand_ig(record: GradientRecord, iterations: int, restarts: int = 1, seed: in
     meta = record.meta
     model = attack_model(record, device)
     params = list(model.parameters())
-    target = [g.to(device, torch.float32) for g in record.decode()]
+    target = [g.to(device, torch.float32) for g in decode_record(record)]
     target_norm = torch.sqrt(sum(t.pow(2).sum() for t in target))
     labels = torch.tensor([0] * meta.batch_size, device=device)  # labels are not what this loop times
     mean = torch.tensor(meta.dataset.mean, device=device).reshape(1, -1, 1, 1)
@@ -149,7 +150,7 @@ def hand_dlg(record: GradientRecord, iterations: int, generator: torch.Generator
     meta = record.meta
     model = attack_model(record, "cpu")
     params = list(model.parameters())
-    target = [g.to(torch.float32) for g in record.decode()]
+    target = [g.to(torch.float32) for g in decode_record(record)]
     x = torch.randn((1, meta.batch_size, *meta.dataset.shape), generator=generator)[0].requires_grad_(True)
     y = torch.randn((1, meta.batch_size, meta.dataset.num_classes), generator=generator)[0].requires_grad_(True)
     opt = torch.optim.LBFGS([x, y] if joint else [x], lr=1.0)

@@ -42,6 +42,7 @@ from gia_bench.defenses import create as create_defense
 from gia_bench.fedavg import LocalTraining
 from gia_bench.metrics import mean_colour_floor, psnr, ssim
 from gia_bench.models import ModelSpec, build_model
+from gia_bench.receiver import decode_record, record_model
 from gia_bench.records import GradientRecord
 
 
@@ -50,11 +51,11 @@ def reference_inversion(
 ) -> torch.Tensor:
     """Hand-written multi-step inversion: L-BFGS on x so that K unrolled SGD steps give the decoded update."""
     local = record.meta.local_training()  # K = 1, whole batch, for a FedSGD record
-    model = record.build_model()
+    model = record_model(record)
     torch.func.replace_all_batch_norm_modules_(model)
     names = [name for name, _ in model.named_parameters()]
     params = [p.detach() for p in model.parameters()]
-    target = [t.detach() for t in record.decode()]
+    target = [t.detach() for t in decode_record(record)]
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([x], lr=lr, line_search_fn="strong_wolfe" if line_search else None)
 

@@ -37,6 +37,7 @@ from gia_bench.defenses.base import Compressor
 from gia_bench.errors import CheckpointError, CompressorError, DataError, RecordError, SpecError
 from gia_bench.fedavg import LocalTraining, local_update
 from gia_bench.models import MODELS, ModelSpec, build_model
+from gia_bench.receiver import load_record
 from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, truth_path
 from gia_bench.registry import describe_params, parse_spec
 
@@ -353,7 +354,7 @@ def _existing_is_ours(path: Path, expected: RecordMeta, weights: dict[str, torch
     if not path.exists():
         return False
     try:
-        record = GradientRecord.load(path)
+        record = load_record(path)
         Truth.load(truth_path(path))
     except RecordError:
         return False  # broken or half-written: capture it again

@@ -42,11 +42,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gia_bench.attacks.base import VIEWS, Attack, Progress, Reconstruction, create
+from gia_bench.attacks.base import Attack, Progress, Reconstruction, create
 from gia_bench.attacks.views import RESIDUAL
 from gia_bench.errors import GiaBenchError, RecordError
 from gia_bench.io import atomic_write_bytes, atomic_write_text
+from gia_bench.receiver import load_record
 from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
+from gia_bench.threat import VIEWS
 
 #: Version of the result.json format; part of every result's identity.
 RESULT_SCHEMA = 1
@@ -238,7 +240,7 @@ def evaluate(
     attack = create(attack_spec)
     attack.check_view(view)
     dev = resolve_device(device)
-    record = GradientRecord.load(record_path)
+    record = load_record(record_path)
     out_dir = result_dir(out_root, record.record_id, attack, view, record.meta.defense, seed)
     result_path = out_dir / RESULT_FILE
     wanted = identity(record.sha256, attack.spec, view, seed)
@@ -419,7 +421,7 @@ def run_attacks(
         paths: list[Path] = []
         for path, named in find_record_files([Path(r) for r in records]):
             try:
-                GradientRecord.load(path)
+                load_record(path)
             except RecordError as exc:
                 if named:
                     raise

@@ -61,6 +61,7 @@ from gia_bench.fedavg import LocalTraining, step_indices
 from gia_bench.io import atomic_write_json
 from gia_bench.models import MODELS, ModelSpec, build_model
 from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, truth_path
+from gia_bench.receiver import check_record
 
 try:  # Flower is an optional extra: the module imports without it, its entry points say what to install
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -429,7 +430,7 @@ class CaptureStrategy(Strategy):
             **local.meta_fields(examples),
         )
         record = GradientRecord(meta, messages, {k: v.clone() for k, v in w0.items()}, public)
-        record.validate()
+        check_record(record)
         path = self.out / f"{rid}{RECORD_SUFFIX}"
         self.out.mkdir(parents=True, exist_ok=True)
         truth = None if self.truth_fn is None else self.truth_fn(server_round, client)

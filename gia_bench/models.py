@@ -8,55 +8,16 @@ the gradient was computed. Initialisation is seeded and explicit.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
 from gia_bench.errors import SpecError
-from gia_bench.registry import Registry, parse_spec
+from gia_bench.records import ModelSpec  # the model as a record describes it
+from gia_bench.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model", entry_point_group="gia_bench.models", base=nn.Module)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """A model as a record describes it."""
-
-    spec: str  # registry spec, e.g. "lenet" or "convnet:width=32"
-    in_shape: tuple[int, int, int]  # C, H, W
-    num_classes: int
-    mode: str = "train"  # "train" or "eval": BatchNorm behaviour during the gradient
-    #: bits of Few-Bit Backward activations (gia_bench.fewbit); 0: exact backward
-    fewbit_backward: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if not self.fewbit_backward:
-            del data["fewbit_backward"]  # records without few-bit backward keep their original form
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
-        mode = str(data.get("mode", "train"))
-        if mode not in ("train", "eval"):
-            raise ValueError(f"model mode must be 'train' or 'eval', got {mode!r}")
-        fewbit = int(data.get("fewbit_backward", 0))
-        if not 0 <= fewbit <= 8:
-            raise ValueError(f"model fewbit_backward must be 0 (exact) or 1..8 bits, got {fewbit}")
-        return cls(
-            spec=str(data["spec"]),
-            in_shape=tuple(int(v) for v in data["in_shape"]),  # type: ignore[arg-type]
-            num_classes=int(data["num_classes"]),
-            mode=mode,
-            fewbit_backward=fewbit,
-        )
-
-    @property
-    def name(self) -> str:
-        return parse_spec(self.spec).name
 
 
 def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | str | None = "cpu") -> nn.Module:

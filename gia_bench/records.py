@@ -36,14 +36,52 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from gia_bench.data import DatasetSpec
-from gia_bench.errors import GiaBenchError, RecordError
+from gia_bench.errors import RecordError
 from gia_bench.io import atomic_write_bytes
-from gia_bench.models import ModelSpec, build_model
+from gia_bench.registry import parse_spec
 
 SCHEMA_VERSION = 1
 RECORD_SUFFIX = ".safetensors"
 TRUTH_SUFFIX = ".truth.safetensors"
 _META_KEY = "gia_bench"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model as a record describes it (:func:`gia_bench.models.build_model` builds it)."""
+
+    spec: str  # registry spec, e.g. "lenet" or "convnet:width=32"
+    in_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int
+    mode: str = "train"  # "train" or "eval": BatchNorm behaviour during the gradient
+    #: bits of Few-Bit Backward activations (gia_bench.fewbit); 0: exact backward
+    fewbit_backward: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not self.fewbit_backward:
+            del data["fewbit_backward"]  # records without few-bit backward keep their original form
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        mode = str(data.get("mode", "train"))
+        if mode not in ("train", "eval"):
+            raise ValueError(f"model mode must be 'train' or 'eval', got {mode!r}")
+        fewbit = int(data.get("fewbit_backward", 0))
+        if not 0 <= fewbit <= 8:
+            raise ValueError(f"model fewbit_backward must be 0 (exact) or 1..8 bits, got {fewbit}")
+        return cls(
+            spec=str(data["spec"]),
+            in_shape=tuple(int(v) for v in data["in_shape"]),  # type: ignore[arg-type]
+            num_classes=int(data["num_classes"]),
+            mode=mode,
+            fewbit_backward=fewbit,
+        )
+
+    @property
+    def name(self) -> str:
+        return parse_spec(self.spec).name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,7 +426,7 @@ def _is_int(v: Any) -> bool:
 def _int(lo: int, hi: int) -> Check:
     def check(v: Any) -> str | None:
         if not _is_int(v):
-            return f"must be an integer, got {_short(v)}"
+            return f"must be an integer, got {short_value(v)}"
         return None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v}"
 
     return check
@@ -397,7 +435,7 @@ def _int(lo: int, hi: int) -> Check:
 def _number(lo: float, hi: float, positive: bool = False) -> Check:
     def check(v: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"must be a finite number, got {_short(v)}"
+            return f"must be a finite number, got {short_value(v)}"
         if positive and v <= 0:
             return f"must be > 0, got {v}"
         return None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v}"
@@ -408,7 +446,7 @@ def _number(lo: float, hi: float, positive: bool = False) -> Check:
 def _text(limit: int, nonempty: bool = True) -> Check:
     def check(v: Any) -> str | None:
         if not isinstance(v, str):
-            return f"must be a string, got {_short(v)}"
+            return f"must be a string, got {short_value(v)}"
         if nonempty and not v.strip():
             return "must not be empty"
         if len(v) > limit:
@@ -418,14 +456,14 @@ def _text(limit: int, nonempty: bool = True) -> Check:
     return check
 
 
-def _short(v: Any) -> str:
+def short_value(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _shape3(v: Any) -> str | None:
     if not (isinstance(v, list) and len(v) == 3 and all(_is_int(d) for d in v)):
-        return f"must be [C, H, W] integers, got {_short(v)}"
+        return f"must be [C, H, W] integers, got {short_value(v)}"
     c, h, w = v
     if not (1 <= c <= MAX_CHANNELS and 1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
         return f"{v} is outside [1..{MAX_CHANNELS}, 1..{MAX_SIDE}, 1..{MAX_SIDE}]"
@@ -434,12 +472,12 @@ def _shape3(v: Any) -> str | None:
 
 def _keys(v: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> str | None:
     if not isinstance(v, dict):
-        return f"must be an object, got {_short(v)}"
+        return f"must be an object, got {short_value(v)}"
     missing = [k for k in required if k not in v]
     unknown = [k for k in v if k not in required + optional]
     if missing:
         return f"lacks {missing}"
-    return f"has unknown keys {[_short(k) for k in unknown[:3]]}" if unknown else None
+    return f"has unknown keys {[short_value(k) for k in unknown[:3]]}" if unknown else None
 
 
 def _fields(v: Any, checks: tuple[tuple[str, Check], ...]) -> str | None:
@@ -458,7 +496,7 @@ def _model(v: Any) -> str | None:
     if not problem and "fewbit_backward" in v:
         problem = _fields(v, (("fewbit_backward", _int(0, 8)),))  # gia_bench.fewbit: bits of the backward
     if not problem and v.get("mode", "train") not in ("train", "eval"):
-        problem = f"mode must be 'train' or 'eval', got {_short(v['mode'])}"
+        problem = f"mode must be 'train' or 'eval', got {short_value(v['mode'])}"
     return problem
 
 
@@ -472,7 +510,7 @@ def _dataset(v: Any) -> str | None:
     for key in ("mean", "std"):
         values = v[key]
         if not (isinstance(values, list) and len(values) == channels):
-            return f"{key} must list one number per channel ({channels}), got {_short(values)}"
+            return f"{key} must list one number per channel ({channels}), got {short_value(values)}"
         for x in values:
             bad = _number(-1e6, 1e6, positive=key == "std")(x)
             if bad:
@@ -482,7 +520,7 @@ def _dataset(v: Any) -> str | None:
 
 def _messages(v: Any) -> str | None:
     if not isinstance(v, list) or not v:
-        return f"must be a non-empty list, got {_short(v)}"
+        return f"must be a non-empty list, got {short_value(v)}"
     if len(v) > MAX_TENSORS:
         return f"has {len(v)} entries (at most {MAX_TENSORS})"
     tags = set()
@@ -493,9 +531,9 @@ def _messages(v: Any) -> str | None:
             problem = problem and f"tag/dtype {problem}"
         if not problem and not (isinstance(m["shape"], list) and len(m["shape"]) <= 8
                                 and all(_is_int(d) and d >= 0 for d in m["shape"])):
-            problem = f"shape must be a list of sizes, got {_short(m['shape'])}"
+            problem = f"shape must be a list of sizes, got {short_value(m['shape'])}"
         if not problem and m.get("op", "all_reduce") not in MESSAGE_OPS:
-            problem = f"op {_short(m.get('op'))} is not one of {', '.join(MESSAGE_OPS)}"
+            problem = f"op {short_value(m.get('op'))} is not one of {', '.join(MESSAGE_OPS)}"
         for key in ("nbytes", "payload_nbytes"):
             if not problem and key in m:
                 problem = _fields(m, ((key, _int(0, MAX_FILE_BYTES * 64)),))
@@ -511,11 +549,11 @@ def _list_of_names(v: Any) -> str | None:
     if not isinstance(v, list) or len(v) > MAX_TENSORS:
         return f"must be a list of at most {MAX_TENSORS} names"
     check = _text(512)
-    return next((f"entry {_short(n)} {p}" for n in v if (p := check(n))), None)
+    return next((f"entry {short_value(n)} {p}" for n in v if (p := check(n))), None)
 
 
 def _object(v: Any) -> str | None:
-    return None if isinstance(v, dict) else f"must be an object, got {_short(v)}"
+    return None if isinstance(v, dict) else f"must be an object, got {short_value(v)}"
 
 
 META_FIELDS: tuple[MetaField, ...] = (
@@ -529,7 +567,7 @@ META_FIELDS: tuple[MetaField, ...] = (
     MetaField("param_names", _list_of_names),
     MetaField("messages", _messages),
     MetaField("bytes_sent", _int(0, MAX_FILE_BYTES * 64)),
-    MetaField("loss", lambda v: None if v == "cross_entropy" else f"must be 'cross_entropy', got {_short(v)}", False),
+    MetaField("loss", lambda v: None if v == "cross_entropy" else f"must be 'cross_entropy', got {short_value(v)}", False),
     MetaField("step", _int(0, 2**53), False),
     MetaField("seed", _int(-(2**63), 2**64 - 1), False),
     MetaField("extra", _object, False),
@@ -539,16 +577,17 @@ META_FIELDS: tuple[MetaField, ...] = (
     MetaField("local_batch", lambda v: None, False),
 )
 
+#: Tensor dtypes a record may hold (weights, public state, index messages).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 #: Public compressor state a record may carry (``public/<key>``); an undeclared key gets DEFAULT_PUBLIC.
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 PUBLIC_TENSORS: dict[str, TensorRule] = {
-    "Q_init": TensorRule(_FLOATS),  # PowerSGD / LQ-SGD: the Q every compressed tensor started from
-    "P_sum": TensorRule(_FLOATS),  # PowerSGD / LQ-SGD: the summed P a multi-worker receiver orthogonalizes
-    "last": TensorRule(_FLOATS, 1.0),  # LAQ: the receiver's stale copy of the gradient
+    "Q_init": TensorRule(FLOAT_DTYPES),  # PowerSGD / LQ-SGD: the Q every compressed tensor started from
+    "P_sum": TensorRule(FLOAT_DTYPES),  # PowerSGD / LQ-SGD: the summed P a multi-worker receiver orthogonalizes
+    "last": TensorRule(FLOAT_DTYPES, 1.0),  # LAQ: the receiver's stale copy of the gradient
     "bits": TensorRule((torch.int32,), 1.0),  # mixed precision: bits per parameter tensor
 }
-DEFAULT_PUBLIC = TensorRule(_FLOATS + _INTS)
+DEFAULT_PUBLIC = TensorRule(FLOAT_DTYPES + INT_DTYPES)
 
 
 def check_meta_json(path: Path | str, data: dict[str, Any]) -> None:
@@ -557,7 +596,7 @@ def check_meta_json(path: Path | str, data: dict[str, Any]) -> None:
     unknown = [k for k in data if k not in declared]
     if unknown:
         raise RecordError(
-            f"{path}: record metadata has undeclared keys {[_short(k) for k in unknown[:3]]}"
+            f"{path}: record metadata has undeclared keys {[short_value(k) for k in unknown[:3]]}"
             " (a new field is declared in gia_bench.records.META_FIELDS)"
         )
     for field in META_FIELDS:
@@ -630,22 +669,6 @@ class GradientRecord:
     def param_shapes(self) -> list[torch.Size]:
         return [self.weights[n].shape for n in self.meta.param_names]
 
-    def compressor(self):
-        """A fresh compressor with the record's parameters (for decode / simulate)."""
-        from gia_bench.defenses import create
-
-        return create(self.meta.defense)
-
-    def decode(self) -> list[torch.Tensor]:
-        """The gradient the receiver reconstructs from the messages (the naive attacker's target)."""
-        return self.compressor().decode(self.messages, self.param_shapes, self.public)
-
-    def build_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
-        """The model at the recorded step, in the recorded mode (train/eval)."""
-        model = build_model(self.meta.model, seed=None, device="cpu")
-        model.load_state_dict(self.weights, strict=True)
-        return model.to(device)
-
     def save(self, path: Path) -> Path:
         """Write atomically (temporary file, then rename)."""
         tensors = {f"msg/{k}": v for k, v in self.messages.items()}
@@ -657,7 +680,12 @@ class GradientRecord:
 
     @classmethod
     def load(cls, path: Path | str, validate: bool = True) -> GradientRecord:
-        """Read a record strictly; every problem raises :class:`RecordError` naming the file."""
+        """Read a record strictly; every problem raises :class:`RecordError` naming the file.
+
+        ``validate`` checks the file's own consistency (:meth:`check_format`); that it is what
+        its defense and model produce is :func:`gia_bench.receiver.load_record`'s job, which
+        attacks and every command use.
+        """
         path = Path(path)
         if path.name.endswith(TRUTH_SUFFIX):
             raise RecordError(f"{path}: is a truth file, not a gradient record")
@@ -676,31 +704,19 @@ class GradientRecord:
             groups[prefix][name] = t
         record = cls(meta, groups["msg"], groups["weight"], groups["public"], path, sha256)
         if validate:
-            record.validate()
+            record.check_format()
         return record
 
-    def validate(self) -> None:
-        """Check every field against the record's own tensors, model and defense (one :class:`RecordError`).
+    def check_format(self) -> None:
+        """The record's own consistency, without building its model or compressor (one :class:`RecordError`).
 
-        In order, each before anything larger is built: the defense and model resolve to
-        registered or trusted classes; tensors are finite; each message is described
-        (tag, dtype, shape, bytes) and its bytes are its packed size; the weights are the
-        model's, name by name, in shape and dtype; public tensors are declared kinds of a
-        bounded size; the messages have the tags and dtypes the defense sends (for a
-        record of a fresh compressor, ``step`` 0) and pass its index checks
-        (:data:`MESSAGE_CHECKS`); they decode to the parameters' shapes.
+        Tensors are finite; each message is described (tag, dtype, shape, bytes) and its
+        bytes are its packed size; FedAvg metadata is in range; public tensors are declared
+        kinds of a bounded size. That the record is what its defense and model produce
+        (weights, message layout, decode) is checked by :func:`gia_bench.receiver.check_record`.
         """
-        from gia_bench.defenses import DEFENSES
-        from gia_bench.models import MODELS
-        from gia_bench.registry import parse_spec
-
         where = self.path or self.meta.record_id
         meta = self.meta
-        for registry, spec in ((DEFENSES, meta.defense), (MODELS, meta.model.spec)):
-            try:
-                registry.kwargs_for(parse_spec(spec))  # refuses untrusted module:Class without importing it
-            except GiaBenchError as exc:
-                raise RecordError(f"{where}: {exc}") from None
         _check_finite(where, {**self.messages, **self.weights, **self.public})
         described = [m["tag"] for m in meta.messages]
         missing = [t for t in described if t not in self.messages]
@@ -721,54 +737,14 @@ class GradientRecord:
                 raise RecordError(
                     f"{where}: message {info['tag']!r} declares {info['payload_nbytes']} bytes, its tensor has {size}"
                 )
-        try:
-            with torch.device("meta"):
-                model = build_model(meta.model, seed=None, device=None)
-        except GiaBenchError as exc:
-            raise RecordError(f"{where}: model spec {meta.model.spec!r} is invalid ({exc})") from None
-        expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-        for name, (shape, dtype) in expected.items():
-            if name not in self.weights:
-                raise RecordError(f"{where}: weight {name!r} of model {meta.model.spec!r} is missing")
-            got = self.weights[name]
-            if tuple(got.shape) != shape:
-                raise RecordError(
-                    f"{where}: weight {name!r} has shape {tuple(got.shape)}, model {meta.model.spec!r} needs {shape}"
-                )
-            # counters (BatchNorm's num_batches_tracked) may come back as floats from a federated run
-            if got.dtype != dtype and (dtype.is_floating_point or got.dtype not in _FLOATS + _INTS):
-                raise RecordError(f"{where}: weight {name!r} is {got.dtype}, model {meta.model.spec!r} needs {dtype}")
-        unknown = [k for k in self.weights if k not in expected]
-        if unknown:
-            raise RecordError(f"{where}: weights {unknown[:5]} do not belong to model {meta.model.spec!r}")
         self._validate_local(where)
-        names = [n for n, _ in model.named_parameters()]
-        if list(meta.param_names) != names:
-            raise RecordError(f"{where}: param_names do not match model {meta.model.spec!r}'s parameters")
-        n_params = sum(int(self.weights[n].numel()) for n in names)
+        n_params = sum(int(self.weights[n].numel()) for n in meta.param_names if n in self.weights)
         for key, t in self.public.items():
             rule = PUBLIC_TENSORS.get(key, DEFAULT_PUBLIC)
             if t.dtype not in rule.dtypes:
                 raise RecordError(f"{where}: public tensor {key!r} is {t.dtype}; accepted: {rule.dtypes}")
             if t.numel() > rule.per_parameter * n_params + 2**16:
                 raise RecordError(f"{where}: public tensor {key!r} has {t.numel():,} values, too many for the model")
-        try:
-            compressor = self.compressor()
-        except _PLUGIN_ERRORS as exc:
-            raise RecordError(f"{where}: defense {meta.defense!r} cannot be built ({exc})") from None
-        if meta.step == 0 and meta.extra.get("world_size", 1) == 1:
-            self._check_message_layout(where, compressor)
-        check = MESSAGE_CHECKS.get(parse_spec(meta.defense).name)
-        problem = check(self, compressor) if check is not None else None
-        if problem:
-            raise RecordError(f"{where}: {problem}")
-        try:
-            decoded = compressor.decode(self.messages, self.param_shapes, self.public)
-        except _PLUGIN_ERRORS as exc:
-            raise RecordError(f"{where}: messages do not decode with defense {meta.defense!r} ({exc})") from None
-        for name, g, shape in zip(names, decoded, self.param_shapes):
-            if tuple(g.shape) != tuple(shape):
-                raise RecordError(f"{where}: decoded gradient of {name!r} has shape {tuple(g.shape)}, expected {tuple(shape)}")
 
     def _validate_local(self, where: Path | str) -> None:
         """FedAvg metadata: 1 <= local_steps <= MAX_LOCAL_STEPS, 1 <= local_batch <= batch_size, local_lr finite > 0."""
@@ -785,62 +761,6 @@ class GradientRecord:
             raise RecordError(f"{where}: local_batch {meta.local_batch} is outside [1, batch_size {meta.batch_size}]")
         if not (math.isfinite(meta.local_lr) and meta.local_lr > 0):
             raise RecordError(f"{where}: local_lr {meta.local_lr!r} must be finite and > 0")
-
-    def _check_message_layout(self, where: Path | str, compressor: Any) -> None:
-        """The tags and dtypes a fresh compressor of this spec sends for these parameters, against the record's.
-
-        Shapes may depend on the data (entropy-coded lengths), tags and dtypes do not; a
-        record whose defense spec does not match its messages (e.g. ``lqsgd:rank=100000``
-        over plain-gradient messages) is refused here.
-        """
-        from gia_bench.comm import LocalCommunicator
-
-        gen = torch.Generator().manual_seed(0)
-        grads = [torch.randn(s, generator=gen) for s in self.param_shapes]
-        comm = LocalCommunicator(record=True)
-        try:
-            fresh = self.compressor()  # a second instance: the layout run must not touch the decoder's state
-            fresh.step(grads, comm, keys=list(self.meta.param_names))
-        except _PLUGIN_ERRORS as exc:
-            raise RecordError(f"{where}: defense {self.meta.defense!r} cannot run on this model ({exc})") from None
-        want = {m.tag: str(m.dtype).removeprefix("torch.") for m in comm.messages}
-        have = {m["tag"]: m["dtype"] for m in self.meta.messages}
-        if want != have:
-            raise RecordError(
-                f"{where}: messages {_short(sorted(have.items()))} are not what defense {self.meta.defense!r}"
-                f" sends ({_short(sorted(want.items()))})"
-            )
-
-
-#: Errors a (possibly third-party) compressor may raise on messages it cannot take: a record problem.
-_PLUGIN_ERRORS = (GiaBenchError, RuntimeError, ValueError, TypeError, IndexError, KeyError, NotImplementedError)
-
-
-def _check_topk(record: GradientRecord, compressor: Any) -> str | None:
-    """Top-k indices are per-tensor flat positions: each in [0, numel) of its tensor, distinct within it."""
-    indices = record.messages.get("indices")
-    if indices is None:
-        return None
-    if indices.dtype not in _INTS:
-        return f"topk indices are {indices.dtype}, not integers"
-    shapes = record.param_shapes
-    ks = compressor.counts(shapes)
-    if indices.numel() != sum(ks):
-        return f"topk: {indices.numel()} indices, defense {record.meta.defense!r} on this model sends {sum(ks)}"
-    start = 0
-    for name, shape, k in zip(record.meta.param_names, shapes, ks):
-        part = indices.reshape(-1)[start : start + k].to(torch.int64)
-        start += k
-        numel = int(torch.Size(shape).numel())
-        if k and (int(part.min()) < 0 or int(part.max()) >= numel):
-            return f"topk index out of range for {name!r} (values in [{int(part.min())}, {int(part.max())}], size {numel})"
-        if part.unique().numel() != part.numel():
-            return f"topk indices of {name!r} repeat"
-    return None
-
-
-#: Per-defense checks of message contents beyond dtype and shape (index ranges ...): registry name -> check.
-MESSAGE_CHECKS: dict[str, Callable[[GradientRecord, Any], "str | None"]] = {"topk": _check_topk}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,13 +53,13 @@ from pathlib import Path
 from typing import Any
 
 from gia_bench.errors import ConfigError, GiaBenchError
+from gia_bench.threat import VIEWS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-VIEWS = ("naive", "aware", "oracle")
 #: Views a study runs when it names none (``oracle``, an upper bound, only when asked for).
 DEFAULT_VIEWS = ("naive", "aware")
 #: The built-in study that ``gia-bench demo`` runs.

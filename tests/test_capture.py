@@ -23,7 +23,8 @@ from gia_bench.cli import app
 from gia_bench.data import load_dataset
 from gia_bench.errors import CheckpointError, DataError, RecordError, SpecError
 from gia_bench.models import ModelSpec, build_model
-from gia_bench.records import GradientRecord, Truth, find_records, truth_path
+from gia_bench.records import Truth, find_records, truth_path
+from gia_bench.receiver import decode_record, load_record, record_model
 
 SMALL = dict(dataset="digits", model="lenet", batch_size=2, num=3, seed=0)
 
@@ -41,7 +42,7 @@ def test_capture_writes_records_with_the_truth_apart(tmp_path):
     assert find_records(tmp_path) == paths  # truth files are not records
     data = load_dataset("digits")
     for path, indices in zip(paths, batch_indices(len(data), 2, 3, seed=0)):
-        record, truth = GradientRecord.load(path), Truth.load(truth_path(path))
+        record, truth = load_record(path), Truth.load(truth_path(path))
         meta = record.meta
         assert meta.record_id == path.name.removesuffix(".safetensors") == truth.record_id
         assert meta.defense == "none" and meta.batch_size == 2 and meta.seed == 0 and meta.step == 0
@@ -53,7 +54,7 @@ def test_capture_writes_records_with_the_truth_apart(tmp_path):
         # the record's weights are the seeded model's, and a `none` record decodes to the true gradient
         model = build_model(meta.model, seed=0)
         assert all(torch.equal(v, record.weights[k]) for k, v in model.state_dict().items())
-        for got, want in zip(record.decode(), compute_gradient(model, truth.inputs, truth.labels)):
+        for got, want in zip(decode_record(record), compute_gradient(model, truth.inputs, truth.labels)):
             assert torch.equal(got, want)
         assert meta.bytes_sent == 4 * sum(p.numel() for p in model.parameters())
 
@@ -96,7 +97,7 @@ def no_temp_files(folder: Path) -> bool:
 def test_every_record_starts_from_the_same_model(tmp_path):
     # BatchNorm in train mode updates running statistics on every forward: a capture must not drift
     paths = capture("faces", "convnet:width=4", "none", batch_size=2, num=2, seed=3, out=tmp_path)
-    r0, r1 = (GradientRecord.load(p) for p in paths)
+    r0, r1 = (load_record(p) for p in paths)
     assert r0.meta.model.spec == "convnet:width=4" and r0.meta.model.mode == "train"
     assert all(torch.equal(r0.weights[k], r1.weights[k]) for k in r0.weights)
     fresh = build_model(r0.meta.model, seed=3).state_dict()
@@ -107,11 +108,11 @@ def test_every_record_starts_from_the_same_model(tmp_path):
 def test_eval_mode_gradient_matches_the_recorded_model(tmp_path):
     (path,) = capture("photos", "convnet:width=4", "none", batch_size=3, num=1, seed=0, out=tmp_path,
                       model_mode="eval")
-    record, truth = GradientRecord.load(path), Truth.load(truth_path(path))
+    record, truth = load_record(path), Truth.load(truth_path(path))
     assert record.meta.model.mode == "eval"
-    model = record.build_model()
+    model = record_model(record)
     assert not model.training
-    for got, want in zip(record.decode(), compute_gradient(model, truth.inputs, truth.labels)):
+    for got, want in zip(decode_record(record), compute_gradient(model, truth.inputs, truth.labels)):
         assert torch.equal(got, want)
 
 
@@ -176,7 +177,7 @@ def test_cuda_capture_is_fp32_exact_and_reproducible(tmp_path):
     cpu = capture(out=tmp_path / "c", device="cpu", **kw)
     for a, b, c in zip(gpu, again, cpu):
         assert a.read_bytes() == b.read_bytes()
-        ga, gc = GradientRecord.load(a).messages["grads"], GradientRecord.load(c).messages["grads"]
+        ga, gc = load_record(a).messages["grads"], load_record(c).messages["grads"]
         assert float((ga - gc).norm() / gc.norm()) < 1e-4
 
 
@@ -204,7 +205,7 @@ def test_checkpoint_formats_load_into_the_record(tmp_path, fmt):
         src = capture(defense="none", out=tmp_path / "src", **{**SMALL, "num": 1, "seed": 9})[0]
         ckpt = src
     (path,) = capture(defense="none", out=tmp_path / "out", checkpoint=ckpt, **{**SMALL, "num": 1})
-    record = GradientRecord.load(path)
+    record = load_record(path)
     assert all(torch.equal(record.weights[k], v) for k, v in state.items())
     assert record.meta.extra["checkpoint_sha256"] == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
 
@@ -255,7 +256,7 @@ def test_checkpoint_dtypes_and_special_files_are_refused(tmp_path):
     half = tmp_path / "half.pt"  # lower-precision weights are weights: accepted
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in _trained_like().items()}, half)
     (path,) = capture(defense="none", out=tmp_path / "half-out", checkpoint=half, **{**SMALL, "num": 1})
-    assert GradientRecord.load(path).weights["fc.weight"].dtype == torch.float32
+    assert load_record(path).weights["fc.weight"].dtype == torch.float32
 
 
 class _Evil:
@@ -287,12 +288,12 @@ def test_capture_with_compressing_defenses(tmp_path, defense):
     capture(defense=defense, out=tmp_path / "b", **SMALL)
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
     for path in a:
-        record = GradientRecord.load(path)
+        record = load_record(path)
         fp32 = 4 * sum(record.weights[n].numel() for n in record.meta.param_names)
         assert 0 < record.meta.bytes_sent < fp32 / 4  # rank 1 / 1%: far fewer bytes than plain SGD
         assert record.meta.defense.startswith(name + ":")
         assert sum(m["nbytes"] for m in record.meta.messages) == record.meta.bytes_sent
-        decoded = record.decode()
+        decoded = decode_record(record)
         assert [tuple(g.shape) for g in decoded] == [tuple(s) for s in record.param_shapes]
 
 

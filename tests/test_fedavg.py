@@ -20,6 +20,7 @@ from gia_bench.errors import RecordError, SpecError
 from gia_bench.fedavg import LocalTraining, local_update, step_indices
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.records import GradientRecord, Truth, truth_path
+from gia_bench.receiver import decode_record, load_record, record_model
 
 SMALL = {"dataset": "digits", "model": "lenet", "batch_size": 4, "num": 2, "seed": 0}
 
@@ -116,28 +117,28 @@ def test_k1_defaults_keep_todays_fedsgd_bytes(tmp_path):
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads(fh.metadata()["gia_bench"])
     assert not {"local_steps", "local_lr", "local_batch"} & set(meta)
-    assert GradientRecord.load(path).meta.is_fedsgd
+    assert load_record(path).meta.is_fedsgd
 
 
 def _simulated(record: GradientRecord, truth: Truth) -> list[torch.Tensor]:
     """The attacker's simulation at the true data: the record's model, its public (K, lr, b)."""
     meta = record.meta
     return local_update(
-        record.build_model(), truth.inputs, truth.labels, meta.local_steps, meta.local_lr, meta.local_batch
+        record_model(record), truth.inputs, truth.labels, meta.local_steps, meta.local_lr, meta.local_batch
     )
 
 
 def test_k2_fedavg_record_round_trips_and_simulates_to_the_recorded_update(tmp_path):
     paths = capture(defense="none", out=tmp_path, local_steps=2, local_lr=0.5, local_batch=3, **SMALL)
     for path in paths:
-        record, truth = GradientRecord.load(path), Truth.load(truth_path(path))
+        record, truth = load_record(path), Truth.load(truth_path(path))
         meta = record.meta
         assert (meta.local_steps, meta.local_lr, meta.local_batch) == (2, 0.5, 3) and not meta.is_fedsgd
-        assert record.meta == GradientRecord.load(record.save(tmp_path / "copy.safetensors")).meta
-        decoded, simulated = record.decode(), _simulated(record, truth)
+        assert record.meta == load_record(record.save(tmp_path / "copy.safetensors")).meta
+        decoded, simulated = decode_record(record), _simulated(record, truth)
         assert all(torch.equal(a, b) for a, b in zip(decoded, simulated))
         # and it is the update, not the gradient of the first mini-batch
-        first = compute_gradient(record.build_model(), truth.inputs[:3], truth.labels[:3])
+        first = compute_gradient(record_model(record), truth.inputs[:3], truth.labels[:3])
         assert not torch.allclose(decoded[-1], first[-1])
     # resumable: the same FedAvg capture again keeps the files; another K in the same folder is refused
     before = _hashes(tmp_path)
@@ -150,12 +151,12 @@ def test_k2_fedavg_record_round_trips_and_simulates_to_the_recorded_update(tmp_p
 @pytest.mark.parametrize("defense", ["topk:ratio=0.05", "lqsgd:rank=1"])
 def test_compressed_fedavg_record_decodes_to_the_compressed_update(tmp_path, defense):
     (path,) = capture(defense=defense, out=tmp_path, local_steps=3, local_lr=0.2, **{**SMALL, "num": 1})
-    record, truth = GradientRecord.load(path), Truth.load(truth_path(path))
+    record, truth = load_record(path), Truth.load(truth_path(path))
     u = _simulated(record, truth)
     comm = LocalCommunicator(record=True)
     create_defense(defense).step(u, comm, keys=list(record.meta.param_names))
     fresh = create_defense(defense).decode(messages_by_tag(comm.messages), record.param_shapes, record.public)
-    for a, b in zip(record.decode(), fresh):
+    for a, b in zip(decode_record(record), fresh):
         assert torch.equal(a, b)
 
 
@@ -192,7 +193,7 @@ def test_bad_fedavg_metadata_is_refused(tmp_path, changes, fragment):
     (path,) = capture(defense="none", out=tmp_path, local_steps=2, local_lr=0.5, **{**SMALL, "num": 1})
     _rewrite_meta(path, **changes)
     with pytest.raises(RecordError) as exc:
-        GradientRecord.load(path)
+        load_record(path)
     assert str(path) in str(exc.value) and fragment in str(exc.value), str(exc.value)
 
 
@@ -207,7 +208,7 @@ def test_cli_capture_fedavg(tmp_path, capsys):
     code = _cli(["capture", "--batch-size", "4", "--num", "1", "--out", str(out),
                  "--local-steps", "2", "--local-lr", "0.25", "--local-batch", "2"])
     assert code == 0, capsys.readouterr()
-    record = GradientRecord.load(out / "digits-lenet-0000.safetensors")
+    record = load_record(out / "digits-lenet-0000.safetensors")
     assert (record.meta.local_steps, record.meta.local_lr, record.meta.local_batch) == (2, 0.25, 2)
     capsys.readouterr()
     for args, fragment in [

@@ -36,7 +36,8 @@ from gia_bench.federated import (  # noqa: E402
     train_locally,
 )
 from gia_bench.models import build_model  # noqa: E402
-from gia_bench.records import GradientRecord, Truth, truth_path  # noqa: E402
+from gia_bench.records import Truth, truth_path  # noqa: E402
+from gia_bench.receiver import decode_record, load_record, record_model
 
 
 class InProcessGrid(Grid):
@@ -124,7 +125,7 @@ def test_two_clients_two_rounds(tmp_path, in_process, defense):
     for row in metrics["rounds"]:
         assert row["clients_sampled"] == 2 and [c["client"] for c in row["clients"]] == [0, 1]
         for c in row["clients"]:
-            record = GradientRecord.load(c["record"])  # validates: shapes, names, decode, FedAvg fields
+            record = load_record(c["record"])  # validates: shapes, names, decode, FedAvg fields
             truth = Truth.load(truth_path(Path(c["record"])))
             meta = record.meta
             assert (meta.local_steps, meta.local_lr, meta.local_batch, meta.batch_size) == (3, 0.1, 4, 8)
@@ -139,9 +140,9 @@ def test_two_clients_two_rounds(tmp_path, in_process, defense):
                 for k, v in model0.state_dict().items():
                     assert torch.equal(record.weights[k], v)
             # the update of the record format (gia_bench.fedavg), from the record's weights ...
-            u = local_update(record.build_model(), x, y, steps=3, lr=0.1, local_batch=4)
+            u = local_update(record_model(record), x, y, steps=3, lr=0.1, local_batch=4)
             # ... is what the client's own loop (which also trains BatchNorm statistics) computed
-            u_live, _ = train_locally(record.build_model(), x, y, cfg.local)
+            u_live, _ = train_locally(record_model(record), x, y, cfg.local)
             for a, b in zip(u, u_live):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
             # what the defense sends for that update, with the state the client kept from round 1
@@ -153,7 +154,7 @@ def test_two_clients_two_rounds(tmp_path, in_process, defense):
             kept[c["client"]] = federated._save_state(compressor.state_dict())
             assert c["bytes"] == comm.bytes_sent  # bytes per client: exactly the defense's messages
             expected = compressor.decode({m.tag: m.tensor for m in comm.messages}, shapes, compressor.public_state())
-            for got, want in zip(record.decode(), expected):
+            for got, want in zip(decode_record(record), expected):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for context in in_process.grids[0].contexts.values():
         assert STATE_KEY in context.state.config_records  # the compressor state stays on the client
@@ -195,7 +196,7 @@ def test_cli_on_flowers_simulation_engine(tmp_path):
     assert [c["client"] for c in metrics["rounds"][1]["clients"]] == [0, 1]
     assert all(c["record"] is None for c in metrics["rounds"][0]["clients"])
     for c in metrics["rounds"][1]["clients"]:
-        record = GradientRecord.load(c["record"])
+        record = load_record(c["record"])
         assert record.meta.bytes_sent == c["bytes"] and record.meta.local_steps == 2
         assert Truth.load(truth_path(Path(c["record"]))).inputs.shape[0] == 8
     print(f"flower simulation: {seconds:.1f} s wall, {metrics['totals']['simulation_seconds']:.1f} s in run_simulation")
@@ -266,7 +267,7 @@ def test_mod_and_wrapper_in_a_users_app(tmp_path, monkeypatch):
         records = sorted((tmp_path / defense).glob("*.safetensors"))
         assert [r.name for r in records] == ["r002-c000.safetensors", "r002-c001.safetensors"]
         for path, upd in zip(records, wrapped.updates[2:]):
-            record = GradientRecord.load(path)
+            record = load_record(path)
             assert record.meta.bytes_sent == upd.bytes and upd.buffer_bytes == 0
             assert (record.meta.local_steps, record.meta.local_lr, record.meta.local_batch) == (2, 0.5, 3)
         if defense == "none":

@@ -12,6 +12,7 @@ from torch import nn
 from gia_bench import fewbit
 from gia_bench.errors import SpecError
 from gia_bench.models import ModelSpec, build_model
+from gia_bench.receiver import load_record, record_model
 
 
 def _brute_force(f: np.ndarray, w: np.ndarray, pieces: int) -> float:
@@ -113,10 +114,9 @@ def test_bad_bits_and_models_without_activations_are_refused():
 
 def test_capture_records_say_few_bit_and_the_attacker_rebuilds_it(tmp_path):
     from gia_bench.capture import capture
-    from gia_bench.records import GradientRecord
 
     paths = capture("digits", "lenet", "none", 1, 1, 0, tmp_path, fewbit_backward=2)
-    record = GradientRecord.load(paths[0])
+    record = load_record(paths[0])
     assert record.meta.model.fewbit_backward == 2
-    model = record.build_model()
+    model = record_model(record)
     assert any(isinstance(m, fewbit.FewBitActivation) and m.bits == 2 for m in model.modules())

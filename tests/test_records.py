@@ -14,7 +14,8 @@ from gia_bench.data import DatasetSpec
 from gia_bench.defenses import create
 from gia_bench.errors import RecordError
 from gia_bench.models import ModelSpec, build_model
-from gia_bench.records import GradientRecord, Truth, truth_path
+from gia_bench.records import Truth, truth_path
+from gia_bench.receiver import decode_record, load_record
 
 
 def _capture(defense="none"):
@@ -31,7 +32,7 @@ def test_record_round_trip(tmp_path):
     model, x, y, (record, truth) = _capture()
     path = record.save(tmp_path / "toy-0.safetensors")
     truth.save(truth_path(path))
-    back = GradientRecord.load(path)
+    back = load_record(path)
     assert back.meta == record.meta
     for group in ("messages", "weights", "public"):
         a, b = getattr(record, group), getattr(back, group)
@@ -42,9 +43,9 @@ def test_record_round_trip(tmp_path):
 
 def test_none_record_decodes_to_true_gradient(tmp_path):
     model, x, y, (record, _) = _capture()
-    back = GradientRecord.load(record.save(tmp_path / "r.safetensors"))
+    back = load_record(record.save(tmp_path / "r.safetensors"))
     true = compute_gradient(model, x, y)
-    for a, b in zip(back.decode(), true):
+    for a, b in zip(decode_record(back), true):
         assert torch.equal(a, b)
 
 
@@ -58,7 +59,7 @@ def test_pickle_is_refused_without_running(tmp_path):
     path = tmp_path / "evil.safetensors"
     torch.save({"x": Evil()}, path)
     with pytest.raises(RecordError, match="evil.safetensors"):
-        GradientRecord.load(path)
+        load_record(path)
     assert not marker.exists()
 
 
@@ -87,7 +88,7 @@ def _rewrite(path, edit_tensors=None, edit_meta=None):
 
 def _refused(path, *fragments):
     with pytest.raises(RecordError) as exc:
-        GradientRecord.load(path)
+        load_record(path)
     msg = str(exc.value)
     assert str(path) in msg, msg
     for fragment in fragments:
@@ -215,7 +216,7 @@ def test_load_never_touches_the_truth(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "_read_header", guard_header)
     monkeypatch.setattr(Path, "open", guard_open)
     monkeypatch.setattr(Truth, "load", classmethod(no_truth))
-    record = GradientRecord.load(path)
+    record = load_record(path)
     monkeypatch.undo()
     assert path in opened
     # nothing in what load returns equals the truth: no tensor holds the inputs or the labels
@@ -228,18 +229,18 @@ def test_load_never_touches_the_truth(tmp_path, monkeypatch):
     assert "inputs" not in meta_text and "labels" not in meta_text
     # with the truth gone (or replaced by garbage) the record loads the same
     t.write_bytes(b"garbage")
-    again = GradientRecord.load(path)
+    again = load_record(path)
     assert again.meta == record.meta
     t.unlink()
-    assert GradientRecord.load(path).meta == record.meta
+    assert load_record(path).meta == record.meta
 
 
 def test_fp16_record_round_trip_and_decode(tmp_path):
     model, x, y, (record, _) = _capture("fp16")
-    back = GradientRecord.load(record.save(tmp_path / "h.safetensors"))
+    back = load_record(record.save(tmp_path / "h.safetensors"))
     assert back.meta.bytes_sent == sum(p.numel() for p in model.parameters()) * 2
     assert back.messages["grads"].dtype == torch.float16
-    for a, b in zip(back.decode(), compute_gradient(model, x, y)):
+    for a, b in zip(decode_record(back), compute_gradient(model, x, y)):
         # fp16 has an 11-bit significand: relative error <= 2^-11 (values far above fp16's subnormals)
         big = b.abs() > 1e-4
         assert torch.all((a[big] - b[big]).abs() <= b[big].abs() * 2**-11)
@@ -280,3 +281,25 @@ def test_cli_attack_on_a_shell_command_record_exits_2_with_one_line(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "subprocess:Popen" in lines[0] and str(path.name) in lines[0], proc.stderr
         assert not marker.exists()
+
+
+def test_the_record_format_imports_no_registry():
+    """Issue 15.9: records.py is a file format; building the model or the compressor from a record
+    (gia_bench.receiver) is its users' job, so it imports no model, defense or attack registry,
+    not even inside a function."""
+    import ast
+
+    import gia_bench.records as records
+
+    forbidden = ("gia_bench.models", "gia_bench.defenses", "gia_bench.attacks", "gia_bench.receiver")
+    source = Path(records.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported |= {node.module or ""} | {f"{node.module}.{a.name}" for a in node.names}
+    assert imported, "the walk found no import at all"
+    bad = sorted(n for n in imported if any(n == m or n.startswith(m + ".") for m in forbidden))
+    assert not bad, f"records.py imports {bad}"
+    assert not any(hasattr(records.GradientRecord, name) for name in ("compressor", "decode", "build_model"))

@@ -28,7 +28,7 @@ from gia_bench.data import DatasetSpec
 from gia_bench.defenses import create
 from gia_bench.errors import GiaBenchError, RecordError
 from gia_bench.models import ModelSpec, build_model
-from gia_bench.records import GradientRecord
+from gia_bench.receiver import load_record
 
 _DEFENSES = ("none", "topk:ratio=0.1", "lqsgd:rank=1")
 
@@ -88,7 +88,7 @@ def _load_error(tmp_path: Path, data: bytes, name: str = "r.safetensors") -> str
     path.write_bytes(data)
     start = time.perf_counter()
     with pytest.raises(RecordError) as info:
-        GradientRecord.load(path)
+        load_record(path)
     assert time.perf_counter() - start < 10
     msg = str(info.value)
     assert str(path) in msg and "\n" not in msg, msg
@@ -99,7 +99,7 @@ def test_the_small_records_are_valid(tmp_path):
     for defense, data in _ORIGINALS.items():
         path = tmp_path / "ok.safetensors"
         path.write_bytes(data)
-        assert GradientRecord.load(path).meta.defense.split(":")[0] == defense.split(":")[0]
+        assert load_record(path).meta.defense.split(":")[0] == defense.split(":")[0]
 
 
 def test_fifo_is_refused_without_blocking(tmp_path):
@@ -107,7 +107,7 @@ def test_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(fifo)
     start = time.perf_counter()
     with pytest.raises(RecordError, match="FIFO"):
-        GradientRecord.load(fifo)
+        load_record(fifo)
     assert time.perf_counter() - start < 10
     # the real command: exit 2, one line, no traceback, no hang
     script = Path(sys.executable).with_name("gia-bench")
@@ -152,7 +152,7 @@ def test_bad_metadata_is_one_line(tmp_path, edit, words):
 def test_fedavg_metadata_is_accepted_and_optional(tmp_path):
     path = tmp_path / "f.safetensors"
     path.write_bytes(_with_meta(_ORIGINALS["none"], lambda m: m.update(local_steps=3, local_lr=0.05, local_batch=1)))
-    GradientRecord.load(path)  # the messages are a plain gradient's layout either way
+    load_record(path)  # the messages are a plain gradient's layout either way
 
 
 def test_deeply_nested_header_json_is_refused(tmp_path):
@@ -263,7 +263,7 @@ def test_fuzzed_records_give_record_errors_only(tmp_path, data):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     try:
-        GradientRecord.load(path)
+        load_record(path)
     except RecordError as exc:
         assert "\n" not in str(exc) and str(path) in str(exc), str(exc)
     except GiaBenchError as exc:  # pragma: no cover - only RecordError is expected from load

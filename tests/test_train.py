@@ -21,8 +21,9 @@ from gia_bench.comm import LocalCommunicator
 from gia_bench.defenses import create
 from gia_bench.errors import ConfigError
 from gia_bench.models import ModelSpec, build_model
-from gia_bench.records import GradientRecord, find_records
+from gia_bench.records import find_records
 from gia_bench.train import FAIL_ENV, TrainConfig, TrainError, launch, load_checkpoint
+from gia_bench.receiver import load_record
 
 DATASET = "digits:size=8,channels=1"
 MODEL = "mlp:hidden=32"
@@ -62,8 +63,8 @@ def test_metrics_bytes_capture_kill_and_resume(tmp_path, monkeypatch):
     assert sum(e["bytes_sent_per_worker"] for e in a["epochs"]) == expected
     assert a["totals"]["steps"] == 2 * STEPS and a["totals"]["bytes_per_step"] == expected / (2 * STEPS)
     records = find_records(tmp_path / "a" / "records")
-    assert [GradientRecord.load(p).meta.step for p in records] == [0, 3, 6]
-    rec = GradientRecord.load(records[-1])
+    assert [load_record(p).meta.step for p in records] == [0, 3, 6]
+    rec = load_record(records[-1])
     assert rec.meta.defense == a["defense"] and set(rec.messages) == {"P", "Q", "rest"}
     # the one-worker record's first message (P) is what rank 0 put on the wire in that step
     wire = {m["tag"]: m for m in rec.meta.extra["wire_messages"]}

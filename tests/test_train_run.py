@@ -17,7 +17,7 @@ import torch
 from gia_bench.attacks.views import build_view
 from gia_bench.capture import compute_gradient
 from gia_bench.errors import ConfigError
-from gia_bench.records import GradientRecord, Truth, truth_path
+from gia_bench.records import Truth, truth_path
 from gia_bench.train import (
     TrainConfig,
     default_lr,
@@ -27,6 +27,7 @@ from gia_bench.train import (
     parse_capture_steps,
 )
 from gia_bench.train.records import record_path
+from gia_bench.receiver import decode_record, load_record, record_model
 
 DATASET = "digits:size=8,channels=1"
 MODEL = "mlp:hidden=32"
@@ -78,11 +79,11 @@ def test_two_worker_records_decode_to_the_applied_aggregate(tmp_path, defense):
     assert metrics["lr"]["peak"] == pytest.approx(0.1 * 32 / 256)
     assert sorted(metrics["records"], key=int) == ["0", "5", "6", "7"]
     assert all(e["test_examples"] == 359 for e in metrics["epochs"])
-    recs = {(s, r): GradientRecord.load(record_path(out / "records", s, r)) for s in (5, 6) for r in (0, 1)}
+    recs = {(s, r): load_record(record_path(out / "records", s, r)) for s in (5, 6) for r in (0, 1)}
     r5 = recs[5, 0]
     assert r5.meta.step == 5 and r5.meta.extra["source"] == "train" and r5.meta.extra["world_size"] == 2
     assert "P_sum" in r5.public and "Q_init" in r5.public
-    shares = [recs[5, r].decode() for r in (0, 1)]
+    shares = [decode_record(recs[5, r]) for r in (0, 1)]
     lr = r5.meta.extra["lr"]
     for name, a, b in zip(r5.meta.param_names, *shares):
         applied = (r5.weights[name] - recs[6, 0].weights[name]) / lr
@@ -91,7 +92,7 @@ def test_two_worker_records_decode_to_the_applied_aggregate(tmp_path, defense):
     # mid-training: the oracle simulation is exact at the true batch, the aware one is not
     truth = Truth.load(truth_path(r5.path))
     assert float(truth.private["residual"].abs().sum()) > 0
-    grads = [g.unsqueeze(0) for g in compute_gradient(r5.build_model(), truth.inputs, truth.labels)]
+    grads = [g.unsqueeze(0) for g in compute_gradient(record_model(r5), truth.inputs, truth.labels)]
 
     def distance(view) -> float:
         cand = view.transform(grads)

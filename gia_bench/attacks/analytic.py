@@ -11,6 +11,7 @@ from gia_bench.attacks import labels as label_parts
 from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Reconstruction, register
 from gia_bench.attacks.matching import attack_model
 from gia_bench.errors import SpecError
+from gia_bench.receiver import decode_record
 from gia_bench.records import GradientRecord
 
 COMBINES = ("lstsq", "best")
@@ -76,7 +77,7 @@ class Analytic(Attack):
         model = attack_model(record, device)
         layer = first_linear(model, math.prod(shape))
         names = list(meta.param_names)
-        grads = [g.to(device, torch.float64) for g in record.decode()]
+        grads = [g.to(device, torch.float64) for g in decode_record(record)]
         dW, db = grads[names.index(f"{layer}.weight")], grads[names.index(f"{layer}.bias")]
         good = db.abs() > self.eps * db.abs().max()
         if not bool(good.any()):

@@ -29,6 +29,7 @@ import torch
 from gia_bench.errors import GiaBenchError
 from gia_bench.records import GradientRecord
 from gia_bench.registry import Registry, canonical_spec, describe_params
+from gia_bench.threat import VIEWS
 
 ATTACKS: Registry[Attack] = Registry("attack", entry_point_group="gia_bench.attacks", base=lambda: Attack)
 register = ATTACKS.register
@@ -36,9 +37,6 @@ register = ATTACKS.register
 #: ``progress(iteration, total, loss)``: called while an attack runs (loss may be NaN before the first step).
 Progress = Callable[[int, int, float], None]
 
-#: ``oracle`` is ``aware`` plus the worker's private error-feedback residual, which the
-#: evaluation side attaches from the truth file (``GradientRecord.with_private``): an upper bound.
-VIEWS = ("naive", "aware", "oracle")
 
 
 class AttackError(GiaBenchError):

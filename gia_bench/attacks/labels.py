@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from gia_bench.attacks.base import AttackError
+from gia_bench.receiver import decode_record
 from gia_bench.registry import Registry
 
 LABELS: Registry[LabelStrategy] = Registry(
@@ -359,7 +360,7 @@ def infer_labels(
     meta = record.meta
     name, part = resolve(strategy, meta.batch_size)
     # a FedAvg update is the sum of K local gradients: the strategies expect one gradient
-    source = record.decode() if grads is None or len(grads) == 0 else grads
+    source = decode_record(record) if grads is None or len(grads) == 0 else grads
     grads = [g.to(device, torch.float32) / meta.local_steps for g in source]
     head = find_head(model, meta.param_names, meta.dataset.num_classes)
     ctx = LabelContext(grads, head, meta.batch_size, meta.dataset.num_classes, model, meta.dataset.shape, generator)

@@ -69,6 +69,7 @@ from gia_bench.attacks.priors import PRIORS
 from gia_bench.attacks.views import ThreatView, build_view, naive_view
 from gia_bench.errors import SpecError
 from gia_bench.fedavg import CandidateUpdates
+from gia_bench.receiver import record_model
 from gia_bench.records import GradientRecord
 
 INITS = ("randn", "rand")
@@ -138,7 +139,7 @@ def attack_model(record: GradientRecord, device: torch.device | str) -> nn.Modul
     """
     if record.meta.loss != "cross_entropy":
         raise AttackError(f"record {record.record_id}: loss {record.meta.loss!r} is not supported (cross_entropy only)")
-    model = record.build_model(device)
+    model = record_model(record, device)
     if record.meta.model.mode == "train":
         torch.func.replace_all_batch_norm_modules_(model)
     return model

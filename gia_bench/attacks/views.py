@@ -31,9 +31,11 @@ from collections.abc import Callable
 
 import torch
 
-from gia_bench.attacks.base import VIEWS, AttackError
+from gia_bench.attacks.base import AttackError
 from gia_bench.defenses.base import Compressor
 from gia_bench.records import GradientRecord
+from gia_bench.receiver import decode_record, record_compressor
+from gia_bench.threat import VIEWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,7 @@ def _flat_rows(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def naive_view(record: GradientRecord, device: torch.device | str = "cpu") -> ThreatView:
     """Match the dummy's gradient to the decoded gradient."""
-    decoded = [g.to(device, torch.float32) for g in record.decode()]
+    decoded = [g.to(device, torch.float32) for g in decode_record(record)]
     target = torch.cat([g.reshape(-1) for g in decoded])
     public_keys = tuple(sorted(record.public))
     return ThreatView(
@@ -91,7 +93,7 @@ def naive_view(record: GradientRecord, device: torch.device | str = "cpu") -> Th
 def aware_view(record: GradientRecord, device: torch.device | str = "cpu", view: str = "aware") -> ThreatView:
     """Match ``simulate(grad(dummy))`` to the observed messages' values (``view="oracle"``: with the
     private residual the evaluation side attached to the record)."""
-    compressor: Compressor = record.compressor()
+    compressor: Compressor = record_compressor(record)
     if not compressor.supports_simulate:
         raise AttackError(
             f"--view {view}: defense {record.meta.defense!r} has no compressor-aware view"
@@ -119,7 +121,7 @@ def aware_view(record: GradientRecord, device: torch.device | str = "cpu", view:
             rows.append([out[k].reshape(-1) for k in keys])
         return [torch.stack(col) for col in zip(*rows)]
 
-    decoded = [g.to(device, torch.float32) for g in record.decode()]
+    decoded = [g.to(device, torch.float32) for g in decode_record(record)]
     naive_target = torch.cat([g.reshape(-1) for g in decoded])
     threat = ThreatView(
         view, keys, targets, transform, "messages", True, tuple(sorted(record.public)), tuple(decoded),
@@ -147,7 +149,7 @@ def _is_identity(view: ThreatView, naive_target: torch.Tensor, record: GradientR
         return torch.equal(view.rows(grads)[0], probe)
 
 
-#: ``name -> build(record, device)``; every name must also be in ``base.VIEWS``.
+#: ``name -> build(record, device)``; every name must also be in ``gia_bench.threat.VIEWS``.
 VIEW_BUILDERS: dict[str, Callable[[GradientRecord, torch.device | str], ThreatView]] = {
     "naive": naive_view,
     "aware": aware_view,

@@ -36,13 +36,13 @@ from typing import Any
 import torch
 
 from gia_bench.metrics import BatchScores, ImageScores
+from gia_bench.threat import VIEWS
 
 RESULT_NAME = "result.json"
 TRAIN_NAME = "metrics.json"
 TENSORS_NAME = "reconstruction.safetensors"
 SCHEMA = 1
 SCHEMAS = (1, 2)  # result schemas this reporter reads (2 adds record_sha256, step, source, budget)
-VIEWS = ("naive", "aware", "oracle")
 SOURCES = ("capture", "train", "federated")
 
 

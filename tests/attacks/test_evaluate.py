@@ -16,6 +16,7 @@ from gia_bench.evaluate import AttackOptions, AttackResult, ResultConflictError,
 from gia_bench.cli import app
 from gia_bench.errors import GiaBenchError
 from gia_bench.records import truth_path
+from gia_bench.receiver import load_record
 
 from conftest import make_record, pick
 
@@ -163,7 +164,6 @@ def _cli(*args):
 
 def test_two_defenses_into_one_out_give_two_results(tmp_path):
     from gia_bench.capture import capture
-    from gia_bench.records import GradientRecord
 
     a = capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "A")[0]
     b = capture("digits", "lenet", "topk:ratio=0.05", 1, 1, 0, tmp_path / "B")[0]
@@ -176,7 +176,7 @@ def test_two_defenses_into_one_out_give_two_results(tmp_path):
     results = sorted(out.rglob("result.json"))
     assert len(results) == 2
     by_defense = {json.loads(p.read_text())["defense"].split(":")[0]: json.loads(p.read_text()) for p in results}
-    rb = GradientRecord.load(b)
+    rb = load_record(b)
     assert by_defense["topk"]["bytes"] == rb.meta.bytes_sent < by_defense["none"]["bytes"]
     assert by_defense["topk"]["record_sha256"] == hashlib.sha256(b.read_bytes()).hexdigest()
     assert by_defense["none"]["record_sha256"] == hashlib.sha256(a.read_bytes()).hexdigest()

@@ -15,6 +15,7 @@ from gia_bench.defenses import create as create_defense
 from gia_bench.fedavg import CandidateUpdates, LocalTraining
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.records import truth_path
+from gia_bench.receiver import decode_record
 
 from conftest import dataset
 
@@ -39,7 +40,7 @@ def test_fedavg_objective_is_zero_at_the_truth_and_the_gradient_objective_is_not
     model = attack_model(record, "cpu")
     fn = candidate_function(model, record)
     assert isinstance(fn, CandidateUpdates)
-    scale = float(sum(g.pow(2).sum() for g in record.decode()))
+    scale = float(sum(g.pow(2).sum() for g in decode_record(record)))
     assert _distance(record, "naive", fn, truth.inputs, truth.labels) <= 1e-10 * scale
     single = CandidateGradients(model, record.meta.param_names)
     assert _distance(record, "naive", single, truth.inputs, truth.labels) > 1e-3 * scale

@@ -3,6 +3,7 @@ import torch
 from gia_bench.attacks import create
 from gia_bench.attacks.matching import CandidateGradients, attack_model
 from gia_bench.metrics import psnr, ssim
+from gia_bench.receiver import decode_record
 
 from conftest import make_record
 
@@ -48,7 +49,7 @@ def test_batched_restart_gradients_equal_one_by_one():
     assert CandidateGradients(model, record.meta.param_names).route == "loop"
     # at the true batch they are the recorded gradient
     at_truth = grads_of(truth.inputs.unsqueeze(0).expand(2, -1, -1, -1, -1), truth.labels.expand(2, -1))
-    for a, b in zip(at_truth, record.decode()):
+    for a, b in zip(at_truth, decode_record(record)):
         torch.testing.assert_close(a[1], b, rtol=1e-3, atol=1e-5)
 
 

@@ -12,6 +12,7 @@ from gia_bench.capture import batch_indices, capture_batch
 from gia_bench.defenses import create as create_defense
 from gia_bench.fedavg import LocalTraining
 from gia_bench.models import ModelSpec, build_model
+from gia_bench.receiver import decode_record
 
 from conftest import dataset
 
@@ -49,7 +50,7 @@ def test_ilrg_min_signal_is_what_fixes_the_vanishing_bias_gradient():
 
     meta = record.meta
     ctx = LabelContext(
-        [g.float() for g in record.decode()], find_head(ctx_model, meta.param_names, 10), 16, 10, ctx_model,
+        [g.float() for g in decode_record(record)], find_head(ctx_model, meta.param_names, 10), 16, 10, ctx_model,
         meta.dataset.shape, torch.Generator().manual_seed(0),
     )
     original = LABELS.create("ilrg", min_signal=0.0).infer(ctx)

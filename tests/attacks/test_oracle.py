@@ -16,6 +16,7 @@ from gia_bench.comm import LocalCommunicator
 from gia_bench.data import load_dataset
 from gia_bench.defenses import create
 from gia_bench.models import ModelSpec, build_model
+from gia_bench.receiver import load_record, record_model
 
 EF_COMPRESSORS = ["topk:ratio=0.1", "signsgd", "powersgd:rank=1", "lqsgd:rank=1,bits=8"]
 
@@ -35,7 +36,7 @@ def _mid_training_record(defense: str, warm_steps: int = 3):
 
 
 def _relative_distance(view, record, truth) -> float:
-    model = record.build_model()
+    model = record_model(record)
     grads = compute_gradient(model, truth.inputs, truth.labels)
     cand = view.transform([g.unsqueeze(0) for g in grads])
     num = sum(float((c[0] - t).pow(2).sum()) for c, t in zip(cand, view.targets))
@@ -67,11 +68,11 @@ def test_fresh_compressor_has_no_private_state():
 
 
 def test_truth_file_keeps_private_state(tmp_path):
-    from gia_bench.records import GradientRecord, Truth, truth_path
+    from gia_bench.records import Truth, truth_path
 
     record, truth = _mid_training_record("signsgd")
     path = record.save(tmp_path / "r.safetensors")
     truth.save(truth_path(path))
     loaded = Truth.load(truth_path(path))
     assert torch.equal(loaded.private["residual"], truth.private["residual"])
-    assert not any(k.startswith("private") for k in GradientRecord.load(path).public)
+    assert not any(k.startswith("private") for k in load_record(path).public)

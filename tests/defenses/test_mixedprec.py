@@ -7,6 +7,7 @@ from gia_bench.comm import LocalCommunicator, messages_by_tag
 from gia_bench.defenses import create
 from gia_bench.defenses.codecs import log_max_relative_error
 from gia_bench.errors import CompressorError, SpecError
+from gia_bench.receiver import decode_record, load_record
 
 NAMES = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc.weight", "fc.bias"]
 SHAPES = [(8, 3, 3, 3), (8,), (8, 8, 3, 3), (8,), (10, 72), (10,)]
@@ -149,7 +150,6 @@ def test_record_with_name_rules_round_trips(tmp_path):
     from gia_bench.capture import capture_batch, compute_gradient
     from gia_bench.data import DatasetSpec
     from gia_bench.models import ModelSpec, build_model
-    from gia_bench.records import GradientRecord
 
     ds = DatasetSpec("toy", (3, 32, 32), 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     ms = ModelSpec("lenet", ds.shape, ds.num_classes)
@@ -157,10 +157,10 @@ def test_record_with_name_rules_round_trips(tmp_path):
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     comp = create("mixedprec:bits_per_layer=body.0.*@2/fc.*@32/*@6,stochastic=false")
     record, _ = capture_batch(model, ms, ds, x, torch.tensor([3, 7]), comp, "mp-0")
-    back = GradientRecord.load(record.save(tmp_path / "mp-0.safetensors"))
+    back = load_record(record.save(tmp_path / "mp-0.safetensors"))
     assert back.public["bits"].tolist() == [2, 2, 6, 6, 6, 6, 32, 32]
     grads = compute_gradient(model, x, torch.tensor([3, 7]))
-    for g, d, b in zip(grads, back.decode(), back.public["bits"].tolist()):
+    for g, d, b in zip(grads, decode_record(back), back.public["bits"].tolist()):
         if b == 32:
             assert torch.equal(d, g)  # fp32 layers are sent as they are
         else:
