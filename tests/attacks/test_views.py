@@ -4,9 +4,9 @@ import torch
 from gia_bench.attacks import create
 from gia_bench.attacks.base import AttackError
 from gia_bench.attacks.matching import CandidateGradients, attack_model
+from gia_bench.attacks import views as views_module
 from gia_bench.attacks.views import build_view
 from gia_bench.defenses.none import NoCompression
-from gia_bench.records import GradientRecord
 
 from conftest import make_record
 
@@ -38,7 +38,8 @@ def test_aware_view_needs_simulate(monkeypatch):
         supports_simulate = False
 
     record, _ = make_record("lenet", "photos", (5,))
-    monkeypatch.setattr(GradientRecord, "compressor", lambda self: Opaque())
+    # the view builds the record's compressor through gia_bench.receiver: hand it one without simulate
+    monkeypatch.setattr(views_module, "record_compressor", lambda record: Opaque())
     with pytest.raises(AttackError, match=r"--view aware: defense 'none' has no compressor-aware view"):
         create("ig:iterations=1").run(record, "aware", torch.Generator())
 
