@@ -50,6 +50,22 @@ def test_lasso_solution_is_found_with_its_zeros(cls):
     assert torch.equal(w.detach() == 0, expected == 0)
 
 
+def test_rda_weights_each_gradient_by_its_own_learning_rate():
+    """A decaying lr must not pull dual averaging back to its centre (the trainer's cosine decay)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5))
+    start = w.detach().clone()
+    opt = QRDAAdagrad([w], lr=0.1, l1=0.0, delta=1e-10)
+    grads = [torch.randn(5) for _ in range(3)]
+    for eta, g in zip((0.1, 0.05, 1e-9), grads):
+        opt.param_groups[0]["lr"] = eta
+        w.grad = g
+        opt.step()
+    h = torch.sqrt(sum(g * g for g in grads)) + 1e-10
+    torch.testing.assert_close(w.detach(), start - (0.1 * grads[0] + 0.05 * grads[1]) / h, rtol=1e-5, atol=1e-6)
+    assert (w.detach() - start).abs().min() > 1e-3  # not back at the centre
+
+
 def test_state_round_trips_and_bad_options_are_refused():
     w = torch.nn.Parameter(torch.randn(4))
     opt = QRDAAdagrad([w], lr=0.1, l1=0.1)
@@ -57,7 +73,7 @@ def test_state_round_trips_and_bad_options_are_refused():
     opt.step()
     again = QRDAAdagrad([w], lr=0.1, l1=0.1)
     again.load_state_dict(opt.state_dict())
-    assert torch.equal(again.state[w]["sum_g"], opt.state[w]["sum_g"])
+    assert torch.equal(again.state[w]["sum_eta_g"], opt.state[w]["sum_eta_g"])
     with pytest.raises(ConfigError, match="--l1"):
         make_optimizer("sgd", [w], lr=0.1, l1=0.1)
     with pytest.raises(ConfigError, match="--optimizer"):
