@@ -73,23 +73,37 @@ def _registries() -> dict[str, Any]:
     return tables
 
 
+def _training_options() -> dict[str, Any]:
+    """Trainer options that are not registries: (name, parameters, description) rows per kind."""
+    from gia_bench import fewbit, optim
+
+    return {"optimizers": optim.listing, "backward": fewbit.listing}
+
+
 @app.command("list")
 def list_cmd(
-    kind: str = typer.Argument(None, help="defenses, attacks, datasets or models (default: all)"),
+    kind: str = typer.Argument(
+        None, help="defenses, attacks, datasets, models, optimizers or backward (default: all)"
+    ),
 ) -> None:
     """List what is registered, with each entry's parameters, defaults and description."""
     from gia_bench.registry import describe_params, summary
 
     tables = _registries()
-    if kind is not None and kind not in tables:
-        raise GiaBenchError(f"unknown kind {kind!r}; accepted: {', '.join(sorted(tables))}")
-    for name in [kind] if kind else sorted(tables):
-        registry = tables[name]
+    options = _training_options()
+    if kind is not None and kind not in tables and kind not in options:
+        raise GiaBenchError(f"unknown kind {kind!r}; accepted: {', '.join(sorted([*tables, *options]))}")
+    for name in [kind] if kind else [*sorted(tables), *options]:
         table = Table(title=name, title_justify="left", show_lines=False)
         table.add_column("name", style="bold cyan", no_wrap=True)
         table.add_column("parameters (default)")
         table.add_column("description")
-        for entry, cls in registry.items():
+        if name in options:
+            for row in options[name]():
+                table.add_row(*row)
+            console.print(table)
+            continue
+        for entry, cls in tables[name].items():
             params = [
                 p for p in describe_params(cls) if p.name not in ("in_shape", "num_classes")
             ]

@@ -207,6 +207,16 @@ _REPLACE: dict[type[nn.Module], str] = {
 }
 
 
+def listing() -> list[tuple[str, str, str]]:
+    """``gia-bench list backward``: (name, parameters with defaults and flags, description)."""
+    return [(
+        "fewbit",
+        f"bits: int = 0 (--fewbit-backward on capture and train; study key fewbit_backward; 0 exact, 1..{MAX_BITS})",
+        f"Few-Bit Backward (Novikov et al., ICML 2023): {', '.join(FUNCTIONS)} keep a b-bit code per element"
+        " and back-propagate the optimal piecewise-constant derivative",
+    )]
+
+
 def replace_activations(model: nn.Module, bits: int) -> int:
     """Swap every supported activation module of ``model`` for its few-bit version, in place.
 

@@ -116,6 +116,17 @@ def make_optimizer(
     raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
+def listing() -> list[tuple[str, str, str]]:
+    """``gia-bench list optimizers``: (name, parameters with defaults and flags, description) per optimizer."""
+    adagrad = "lr: float (--lr)\nl1: float = 0.0 (--l1, the L1 weight lambda)\ndelta: float = 1e-08"
+    return [
+        ("sgd", "lr: float (--lr)\nmomentum: float = 0.9 (--momentum)\nweight_decay: float = 0.0001 (--weight-decay)",
+         "SGD with momentum and weight decay (torch.optim.SGD), the trainer's default"),
+        (QCMDAdagrad.name, adagrad, QCMDAdagrad.__doc__.splitlines()[0].rstrip(".") + "; Xu et al., TPAMI 2022"),
+        (QRDAAdagrad.name, adagrad, QRDAAdagrad.__doc__.splitlines()[0].rstrip(".") + "; Xu et al., TPAMI 2022"),
+    ]
+
+
 def sparsity(model: torch.nn.Module) -> float:
     """Fraction of the model's parameters that are exactly zero."""
     total = zeros = 0

@@ -13,6 +13,7 @@ accuracy column::
     defenses = ["none", "topk:ratio=0.01", "lqsgd:rank=1"]
     attacks = ["dlg:iterations=50", "ig:iterations=300"]
     views = ["naive", "aware"]
+    fewbit_backward = 4        # optional: captures with Few-Bit Backward activations (0: exact)
 
     [train]                    # optional: accuracy, bytes and leakage along real DDP training
     dataset = "digits"
@@ -21,6 +22,12 @@ accuracy column::
     batch_size = 8             # per worker; also the batch the attacks at attack_steps face
     nproc_per_node = 2         # lr: omitted -> 0.1 x global batch / 256 (the trainer's rule)
     attack_steps = [0, 50, "end"]   # optimizer steps whose rank-0 messages the attacks target
+    fewbit_backward = 4        # optional: train with Few-Bit Backward activations (0: exact)
+
+``fewbit_backward`` (bits 1..8, 0 or omitted: exact backward; :mod:`gia_bench.fewbit`) is
+``--fewbit-backward`` of ``capture`` (top level) and ``train`` (in ``[train]``): the
+models' pointwise nonlinearities keep a b-bit code and back-propagate the optimal
+piecewise-constant derivative, and every record says so in its model description.
 
 The file is checked completely before anything runs: an unknown key, a value of
 the wrong type or a spec that does not resolve raises :class:`ConfigError` naming
@@ -92,6 +99,7 @@ class TrainPlan:
     attack_steps: tuple[int | str, ...] = ()
     attacks: tuple[str, ...] | None = None  # attacks on the training records; None: the study's
     attack_defenses: tuple[str, ...] | None = None  # runs whose records are attacked; None: all
+    fewbit_backward: int = 0  # bits of Few-Bit Backward activations in training (0: exact)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +116,7 @@ class StudyConfig:
     images: int = 4
     seeds: tuple[int, ...] = (0,)
     model_mode: str = "train"
+    fewbit_backward: int = 0  # bits of Few-Bit Backward activations in the captures (0: exact)
     train: TrainPlan | None = None
 
 
@@ -122,6 +131,7 @@ _TOP_KEYS: dict[str, str] = {
     "images": "positive integer",
     "seeds": "list of integers",
     "model_mode": "'train' or 'eval'",
+    "fewbit_backward": "integer 0 (exact backward) or 1..8 bits",
     "train": "table",
 }
 _REQUIRED = ("datasets", "models", "defenses", "attacks")
@@ -157,6 +167,13 @@ def _int_list(where: Path | str, key: str, value: Any, positive: bool) -> tuple[
     return tuple(value)
 
 
+def _fewbit(where: Path | str, key: str, value: Any) -> int:
+    """Bits of Few-Bit Backward (gia_bench.fewbit): 0 (exact) or 1..8, as ``--fewbit-backward``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 8:
+        raise _fail(where, key, f"expected an integer 0 (exact backward) or 1..8 bits, got {value!r}")
+    return value
+
+
 def _check_specs(where: Path | str, key: str, specs: tuple[str, ...], registry: Any, instantiate: bool) -> None:
     for spec in specs:
         try:
@@ -181,6 +198,8 @@ def _parse_train(where: Path | str, raw: Any) -> TrainPlan:
             kwargs[key] = _str_list(where, f"train.{key}", value)
         elif key == "attack_steps":
             kwargs[key] = _attack_steps(where, value)
+        elif key == "fewbit_backward":
+            kwargs[key] = _fewbit(where, "train.fewbit_backward", value)
         elif key == "lr":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise _fail(where, "train.lr", f"expected a number > 0 (omit it for 0.1 x global batch / 256), got {value!r}")
@@ -242,6 +261,7 @@ def parse_study(raw: Mapping[str, Any], where: Path | str = "<study>") -> StudyC
     model_mode = raw.get("model_mode", "train")
     if model_mode not in ("train", "eval"):
         raise _fail(where, "model_mode", f"expected 'train' or 'eval', got {model_mode!r}")
+    fewbit_backward = _fewbit(where, "fewbit_backward", raw.get("fewbit_backward", 0))
     _check_specs(where, "datasets", datasets, DATASETS, instantiate=False)
     _check_specs(where, "models", models, MODELS, instantiate=False)
     _check_specs(where, "defenses", defenses, DEFENSES, instantiate=True)
@@ -275,6 +295,7 @@ def parse_study(raw: Mapping[str, Any], where: Path | str = "<study>") -> StudyC
         images=images,
         seeds=seeds,
         model_mode=model_mode,
+        fewbit_backward=fewbit_backward,
         train=train,
     )
 
@@ -308,6 +329,7 @@ class CaptureJob:
     images: int
     model_mode: str
     out: Path
+    fewbit_backward: int = 0
 
     @property
     def group(self) -> str:
@@ -366,7 +388,10 @@ def capture_jobs(config: StudyConfig, out: Path) -> list[CaptureJob]:
             for batch_size in config.batch_sizes:
                 for seed in config.seeds:
                     for defense in config.defenses:
-                        job = CaptureJob(dataset, model, batch_size, seed, defense, config.images, config.model_mode, Path())
+                        job = CaptureJob(
+                            dataset, model, batch_size, seed, defense, config.images, config.model_mode, Path(),
+                            config.fewbit_backward,
+                        )
                         jobs.append(dataclasses.replace(job, out=out / "records" / job.group / slug(defense)))
     return jobs
 
@@ -423,6 +448,7 @@ def train_config(job: TrainJob, device: str = "cpu") -> Any:
         seed=plan.seed,
         nproc_per_node=plan.nproc_per_node,
         capture_steps=tuple(plan.attack_steps) if _attacked(job) else (),
+        fewbit_backward=plan.fewbit_backward,
         backend="gloo" if cpu else "auto",
         device="cpu" if cpu else "auto",
         resume=(job.out / CHECKPOINT_FILE).exists(),
@@ -534,13 +560,13 @@ def _rel(path: Path, out: Path) -> str:
 
 
 def _capture_unit(ctx: Any, dataset: str, model: str, defense: str, batch_size: int, images: int, seed: int,
-                  model_mode: str, out: str) -> None:
+                  model_mode: str, out: str, fewbit_backward: int = 0) -> None:
     from gia_bench.capture import capture
     from gia_bench.registry import trusted
 
     with trusted(ctx.plugins):  # a worker (or a Ray task) applies the user's --plugin set itself
         capture(dataset, model, defense, batch_size, images, seed, ctx.outputs / out, model_mode=model_mode,
-                device=ctx.device)
+                device=ctx.device, fewbit_backward=fewbit_backward)
 
 
 def _attack_unit(ctx: Any, record: str, attack: str, view: str, out_root: str, seed: int) -> None:
@@ -592,7 +618,8 @@ def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOpti
             key=f"capture:{_rel(job.out, out)}",
             fn="gia_bench.study:_capture_unit",
             args=dict(dataset=job.dataset, model=job.model, defense=job.defense, batch_size=job.batch_size,
-                      images=job.images, seed=job.seed, model_mode=job.model_mode, out=_rel(job.out, out)),
+                      images=job.images, seed=job.seed, model_mode=job.model_mode, out=_rel(job.out, out),
+                      fewbit_backward=job.fewbit_backward),
             outputs=tuple(_rel(p, out) for p in records[job]),
             label=(("defense", job.defense), ("data", job.group), ("images", str(job.images))),
             gpus=1 if cuda else 0,

@@ -99,3 +99,25 @@ def test_trainer_with_tq_and_qrda_adagrad_reports_sparsity(tmp_path):
     assert state and all("sum_sq" in s and "center" in s for s in state.values())
     with pytest.raises(ConfigError, match="--l1"):
         TrainConfig(out=tmp_path / "x", l1=0.1).validate()
+
+
+def test_gia_bench_list_has_rows_for_the_optimizers_tq_and_few_bit_backward():
+    """Issue 16: QCMD/QRDA adagrad (with tq) and Few-Bit Backward get rows in ``gia-bench list``."""
+    from typer.testing import CliRunner
+
+    from gia_bench import fewbit, optim
+    from gia_bench.cli import app
+
+    assert [row[0] for row in optim.listing()] == list(optim.OPTIMIZERS)
+    assert [row[0] for row in fewbit.listing()] == ["fewbit"]
+    runner = CliRunner()
+    shown = {}
+    for kind in ("optimizers", "backward", "defenses"):
+        res = runner.invoke(app, ["list", kind], env={"COLUMNS": "240"})
+        assert res.exit_code == 0, res.output
+        shown[kind] = res.output
+    assert all(name in shown["optimizers"] for name in ("sgd", "qcmd-adagrad", "qrda-adagrad", "--l1"))
+    assert "fewbit" in shown["backward"] and "--fewbit-backward" in shown["backward"]
+    assert "│ tq" in shown["defenses"] and "threshold" in shown["defenses"]
+    everything = runner.invoke(app, ["list"], env={"COLUMNS": "240"}).output
+    assert "qrda-adagrad" in everything and "fewbit" in everything

@@ -113,3 +113,49 @@ def test_demo_study_is_valid_and_covers_the_issue():
     assert {a.split(":")[0] for a in config.attacks} == {"dlg", "ig"}
     assert set(config.views) == {"naive", "aware"} and set(config.datasets) == {"digits", "faces"}
     assert config.train is not None
+
+
+def test_fewbit_backward_key_reaches_captures_and_training(tmp_path):
+    """Issue 16: ``fewbit_backward`` applies to the study's captures (top level) and to its
+    training runs (``[train]``); every record's model description says so."""
+    from gia_bench.records import read_meta
+
+    text = TINY.replace('defenses = ["none", "topk:ratio=0.05"]', 'defenses = ["none"]').replace(
+        'views = ["naive", "aware"]', 'views = ["naive"]'
+    ).replace("dlg:iterations=2", "dlg:iterations=1")
+    out = tmp_path / "out"
+    config = prepare(_write(tmp_path, text + "fewbit_backward = 4\n\n[train]\nfewbit_backward = 3\n"), out)
+    assert config.fewbit_backward == 4 and config.train.fewbit_backward == 3
+    train = study_mod.train_jobs(config, out)
+    assert [study_mod.train_config(job).fewbit_backward for job in train] == [3]
+    assert load_study(_write(tmp_path, text)).fewbit_backward == 0  # omitted: exact backward
+    captures = [u for u in study_mod.plan_units(config, out) if u.kind == "capture"]
+    assert [u.args["fewbit_backward"] for u in captures] == [4]
+    # run the captures and their attack (not the training: the test_train suites cover the trainer's flag)
+    no_train = study_mod.dataclasses.replace(config, train=None)
+    st = run_study(no_train, out, StudyOptions(workers=1, report=False))
+    assert st.captures == (1, 1) and st.attacks == (1, 1) and st.failures == ()
+    records = [p for p in sorted(out.glob("records/*/*/*.safetensors")) if not p.name.endswith(".truth.safetensors")]
+    assert len(records) == 1
+    assert read_meta(records[0]).model.fewbit_backward == 4
+
+
+@pytest.mark.parametrize("value", ["9", "-1", "true", '"4"', "2.5"])
+@pytest.mark.parametrize("table", ["", "[train]\n"])
+def test_bad_fewbit_backward_exits_2_with_one_line(tmp_path, value, table):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, TINY + f"\n{table}fewbit_backward = {value}\n")
+    with pytest.raises(ConfigError, match="fewbit_backward.*0 \\(exact backward\\) or 1..8 bits"):
+        load_study(path)
+    if value != "9" or table:
+        return  # one subprocess is enough for the CLI's side (the same ConfigError path for both tables)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gia_bench", "study", "run", str(path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'fewbit_backward'" in lines[0] and "got 9" in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "records").exists()
