@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -284,6 +285,7 @@ def section_dlg(images: str, limit: int | None, iterations: int, specs: list[str
             rec = create(spec).run(record, "naive", torch.Generator().manual_seed(0))
             row[spec] = scores(record, rec.inputs, truth)[0]
         per_image.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)  # a long run keeps what it measured
     summary = {}
     for key in ["original_dlg", *specs]:
         values = [r[key] if r[key] is not None else 0.0 for r in per_image]
