@@ -83,5 +83,57 @@ def test_round_counts_is_largest_remainder():
 
 
 def test_every_attack_takes_the_new_strategies():
-    for spec in ("dlg:labels=ilrg", "ig:labels=llg", "analytic:labels=ilrg"):
-        assert create_attack(spec).labels in ("ilrg", "llg")
+    for spec in ("dlg:labels=ilrg", "ig:labels=llg", "analytic:labels=ilrg", "ig:labels=mean-embedding"):
+        assert create_attack(spec).labels in ("ilrg", "llg", "mean-embedding")
+
+
+@pytest.mark.parametrize("index", [2, 6])
+def test_mean_embedding_counts_a_batch_of_32_where_dummy_and_ilrg_estimates_fail(index):
+    # untrained BatchNorm ConvNet, 10 classes, batch 32: the summed posteriors S from N(0, 1)
+    # dummies (bias-corrected) and iLRG's per-class embeddings both miscount these batches;
+    # the mean embedding regressed from the gradient itself gets the whole multiset
+    record, truth = _batch_record("convnet:width=16", 32, index)
+    model = attack_model(record, "cpu")
+    true = sorted(truth.labels.tolist())
+    for old in ("bias-corrected", "ilrg"):
+        assert sorted(infer_labels(record, model, old, torch.Generator().manual_seed(0))[1].tolist()) != true, old
+    assert sorted(infer_labels(record, model, "mean-embedding", torch.Generator().manual_seed(0))[1].tolist()) == true
+
+
+def test_mean_embedding_regresses_the_batch_mean_embedding_from_the_gradient():
+    # B dW_c = B db_c mu - k_c D_c + ...: the regression's mean embedding is nearer the batch's
+    # true one than the dummies' mean, and its counts are nearer the truth than the dummies'
+    from gia_bench.attacks.labels import LabelContext, MeanEmbedding, _head_inputs, find_head
+
+    record, truth = _batch_record("convnet:width=16", 32, 2)
+    model = attack_model(record, "cpu")
+    meta = record.meta
+    head = find_head(model, meta.param_names, 10)
+    ctx = LabelContext(
+        [g.float() for g in record.decode()], head, 32, 10, model, meta.dataset.shape, torch.Generator().manual_seed(0)
+    )
+    h_true, _ = _head_inputs(ctx, truth.inputs)
+    h_dummy, p_dummy = _head_inputs(ctx, torch.randn((32, *meta.dataset.shape), generator=torch.Generator().manual_seed(1)))
+    dw, db = ctx.weight_grad.double(), ctx.bias_grad.double()
+    mu_true = h_true.double().mean(0)
+    mu_gradient = (db @ dw) / (db @ db)  # step 1's first pass
+    assert (mu_gradient - mu_true).norm() < 0.5 * (h_dummy.double().mean(0) - mu_true).norm()
+    true = torch.bincount(truth.labels, minlength=10).double()
+    counts = MeanEmbedding().counts(ctx)
+    dummy_counts = 32 * (p_dummy.double().mean(0) - db)
+    assert (counts - true).abs().max() < 0.5 < (dummy_counts - true).abs().max()
+
+
+def test_mean_embedding_refuses_a_head_without_bias_and_bad_parameters():
+    from torch import nn
+
+    from gia_bench.attacks.base import AttackError
+    from gia_bench.attacks.labels import Head, LabelContext, MeanEmbedding
+
+    head = Head(nn.Linear(4, 3, bias=False), 0, None)
+    ctx = LabelContext([torch.zeros(3, 4)], head, 2, 3, nn.Linear(4, 3, bias=False), (1, 2, 2), torch.Generator())
+    with pytest.raises(AttackError, match="bias"):
+        MeanEmbedding().infer(ctx)
+    for bad in ({"repeats": 0}, {"iterations": 0}, {"floor": 0.0}):
+        with pytest.raises(AttackError, match="mean-embedding"):
+            MeanEmbedding(**bad)
