@@ -110,7 +110,7 @@ def test_mean_embedding_regresses_the_batch_mean_embedding_from_the_gradient():
     meta = record.meta
     head = find_head(model, meta.param_names, 10)
     ctx = LabelContext(
-        [g.float() for g in record.decode()], head, 32, 10, model, meta.dataset.shape, torch.Generator().manual_seed(0)
+        [g.float() for g in decode_record(record)], head, 32, 10, model, meta.dataset.shape, torch.Generator().manual_seed(0)
     )
     h_true, _ = _head_inputs(ctx, truth.inputs)
     h_dummy, p_dummy = _head_inputs(ctx, torch.randn((32, *meta.dataset.shape), generator=torch.Generator().manual_seed(1)))
