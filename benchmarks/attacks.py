@@ -328,6 +328,7 @@ def section_aware(attacks: list[str], defenses: list[str], images: int) -> list[
                 both.append(got)
             if not both:
                 continue
+            print(json.dumps({"attack": attack, "defense": defense, "per_image": both}), file=sys.stderr, flush=True)
             rows.append({
                 "attack": attack, "defense": defense, "images": len(both),
                 "naive_psnr_mean": statistics.mean(g["naive"][0] for g in both),
@@ -369,6 +370,7 @@ def main() -> None:
     parser.add_argument("--images", choices=sorted(IMAGES), default="heldout", help="dlg: image set")
     parser.add_argument("--dlg-spec", action="append", default=None, help="dlg: attack spec to score (repeatable)")
     parser.add_argument("--aware-attack", action="append", default=None, help="aware: attack spec (repeatable)")
+    parser.add_argument("--aware-images", type=int, default=None, help="aware: digits per defense (default: the demo's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -391,7 +393,7 @@ def main() -> None:
     if "aware" in sections:
         attacks = args.aware_attack or (list(DEMO.attacks) if full else ["dlg:iterations=10,line_search=true"])
         defenses = list(DEMO.defenses) if full else ["topk:ratio=0.1", "powersgd:rank=4"]
-        out["aware"] = section_aware(attacks, defenses, DEMO.images if full else 1)
+        out["aware"] = section_aware(attacks, defenses, args.aware_images or (DEMO.images if full else 1))
     if "e2e" in sections:
         out["e2e"] = section_e2e(list(DEMO.attacks) if full else ["dlg:iterations=5"])
     print(json.dumps(out, indent=2))

@@ -284,18 +284,29 @@ def detail_table(rows: Sequence[SummaryRow]) -> Table:
 
 
 def accuracy_at(data: ReportData, row: SummaryRow) -> Cell:
-    """The training run's latest test accuracy at or before the row's step (evaluations are per epoch)."""
+    """The training run's test accuracy for the weights the row's record was computed on.
+
+    A record at step s holds the gradient of the weights after s updates; an evaluation
+    row's ``step`` counts the updates done before it. So the latest evaluation with
+    ``step <= s`` is the accuracy of weights at most that old; an evaluation right after
+    step s's own update (``step == s + 1``: the last step of an epoch, e.g. a record at
+    "end") is closer unless one is at step s itself, and is used then, saying so.
+    """
     run = next((t for t in data.runs.trains if row.train_run and str(t.path) == row.train_run), None)
     if run is None or not run.history:
         return Cell("–", num=True)
     before = [e for e in run.history if e.step <= row.step]
-    if not before:
+    after = [e for e in run.history if e.step == row.step + 1]
+    if after and (not before or row.step - before[-1].step > 1):
+        e, where = after[0], f"after its update: step {after[0].step}"
+    elif before:
+        e, where = before[-1], f"at step {before[-1].step}"
+    else:
         return Cell("–", "no evaluation yet", num=True)
-    e = before[-1]
     text = f"{100 * e.test_accuracy:.1f}%"
     if e.test_examples:
         text += f" ± {100 * stats.binomial_se(e.test_accuracy, e.test_examples):.1f}"
-    return Cell(text, f"at step {e.step}", num=True)
+    return Cell(text, where, num=True)
 
 
 def step_table(data: ReportData, rows: Sequence[SummaryRow]) -> Table:

@@ -268,3 +268,24 @@ def test_oracle_is_labelled_an_upper_bound_in_every_table(trainrun) -> None:
         cells = [c for r in rows for c in r if c.startswith("oracle")]
         assert cells and all(c == "oracle (upper bound)" for c in cells), set(cells)
     assert "upper bound" in page.split("</table>", 1)[0]  # already in the headline table's first lines
+
+
+def test_accuracy_at_a_step_uses_the_evaluation_of_the_same_weights() -> None:
+    """A record at step s is the gradient of the weights after s updates; an epoch's evaluation
+    counts the updates before it. The "end" record of a 1-epoch run (step 88 of 89) gets the
+    evaluation right after its own update, saying so; step 0 has none."""
+    from types import SimpleNamespace as NS
+
+    from gia_bench.reports.writers import accuracy_at
+
+    history = [NS(step=89, test_accuracy=0.95, test_examples=359), NS(step=178, test_accuracy=0.97, test_examples=359)]
+    data = NS(runs=NS(trains=[NS(path=Path("run/metrics.json"), history=history)]))
+
+    def cell(step):
+        return accuracy_at(data, NS(train_run="run/metrics.json", step=step))
+
+    assert cell(0).text == "–" and "no evaluation" in cell(0).sub
+    assert cell(88).text.startswith("95.0%") and cell(88).sub == "after its update: step 89"
+    assert cell(89).text.startswith("95.0%") and cell(89).sub == "at step 89"
+    assert cell(120).text.startswith("95.0%") and cell(120).sub == "at step 89"
+    assert cell(177).text.startswith("97.0%") and cell(177).sub == "after its update: step 178"
