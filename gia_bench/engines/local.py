@@ -19,6 +19,7 @@ a second or two. Workers die with the driver even on SIGKILL (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -66,7 +67,10 @@ def _kill(proc: Any) -> None:
         else:  # pragma: no cover - no process groups
             proc.kill()
     except (ProcessLookupError, PermissionError, OSError):
-        pass
+        # a worker killed while it starts has not made its process group yet: kill it alone
+        # (else it lived on until the interpreter's exit joined it, seconds later)
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            proc.kill()
     proc.join(timeout=2)
 
 
@@ -249,7 +253,9 @@ class LocalEngine(Driver):
 
     def _shutdown(self, collector: threading.Thread | None) -> None:
         if collector is not None:
-            collector.join(timeout=1.0)
+            # it may be blocked starting a worker until the forkserver's imports finish; it kills
+            # that worker itself once started (stop is set), and workers die with this process anyway
+            collector.join(timeout=0.2)
         with self.lock:
             workers, self.pool = list(self.pool), []
         for w in workers:
