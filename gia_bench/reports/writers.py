@@ -395,7 +395,8 @@ def build_doc(data: ReportData, figures: Sequence[Figure], title: str) -> Doc:
                     paragraphs=(
                         "Records captured during a training run at the given optimizer step (the weights and the"
                         " compressor's live state at that step). Test accuracy is the run's latest evaluation at or"
-                        " before that step.",
+                        " before that step, or the one right after its own update when that is closer (the last"
+                        " step of an epoch: the record at \"end\").",
                     ),
                     tables=(step_table(data, trained),),
                     figures=tuple(f for f in mine if f.kind == "steps"),
