@@ -63,7 +63,7 @@ from torch.func import functional_call, grad, vmap
 
 from gia_bench.attacks import labels as label_parts
 from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Reconstruction
-from gia_bench.attacks.objectives import OBJECTIVES, BoundObjective
+from gia_bench.attacks.objectives import OBJECTIVES, BoundSegments
 from gia_bench.attacks.optimizers import OPTIMIZERS
 from gia_bench.attacks.priors import PRIORS
 from gia_bench.attacks.views import ThreatView, build_view, naive_view
@@ -210,7 +210,7 @@ class _Problem:
     """One objective to minimise: the view's bound distance, the labels, the prior and the box."""
 
     view: ThreatView
-    distance_to_target: BoundObjective
+    distance_to_target: BoundSegments
     candidates: CandidateFunction
     labels: torch.Tensor | None  # (B,) or None when optimised (joint)
     batch: int
@@ -226,7 +226,7 @@ class _Problem:
         else:
             y = torch.softmax(y_logits, dim=-1)
         self.evaluations += x.shape[0]
-        return self.distance_to_target(self.view.rows(self.candidates(x, y)))
+        return self.distance_to_target(self.view.candidate_segments(self.candidates(x, y)))
 
 
 @dataclasses.dataclass
@@ -358,7 +358,7 @@ class GradientMatching(Attack):
         lo, hi = (0 - mean) / std, (1 - mean) / std
 
         def problem(v: ThreatView) -> _Problem:
-            return _Problem(v, objective.bind(v.target), candidates, inferred, batch, lo, hi)
+            return _Problem(v, objective.bind_segments(v.segments), candidates, inferred, batch, lo, hi)
 
         def draw(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             """n random starts from the attack's generator: images (and soft-label logits for joint)."""

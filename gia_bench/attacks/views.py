@@ -55,6 +55,10 @@ class ThreatView:
     same_as_naive: bool = False
     residual: str = "not modelled"  # how the worker's private error-feedback residual is treated
     private_state_used: tuple[str, ...] = ()
+    #: the observation cut finer than its keys (the naive view: one piece per parameter), and the map
+    #: from candidate gradients to the same pieces; empty: the pieces are the keys (``transform``)
+    target_segments: tuple[torch.Tensor, ...] = ()
+    split: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
 
     @property
     def target(self) -> torch.Tensor:
@@ -65,6 +69,17 @@ class ThreatView:
         """Candidate gradients ``[(R, *shape_p)]`` -> the candidates' observations ``(R, N)``, like :attr:`target`."""
         parts = self.transform(grads)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @property
+    def segments(self) -> tuple[torch.Tensor, ...]:
+        """The observation in pieces ``(N_k,)`` whose concatenation is :attr:`target` (no copy made)."""
+        return self.target_segments or self.targets
+
+    def candidate_segments(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Candidate gradients ``[(R, *shape_p)]`` -> their observations in the pieces of :attr:`segments`,
+        ``[(R, N_k)]`` (views where the candidate needs no transform): what the attack's distance
+        reads, so the whole observation is never concatenated into one row."""
+        return self.split(grads) if self.split is not None else self.transform(grads)
 
 
 #: How each view treats the worker's private error-feedback residual (the threat line says it).
@@ -79,6 +94,10 @@ def _flat_rows(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)]
 
 
+def _per_parameter(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g.reshape(g.shape[0], -1) for g in grads]
+
+
 def naive_view(record: GradientRecord, device: torch.device | str = "cpu") -> ThreatView:
     """Match the dummy's gradient to the decoded gradient."""
     decoded = [g.to(device, torch.float32) for g in decode_record(record)]
@@ -86,7 +105,7 @@ def naive_view(record: GradientRecord, device: torch.device | str = "cpu") -> Th
     public_keys = tuple(sorted(record.public))
     return ThreatView(
         "naive", ("grads",), (target,), _flat_rows, "decoded gradient", False, public_keys, tuple(decoded), True,
-        RESIDUAL["naive"],
+        RESIDUAL["naive"], target_segments=tuple(g.reshape(-1) for g in decoded), split=_per_parameter,
     )  # fmt: skip
 
 

@@ -26,8 +26,8 @@ def test_diverging_lbfgs_returns_the_best_iterate_and_keeps_going(monkeypatch):
     l2 = OBJECTIVES.get("l2")
 
     class Watched(l2):
-        def bind(self, target):
-            inner = super().bind(target)
+        def bind_segments(self, targets):  # the distance the attack evaluates
+            inner = super().bind_segments(targets)
 
             def distance(candidate):
                 d = inner(candidate)
@@ -78,8 +78,8 @@ def test_kept_iterate_is_the_best_evaluated_one(monkeypatch):
     cosine = OBJECTIVES.get("cosine")
 
     class Watched(cosine):
-        def bind(self, target):
-            inner = super().bind(target)
+        def bind_segments(self, targets):  # the distance the attack evaluates
+            inner = super().bind_segments(targets)
 
             def distance(candidate):
                 d = inner(candidate)
@@ -146,7 +146,7 @@ def _optimise(attack, record, x0):
     spec = record.meta.dataset
     mean = torch.tensor(spec.mean).reshape(1, 1, -1, 1, 1)
     std = torch.tensor(spec.std).reshape(1, 1, -1, 1, 1)
-    prob = _Problem(view, OBJECTIVES.create("cosine").bind(view.target), candidate_function(model, record),
+    prob = _Problem(view, OBJECTIVES.create("cosine").bind_segments(view.segments), candidate_function(model, record),
                     torch.tensor([3]), 1, -mean / std, (1 - mean) / std)  # fmt: skip
     return attack._optimise(prob, x0, None, attack.config.iterations, _ProgressTracker(None, 1)).x
 
@@ -229,3 +229,23 @@ def test_a_stalled_lbfgs_run_spends_its_budget_on_a_new_start(monkeypatch):
     assert rec.extra["fresh_starts"] == 1 and rec.extra["backoffs"] == 0
     assert rec.iterations == 12 and Stalling.built == 2
     assert torch.isfinite(rec.inputs).all()
+
+
+@pytest.mark.parametrize("name", ["l2", "l1", "cosine", "masked-cosine", "masked-l2"])
+def test_distance_over_pieces_equals_the_distance_over_the_concatenation(name):
+    """The attack reads the observation in pieces (per parameter / per message) so it never builds the
+    concatenated row; value and gradient must be those of the distance on the concatenation."""
+    g = torch.Generator().manual_seed(3)
+    sizes = (7, 1, 40, 3)
+    targets = [torch.randn(n, generator=g) for n in sizes]
+    targets[2][::3] = 0.0  # a sparse piece: the masked distances drop those coordinates
+    targets[1].zero_()  # an all-zero piece (a message with nothing in it)
+    parts = [torch.randn(4, n, generator=g, dtype=torch.float64).float().requires_grad_(True) for n in sizes]
+    objective = OBJECTIVES.create(name)
+    pieces = objective.bind_segments(targets)(parts)
+    whole = objective.bind(torch.cat(targets))(torch.cat(parts, dim=1))
+    assert pieces.shape == (4,)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+    (gp,) = torch.autograd.grad(pieces.sum(), parts[2], retain_graph=True)
+    (gw,) = torch.autograd.grad(whole.sum(), parts[2])
+    torch.testing.assert_close(gp, gw, rtol=1e-5, atol=1e-6)
