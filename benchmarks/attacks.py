@@ -19,7 +19,9 @@ figures quoted in the README):
   tune|heldout`` picks the image set (defaults were chosen on ``tune`` only), and
   ``--dlg-spec`` adds variants (the sweep).
 * ``aware``: for each defense of the demo study, aware minus naive PSNR / SSIM (mean and
-  worst over images) at the same attack budget.
+  worst over images) at the same attack budget, beside the seed-to-seed noise of the naive
+  attack at that budget (is a negative difference beyond noise?) and the mean-colour floor
+  (does either view leak at all?); ``--aware-defense`` adds defenses.
 * ``e2e``: :func:`gia_bench.evaluate.run_attack` on saved records at the demo's settings.
 
     .venv/bin/python benchmarks/attacks.py                      # small, a few minutes
@@ -53,7 +55,7 @@ from gia_bench.capture import capture_batch
 from gia_bench.data import load_dataset
 from gia_bench.defenses import create as create_defense
 from gia_bench.evaluate import run_attack
-from gia_bench.metrics import psnr, ssim
+from gia_bench.metrics import mean_colour_floor, psnr, ssim
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.receiver import decode_record
 from gia_bench.records import GradientRecord, Truth, truth_path
@@ -305,38 +307,52 @@ def section_dlg(images: str, limit: int | None, iterations: int, specs: list[str
 
 
 def section_aware(attacks: list[str], defenses: list[str], images: int) -> list[dict]:
+    """Per defense: aware minus naive PSNR / SSIM (mean and worst over images) at equal budget, and
+    what "noise" is at that budget: the same naive attack from a second random start (seed 1 vs 0)
+    on the same gradient. A mean difference d is negative *beyond noise* when d < -2 rms(e) / sqrt(n),
+    e the per-image seed-to-seed differences (the standard error of a difference of two runs,
+    doubled). The mean-colour floor says whether either view leaks at all at this budget."""
     rows = []
     ds = load_dataset(DEMO_DATA, split="train")
     indices = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))[:images].tolist()
     for attack in attacks:
         for defense in defenses:
-            diffs_psnr, diffs_ssim, both = [], [], []
+            diffs_psnr, diffs_ssim, noise, floors, both = [], [], [], [], []
             for index in indices:
                 record, truth = make_record(DEMO_MODEL, 1, "train", data=DEMO_DATA, defense=defense, indices=[index])
                 got = {}
-                for view in ("naive", "aware"):
+                for view, seed in (("naive", 0), ("aware", 0), ("naive_seed1", 1)):
                     try:
-                        rec = create(attack).run(record, view, torch.Generator().manual_seed(0))
+                        rec = create(attack).run(record, view.split("_")[0], torch.Generator().manual_seed(seed))
                     except AttackError as exc:  # no aware view: reported, not scored
                         got[view] = str(exc)
-                        continue
+                        break
                     got[view] = scores(record, rec.inputs, truth)
                 if isinstance(got.get("aware"), str):
                     break
                 diffs_psnr.append(got["aware"][0] - got["naive"][0])
                 diffs_ssim.append(got["aware"][1] - got["naive"][1])
+                noise.append(got["naive_seed1"][0] - got["naive"][0])
+                floors.append(mean_colour_floor(record.meta.dataset.denormalize(truth.inputs).clamp(0, 1))[0][1])
                 both.append(got)
             if not both:
                 continue
             print(json.dumps({"attack": attack, "defense": defense, "per_image": both}), file=sys.stderr, flush=True)
+            n = len(both)
+            threshold = 2.0 * math.sqrt(statistics.fmean(e * e for e in noise) / n)
+            mean_diff = statistics.mean(diffs_psnr)
             rows.append({
-                "attack": attack, "defense": defense, "images": len(both),
+                "attack": attack, "defense": defense, "images": n,
                 "naive_psnr_mean": statistics.mean(g["naive"][0] for g in both),
                 "aware_psnr_mean": statistics.mean(g["aware"][0] for g in both),
-                "aware_minus_naive_psnr_mean": statistics.mean(diffs_psnr),
+                "mean_colour_floor_psnr": statistics.mean(floors),
+                "aware_minus_naive_psnr_mean": mean_diff,
                 "aware_minus_naive_psnr_worst": min(diffs_psnr),
                 "aware_minus_naive_ssim_mean": statistics.mean(diffs_ssim),
                 "aware_minus_naive_ssim_worst": min(diffs_ssim),
+                "seed_noise_psnr_rms": math.sqrt(statistics.fmean(e * e for e in noise)),
+                "noise_threshold_psnr": threshold,
+                "negative_beyond_noise": mean_diff < -threshold,
             })  # fmt: skip
     return rows
 
@@ -370,6 +386,7 @@ def main() -> None:
     parser.add_argument("--images", choices=sorted(IMAGES), default="heldout", help="dlg: image set")
     parser.add_argument("--dlg-spec", action="append", default=None, help="dlg: attack spec to score (repeatable)")
     parser.add_argument("--aware-attack", action="append", default=None, help="aware: attack spec (repeatable)")
+    parser.add_argument("--aware-defense", action="append", default=[], help="aware: defense spec to add (repeatable)")
     parser.add_argument("--aware-images", type=int, default=None, help="aware: digits per defense (default: the demo's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -393,6 +410,7 @@ def main() -> None:
     if "aware" in sections:
         attacks = args.aware_attack or (list(DEMO.attacks) if full else ["dlg:iterations=10,line_search=true"])
         defenses = list(DEMO.defenses) if full else ["topk:ratio=0.1", "powersgd:rank=4"]
+        defenses += [d for d in args.aware_defense if d not in defenses]
         out["aware"] = section_aware(attacks, defenses, args.aware_images or (DEMO.images if full else 1))
     if "e2e" in sections:
         out["e2e"] = section_e2e(list(DEMO.attacks) if full else ["dlg:iterations=5"])
