@@ -12,7 +12,8 @@ figures quoted in the README):
   slope between runs of n and 2n iterations (fixed costs cancel). Peak memory is the process's
   resident high-water mark (``VmHWM``, reset before each run through
   ``/proc/self/clear_refs``) minus the resident size before it.
-* ``restarts``: IG with 4 restarts in one run vs 4 runs of one restart.
+* ``restarts``: IG with 4 restarts in one run vs 4 runs of one restart, per gradient route
+  (``loop``, ``vmap``), beside a batch of 4 images (the bound batching could reach).
 * ``dlg``: DLG's success rate (PSNR >= 30 dB) on LeNet over an image set, next to the
   original DLG (a hand loop of Zhu et al.'s code: L-BFGS lr 1 on the image and a soft
   label, the last iterate) on the same gradient and the same start; ``--images
@@ -252,25 +253,44 @@ def section_speed(its: int, pairs: int, device: torch.device) -> list[dict]:
 
 
 def section_restarts(its: int, repeats: int, device: torch.device) -> list[dict]:
+    """4 restarts in one run vs 4 runs of one restart, for each way of computing the restarts'
+    gradients (``loop``: one autograd pass per restart, the CPU default; ``vmap``: one batched
+    pass through torch.func, the CUDA default), beside the bound batching could reach: one
+    restart on a batch of 4 images (one summed gradient, so the weight gradients are shared,
+    which restarts cannot do) vs 4 runs on one image."""
+    from gia_bench.attacks.matching import CandidateGradients
+
+    def timed(attack, record) -> float:
+        attack.run(record, "naive", torch.Generator(device).manual_seed(0), device=device)  # warm-up
+        ts = []
+        for k in range(repeats):
+            _sync(device)
+            t = time.perf_counter()
+            attack.run(record, "naive", torch.Generator(device).manual_seed(k), device=device)
+            _sync(device)
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
     out = []
     for model in ("resnet18",):
         record, _ = make_record(model, 1)
-        times = {}
-        for r in (4, 1):
-            attack = create(f"ig:iterations={its},restarts={r}")
-            attack.run(record, "naive", torch.Generator(device).manual_seed(0), device=device)
-            ts = []
-            for k in range(repeats):
-                _sync(device)
-                t = time.perf_counter()
-                attack.run(record, "naive", torch.Generator(device).manual_seed(k), device=device)
-                _sync(device)
-                ts.append(time.perf_counter() - t)
-            times[r] = statistics.median(ts)
-        out.append({
-            "model": model, "batch_size": 1, "restarts": 4, "seconds_4_restarts": times[4],
-            "seconds_4_separate_runs": 4 * times[1], "ratio": times[4] / (4 * times[1]),
-        })  # fmt: skip
+        record4, _ = make_record(model, 4)
+        one = timed(create(f"ig:iterations={its},restarts=1,labels=idlg"), record)
+        row = {"model": model, "batch_size": 1, "restarts": 4, "seconds_1_restart": one}
+        defaults = CandidateGradients.__init__.__defaults__
+        try:
+            for route in ("loop", "vmap"):
+                CandidateGradients.__init__.__defaults__ = (route,)
+                four = timed(create(f"ig:iterations={its},restarts=4,labels=idlg"), record)
+                row[f"seconds_4_restarts_{route}"] = four
+                row[f"ratio_{route}"] = four / (4 * one)
+        finally:
+            CandidateGradients.__init__.__defaults__ = defaults
+        batch4 = timed(create(f"ig:iterations={its},restarts=1,labels=yin"), record4)
+        row["seconds_batch_of_4_images"] = batch4
+        row["ratio_batch_of_4_images_bound"] = batch4 / (4 * one)
+        out.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     return out
 
 
