@@ -140,13 +140,17 @@ def aware_view(record: GradientRecord, device: torch.device | str = "cpu", view:
             rows.append([out[k].reshape(-1) for k in keys])
         return [torch.stack(col) for col in zip(*rows)]
 
-    decoded = [g.to(device, torch.float32) for g in decode_record(record)]
-    naive_target = torch.cat([g.reshape(-1) for g in decoded])
+    naive = naive_view(record, device)
     threat = ThreatView(
-        view, keys, targets, transform, "messages", True, tuple(sorted(record.public)), tuple(decoded),
+        view, keys, targets, transform, "messages", True, tuple(sorted(record.public)), naive.gradient,
         residual=RESIDUAL[view], private_state_used=tuple(sorted(private)),
     )  # fmt: skip
-    return dataclasses.replace(threat, same_as_naive=_is_identity(threat, naive_target, record, device))
+    if not _is_identity(threat, naive.target, record, device):
+        return threat
+    # The naive objective in disguise: evaluate it exactly as the naive view does (same pieces, same
+    # order of sums), so the two views give bit-identical attacks rather than ones that drift apart
+    # through rounding in a chaotic optimiser.
+    return dataclasses.replace(threat, same_as_naive=True, target_segments=naive.segments, split=naive.split)
 
 
 def _is_identity(view: ThreatView, naive_target: torch.Tensor, record: GradientRecord, device) -> bool:

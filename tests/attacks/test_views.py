@@ -26,11 +26,14 @@ def test_aware_view_of_none_is_the_naive_view():
 
 
 def test_aware_and_naive_attacks_agree_on_none():
-    record, _ = make_record("lenet", "photos", (5,), pixel_space=True)
-    a = create("dlg:iterations=3").run(record, "naive", torch.Generator().manual_seed(0))
-    b = create("dlg:iterations=3").run(record, "aware", torch.Generator().manual_seed(0))
+    record, _ = make_record("lenet", "digits", (7,))
+    spec = "dlg:iterations=25,line_search=true,boxed=true"  # the demo's kind of DLG
+    a = create(spec).run(record, "naive", torch.Generator().manual_seed(0))
+    b = create(spec).run(record, "aware", torch.Generator().manual_seed(0))
     assert a.view == "naive" and b.view == "aware"
-    torch.testing.assert_close(a.inputs, b.inputs)
+    # bit-identical, not merely close: L-BFGS amplifies any rounding difference between two ways of
+    # summing the same distance into different reconstructions (seen: 31.1 vs 28.4 dB on a digit)
+    assert torch.equal(a.inputs, b.inputs) and a.final_loss == b.final_loss
 
 
 def test_aware_view_needs_simulate(monkeypatch):
