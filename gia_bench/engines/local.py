@@ -37,7 +37,6 @@ import os
 import signal
 import sys
 import threading
-import warnings
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -163,11 +162,7 @@ def fork_workers(n: int) -> list[_Worker]:
             inherited = [parent] + [w.conn for w in workers]
             proc = ctx.Process(target=_forked_main, args=(child, os.getpid(), inherited), name="gia-bench-worker",
                                daemon=False)
-            with warnings.catch_warnings():
-                # Python >= 3.12 warns on any fork of a process with native threads; the ones left
-                # here are OpenBLAS's idle pool, which shuts itself down around a fork (pthread_atfork)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                proc.start()
+            proc.start()
             child.close()
             workers.append(_Worker(proc, parent))
     except BaseException:
