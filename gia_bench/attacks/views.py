@@ -90,12 +90,12 @@ RESIDUAL = {
 }
 
 
-def _flat_rows(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)]
-
-
 def _per_parameter(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [g.reshape(g.shape[0], -1) for g in grads]
+
+
+def _flat_rows(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.cat(_per_parameter(grads), dim=1)]
 
 
 def naive_view(record: GradientRecord, device: torch.device | str = "cpu") -> ThreatView:
