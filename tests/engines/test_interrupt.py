@@ -1,5 +1,6 @@
 """Ctrl-C and SIGKILL on a real ``gia-bench study run`` (issue 11 item 7)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,11 +30,34 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     study.write_text(SLOW)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gia_bench", "study", "run", str(study), "--out", str(out), "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
+    env["PYTHONFAULTHANDLER"] = "1"  # a driver that hangs is sent SIGABRT: its threads' stacks land in the output
+    with _sigint_not_ignored():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gia_bench", "study", "run", str(study), "--out", str(out), "--workers", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
     return proc, out
+
+
+@contextlib.contextmanager
+def _sigint_not_ignored():
+    """The driver must get Ctrl-C as it would from a terminal, however pytest was started.
+
+    A shell starts a background job (``cmd &``, ``nohup cmd &``) with SIGINT and SIGQUIT
+    ignored; an ignored signal stays ignored through exec, and Python then installs no
+    KeyboardInterrupt handler, so the driver would rightly ignore the test's Ctrl-C (this
+    test failed that way whenever the suite ran as a background job). A handled signal is
+    reset to the default by exec: handle it here while the driver starts.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wait_for_worker(proc: subprocess.Popen, out: Path) -> dict[int, int]:
@@ -63,7 +87,15 @@ def test_ctrl_c_stops_within_5_s_keeps_finished_units_and_leaves_no_partial_file
         below = _wait_for_worker(proc, out)
         sent = time.monotonic()
         os.kill(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGABRT)  # faulthandler prints where each thread was
+            proc.wait(timeout=10)
+            for pid in [proc.pid, *below]:  # what still holds the output pipe open
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+            pytest.fail("still running 30 s after Ctrl-C; its output and stacks:\n" + proc.stdout.read().decode()[-20000:])
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
