@@ -13,7 +13,8 @@ figures quoted in the README):
   resident high-water mark (``VmHWM``, reset before each run through
   ``/proc/self/clear_refs``) minus the resident size before it.
 * ``restarts``: IG with 4 restarts in one run vs 4 runs of one restart, per gradient route
-  (``loop``, ``vmap``), beside a batch of 4 images (the bound batching could reach).
+  (``loop``, ``vmap``, ``unfold``; ``--routes`` picks), beside a batch of 4 images (the bound
+  batching could reach); interleaved rounds, median of the per-round ratios.
 * ``dlg``: DLG's success rate (PSNR >= 30 dB) on LeNet over an image set, next to the
   original DLG (a hand loop of Zhu et al.'s code: L-BFGS lr 1 on the image and a soft
   label, the last iterate) on the same gradient and the same start; ``--images
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from gia_bench.attacks import AttackError, create
-from gia_bench.attacks.matching import attack_model
+from gia_bench.attacks.matching import ROUTES, attack_model
 from gia_bench.capture import capture_batch
 from gia_bench.data import load_dataset
 from gia_bench.defenses import create as create_defense
@@ -259,43 +260,57 @@ def section_speed(its: int, pairs: int, device: torch.device) -> list[dict]:
     return rows
 
 
-def section_restarts(its: int, repeats: int, device: torch.device) -> list[dict]:
+def section_restarts(
+    its: int, repeats: int, device: torch.device, routes: tuple[str, ...] = ROUTES, models: tuple[str, ...] = ("resnet18",)
+) -> list[dict]:
     """4 restarts in one run vs 4 runs of one restart, for each way of computing the restarts'
-    gradients (``loop``: one autograd pass per restart, the CPU default; ``vmap``: one batched
-    pass through torch.func, the CUDA default), beside the bound batching could reach: one
-    restart on a batch of 4 images (one summed gradient, so the weight gradients are shared,
-    which restarts cannot do) vs 4 runs on one image."""
-    from gia_bench.attacks.matching import CandidateGradients
+    gradients (``loop``: one autograd pass per restart; ``vmap``: one batched pass through
+    torch.func, the CUDA default; ``unfold``: one batched pass with per-restart weight copies and
+    im2col products), beside the bound batching could reach: one restart on a batch of 4 images
+    (one summed gradient, so the weight gradients are shared, which restarts cannot do) vs 4 runs
+    on one image. Interleaved: each round runs every variant once, each ratio is taken within its
+    round (so a load change hits both sides), and the median over rounds is reported."""
+    from gia_bench.attacks import matching
 
-    def timed(attack, record) -> float:
-        attack.run(record, "naive", torch.Generator(device).manual_seed(0), device=device)  # warm-up
-        ts = []
-        for k in range(repeats):
-            _sync(device)
-            t = time.perf_counter()
-            attack.run(record, "naive", torch.Generator(device).manual_seed(k), device=device)
-            _sync(device)
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
+    def timed(attack, record, k: int) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        attack.run(record, "naive", torch.Generator(device).manual_seed(k), device=device)
+        _sync(device)
+        return time.perf_counter() - t
+
+    def forced(route: str):  # the attack's candidate gradients, computed by ``route``
+        return lambda model, record: matching.CandidateGradients(model, record.meta.param_names, route=route)
 
     out = []
-    for model in ("resnet18",):
+    for model in models:
         record, _ = make_record(model, 1)
         record4, _ = make_record(model, 4)
-        one = timed(create(f"ig:iterations={its},restarts=1,labels=idlg"), record)
-        row = {"model": model, "batch_size": 1, "restarts": 4, "seconds_1_restart": one}
-        defaults = CandidateGradients.__init__.__defaults__
+        one = create(f"ig:iterations={its},restarts=1,labels=idlg")
+        four = create(f"ig:iterations={its},restarts=4,labels=idlg")
+        batch = create(f"ig:iterations={its},restarts=1,labels=yin")
+        default = matching.candidate_function
+        times: dict[str, list[float]] = {"one": [], "batch": [], **{r: [] for r in routes}}
         try:
-            for route in ("loop", "vmap"):
-                CandidateGradients.__init__.__defaults__ = (route,)
-                four = timed(create(f"ig:iterations={its},restarts=4,labels=idlg"), record)
-                row[f"seconds_4_restarts_{route}"] = four
-                row[f"ratio_{route}"] = four / (4 * one)
+            for k in range(repeats + 1):  # round 0 warms up and is dropped
+                times["one"].append(timed(one, record, k))
+                for route in routes:
+                    matching.candidate_function = forced(route)
+                    times[route].append(timed(four, record, k))
+                    matching.candidate_function = default
+                times["batch"].append(timed(batch, record4, k))
         finally:
-            CandidateGradients.__init__.__defaults__ = defaults
-        batch4 = timed(create(f"ig:iterations={its},restarts=1,labels=yin"), record4)
-        row["seconds_batch_of_4_images"] = batch4
-        row["ratio_batch_of_4_images_bound"] = batch4 / (4 * one)
+            matching.candidate_function = default
+        t = {key: v[1:] for key, v in times.items()}
+        row = {"model": model, "batch_size": 1, "restarts": 4, "iterations": its, "rounds": repeats,
+               "auto_route": matching.CandidateGradients(attack_model(record, device), record.meta.param_names,
+                                                         batch_size=1).route,
+               "seconds_1_restart": statistics.median(t["one"])}  # fmt: skip
+        for route in routes:
+            row[f"seconds_4_restarts_{route}"] = statistics.median(t[route])
+            row[f"ratio_{route}"] = statistics.median(a / (4 * b) for a, b in zip(t[route], t["one"]))
+        row["seconds_batch_of_4_images"] = statistics.median(t["batch"])
+        row["ratio_batch_of_4_images_bound"] = statistics.median(a / (4 * b) for a, b in zip(t["batch"], t["one"]))
         out.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return out
@@ -408,6 +423,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", default="cpu", help="speed and restarts sections: cpu or cuda")
+    parser.add_argument("--routes", default=",".join(ROUTES), help=f"restarts: comma-separated subset of {ROUTES}")
+    parser.add_argument("--restart-models", default="resnet18", help="restarts: comma-separated model specs")
+    parser.add_argument("--rounds", type=int, default=None, help="restarts: interleaved rounds (default 1, --full 3)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--full", action="store_true", help="the README's settings (much longer)")
     parser.add_argument("--images", choices=sorted(IMAGES), default="heldout", help="dlg: image set")
@@ -430,7 +448,13 @@ def main() -> None:
     if "speed" in sections:
         out["speed"] = section_speed(its=10 if full else 3, pairs=5 if full else 2, device=device)
     if "restarts" in sections:
-        out["restarts"] = section_restarts(its=5 if full else 2, repeats=3 if full else 1, device=device)
+        routes = tuple(r.strip() for r in args.routes.split(",") if r.strip())
+        if sorted(set(routes) - set(ROUTES)):
+            parser.error(f"--routes: unknown {', '.join(sorted(set(routes) - set(ROUTES)))}; accepted: {', '.join(ROUTES)}")
+        rounds = args.rounds or (3 if full else 1)
+        models = tuple(m.strip() for m in args.restart_models.split(",") if m.strip())
+        out["restarts"] = section_restarts(its=5 if full else 2, repeats=rounds, device=device, routes=routes,
+                                           models=models)  # fmt: skip
     if "dlg" in sections:
         specs = args.dlg_spec or ["dlg"]
         out["dlg"] = section_dlg(args.images, None if full else 2, 300 if full else 60, specs)

@@ -37,9 +37,12 @@ updated by one optimiser step when the optimiser is element-wise (Adam, SGD):
 one backward pass serves them all. Their per-restart parameter gradients come from
 one ``torch.func.vmap`` of ``torch.func.grad`` on CUDA (one batched kernel per
 layer); on the CPU, where vmap gained nothing (0.98-1.07x, benchmarks/attacks.py),
-and for train-mode BatchNorm, whose vmap'd double backward is inexact, from one
-autograd pass per restart. L-BFGS couples coordinates, so its restarts run one
-after another. The objective's target statistics are computed once.
+from one batched pass with per-restart weight copies and im2col products
+(:mod:`~gia_bench.attacks.unfold`) for the models and batch sizes where that was
+measured faster, else (and for train-mode BatchNorm on CUDA, whose vmap'd double
+backward is inexact) from one autograd pass per restart. L-BFGS couples
+coordinates, so its restarts run one after another. The objective's target
+statistics are computed once.
 
 Candidates: :func:`candidate_function` maps candidate data to what the worker
 would have fed its compressor: the gradient (FedSGD), or the update after K
@@ -62,6 +65,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from gia_bench.attacks import labels as label_parts
+from gia_bench.attacks import unfold
 from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Reconstruction
 from gia_bench.attacks.objectives import OBJECTIVES, BoundSegments
 from gia_bench.attacks.optimizers import OPTIMIZERS
@@ -73,6 +77,8 @@ from gia_bench.receiver import record_model
 from gia_bench.records import GradientRecord
 
 INITS = ("randn", "rand")
+#: ways :class:`CandidateGradients` computes per-restart gradients (``auto`` picks one)
+ROUTES = ("loop", "vmap", "unfold")
 #: Inverting Gradients' learning-rate decay: / 10 at these fractions of the iterations
 DECAY_AT = (3 / 8, 5 / 8, 7 / 8)
 
@@ -152,18 +158,28 @@ class CandidateGradients:
     probabilities returns one (R, *param.shape) tensor per parameter, in record order.
     """
 
-    def __init__(self, model: nn.Module, param_names: tuple[str, ...], route: str = "auto"):
+    def __init__(
+        self, model: nn.Module, param_names: tuple[str, ...], route: str = "auto", batch_size: int | None = None
+    ):
         if route == "auto":
             device = next(model.parameters()).device
             # vmap's double backward through train-mode BatchNorm is off by ~1e-4 (relative, in
             # float64, against finite differences); the per-restart passes are exact there.
             train_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
-            route = "vmap" if device.type == "cuda" and not train_bn else "loop"
-        if route not in ("vmap", "loop"):
-            raise ValueError(f"route must be auto, vmap or loop, got {route!r}")
+            if device.type == "cuda":
+                route = "loop" if train_bn else "vmap"
+            else:  # the batched im2col route only where it was measured faster than the loop
+                route = "unfold" if unfold.faster_on_cpu(model, batch_size) else "loop"
+        if route not in ROUTES:
+            raise ValueError(f"route must be auto or one of {', '.join(ROUTES)}, got {route!r}")
+        #: why the ``unfold`` route was not taken (None: it was, or was not asked for)
+        self.fallback = unfold.unsupported(model) if route == "unfold" else None
+        if self.fallback is not None:
+            route = "loop"  # a module the batched route does not know: never a wrong gradient
         self.route = route
         self.model = model
         self.names = list(param_names)
+        self._unfold = unfold.BatchedRestartGradients(model, self.names) if route == "unfold" else None
         named = dict(model.named_parameters())
         self.plist = [named[n] for n in self.names]
         self.params = {n: p.detach() for n, p in named.items()}
@@ -175,6 +191,8 @@ class CandidateGradients:
         self._batched = vmap(grad(loss_of), in_dims=(None, 0, 0))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[0] > 1 and self._unfold is not None:
+            return self._unfold(x, y)
         if x.shape[0] > 1 and self.route == "vmap":
             out = self._batched(self.params, x, y)
             return [out[n] for n in self.names]
@@ -201,7 +219,7 @@ def candidate_function(model: nn.Module, record: GradientRecord) -> CandidateFun
     """
     meta = record.meta
     if meta.is_fedsgd:
-        return CandidateGradients(model, meta.param_names)
+        return CandidateGradients(model, meta.param_names, batch_size=meta.batch_size)
     return CandidateUpdates(model, meta.param_names, meta.local_training(), meta.batch_size)
 
 
