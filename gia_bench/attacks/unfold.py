@@ -163,13 +163,16 @@ class BatchedRestartGradients:
             if tensor is None:  # a parameter outside the record: shared, no gradient asked for
                 tensor = getattr(m, k).detach().unsqueeze(0).expand(R, *getattr(m, k).shape)
             by_module.setdefault(m, {})[k] = tensor
+        saved = {m: m.__dict__["forward"] for m, _ in self.layers if "forward" in m.__dict__}
         try:
             for m, fn in self.layers:
                 m.forward = types.MethodType(lambda mod, x, _fn=fn: _fn(mod, x, by_module.get(mod, {}), R), m)
             yield
-        finally:
+        finally:  # the model as it was, an instance's own forward included
             for m, _ in self.layers:
                 m.__dict__.pop("forward", None)
+                if m in saved:
+                    m.forward = saved[m]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         R, B = x.shape[:2]

@@ -41,6 +41,8 @@ def test_per_restart_gradients_equal_the_loop_in_float64(spec, mode, indices):
     w = [torch.randn(t.shape[1:], generator=g, dtype=torch.float64) for t in gb]
     da, db = (torch.autograd.grad(sum((t * v).sum() + t.pow(2).sum() for t, v in zip(gs, w)), x)[0] for gs in (ga, gb))
     assert float((da - db).abs().max()) <= 1e-10 * float(db.abs().max())
+    # the model is left as it was: its layers' own forward again
+    assert all("forward" not in m.__dict__ for m in model.modules())
     # soft labels (joint label optimisation) take the same route
     p = torch.softmax(torch.randn((R, B, record.meta.dataset.num_classes), generator=g, dtype=torch.float64), -1)
     for a, b in zip(batched(x, p), looped(x, p), strict=True):
