@@ -8,9 +8,13 @@ times measured in this one run. Two studies:
 
 * ``large``: >= 16 attack units (``--images`` records x 2 defenses x 2 views) of an
   Inverting Gradients attack long enough to take >= 5 s each (``--attack``);
-* ``small``: 4 attacks of 2 DLG iterations each (pool start-up dominates).
+* ``small``: 4 attacks of 2 DLG iterations each (start-up dominates).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/study.py [--repeats 1] [--ray]
+    PYTHONPATH=. .venv/bin/python benchmarks/study.py [--repeats 1] [--ray] [--only small|large] [--baseline DIR]
+
+``--baseline DIR`` also runs another checkout's ``--workers 1`` and ``--workers 2`` in the
+same interleaved rounds (keys ``base_workers_1``/``base_workers_2``): a change compared with
+the code before it under the same load.
 
 prints one JSON object on stdout: seconds per run, the measured seconds per attack unit
 (from the results), the ratios, the machine's load average before and after.
@@ -41,8 +45,8 @@ views = {views}
 """
 
 
-def run(study: Path, out: Path, args: list[str]) -> float:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+def run(study: Path, out: Path, args: list[str], repo: Path = Path(__file__).parents[1]) -> float:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "gia_bench", "study", "run", str(study), "--out", str(out), *args],
@@ -58,7 +62,7 @@ def unit_seconds(out: Path) -> list[float]:
     return [json.loads(p.read_text())["seconds"] for p in out.glob("runs/**/result.json")]
 
 
-def bench(name: str, text: str, configs: dict[str, list[str]], repeats: int, tmp: Path) -> dict:
+def bench(name: str, text: str, configs: dict[str, tuple[list[str], Path]], repeats: int, tmp: Path) -> dict:
     study = tmp / f"{name}.toml"
     study.write_text(text)
     times: dict[str, list[float]] = {k: [] for k in configs}
@@ -67,7 +71,7 @@ def bench(name: str, text: str, configs: dict[str, list[str]], repeats: int, tmp
         order = list(configs) if rep % 2 == 0 else list(reversed(configs))
         for key in order:
             out = tmp / f"{name}-{key}-{rep}"
-            times[key].append(run(study, out, configs[key]))
+            times[key].append(run(study, out, *configs[key]))
             units[key] += unit_seconds(out)
             shutil.rmtree(out)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -78,6 +82,7 @@ def bench(name: str, text: str, configs: dict[str, list[str]], repeats: int, tmp
         "unit_seconds_mean": {k: statistics.fmean(v) for k, v in units.items() if v},
         "unit_seconds_min": {k: min(v) for k, v in units.items() if v},
         "speedup_vs_workers_1": {k: med["workers_1"] / med[k] for k in configs if k != "workers_1"},
+        **({"base_speedup_workers_2_vs_1": med["base_workers_1"] / med["base_workers_2"]} if "base_workers_2" in med else {}),
     }
 
 
@@ -88,10 +93,16 @@ def main() -> None:
     parser.add_argument("--attack", default="ig:iterations=1500,lr=0.1,tv=0.01")
     parser.add_argument("--ray", action="store_true", help="also --engine ray (a local Ray with this machine's CPUs)")
     parser.add_argument("--only", choices=("large", "small"), default=None)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout (e.g. /work/main): also run its --workers 1/2 (keys base_workers_1/2), interleaved")
     args = parser.parse_args()
-    configs = {"workers_1": ["--workers", "1"], "workers_2": ["--workers", "2"]}
+    here = Path(__file__).resolve().parents[1]
+    configs = {"workers_1": (["--workers", "1"], here), "workers_2": (["--workers", "2"], here)}
     if args.ray:
-        configs["ray"] = ["--engine", "ray"]
+        configs["ray"] = (["--engine", "ray"], here)
+    if args.baseline is not None:
+        for w in ("1", "2"):
+            configs[f"base_workers_{w}"] = (["--workers", w], args.baseline.resolve())
     tmp = Path(tempfile.mkdtemp(prefix="gia-bench-study-bench-"))
     report: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_before": os.getloadavg()},

@@ -52,15 +52,27 @@ def run_units(
     cached: dict[str, int] = {}
     for kind, states in sched.counts().items():
         cached[kind] = states.get(CACHED, 0)
-    with make_reporter(console, kinds, cached) as reporter:
-        if engine == "ray":
-            from gia_bench.engines.ray_engine import RayEngine
+    forked: list = []
+    if engine == "local":
+        from gia_bench.engines.local import LocalEngine, fork_workers, pool_size
 
-            result = RayEngine(sched, ctx, reporter, address).run()
-        else:
-            from gia_bench.engines.local import LocalEngine
+        # before the reporter exists: forking is safe only while this is the process's one thread
+        forked = fork_workers(pool_size(sched, workers))
+    try:
+        with make_reporter(console, kinds, cached) as reporter:
+            if engine == "ray":
+                from gia_bench.engines.ray_engine import RayEngine
 
-            result = LocalEngine(sched, ctx, reporter, workers).run()
+                result = RayEngine(sched, ctx, reporter, address).run()
+            else:
+                local = LocalEngine(sched, ctx, reporter, workers, forked)
+                forked = []  # the engine owns them now: its run shuts them down
+                result = local.run()
+    finally:
+        if forked:  # the reporter failed before the engine ran: nothing else ends them
+            from gia_bench.engines.local import discard
+
+            discard(forked)
     clean_staging(root)
     return result
 

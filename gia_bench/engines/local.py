@@ -1,14 +1,25 @@
 """``--engine local``: this process plus a pool of warm worker processes on this machine.
 
 With ``workers = N`` the run holds N slots. The driver process itself is one of them: it
-runs units inline from the first second, so a small study never waits for a pool to
-start and ``--workers 2`` is never slower than ``--workers 1``. The other N-1 slots are
-worker processes forked from a forkserver that imported torch and gia-bench once
-(:mod:`gia_bench.engines.preload`): the spawn start method made each worker re-import
-torch (4.2 CPU s, 820 MiB each). They start in the background while the driver works
-and take units as soon as they are up. A unit that needs several CPUs (a training run
-of ``nproc_per_node`` processes) or writes in place runs in a worker once enough slots
-are free; units leave in plan order, so nothing overtakes it.
+runs units inline from the first second. The other N-1 slots are worker processes that
+start warm, with torch and gia-bench already imported, in one of two ways:
+
+1. Forked from the driver itself, before its first unit: the driver imports what units
+   need (:mod:`gia_bench.engines.preload`), which it would do for its own first unit
+   anyway, then forks. A worker costs a fork (milliseconds, pages shared copy-on-write),
+   not a second import of torch, so it takes units from the start and ``--workers 2`` is
+   never slower than ``--workers 1``, even on a study of a few seconds. Done while forking
+   is safe (:func:`fork_safe`): Linux, this thread the process's only one, CUDA not
+   initialised, no Ray/gRPC/Flower threads, and GNU OpenMP's thread pools stopped first
+   (:func:`_pause_openmp`).
+2. Otherwise, and for a replacement of a worker that died mid-run: forked from a
+   forkserver that imported torch and gia-bench once (the spawn start method made each
+   worker re-import torch: 4.2 CPU s, 820 MiB each). It starts in the background while the
+   driver works; its imports share the machine's cores with the driver's units.
+
+A unit that needs several CPUs (a training run of ``nproc_per_node`` processes) or writes
+in place runs in a worker once enough slots are free; units leave in plan order, so
+nothing overtakes it.
 
 Ctrl-C (SIGINT reaches only the driver: workers lead their own process groups): the
 driver kills the process group of every busy worker, removes the partial files of the
@@ -24,8 +35,11 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import sys
 import threading
+import warnings
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 from gia_bench.engines.driver import Driver, RunResult, ignore_interrupts, pending
@@ -57,6 +71,123 @@ class _Worker:
     unit: Unit | None = None
 
 
+#: Libraries whose background native threads make a fork unsafe at any time (see
+#: gia_bench.train.launch): with one of them loaded the workers come from the forkserver.
+_FORK_UNSAFE = ("ray", "grpc", "flwr")
+
+
+def fork_safe() -> bool:
+    """May the driver fork its workers from itself now? See the module docstring, way 1."""
+    if not (
+        sys.platform.startswith("linux")
+        and "fork" in multiprocessing.get_all_start_methods()
+        and threading.current_thread() is threading.main_thread()  # PR_SET_PDEATHSIG follows the forking thread
+        and threading.active_count() == 1
+        and not any(name in sys.modules for name in _FORK_UNSAFE)
+    ):
+        return False
+    torch = sys.modules.get("torch")
+    return torch is None or not torch.cuda.is_initialized()  # a forked child cannot use CUDA
+
+
+def _pause_openmp() -> bool:
+    """Stop GNU OpenMP's thread pools in this process (True when none is left running).
+
+    After torch has run an operation on several threads, libgomp keeps a pool of threads
+    that a forked child does not have; the child's next parallel region on more than one
+    thread then hangs forever (measured: torch 2.14, a matmul in the child). OpenMP 5.0's
+    ``omp_pause_resource_all(omp_pause_hard)`` ends the pool; the next parallel region here
+    starts a new one. Every libgomp this process loaded has its own pool (torch's,
+    scikit-learn's). OpenBLAS and Intel/LLVM OpenMP handle a fork themselves.
+    """
+    import ctypes
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    libs = {line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}
+    for lib in sorted(libs):
+        try:
+            pause = ctypes.CDLL(lib).omp_pause_resource_all
+        except (OSError, AttributeError):  # an old libgomp without OpenMP 5.0's pause
+            return False
+        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+        if pause(2) != 0:  # 2: omp_pause_hard
+            return False
+    return True
+
+
+def pool_size(sched: Scheduler, workers: int) -> int:
+    """Worker processes a run needs: N-1, none for one unit, at least one for a unit the driver cannot run."""
+    todo = pending(sched)
+    size = 0 if workers == 1 or len(todo) <= 1 else workers - 1
+    if any(not _inline_ok(u) for u in todo):
+        size = max(size, 1)
+    return size
+
+
+def _inline_ok(unit: Unit) -> bool:
+    """Runs in the driver: one CPU, staged (the trainer forks and resumes in place: a worker)."""
+    return unit.cpus <= 1 and unit.workdir is None
+
+
+def _forked_main(conn: Any, driver_pid: int, inherited: list[Any]) -> None:
+    """A worker forked from the driver: drop the pipe ends it inherited (the driver's), then serve."""
+    from gia_bench.engines.worker import worker_main
+
+    for other in inherited:
+        with contextlib.suppress(OSError):
+            other.close()
+    worker_main(conn, driver_pid)
+
+
+def fork_workers(n: int) -> list[_Worker]:
+    """Fork ``n`` warm workers from this process when :func:`fork_safe`, else none (the forkserver starts them).
+
+    Call before any other thread starts (the progress display's) and before the run's first
+    unit. Imports what units need first, so the workers share those pages.
+    """
+    if n <= 0 or not fork_safe():
+        return []
+    import importlib
+
+    importlib.import_module(_PRELOAD[0])
+    if not fork_safe() or not _pause_openmp():  # an import started a thread after all: the forkserver it is
+        return []
+    ctx = multiprocessing.get_context("fork")
+    workers: list[_Worker] = []
+    try:
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            inherited = [parent] + [w.conn for w in workers]
+            proc = ctx.Process(target=_forked_main, args=(child, os.getpid(), inherited), name="gia-bench-worker",
+                               daemon=False)
+            with warnings.catch_warnings():
+                # Python >= 3.12 warns on any fork of a process with native threads; the ones left
+                # here are OpenBLAS's idle pool, which shuts itself down around a fork (pthread_atfork)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                proc.start()
+            child.close()
+            workers.append(_Worker(proc, parent))
+    except BaseException:
+        discard(workers)
+        raise
+    return workers
+
+
+def discard(workers: list[_Worker]) -> None:
+    """End idle workers that never got a unit (their run did not start)."""
+    for w in workers:
+        with contextlib.suppress(OSError, ValueError):
+            w.conn.send(None)
+    for w in workers:
+        w.proc.join(timeout=1.0)
+        if w.proc.exitcode is None:
+            _kill(w.proc)
+        w.conn.close()
+
+
 def _kill(proc: Any) -> None:
     """SIGKILL a worker's whole process group (it and what it started), then reap it."""
     if proc.pid is None:
@@ -77,25 +208,23 @@ def _kill(proc: Any) -> None:
 class LocalEngine(Driver):
     """See the module docstring."""
 
-    def __init__(self, sched: Scheduler, ctx: UnitContext, reporter: Reporter, workers: int) -> None:
+    def __init__(
+        self, sched: Scheduler, ctx: UnitContext, reporter: Reporter, workers: int, forked: list[_Worker] = ()
+    ) -> None:
+        """``forked``: workers :func:`fork_workers` started (the engine owns them from here on)."""
         super().__init__(sched, ctx, reporter)
         self.workers = workers
         self.used = 0  # slots taken by units in flight
-        self.pool: list[_Worker] = []
+        self.pool: list[_Worker] = list(forked)  # they say "ready" once up
         self.pool_broken: str | None = None
         self.stop = threading.Event()
-        todo = pending(sched)
-        inline_only = workers == 1 or len(todo) <= 1
-        self.pool_size = 0 if inline_only else workers - 1
-        if any(not self.inline_ok(u) for u in todo):
-            self.pool_size = max(self.pool_size, 1)
+        self.pool_size = max(pool_size(sched, workers), len(self.pool))
 
     def slots(self, unit: Unit) -> int:
         return min(max(unit.cpus, 1), self.workers)
 
     def inline_ok(self, unit: Unit) -> bool:
-        """Runs in the driver: one CPU, staged (the trainer forks and resumes in place: a worker)."""
-        return unit.cpus <= 1 and unit.workdir is None
+        return _inline_ok(unit)
 
     def fits(self, unit: Unit) -> bool:
         return self.used + self.slots(unit) <= self.workers
@@ -106,7 +235,7 @@ class LocalEngine(Driver):
         collector = None
         if self.pool_size:
             ctx = mp_context()
-            if ctx.get_start_method() == "forkserver":
+            if len(self.pool) < self.pool_size and ctx.get_start_method() == "forkserver":
                 # started from the main thread: the forkserver's parent-death signal follows this thread
                 from multiprocessing import forkserver
 
@@ -172,7 +301,7 @@ class LocalEngine(Driver):
 
     def _serve_pool(self) -> None:
         try:
-            for _ in range(self.pool_size):
+            for _ in range(self.pool_size - len(self.pool)):  # what fork_workers did not start
                 if self.stop.is_set():
                     break
                 worker = self._start_worker()

@@ -84,3 +84,27 @@ def descendants(pid: int) -> dict[int, int]:
             found[c] = depth + 1
             todo.append((c, depth + 1))
     return found
+
+
+def rendezvous(ctx, path: str, me: str, other: str, matmul: int = 0) -> None:
+    """Finish only once the ``other`` unit runs at the same time (so two slots ran them), then
+    multiply two ``matmul`` x ``matmul`` matrices on the unit's torch threads; record who ran it."""
+    flags = ctx.inputs / "flags"
+    flags.mkdir(exist_ok=True)
+    (flags / me).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not (flags / other).exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{other} never ran beside {me}")
+        time.sleep(0.02)
+    threads = 0
+    if matmul:
+        import torch
+
+        threads = torch.get_num_threads()
+        x = torch.ones(matmul, matmul)
+        assert float((x @ x)[0, 0]) == matmul
+        assert float(torch.zeros(1 << 20).exp().sum()) == 1 << 20  # an OpenMP parallel region on >1 thread
+    out = ctx.outputs / path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{os.getpid()} {os.getppid()} {threads}")

@@ -60,12 +60,20 @@ def _sigint_not_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def _is_worker(pid: int) -> bool:
+    """A pool worker: forked from the driver or from the forkserver (not the forkserver itself)."""
+    try:
+        return b"forkserver" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _wait_for_worker(proc: subprocess.Popen, out: Path) -> dict[int, int]:
-    """Until the record exists and a pool worker (a forkserver's child) runs an attack."""
+    """Until the record exists and a pool worker runs an attack."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         below = descendants(proc.pid)
-        if list(out.glob("records/*/*/*.safetensors")) and any(d >= 2 for d in below.values()):
+        if list(out.glob("records/*/*/*.safetensors")) and any(_is_worker(p) for p in below):
             time.sleep(1.0)  # both attacks in flight
             return descendants(proc.pid)
         assert proc.poll() is None, proc.stdout.read().decode()

@@ -1,8 +1,12 @@
 """The engine's scheduling, file landing, progress and cancellation, on toy units (fast, no torch work)."""
 
 import io
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -127,3 +131,64 @@ def test_ctrl_c_cancels_units_in_flight_and_removes_their_partial_files(tmp_path
     assert not list(tmp_path.rglob("*.tmp"))  # the in-flight unit's temp file is gone
     assert not (tmp_path / "slow" / "done").exists()
     assert not pid_alive(worker) and worker not in descendants(os.getpid())
+
+
+def _pair(matmul=0):
+    """Two units that finish only if they run at the same time, in two slots."""
+    return [Unit(kind="attack", key=k, fn=f"{U}:rendezvous", args={"path": f"{k}.txt", "me": k, "other": o, "matmul": matmul},
+                 outputs=(f"{k}.txt",)) for k, o in (("a", "b"), ("b", "a"))]
+
+
+def _who(root):
+    return {k: tuple(map(int, (root / f"{k}.txt").read_text().split())) for k in ("a", "b")}
+
+
+FRESH = """
+import io, json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import torch
+from multiprocessing import forkserver
+from rich.console import Console
+from gia_bench.engines import UnitContext, run_units
+from test_local import _pair
+
+torch.set_num_threads(2)
+x = torch.ones(1000, 1000)
+(x @ x).sum(), torch.zeros(1 << 20).exp().sum()  # this process's OpenMP thread pool now exists
+root = Path(sys.argv[1])
+result = run_units(_pair(matmul=600), root, UnitContext(inputs=root, outputs=root, threads=2), workers=2,
+                   console=Console(file=io.StringIO()))
+print(json.dumps({"failures": result.failures, "driver": os.getpid(), "forkserver": forkserver._forkserver._forkserver_pid}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the driver forks its workers on Linux")
+def test_workers_are_forked_from_the_driver_and_run_beside_it_on_several_threads(tmp_path):
+    # A fresh process (as `gia-bench study run`) whose torch has already run on 2 threads:
+    # the worker is a fork of the driver (no forkserver, no second import of torch), runs a
+    # unit at the same time as the driver, and its own 2-thread OpenMP regions do not hang
+    # (they did before the driver stopped its OpenMP pool ahead of the fork).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path), str(Path(__file__).parent)],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.splitlines()[-1])
+    assert report["failures"] == [] and report["forkserver"] is None
+    who = _who(tmp_path)
+    driver = report["driver"]
+    assert sorted(p == driver for p, _, _ in who.values()) == [False, True]  # one unit each
+    worker = next(w for w in who.values() if w[0] != driver)
+    assert worker[1] == driver and worker[2] == 2  # forked by the driver itself; ran on 2 threads
+
+
+def test_without_a_safe_fork_the_workers_come_from_the_forkserver(tmp_path, monkeypatch):
+    from gia_bench.engines import local
+
+    monkeypatch.setattr(local, "fork_safe", lambda: False)  # as with Ray's threads in this process
+    result = run_units(_pair(), tmp_path, _ctx(tmp_path), workers=2, console=_quiet())
+    assert result.failures == []
+    who = _who(tmp_path)
+    assert sorted(p == os.getpid() for p, _, _ in who.values()) == [False, True]
+    worker = next(w for w in who.values() if w[0] != os.getpid())
+    assert worker[1] != os.getpid()  # the forkserver's child
