@@ -137,3 +137,72 @@ def test_mean_embedding_refuses_a_head_without_bias_and_bad_parameters():
     for bad in ({"repeats": 0}, {"iterations": 0}, {"floor": 0.0}):
         with pytest.raises(AttackError, match="mean-embedding"):
             MeanEmbedding(**bad)
+
+
+def _photos_record(model: str, batch: int, index: int, seed: int = 1):
+    """As :func:`_batch_record`, on photos (one class per photograph: classes far apart in embedding space)."""
+    data = dataset("photos")
+    indices = batch_indices(len(data), batch, index + 1, seed=seed)[index]
+    inputs, labels = data.batch(indices)
+    spec = ModelSpec(model, data.spec.shape, data.spec.num_classes, "train")
+    net = build_model(spec, seed=index)
+    return capture_batch(net, spec, data.spec, inputs, labels, create_defense("none"), f"b{index}")
+
+
+def test_posterior_rounding_is_the_weighted_nearest_integer_vector():
+    import itertools
+
+    from gia_bench.attacks.labels import posterior_rounding
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        x = torch.rand(4, generator=gen, dtype=torch.float64) * 3 - 0.5
+        s = torch.rand(4, generator=gen, dtype=torch.float64) * 3 + 0.1
+        got = posterior_rounding(x, s, 5)
+        assert int(got.sum()) == 5 and bool((got >= 0).all())
+
+        def cost(k):
+            return float((((torch.tensor(k, dtype=torch.float64) - x) / s) ** 2).sum())
+
+        best = min((k for k in itertools.product(range(6), repeat=4) if sum(k) == 5), key=cost)
+        assert cost(got.tolist()) == pytest.approx(cost(best))
+    # equal S: largest remainders; a class with a small S (its count is the surest) is rounded
+    # to its nearest integer, the error goes to the classes with large S
+    x = torch.tensor([1.32, 1.28, 0.4])
+    assert posterior_rounding(x, torch.ones(3), 3).tolist() == round_counts(x, 3).tolist() == [1, 1, 1]
+    assert posterior_rounding(x, torch.tensor([4.0, 4.0, 0.5]), 3).tolist() == [2, 1, 0]
+
+
+def test_mean_embedding_eb_shrinks_by_the_regression_noise():
+    from gia_bench.attacks.labels import MeanEmbeddingEB
+
+    eb = MeanEmbeddingEB()
+    db = torch.tensor([0.2, -0.3, 0.1], dtype=torch.float64)
+    mu, dummy = torch.tensor([1.0, 2.0, 0.5, 0.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    w = torch.ones(3, dtype=torch.float64)
+    # rows exactly proportional to the bias gradient: no class deviations, the regression is kept
+    assert torch.allclose(eb._combine(db[:, None] * mu, db, w, mu, dummy), mu)
+    # rows that are all deviation around a mean equal to the dummies': the dummies' mean is kept
+    dw = torch.randn((3, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    regressed = (w * db) @ dw / (w * db * db).sum()
+    assert torch.allclose(eb._combine(dw, db, w, regressed, regressed), regressed)
+    out = eb._combine(dw, db, w, regressed, dummy)  # in between, on the segment
+    lam = float(out @ regressed / (regressed @ regressed))
+    assert 0 <= lam <= 1 and torch.allclose(out, lam * regressed)
+
+
+def test_mean_embedding_eb_counts_a_batch_of_16_exactly():
+    record, truth = _batch_record("convnet:width=8", 16, 0)
+    assert len(set(truth.labels.tolist())) < 16
+    assert sorted(_infer(record, "mean-embedding-eb").tolist()) == sorted(truth.labels.tolist())
+
+
+def test_mean_embedding_eb_counts_a_photos_batch_of_32_where_the_others_miss():
+    # photos: the classes' mean embeddings differ, the regression alone errs by one image here
+    record, truth = _photos_record("convnet:width=16", 32, 4)
+    model = attack_model(record, "cpu")
+    true = sorted(truth.labels.tolist())
+    for old in ("bias-corrected", "ilrg", "mean-embedding"):
+        assert sorted(infer_labels(record, model, old, torch.Generator().manual_seed(0))[1].tolist()) != true, old
+    assert sorted(infer_labels(record, model, "mean-embedding-eb", torch.Generator().manual_seed(0))[1].tolist()) == true
+    assert create_attack("ig:labels=mean-embedding-eb").labels == "mean-embedding-eb"
