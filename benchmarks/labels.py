@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--models", default="resnet18,convnet", help="comma-separated model specs")
     parser.add_argument("--batch-sizes", default="8,32")
-    parser.add_argument("--strategies", default="bias-corrected,ilrg,llg,mean-embedding")
+    parser.add_argument("--strategies", default="bias-corrected,ilrg,llg,mean-embedding,mean-embedding-eb")
     parser.add_argument("--batches", type=int, default=10, help="batches per model x batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", default="train", choices=("train", "eval"))
