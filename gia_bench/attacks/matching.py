@@ -191,7 +191,7 @@ class CandidateGradients:
         self._batched = vmap(grad(loss_of), in_dims=(None, 0, 0))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        if x.shape[0] > 1 and self._unfold is not None:
+        if x.shape[0] > 1 and self.route == "unfold":
             return self._unfold(x, y)
         if x.shape[0] > 1 and self.route == "vmap":
             out = self._batched(self.params, x, y)
