@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
@@ -95,6 +96,10 @@ class QSGD(GeneratorState, Compressor):
     matches the candidate's bucket norms to them; the dequantized values are an unbiased
     estimate of the gradient, so the candidate is matched to them through the identity
     (the expected value of the quantizer; rounding the candidate would only add noise).
+    Both views give a norm in the units of one entry, ``||bucket|| / sqrt(d)``: in the
+    attack's one distance over the whole observation each norm then weighs as one entry,
+    not all of them as much as all the values together (``sum ||bucket||^2 = ||v||^2``).
+    At full weight they cost IG's aware view 0.5-0.7 dB against the naive one on digits.
 
     Args:
         levels: quantization levels s >= 1 (level codes 0..s).
@@ -214,11 +219,12 @@ class QSGD(GeneratorState, Compressor):
 
     def message_values(self, messages, shapes, public=None) -> dict[str, torch.Tensor]:
         check_messages(messages, ["norms"], "qsgd")
-        return {"norms": messages["norms"].to(torch.float32), "values": flatten(self.decode(messages, shapes))}
+        norms = messages["norms"].to(torch.float32) / math.sqrt(self.bucket)
+        return {"norms": norms, "values": flatten(self.decode(messages, shapes))}
 
     def simulate(self, grads, messages, public=None) -> dict[str, torch.Tensor]:
         """Exact bucket norms and the quantizer's expectation (the candidate itself): differentiable."""
         shapes = [g.shape for g in grads]
         v = flatten(list(grads)).to(torch.float32)
         norms = _bucket_norms(v, [int(torch.Size(s).numel()) for s in shapes], self.bucket)
-        return {"norms": norms, "values": v}
+        return {"norms": norms / math.sqrt(self.bucket), "values": v}

@@ -185,6 +185,21 @@ def test_decode_and_simulate_agree_with_the_step(gen):
     assert leaf[0].grad.abs().sum() > 0
 
 
+def test_simulate_is_linear_in_the_candidate_with_the_observed_basis(gen):
+    """Q is M^T orth(observed P), not M^T orth(P of the candidate): linear in the candidate, no
+    Gram-Schmidt inside the attack's objective, and exact at the true gradient (above)."""
+    comp = PowerSGD(rank=2)
+    grads = _grads(gen)
+    comm = LocalCommunicator()
+    comp.step(grads, comm)
+    messages, public = messages_by_tag(comm.messages), comp.public_state()
+    a, b = _grads(gen), _grads(gen)
+    mixed = [2.0 * x - 0.5 * y for x, y in zip(a, b)]
+    sa, sb, sm = (comp.simulate(g, messages, public) for g in (a, b, mixed))
+    for tag in ("P", "Q", "rest"):
+        torch.testing.assert_close(sm[tag], 2.0 * sa[tag] - 0.5 * sb[tag], rtol=1e-4, atol=1e-5)
+
+
 def test_start_iter_sends_plain_gradients_first(gen):
     comp = PowerSGD(rank=2, start_iter=2)
     tags = []
