@@ -166,6 +166,21 @@ def test_aware_is_never_weaker_than_naive(defense):
     assert aware.labels.tolist() == naive.labels.tolist() == truth.labels.tolist()
 
 
+@pytest.mark.parametrize("defense", ["powersgd:rank=4", "qsgd:levels=16"])
+def test_ig_aware_is_not_weaker_than_naive_at_the_demo_budget(defense):
+    """IG at the demo's budget on 4 digits: the aware view's mean PSNR is not below the naive
+    one's (seed-to-seed noise here is ~0.4 dB). Before the aware views used the receiver's
+    basis (PowerSGD, LQ-SGD) and entry-sized norms (QSGD) it was 1.4 and 0.3 dB below."""
+    spec = "ig:iterations=300,lr=0.1,tv=0.01"
+    diffs = []
+    for index in (3, 11, 40, 77):
+        record, truth = make_record("lenet", "digits", (index,), defense=defense)
+        naive = create(spec).run(record, "naive", torch.Generator().manual_seed(0))
+        aware = create(spec).run(record, "aware", torch.Generator().manual_seed(0))
+        diffs.append(_psnr(record, aware.inputs, truth) - _psnr(record, naive.inputs, truth))
+    assert sum(diffs) / len(diffs) >= -0.25, diffs
+
+
 def test_matching_config_is_listed_and_presets_name_their_budget():
     from gia_bench.registry import describe_params
 
