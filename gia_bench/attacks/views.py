@@ -53,6 +53,9 @@ class ThreatView:
     gradient: tuple[torch.Tensor, ...] = ()
     #: the view's objective is the naive one (same target, identity transform)
     same_as_naive: bool = False
+    #: the naive objective's target, through the identity, is one of the view's keys, and the
+    #: others are further observations (QSGD: its exact bucket norms): no naive phase needed
+    extends_naive: bool = False
     residual: str = "not modelled"  # how the worker's private error-feedback residual is treated
     private_state_used: tuple[str, ...] = ()
     #: the observation cut finer than its keys (the naive view: one piece per parameter), and the map
@@ -146,11 +149,22 @@ def aware_view(record: GradientRecord, device: torch.device | str = "cpu", view:
         residual=RESIDUAL[view], private_state_used=tuple(sorted(private)),
     )  # fmt: skip
     if not _is_identity(threat, naive.target, record, device):
-        return threat
+        return dataclasses.replace(threat, extends_naive=_extends(threat, naive.target, record, device))
     # The naive objective in disguise: evaluate it exactly as the naive view does (same pieces, same
     # order of sums), so the two views give bit-identical attacks rather than ones that drift apart
     # through rounding in a chaotic optimiser.
     return dataclasses.replace(threat, same_as_naive=True, target_segments=naive.segments, split=naive.split)
+
+
+def _probe(naive_target: torch.Tensor, record: GradientRecord, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One seeded random gradient: flat, and per parameter with a restart axis."""
+    probe = torch.randn(naive_target.numel(), generator=torch.Generator().manual_seed(0)).to(device)
+    grads, offset = [], 0
+    for shape in record.param_shapes:
+        n = int(torch.Size(shape).numel())
+        grads.append(probe[offset : offset + n].reshape(1, *shape))
+        offset += n
+    return probe, grads
 
 
 def _is_identity(view: ThreatView, naive_target: torch.Tensor, record: GradientRecord, device) -> bool:
@@ -162,14 +176,21 @@ def _is_identity(view: ThreatView, naive_target: torch.Tensor, record: GradientR
     target = view.target
     if target.shape != naive_target.shape or not torch.equal(target, naive_target):
         return False
-    probe = torch.randn(naive_target.numel(), generator=torch.Generator().manual_seed(0)).to(device)
-    grads, offset = [], 0
-    for shape in record.param_shapes:
-        n = int(torch.Size(shape).numel())
-        grads.append(probe[offset : offset + n].reshape(1, *shape))
-        offset += n
+    probe, grads = _probe(naive_target, record, device)
     with torch.no_grad():
         return torch.equal(view.rows(grads)[0], probe)
+
+
+def _extends(view: ThreatView, naive_target: torch.Tensor, record: GradientRecord, device) -> bool:
+    """True when one of the view's keys is the naive view (the decoded gradient as its target,
+    simulate the identity on it) and the other keys observe more, checked as :func:`_is_identity`."""
+    same = [i for i, t in enumerate(view.targets) if t.shape == naive_target.shape and torch.equal(t, naive_target)]
+    if len(view.targets) < 2 or not same:
+        return False
+    probe, grads = _probe(naive_target, record, device)
+    with torch.no_grad():
+        parts = view.transform(grads)
+    return any(torch.equal(parts[i][0], probe) for i in same)
 
 
 #: ``name -> build(record, device)``; every name must also be in ``gia_bench.threat.VIEWS``.

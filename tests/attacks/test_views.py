@@ -36,6 +36,20 @@ def test_aware_and_naive_attacks_agree_on_none():
     assert torch.equal(a.inputs, b.inputs) and a.final_loss == b.final_loss
 
 
+@pytest.mark.parametrize(
+    "defense, extends", [("qsgd:levels=16", True), ("topk:ratio=0.1", False), ("powersgd:rank=1", False)]
+)
+def test_a_view_that_holds_the_naive_one_whole_skips_the_naive_phase(defense, extends):
+    """QSGD's aware view is the decoded gradient through the identity plus the exact bucket norms: no
+    naive phase (it would only restart the schedule). A mask or a projection keeps the phase."""
+    record, _ = make_record("lenet", "digits", (7,), defense=defense)
+    view = build_view(record, "aware")
+    assert view.extends_naive is extends and not view.same_as_naive
+    rec = create("ig:iterations=4").run(record, "aware", torch.Generator().manual_seed(0))
+    assert rec.extra["candidates"] == (["aware:0"] if extends else ["naive:0", "aware:0"])
+    assert rec.budget.iterations == 4 and rec.iterations == 4
+
+
 def test_aware_view_needs_simulate(monkeypatch):
     class Opaque(NoCompression):
         supports_simulate = False
