@@ -148,46 +148,32 @@ def aware_view(record: GradientRecord, device: torch.device | str = "cpu", view:
         view, keys, targets, transform, "messages", True, tuple(sorted(record.public)), naive.gradient,
         residual=RESIDUAL[view], private_state_used=tuple(sorted(private)),
     )  # fmt: skip
-    if not _is_identity(threat, naive.target, record, device):
-        return dataclasses.replace(threat, extends_naive=_extends(threat, naive.target, record, device))
+    holds = _holds_naive(threat, naive.target, record, device)
+    if not holds or len(keys) > 1:
+        return dataclasses.replace(threat, extends_naive=holds)
     # The naive objective in disguise: evaluate it exactly as the naive view does (same pieces, same
     # order of sums), so the two views give bit-identical attacks rather than ones that drift apart
     # through rounding in a chaotic optimiser.
     return dataclasses.replace(threat, same_as_naive=True, target_segments=naive.segments, split=naive.split)
 
 
-def _probe(naive_target: torch.Tensor, record: GradientRecord, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One seeded random gradient: flat, and per parameter with a restart axis."""
+def _holds_naive(view: ThreatView, naive_target: torch.Tensor, record: GradientRecord, device) -> bool:
+    """True when one of the view's keys is the naive view: the decoded gradient as its target, and
+    simulate the identity on it. The view's only key: the aware objective is the naive one (``none``,
+    PowerSGD's uncompressed warm-up steps); one of several: the naive one and more (QSGD's values
+    beside its norms). A mask, a projection or rounding is not the identity.
+
+    Checked on the observation itself and on one seeded random gradient.
+    """
+    same = [i for i, t in enumerate(view.targets) if t.shape == naive_target.shape and torch.equal(t, naive_target)]
+    if not same:
+        return False
     probe = torch.randn(naive_target.numel(), generator=torch.Generator().manual_seed(0)).to(device)
     grads, offset = [], 0
     for shape in record.param_shapes:
         n = int(torch.Size(shape).numel())
         grads.append(probe[offset : offset + n].reshape(1, *shape))
         offset += n
-    return probe, grads
-
-
-def _is_identity(view: ThreatView, naive_target: torch.Tensor, record: GradientRecord, device) -> bool:
-    """True when the aware objective is the naive one: same target, and simulate is the identity.
-
-    Checked on the observation itself and on one seeded random gradient (``none``, and
-    PowerSGD's uncompressed warm-up steps, pass; a mask, a projection or rounding does not).
-    """
-    target = view.target
-    if target.shape != naive_target.shape or not torch.equal(target, naive_target):
-        return False
-    probe, grads = _probe(naive_target, record, device)
-    with torch.no_grad():
-        return torch.equal(view.rows(grads)[0], probe)
-
-
-def _extends(view: ThreatView, naive_target: torch.Tensor, record: GradientRecord, device) -> bool:
-    """True when one of the view's keys is the naive view (the decoded gradient as its target,
-    simulate the identity on it) and the other keys observe more, checked as :func:`_is_identity`."""
-    same = [i for i, t in enumerate(view.targets) if t.shape == naive_target.shape and torch.equal(t, naive_target)]
-    if len(view.targets) < 2 or not same:
-        return False
-    probe, grads = _probe(naive_target, record, device)
     with torch.no_grad():
         parts = view.transform(grads)
     return any(torch.equal(parts[i][0], probe) for i in same)
