@@ -415,7 +415,8 @@ class MeanEmbedding(LabelStrategy):
         dummy_mean = torch.stack(means).mean(dim=0)
 
         def mean_embedding(w: torch.Tensor) -> torch.Tensor:
-            return self._combine(dw, db, w, (w * db) @ dw / (w * db * db).sum().clamp_min(1e-300), dummy_mean)
+            a = w * db / (w * db * db).sum().clamp_min(1e-300)  # the regression's weight on each class's row
+            return self._combine(dw, db, a, a @ dw, dummy_mean)
 
         def summed_posteriors(mu: torch.Tensor) -> torch.Tensor:
             return B * torch.softmax((delta + mu) @ weight.T + bias, dim=-1).mean(dim=0)
@@ -433,9 +434,9 @@ class MeanEmbedding(LabelStrategy):
         return counts
 
     def _combine(
-        self, dw: torch.Tensor, db: torch.Tensor, w: torch.Tensor, regressed: torch.Tensor, dummy_mean: torch.Tensor
+        self, dw: torch.Tensor, db: torch.Tensor, a: torch.Tensor, regressed: torch.Tensor, dummy_mean: torch.Tensor
     ) -> torch.Tensor:
-        """The mean embedding used for S: here step 1's regression as it is."""
+        """The mean embedding used for S (``regressed = a @ dw``): here step 1's regression as it is."""
         return regressed
 
 
@@ -500,10 +501,9 @@ class MeanEmbeddingEB(MeanEmbedding):
         return counts_to_labels(posterior_rounding(counts, summed, ctx.batch_size))
 
     def _combine(
-        self, dw: torch.Tensor, db: torch.Tensor, w: torch.Tensor, regressed: torch.Tensor, dummy_mean: torch.Tensor
+        self, dw: torch.Tensor, db: torch.Tensor, a: torch.Tensor, regressed: torch.Tensor, dummy_mean: torch.Tensor
     ) -> torch.Tensor:
         C = db.numel()
-        a = w * db / (w * db * db).sum().clamp_min(1e-300)
         # 1. the regression's variance per coordinate (the 1/B of dW and db cancels in r / a)
         residual = dw - db[:, None] * regressed[None, :]
         noise = (a[:, None] ** 2 * residual**2).sum(dim=0) * C / max(C - 1, 1)

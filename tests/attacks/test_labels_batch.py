@@ -179,14 +179,14 @@ def test_mean_embedding_eb_shrinks_by_the_regression_noise():
     eb = MeanEmbeddingEB()
     db = torch.tensor([0.2, -0.3, 0.1], dtype=torch.float64)
     mu, dummy = torch.tensor([1.0, 2.0, 0.5, 0.0], dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    w = torch.ones(3, dtype=torch.float64)
+    a = db / (db * db).sum()  # the regression's class weights, equal w_c
     # rows exactly proportional to the bias gradient: no class deviations, the regression is kept
-    assert torch.allclose(eb._combine(db[:, None] * mu, db, w, mu, dummy), mu)
+    assert torch.allclose(eb._combine(db[:, None] * mu, db, a, mu, dummy), mu)
     # rows that are all deviation around a mean equal to the dummies': the dummies' mean is kept
     dw = torch.randn((3, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    regressed = (w * db) @ dw / (w * db * db).sum()
-    assert torch.allclose(eb._combine(dw, db, w, regressed, regressed), regressed)
-    out = eb._combine(dw, db, w, regressed, dummy)  # in between, on the segment
+    regressed = a @ dw
+    assert torch.allclose(eb._combine(dw, db, a, regressed, regressed), regressed)
+    out = eb._combine(dw, db, a, regressed, dummy)  # in between, on the segment
     lam = float(out @ regressed / (regressed @ regressed))
     assert 0 <= lam <= 1 and torch.allclose(out, lam * regressed)
 
