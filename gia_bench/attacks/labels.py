@@ -31,6 +31,8 @@ truth. Select one with ``labels=`` in an attack spec; ``auto`` (the default) is
 * ``mean-embedding-eb``: ``mean-embedding`` with the regressed mean embedding shrunk towards
   the dummies' by an empirical-Bayes weight estimated from the record, and the counts
   rounded in the metric of their errors (a logit error moves class c's count by ~S_c).
+  Both take their dummies as Gaussian noise of the spectrum 1/f^e whose mean embedding the
+  gradient's regression favours (``spectrum=auto``), not white noise.
 * ``joint`` (Zhu et al. 2019): no inference; the attack optimises soft labels.
 
 Every strategy takes the observed gradient per parameter (:class:`LabelContext`), so it
@@ -44,7 +46,7 @@ multiple of the batch; otherwise approximately).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -173,6 +175,48 @@ class BiasCorrected(LabelStrategy):
             labels.append(c)
             assigned[c] += 1
         return torch.tensor(sorted(labels), dtype=torch.int64)
+
+
+SPECTRA = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+"""Exponents of the dummies' amplitude spectrum 1/f^e that ``spectrum=auto`` chooses among (0: white)."""
+
+
+def coloured_noise(
+    n: int,
+    shape: tuple[int, int, int],
+    exponent: float,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    chroma: float = 0.3,
+) -> torch.Tensor:
+    """``n`` Gaussian images of ``shape`` whose amplitude spectrum falls as 1/f^``exponent``.
+
+    Exponent 0 is white noise; natural photographs fall as about 1/f (Field 1987) and
+    smaller or upsampled images faster. Colour images are one shared (luminance) field
+    plus ``chroma`` times an independent field per channel, since a photograph's channels are
+    strongly correlated. Each channel is standardised over the batch (zero mean, unit
+    variance), as data sets normalise theirs, so only the spatial and colour structure differs
+    from N(0, 1) dummies.
+    """
+    c, h, w = shape
+    white = torch.randn((n, c if c == 1 else c + 1, h, w), generator=generator, device=device)
+    return colour(white, exponent, chroma)
+
+
+def colour(white: torch.Tensor, exponent: float, chroma: float = 0.3) -> torch.Tensor:
+    """:func:`coloured_noise` from its white fields ``white`` (n, 1 or 1 + channels, h, w).
+
+    The same fields coloured with different exponents give dummies that differ only by the
+    spectrum (common random numbers), so ``spectrum=auto`` compares exponents, not draws.
+    """
+    h, w = white.shape[-2:]
+    if exponent != 0:
+        freq = torch.fft.fftfreq(h, device=white.device)[:, None] ** 2 + torch.fft.fftfreq(w, device=white.device) ** 2
+        f = freq.sqrt()
+        f[0, 0] = 1.0 / max(h, w)  # the mean: as strong as the lowest frequency
+        white = torch.fft.ifft2(torch.fft.fft2(white) / f**exponent).real
+    x = white if white.shape[1] == 1 else white[:, :1] + chroma * white[:, 1:]
+    return (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-12)
 
 
 def _head_inputs(ctx: LabelContext, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,8 +401,13 @@ class MeanEmbedding(LabelStrategy):
        the first pass uses w_c = 1 (iLRG's ĥ_c = dW_c / db_c of Ma et al. 2023, pooled over
        classes instead of taken per class, where a vanishing db_c makes it noise);
     2. S from embeddings mu + delta_n, the deviations delta_n those of ``repeats`` batches of
-       B N(0, 1) dummies (the spread within a batch makes S a softmax average, not the
-       softmax of the mean): S_c = B mean_n softmax(W (mu + delta_n) + b)_c;
+       B dummies (the spread within a batch makes S a softmax average, not the softmax of
+       the mean): S_c = B mean_n softmax(W (mu + delta_n) + b)_c. The dummies are Gaussian
+       noise with an amplitude spectrum 1/f^e (:func:`coloured_noise`); ``spectrum=auto``
+       takes the e of :data:`SPECTRA` whose dummies' mean embedding lies nearest step 1's
+       first pass (:meth:`dummy_embeddings`), so smooth data (photographs, upsampled digits)
+       gets smooth dummies: white noise's embedding is not a photograph's, whose max-pooled
+       features over correlated pixels are smaller;
     3. k = S - B dL/db, clipped at 0, gives step 1's weights; repeat 1-3 ``iterations`` times
        (a fixed point; it settles in a few);
     4. largest-remainder rounding to non-negative integers summing to B.
@@ -379,19 +428,60 @@ class MeanEmbedding(LabelStrategy):
         repeats: dummy batches of the record's batch size whose deviations are pooled.
         iterations: fixed-point passes of steps 1-3.
         floor: added to the counts in the weights w_c = 1 / (k_c + floor).
+        spectrum: the dummies' spectral exponent e (0: white; 1: natural photographs'), or
+            ``auto`` to choose it per record from the gradient.
     """
 
-    def __init__(self, repeats: int = 4, iterations: int = 20, floor: float = 0.5):
+    def __init__(
+        self,
+        repeats: int = 4,
+        iterations: int = 20,
+        floor: float = 0.5,
+        spectrum: float | Literal["auto"] = "auto",
+    ):
         if repeats < 1 or iterations < 1 or not floor > 0:
             raise AttackError(
                 f"labels=mean-embedding needs repeats >= 1, iterations >= 1 and floor > 0, "
                 f"got {repeats}, {iterations}, {floor}"
             )
-        self.repeats, self.iterations, self.floor = repeats, iterations, floor
+        if spectrum != "auto" and not 0 <= spectrum <= 8:
+            raise AttackError(f"labels=mean-embedding needs spectrum=auto or an exponent in [0, 8], got {spectrum}")
+        self.repeats, self.iterations, self.floor, self.spectrum = repeats, iterations, floor, spectrum
 
     def infer(self, ctx: LabelContext) -> torch.Tensor:
         counts = self.counts(ctx)
         return counts_to_labels(round_counts(counts, ctx.batch_size))
+
+    def dummy_embeddings(self, ctx: LabelContext, dw: torch.Tensor, db: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+        """(spectrum exponent, ``repeats`` dummy batches' head inputs, each (B, d) float64 on the CPU).
+
+        With ``spectrum=auto`` one batch per exponent of :data:`SPECTRA` is drawn and the exponent
+        whose batch's mean embedding lies nearest the unweighted regression (step 1's first pass)
+        is kept, distance measured in the regression's own noise per coordinate
+        (:func:`_regression_noise`). All exponents colour the same white fields, so they are
+        compared on one draw; that batch is reused as the first of the chosen exponent's.
+        """
+        B, device = ctx.batch_size, ctx.weight_grad.device
+
+        def embed(exponent: float, white: torch.Tensor | None = None) -> torch.Tensor:
+            # batches of B: in train mode BatchNorm normalises over the batch, as it did the record's
+            if white is None:
+                x = coloured_noise(B, ctx.in_shape, exponent, ctx.generator, device)
+            else:
+                x = colour(white, exponent)
+            return _head_inputs(ctx, x)[0].double().cpu()
+
+        if self.spectrum != "auto":
+            return float(self.spectrum), [embed(float(self.spectrum)) for _ in range(self.repeats)]
+        a = db / (db * db).sum().clamp_min(1e-300)
+        regressed = a @ dw
+        noise = _regression_noise(dw, db, a, regressed)
+        noise = noise.clamp_min(float(noise.mean()) * 1e-3 + 1e-300)  # coordinates dead in the whole batch
+        c, h, w = ctx.in_shape
+        white = torch.randn((B, c if c == 1 else c + 1, h, w), generator=ctx.generator, device=device)
+        first = {e: embed(e, white) for e in SPECTRA}
+        best = min(SPECTRA, key=lambda e: float(((regressed - first[e].mean(dim=0)) ** 2 / noise).mean()))
+        return best, [first[best]] + [embed(best) for _ in range(self.repeats - 1)]
 
     def counts(self, ctx: LabelContext) -> torch.Tensor:
         """Real-valued counts k = S - B dL/db (before rounding), float64."""
@@ -402,16 +492,9 @@ class MeanEmbedding(LabelStrategy):
         db = ctx.bias_grad.detach().double().cpu()
         head = ctx.head.module
         weight, bias = head.weight.detach().double().cpu(), head.bias.detach().double().cpu()
-        device = ctx.weight_grad.device
-        deviations, means = [], []
-        for _ in range(self.repeats):
-            # batches of B: in train mode BatchNorm normalises over the batch, as it did the record's
-            x = torch.randn((B, *ctx.in_shape), generator=ctx.generator, device=device)
-            h, _ = _head_inputs(ctx, x)
-            h = h.double().cpu()
-            means.append(h.mean(dim=0))
-            deviations.append(h - means[-1])
-        delta = torch.cat(deviations)
+        _, embeddings = self.dummy_embeddings(ctx, dw, db)
+        means = [h.mean(dim=0) for h in embeddings]
+        delta = torch.cat([h - m for h, m in zip(embeddings, means)])
         dummy_mean = torch.stack(means).mean(dim=0)
 
         def mean_embedding(w: torch.Tensor) -> torch.Tensor:
@@ -438,6 +521,18 @@ class MeanEmbedding(LabelStrategy):
     ) -> torch.Tensor:
         """The mean embedding used for S (``regressed = a @ dw``): here step 1's regression as it is."""
         return regressed
+
+
+def _regression_noise(dw: torch.Tensor, db: torch.Tensor, a: torch.Tensor, regressed: torch.Tensor) -> torch.Tensor:
+    """Per coordinate, the variance of the regressed mean embedding ``regressed = a @ dw``.
+
+    From its residuals across classes r_cf = dW_cf - dL/db_c mu_f^reg (sandwich estimate,
+    C / (C - 1) for the fitted mean): s_f^2 = C / (C - 1) sum_c a_c^2 r_cf^2; the 1/B of dW and
+    db cancels in r a.
+    """
+    C = db.numel()
+    residual = dw - db[:, None] * regressed[None, :]
+    return (a[:, None] ** 2 * residual**2).sum(dim=0) * C / max(C - 1, 1)
 
 
 def posterior_rounding(counts: torch.Tensor, summed_posteriors: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -503,10 +598,7 @@ class MeanEmbeddingEB(MeanEmbedding):
     def _combine(
         self, dw: torch.Tensor, db: torch.Tensor, a: torch.Tensor, regressed: torch.Tensor, dummy_mean: torch.Tensor
     ) -> torch.Tensor:
-        C = db.numel()
-        # 1. the regression's variance per coordinate (the 1/B of dW and db cancels in r / a)
-        residual = dw - db[:, None] * regressed[None, :]
-        noise = (a[:, None] ** 2 * residual**2).sum(dim=0) * C / max(C - 1, 1)
+        noise = _regression_noise(dw, db, a, regressed)  # 1.
         # 2. the prior's variance, by moments over the coordinates
         tau2 = ((regressed - dummy_mean) ** 2 - noise).mean().clamp_min(0.0)
         # 3. shrink

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dataset
 
 from gia_bench.attacks import create as create_attack
-from gia_bench.attacks.labels import LABELS, counts_to_labels, infer_labels, round_counts
+from gia_bench.attacks.labels import (
+    LABELS,
+    counts_to_labels,
+    infer_labels,
+    round_counts,
+)
 from gia_bench.attacks.matching import attack_model
 from gia_bench.capture import batch_indices, capture_batch
 from gia_bench.defenses import create as create_defense
 from gia_bench.fedavg import LocalTraining
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.receiver import decode_record
-
-from conftest import dataset
 
 
 def _batch_record(model: str, batch: int, index: int, local: LocalTraining | None = None, seed: int = 1):
@@ -103,7 +107,12 @@ def test_mean_embedding_counts_a_batch_of_32_where_dummy_and_ilrg_estimates_fail
 def test_mean_embedding_regresses_the_batch_mean_embedding_from_the_gradient():
     # B dW_c = B db_c mu - k_c D_c + ...: the regression's mean embedding is nearer the batch's
     # true one than the dummies' mean, and its counts are nearer the truth than the dummies'
-    from gia_bench.attacks.labels import LabelContext, MeanEmbedding, _head_inputs, find_head
+    from gia_bench.attacks.labels import (
+        LabelContext,
+        MeanEmbedding,
+        _head_inputs,
+        find_head,
+    )
 
     record, truth = _batch_record("convnet:width=16", 32, 2)
     model = attack_model(record, "cpu")
@@ -134,7 +143,7 @@ def test_mean_embedding_refuses_a_head_without_bias_and_bad_parameters():
     ctx = LabelContext([torch.zeros(3, 4)], head, 2, 3, nn.Linear(4, 3, bias=False), (1, 2, 2), torch.Generator())
     with pytest.raises(AttackError, match="bias"):
         MeanEmbedding().infer(ctx)
-    for bad in ({"repeats": 0}, {"iterations": 0}, {"floor": 0.0}):
+    for bad in ({"repeats": 0}, {"iterations": 0}, {"floor": 0.0}, {"spectrum": -1.0}, {"spectrum": 9.0}):
         with pytest.raises(AttackError, match="mean-embedding"):
             MeanEmbedding(**bad)
 
@@ -198,12 +207,66 @@ def test_mean_embedding_eb_counts_a_batch_of_16_exactly():
 
 
 def test_mean_embedding_eb_counts_a_photos_batch_of_32_where_the_others_miss():
-    # photos: the classes' mean embeddings differ, the regression alone errs by one image here
-    record, truth = _photos_record("convnet:width=16", 32, 4)
+    # photos: the classes' mean embeddings differ; the regression alone, and the shrinkage towards
+    # white-spectrum dummies, err here; dummies of the spectrum chosen from the gradient do not
+    record, truth = _photos_record("convnet:width=16", 32, 6)
     model = attack_model(record, "cpu")
     true = sorted(truth.labels.tolist())
-    for old in ("bias-corrected", "ilrg", "mean-embedding"):
+    for old in ("bias-corrected", "ilrg", "mean-embedding", "mean-embedding-eb:spectrum=0"):
         assert sorted(infer_labels(record, model, old, torch.Generator().manual_seed(0))[1].tolist()) != true, old
     got = infer_labels(record, model, "mean-embedding-eb", torch.Generator().manual_seed(0))[1]
     assert sorted(got.tolist()) == true
     assert create_attack("ig:labels=mean-embedding-eb").labels == "mean-embedding-eb"
+
+
+def _radial_slope(x: torch.Tensor) -> float:
+    """Log-log slope of the radially averaged power spectrum of images ``x`` (n, c, h, w)."""
+    power = (torch.fft.fft2(x).abs() ** 2).mean(dim=(0, 1))
+    h, w = power.shape
+    f = (torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.fftfreq(w) ** 2).sqrt()
+    keep = (f > 1.5 / h) & (f < 0.35)
+    return float(torch.linalg.lstsq(
+        torch.stack([f[keep].log(), torch.ones(int(keep.sum()))], dim=1), power[keep].log()[:, None]
+    ).solution[0, 0])
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0])
+def test_coloured_noise_has_the_asked_spectrum_and_standard_channels(exponent):
+    from gia_bench.attacks.labels import coloured_noise
+
+    x = coloured_noise(64, (3, 32, 32), exponent, torch.Generator().manual_seed(0))
+    assert x.shape == (64, 3, 32, 32)
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5)
+    assert _radial_slope(x) == pytest.approx(-2 * exponent, abs=0.25)  # power falls as 1/f^(2 e)
+    # one luminance field plus 0.3 of a field per channel: correlation 1 / 1.09 between channels
+    c = torch.corrcoef(x.transpose(0, 1).flatten(1))
+    assert float(c[0, 1]) == pytest.approx(1 / 1.09, abs=0.02)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 2.5])
+def test_spectrum_auto_finds_the_spectrum_of_the_batch(exponent):
+    # a batch of coloured noise of a known spectrum: the exponent chosen from its gradient alone
+    from gia_bench.attacks.labels import (
+        SPECTRA,
+        LabelContext,
+        MeanEmbeddingEB,
+        coloured_noise,
+        find_head,
+    )
+
+    data = dataset("digits")
+    inputs = coloured_noise(32, data.spec.shape, exponent, torch.Generator().manual_seed(5))
+    labels = torch.randint(10, (32,), generator=torch.Generator().manual_seed(5))
+    spec = ModelSpec("convnet:width=8", data.spec.shape, 10, "train")
+    record, _ = capture_batch(build_model(spec, seed=0), spec, data.spec, inputs, labels, create_defense("none"), "n")
+    model = attack_model(record, "cpu")
+    head = find_head(model, record.meta.param_names, 10)
+    ctx = LabelContext([g.float() for g in decode_record(record)], head, 32, 10, model, data.spec.shape,
+                       torch.Generator().manual_seed(0))
+    dw, db = ctx.weight_grad.double().flatten(1), ctx.bias_grad.double()
+    chosen, embeddings = MeanEmbeddingEB().dummy_embeddings(ctx, dw, db)
+    assert chosen in SPECTRA and abs(chosen - exponent) <= 0.5
+    assert len(embeddings) == 4 and embeddings[0].shape == (32, dw.shape[1])
+    fixed, _ = MeanEmbeddingEB(spectrum=1.5).dummy_embeddings(ctx, dw, db)
+    assert fixed == 1.5
