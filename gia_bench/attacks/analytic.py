@@ -47,7 +47,7 @@ class Analytic(Attack):
         combine: lstsq (all good rows, least squares) or best (single row with the largest |db|); B = 1.
         eps: rows with |dL/db_i| <= eps * max|dL/db| are ignored.
         tol: relative distance under which two row candidates count as the same image (B > 1).
-        labels: label strategy: auto (idlg for B = 1, bias-corrected otherwise), idlg, bias-corrected, yin.
+        labels: label strategy: auto (idlg for B = 1, mean-embedding-eb otherwise, see labels.resolve), idlg, bias-corrected, yin.
     """
 
     views = ("naive",)

@@ -11,7 +11,7 @@ class DLG(GradientMatching):
     """DLG: L-BFGS on dummy images, squared-L2 gradient distance; iDLG label when B = 1.
 
     Zhu et al. 2019, Algorithm 1 / eq. 4: x' <- x' - lr * d||grad(x', y') - grad||^2 / dx'.
-    With ``labels=auto`` the label is inferred (iDLG for one image, bias-corrected for a
+    With ``labels=auto`` the label is inferred (iDLG for one image, mean-embedding-eb for a
     batch) and only the images are optimised; ``labels=joint`` (or ``preset=paper``) is the
     original DLG that optimises soft labels too. Unlike the original code, a run that
     diverges backs off and the best iterate is kept (see :mod:`~gia_bench.attacks.matching`),

@@ -101,7 +101,7 @@ class MatchingConfig:
     loss: str = _field("l2", "gradient distance over the whole observation (objectives registry: l2, cosine, l1,"
                        " masked-l2, masked-cosine)")  # fmt: skip
     optimizer: str = _field("lbfgs", "lbfgs, adam or sgd")
-    labels: str = _field("auto", "auto (idlg for B = 1, bias-corrected otherwise), idlg, bias-corrected, yin or"
+    labels: str = _field("auto", "auto (idlg for B = 1, mean-embedding-eb otherwise, see labels.resolve), idlg, bias-corrected, yin or"
                          " joint (optimised soft labels, as the original DLG)")  # fmt: skip
     prior: str = _field("tv", "image prior (tv, l2, none) weighted by tv")
     tv: float = _field(0.0, "weight of the image prior (0: none)")

@@ -16,7 +16,7 @@ DISTINCT = pick("photos", (0, 2, 7, 9))
 def test_batch_labels_recovered_with_distinct_labels(model, strategy):
     record, truth = make_record(model, "photos", DISTINCT, mode="eval")
     name, labels = infer_labels(record, attack_model(record, "cpu"), strategy, torch.Generator().manual_seed(0))
-    assert name == ("bias-corrected" if strategy == "auto" else strategy)
+    assert name == ("mean-embedding-eb" if strategy == "auto" else strategy)
     assert sorted(labels.tolist()) == sorted(truth.labels.tolist())
 
 

@@ -175,11 +175,21 @@ def test_posterior_rounding_is_the_weighted_nearest_integer_vector():
 
         best = min((k for k in itertools.product(range(6), repeat=4) if sum(k) == 5), key=cost)
         assert cost(got.tolist()) == pytest.approx(cost(best))
+        # with lower bounds: the optimum over k >= minimum
+        low = (torch.rand(4, generator=gen) < 0.5).double()
+        got = posterior_rounding(x, s, 5, minimum=low)
+        assert int(got.sum()) == 5 and bool((got >= low).all())
+        best = min((k for k in itertools.product(range(6), repeat=4)
+                    if sum(k) == 5 and all(a >= b for a, b in zip(k, low.tolist()))), key=cost)
+        assert cost(got.tolist()) == pytest.approx(cost(best))
     # equal S: largest remainders; a class with a small S (its count is the surest) is rounded
     # to its nearest integer, the error goes to the classes with large S
     x = torch.tensor([1.32, 1.28, 0.4])
     assert posterior_rounding(x, torch.ones(3), 3).tolist() == round_counts(x, 3).tolist() == [1, 1, 1]
     assert posterior_rounding(x, torch.tensor([4.0, 4.0, 0.5]), 3).tolist() == [2, 1, 0]
+    assert posterior_rounding(x, torch.tensor([4.0, 4.0, 0.5]), 3, minimum=torch.tensor([0, 0, 1])).tolist() == [1, 1, 1]
+    # more classes with a minimum than images: the first ones by index keep theirs
+    assert posterior_rounding(x, torch.ones(3), 2, minimum=torch.ones(3)).tolist() == [1, 1, 0]
 
 
 def test_mean_embedding_eb_shrinks_by_the_regression_noise():
