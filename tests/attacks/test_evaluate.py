@@ -54,7 +54,7 @@ def test_result_json_and_files(tmp_path):
     assert result["bytes"] == record.meta.bytes_sent
     assert result["bytes_fp32"] == 4 * sum(s.numel() for s in record.param_shapes) == result["bytes"]
     assert result["batch_size"] == 2 and result["iterations"] == 5
-    assert result["threat"]["labels"] == "inferred (bias-corrected)"
+    assert result["threat"]["labels"] == "inferred (mean-embedding-eb)"
     assert result["threat"]["observed"] == "decoded gradient" and result["threat"]["compressor_known"] is False
     assert result["labels_true"] == truth.labels.tolist()
     assert sorted(result["labels_inferred"]) == sorted(truth.labels.tolist())
