@@ -417,9 +417,9 @@ class MeanEmbedding(LabelStrategy):
     D_c fit the equations); step 1's weighting is the least-deviation choice, not an
     identification, so it is good when the classes' mean embeddings differ little and
     there are many classes (equations). Measured (benchmarks/labels.py, README), batch 32,
-    untrained, 10 classes: label-count accuracy 0.981 on ConvNet and 1.000 on ResNet-18
-    (digits; the dummies' estimate 0.938 / 1.000), 0.96 on ConvNet on photos, whose classes
-    (patches of one photo each) differ more (0.90 from dummies). With 2 classes the
+    untrained, 10 classes: label-count accuracy 0.984 on ConvNet and 1.000 on ResNet-18
+    (digits; the dummies' estimate 0.938 / 1.000), 0.96-0.97 on ConvNets on photos, whose
+    classes (patches of one photo each) differ more (0.90 from dummies). With 2 classes the
     regression has one equation (it is iLRG's ratio) and ``bias-corrected`` is better (faces:
     0.93 against 0.85). Trained models, whose posteriors differ image by image far more than
     dummies' do, are outside what step 2 models. Needs the head's bias; assumes no sign of the features. The
@@ -595,13 +595,14 @@ class MeanEmbeddingEB(MeanEmbedding):
 
     lambda is estimated from each record: where the dummies' mean is the better estimate the
     result leans on it, where the regression is (many classes, small class deviations) on the
-    regression. Designed on
-    seeds 1 and 100 of ``benchmarks/labels.py`` (ConvNet widths 16 and 64, digits and photos),
-    not on its evaluation seed 0. Measured there (README, batch 32, untrained): 0.988 on digits
-    ConvNet (``mean-embedding`` 0.981), 1.000 on photos ResNet-18 (0.988), 0.966 on photos
-    ConvNets (0.959 / 0.966): photos' classes sit far apart, and the last layer's gradient leaves
-    the batch's mean embedding unidentified up to a shift against the class means, so neither
-    estimate pins it. Same arguments as ``mean-embedding``.
+    regression. Since photos' classes sit far apart and the last layer's gradient leaves the
+    batch's mean embedding unidentified up to a shift against the class means, the estimate
+    leans on the dummies there, which is why their spectrum (``spectrum=auto``) matters.
+    Designed on seeds 1 and 100 of ``benchmarks/labels.py`` (ConvNet widths 16 and 64, digits
+    and photos), not on its evaluation seed 0. Measured there (README, batch 32, untrained,
+    10 classes): 0.997 on digits ConvNet, 1.000 on digits and photos ResNet-18, 0.991 / 0.997
+    on photos ConvNet widths 64 / 16 (white dummies: 0.988, 1.000, 0.966 / 0.966). Same
+    arguments as ``mean-embedding``; :func:`resolve` makes it the default for a batch.
     """
 
     def infer(self, ctx: LabelContext) -> torch.Tensor:
