@@ -199,9 +199,16 @@ def coloured_noise(
     variance), as data sets normalise theirs, so only the spatial and colour structure differs
     from N(0, 1) dummies.
     """
+    return colour(white_fields(n, shape, generator, device), exponent, chroma)
+
+
+def white_fields(
+    n: int, shape: tuple[int, int, int], generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The N(0, 1) fields that :func:`colour` turns into ``n`` images of ``shape``: one per
+    channel for gray images, a luminance field plus one per channel for colour ones."""
     c, h, w = shape
-    white = torch.randn((n, c if c == 1 else c + 1, h, w), generator=generator, device=device)
-    return colour(white, exponent, chroma)
+    return torch.randn((n, c if c == 1 else c + 1, h, w), generator=generator, device=device)
 
 
 def colour(white: torch.Tensor, exponent: float, chroma: float = 0.3) -> torch.Tensor:
@@ -467,10 +474,8 @@ class MeanEmbedding(LabelStrategy):
         def embed(exponent: float, white: torch.Tensor | None = None) -> torch.Tensor:
             # batches of B: in train mode BatchNorm normalises over the batch, as it did the record's
             if white is None:
-                x = coloured_noise(B, ctx.in_shape, exponent, ctx.generator, device)
-            else:
-                x = colour(white, exponent)
-            return _head_inputs(ctx, x)[0].double().cpu()
+                white = white_fields(B, ctx.in_shape, ctx.generator, device)
+            return _head_inputs(ctx, colour(white, exponent))[0].double().cpu()
 
         if self.spectrum != "auto":
             return float(self.spectrum), [embed(float(self.spectrum)) for _ in range(self.repeats)]
@@ -478,8 +483,7 @@ class MeanEmbedding(LabelStrategy):
         regressed = a @ dw
         noise = _regression_noise(dw, db, a, regressed)
         noise = noise.clamp_min(float(noise.mean()) * 1e-3 + 1e-300)  # coordinates dead in the whole batch
-        c, h, w = ctx.in_shape
-        white = torch.randn((B, c if c == 1 else c + 1, h, w), generator=ctx.generator, device=device)
+        white = white_fields(B, ctx.in_shape, ctx.generator, device)
         first = {e: embed(e, white) for e in SPECTRA}
         best = min(SPECTRA, key=lambda e: float(((regressed - first[e].mean(dim=0)) ** 2 / noise).mean()))
         return best, [first[best]] + [embed(best) for _ in range(self.repeats - 1)]
