@@ -142,8 +142,16 @@ def table(function: str, bits: int) -> FewBitTable:
     if len(vals) < pieces:  # fewer distinct pieces than codes (ReLU): repeat the last piece
         cuts = np.concatenate([cuts, np.full(pieces - len(vals), np.inf)])
         vals = np.concatenate([vals, np.full(pieces - len(vals), vals[-1])])
+    # On the CPU whatever device context the first caller is under: the table is cached, and a
+    # record check builds its model under ``torch.device("meta")``; tensors made there would
+    # have no data, and every later model (the attacker's) would copy them from the cache.
+    cpu = torch.device("cpu")
     return FewBitTable(
-        function, bits, torch.tensor(cuts, dtype=torch.float32), torch.tensor(vals, dtype=torch.float32), err
+        function,
+        bits,
+        torch.tensor(cuts, dtype=torch.float32, device=cpu),
+        torch.tensor(vals, dtype=torch.float32, device=cpu),
+        err,
     )
 
 
