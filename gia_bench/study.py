@@ -537,10 +537,23 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def prepare(source: Path | str, out: Path) -> StudyConfig:
-    """Validate the study file and pin it to ``out``; a folder holds one study (a rerun resumes it)."""
+    """Validate the study file and pin it to ``out``; a folder holds one study (a rerun resumes it).
+
+    ``out`` is new, empty, or a study folder (it holds ``study.toml``); a folder holding anything
+    else is refused, so a study never writes among the user's own files.
+    """
     source_text = Path(source).read_text(encoding="utf-8") if Path(source).exists() else None
     config = load_study(Path(source))
+    out = Path(out)
     pinned = out / STUDY_FILE
+    # the pinned study.toml marks a study folder (prepare writes it before any unit runs); any
+    # other folder with files in it is the user's, and a study would write beside them
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a study folder; choose a new or empty folder")
+    if out.is_dir() and not pinned.exists() and any(out.iterdir()):
+        raise ConfigError(
+            f"--out {out}: is not empty and not a study folder (no {STUDY_FILE}); choose a new or empty folder"
+        )
     if pinned.exists() and pinned.resolve() != Path(source).resolve():
         previous = load_study(pinned)
         if previous != config:
