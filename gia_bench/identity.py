@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,13 @@ def file_sha256(path: Path) -> str:
 
     Cached per (path, inode, size, mtime, ctime), so a study's several attack units on one
     record hash it once, and a record replaced or rewritten in place is hashed again.
-    Raises OSError when the file cannot be read.
+    Raises OSError when the file cannot be read or is not a regular file (a FIFO would
+    block, a device never end).
     """
     path = Path(path)
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{path}: not a regular file")
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     sha = _SHA_CACHE.get(key)
     if sha is None:
@@ -147,14 +151,20 @@ def named_record(data: Mapping[str, Any]) -> Path | None:
 def named_record_sha256(data: Mapping[str, Any]) -> str | None:
     """The actual sha256 of the record file a result names; None when that file is not available.
 
-    A relative name is read from the current folder, as it was written.
+    A relative name is read from the current folder, as it was written. A name that
+    cannot be a record (not a regular file, larger than any record may be) is not
+    available either: a hostile result cannot make the reader hash a device or a huge file.
     """
+    from gia_bench.records import MAX_FILE_BYTES
+
     path = named_record(data)
     if path is None:
         return None
     try:
-        return file_sha256(path) if path.is_file() else None
-    except OSError:
+        if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
+            return None
+        return file_sha256(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
         return None
 
 
@@ -162,5 +172,5 @@ def same_file(a: Path, b: Path) -> bool:
     """Do two paths name one file (after resolving links and relative parts)?"""
     try:
         return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the name
         return False
