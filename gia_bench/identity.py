@@ -70,11 +70,13 @@ def canonical_attack(spec: str) -> str:
     A spec this installation cannot build (an unknown name, a plug-in the user did not
     trust) stays as written: it is then compared as text, never imported.
     """
-    return _canonical_attack(spec)
+    from gia_bench.registry import trusted_plugins
+
+    return _canonical_attack(spec, trusted_plugins())  # what resolves depends on what is trusted now
 
 
 @functools.lru_cache(maxsize=1024)
-def _canonical_attack(spec: str) -> str:
+def _canonical_attack(spec: str, trusted: tuple[str, ...]) -> str:
     from gia_bench.attacks import create
 
     try:
