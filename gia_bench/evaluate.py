@@ -19,12 +19,19 @@ Layout, for each record and each (attack, view)::
 ``<slug>-<view>`` (``dlg-naive``, ``ig_iterations-2000-aware``; see
 :attr:`Attack.slug`), with ``-s<seed>`` appended for a seed other than 0.
 
-A result is identified by its content, not its folder: (sha256 of the record file,
-the attack's canonical spec with every default, the view, the seed, the result
-schema). A result.json with the same identity is reused (and reported as reused);
-one computed from an older version of the same record file is recomputed; one that
-belongs to a *different* record file with the same id and defense is never reused
-nor overwritten: that is an error naming both files.
+A result is identified by its content, not its folder (:mod:`gia_bench.identity`):
+(sha256 of the record file, the attack's canonical spec with every default, the view,
+the seed, the result schema). What an existing result.json in the folder gets:
+
+- reused (and reported as reused): its identity is the wanted one, its ``record_id``
+  and ``defense`` are the record's, and the record file it names, where that file
+  exists, hashes to the sha256 it claims (a moved record folder keeps its results);
+- recomputed, replacing it atomically: it was computed from an older version of this
+  record file, its claim does not verify (the file it names hashes to another sha256:
+  a stale or forged result), or it is of another spec, seed or schema;
+- an error naming both files, never reused nor overwritten: it belongs to a
+  *different* record file with the same id and defense (one that verifies, or one no
+  longer there to check).
 """
 
 from __future__ import annotations
@@ -45,19 +52,24 @@ from PIL import Image
 from gia_bench.attacks.base import Attack, Progress, Reconstruction, create
 from gia_bench.attacks.views import RESIDUAL
 from gia_bench.errors import GiaBenchError, RecordError
+from gia_bench.identity import (
+    RESULT_SCHEMA,
+    ResultConflictError,
+    ResultIdentity,
+    file_sha256,
+    identity_of,
+    named_record,
+    named_record_sha256,
+    result_identity,
+    same_file,
+)
 from gia_bench.io import atomic_write_bytes, atomic_write_text
 from gia_bench.receiver import load_record
 from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
 from gia_bench.threat import VIEWS
 
-#: Version of the result.json format; part of every result's identity.
-RESULT_SCHEMA = 1
 RESULT_FILE = "result.json"
 LPIPS_NETS = ("alex", "vgg")
-
-
-class ResultConflictError(GiaBenchError):
-    """The result folder holds the result of a different record; reusing or overwriting it would be wrong."""
 
 
 def check_lpips_net(lpips_net: str, flag: str = "--lpips-net") -> str:
@@ -188,11 +200,6 @@ class AttackResult:
         return sum(values) / len(values) if values else None
 
 
-def identity(record_sha256: str | None, attack_spec: str, view: str, seed: int) -> dict[str, Any]:
-    """The fields that identify a result (DESIGN.md, "Results are keyed by content")."""
-    return {"record_sha256": record_sha256, "attack": attack_spec, "view": view, "seed": seed, "schema": RESULT_SCHEMA}
-
-
 def _existing(result_path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(result_path.read_text(encoding="utf-8"))
@@ -203,11 +210,64 @@ def _existing(result_path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
-def _same_file(a: str | Path, b: Path) -> bool:
-    try:
-        return Path(a).resolve() == b.resolve()
-    except (OSError, RuntimeError):
+def _reusable(existing: dict[str, Any], wanted: ResultIdentity, record_path: Path, record_sha256: str) -> bool:
+    """Is ``existing`` the result ``wanted`` asks for, and does the record it names back its claim?
+
+    Its identity must be the wanted one, and the record file it names must be
+    ``record_path`` itself or, where it is another file that exists, hash to the sha256
+    the result claims: a result naming a record whose content is not what it says is not
+    reused. A named file that is gone leaves the content key alone to decide.
+    """
+    if identity_of(existing) != wanted:
         return False
+    named = named_record(existing)
+    if named is None or same_file(named, record_path):
+        return True
+    actual = named_record_sha256(existing)
+    return actual is None or actual == existing.get("record_sha256") == record_sha256
+
+
+def _check_reuse(existing: dict[str, Any], wanted: ResultIdentity, result_path: Path, record_path: Path,
+                 record: GradientRecord) -> bool:
+    """True: reuse ``existing``; False: recompute (replacing it); raises when it is another record's result."""
+    assert record.sha256 is not None  # load_record always hashes the file it read
+    if (
+        _reusable(existing, wanted, record_path, record.sha256)
+        and existing.get("record_id") == record.record_id
+        and existing.get("defense") == record.meta.defense
+    ):
+        return True
+    claimed = existing.get("record_sha256")
+    named = named_record(existing)
+    if claimed == record.sha256 or (named is not None and same_file(named, record_path)):
+        return False  # this record's result, of another spec/seed/schema, or this file changed since
+    actual = named_record_sha256(existing)
+    if actual is not None and actual != claimed:
+        return False  # its claim does not verify: a stale or forged result, not another record's
+    raise ResultConflictError(
+        f"{result_path}: holds the result of record {existing.get('record')!r}"
+        f" (sha256 {str(claimed)[:12]}), not of {record_path} (sha256 {record.sha256[:12]}), which has the"
+        " same id and defense; use another --out"
+    )
+
+
+def result_is_current(result_path: Path, record_path: Path, attack_spec: str, view: str, seed: int) -> bool:
+    """Is ``result_path`` the result of ``attack_spec`` in ``view`` with ``seed`` on the record file now at ``record_path``?
+
+    What a study's resume asks of each attack unit: a result.json that exists is not
+    enough; its identity must match the record's current content (a record replaced
+    since is attacked again) and the record it names must back its claim (as in
+    :func:`evaluate`). Cheap: the record is hashed (once per file and version), not loaded.
+    """
+    existing = _existing(Path(result_path))
+    if not existing:
+        return False
+    try:
+        sha = file_sha256(Path(record_path))
+    except OSError:
+        return False
+    wanted = result_identity(sha, attack_spec, view, seed)
+    return _reusable(existing, wanted, Path(record_path), sha)
 
 
 def _scores(record: GradientRecord, rec: Reconstruction, truth: Truth, lpips_net: str, lpips_weights: Path | None):
@@ -243,19 +303,10 @@ def evaluate(
     record = load_record(record_path)
     out_dir = result_dir(out_root, record.record_id, attack, view, record.meta.defense, seed)
     result_path = out_dir / RESULT_FILE
-    wanted = identity(record.sha256, attack.spec, view, seed)
+    wanted = result_identity(record.sha256, attack.spec, view, seed)
     existing = _existing(result_path)
-    if existing:
-        if all(existing.get(k) == v for k, v in wanted.items()):
-            return AttackResult(result_path, record_path, view, True, existing)
-        other = existing.get("record_sha256")
-        if other != record.sha256 and not _same_file(existing.get("record", ""), record_path):
-            raise ResultConflictError(
-                f"{result_path}: holds the result of record {existing.get('record')!r}"
-                f" (sha256 {str(other)[:12]}), not of {record_path} (sha256 {record.sha256[:12]}), which has the"
-                " same id and defense; use another --out"
-            )
-        # Same record file, changed since (or same content, another spec/seed/schema): recompute.
+    if existing and _check_reuse(existing, wanted, result_path, record_path, record):
+        return AttackResult(result_path, record_path, view, True, existing)
 
     tpath = truth_path(record_path)
     if view == "oracle":
@@ -291,6 +342,9 @@ def evaluate(
         metrics = scores.to_json()
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a result not reused (stale, forged, another spec) goes before the new files land: the
+    # folder never pairs it with the new reconstruction; the new result.json comes last
+    result_path.unlink(missing_ok=True)
     tensors = {"reconstruction": reconstruction01.contiguous()}
     if original01 is not None:
         tensors["original"] = original01.contiguous()

@@ -610,6 +610,14 @@ def _train_done(root: Path, unit: Any) -> bool:
     return _train_finished(root / unit.workdir, unit.args["plan"]["epochs"])
 
 
+def _attack_done(root: Path, unit: Any) -> bool:
+    """An attack unit is finished when its result.json is current for the record now in the folder."""
+    from gia_bench.evaluate import result_is_current
+
+    a = unit.args
+    return result_is_current(root / unit.outputs[0], root / a["record"], a["attack"], a["view"], a["seed"])
+
+
 def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOptions()) -> list[Any]:
     """The study's units in run order: captures, the attacks on their records, trainings, the
     attacks on the trainings' records (``[train] attack_steps``).
@@ -650,6 +658,7 @@ def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOpti
             outputs=(_rel(job.result, out),),
             inputs=(record, _rel(truth_path(job.record), out)),
             deps=(f"capture:{_rel(cap.out, out)}",),
+            done_check="gia_bench.study:_attack_done",
             label=(("defense", cap.defense), ("attack", job.attack), ("view", job.view),
                    ("record", job.record.name.removesuffix(RECORD_SUFFIX)), ("step", "0")),
             gpus=1 if cuda else 0,
@@ -683,6 +692,7 @@ def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOpti
                 outputs=(_rel(attack_job.result, out),),
                 inputs=(record, _rel(truth_path(attack_job.record), out)),
                 deps=(f"train:{_rel(job.out, out)}",),
+                done_check="gia_bench.study:_attack_done",
                 label=(("defense", job.defense), ("attack", attack_job.attack), ("view", attack_job.view),
                        ("record", attack_job.record.name.removesuffix(RECORD_SUFFIX)),
                        ("step", str(steps[attack_job.record]))),
@@ -744,6 +754,8 @@ def status(out: Path, config: StudyConfig | None = None, failures: list[dict[str
     """What is done and what is left in a study folder (``gia-bench study show``)."""
     import json
 
+    from gia_bench.evaluate import result_is_current
+
     out = Path(out)
     if config is None:
         if not (out / STUDY_FILE).exists():
@@ -754,7 +766,7 @@ def status(out: Path, config: StudyConfig | None = None, failures: list[dict[str
     caps_done = sum(all(p.exists() for p in paths) for paths in records.values())
     trains = train_jobs(config, out)
     jobs = attack_jobs(config, out, records) + train_attack_jobs(config, out, trains)
-    attacks_done = sum(j.result.exists() for j in jobs)
+    attacks_done = sum(result_is_current(j.result, j.record, j.attack, j.view, j.seed) for j in jobs)
     if failures is None:
         try:
             failures = json.loads((out / FAILURES_FILE).read_text())

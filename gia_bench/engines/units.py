@@ -10,7 +10,10 @@ say it is finished, all as paths relative to the study folder. Engines differ on
 - A *staged* unit writes into a private folder (``ctx.outputs``); only when it has
   finished are its files moved into the study folder, the ``outputs`` (its completion
   markers) last. An interrupted unit therefore leaves nothing behind, and a unit whose
-  markers exist is finished: a rerun skips it.
+  markers exist is finished: a rerun skips it. Where existing markers are not enough,
+  ``done_check`` decides: an attack unit is finished only when its ``result.json`` is
+  of the record now in the study folder (:func:`gia_bench.evaluate.result_is_current`;
+  a record replaced since is attacked again, its staged result replacing the old one).
 - An *in-place* unit (``workdir`` set; the trainer, which checkpoints and resumes on its
   own) writes into its folder directly; a cancelled one loses only its temp files.
 
@@ -59,7 +62,9 @@ class Unit:
         label: what progress shows (``defense``, ``attack``, ``view``, ``record``, ``step``...).
         cpus, gpus: resources it needs (a Ray request; local slots for ``cpus``).
         workdir: set for an in-place unit: the folder it writes into directly.
-        done_check: ``module:function(root, unit) -> bool`` when existing outputs are not enough.
+        done_check: ``module:function(root, unit) -> bool`` when existing outputs are not enough
+            (a training run's epochs, an attack result's identity); asked when the unit becomes
+            ready, so its dependencies' files are there to check against.
     """
 
     kind: str

@@ -12,7 +12,9 @@ Attack results (one per record x attack x view, written by the attack runner)::
      "final_loss", "metrics": BatchScores.to_json() | null, "ssim", "psnr", "lpips",
      "label_accuracy", "lpips_reason",
      "step": int (optional, 0 when absent), "source": "capture" | "train" | "federated" (optional),
-     "budget": {"iterations", "restarts", "evaluations", "preset"} (optional), "seed" (optional)}
+     "budget": {"iterations", "restarts", "evaluations", "preset"} (optional), "seed" (optional),
+     "record_sha256": sha256 of the record file (optional; with attack, view, seed and schema
+     the result's identity, :mod:`gia_bench.identity`)}
 
 with ``reconstruction.safetensors`` beside it (tensors ``reconstruction`` (B, C, H, W)
 in [0, 1], in the originals' order after pairing, and optionally ``original``). A result
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 
+from gia_bench.identity import ResultIdentity, content_digest, identity_of
 from gia_bench.metrics import BatchScores, ImageScores
 from gia_bench.threat import VIEWS
 
@@ -152,6 +155,9 @@ class AttackResult:
     source: str = "capture"  # "capture" | "train" | "federated"
     budget: Budget = Budget(0, 1, None, None, True)
     seed: int | None = None
+    record_sha256: str | None = None  # None in results written before records were hashed
+    identity: ResultIdentity | None = None  # what it is the result of (gia_bench.identity)
+    content: str = ""  # sha256 of what it measured (gia_bench.identity.content_digest)
 
     @property
     def folder(self) -> Path:
@@ -368,6 +374,10 @@ def parse_result(path: Path) -> AttackResult:
         raise MalformedFile(f"source {source!r} is not one of {', '.join(SOURCES)}")
     attack = _get(data, "attack", str)
     iterations = int(_get(data, "iterations", int, optional=True) or 0)
+    sha = _get(data, "record_sha256", str, optional=True)
+    if sha is not None and not _is_sha256(sha):
+        raise MalformedFile(f"record_sha256 {sha[:80]!r} is not a sha256 (64 hex digits)")
+    seed = _get(data, "seed", int, optional=True)
     return AttackResult(
         path=path,
         record_id=_get(data, "record_id", str),
@@ -390,8 +400,15 @@ def parse_result(path: Path) -> AttackResult:
         step=step or 0,
         source=source,
         budget=_budget(data, attack, iterations),
-        seed=_get(data, "seed", int, optional=True),
+        seed=seed,
+        record_sha256=sha,
+        identity=identity_of(data),
+        content=content_digest(data),
     )
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def parse_train(path: Path) -> TrainRun:
@@ -505,7 +522,15 @@ def load_runs(runs: Iterable[Path], train: Iterable[Path] = ()) -> RunSet:
     :attr:`RunSet.skipped` with the reason. A ``metrics.json`` found under ``runs``
     that is not a training run (another kind) is ignored silently; one given in
     ``train`` must be a training run.
+
+    Each result counts once (:mod:`gia_bench.reports.dedupe`): one file reached twice is
+    read once, copies of one result (same identity and content) count once and are listed
+    as skipped, a result its record file contradicts is listed as skipped, and two
+    different results of one identity raise
+    :class:`~gia_bench.identity.ResultConflictError` naming both.
     """
+    from gia_bench.reports.dedupe import dedupe
+
     runs, train = [Path(p) for p in runs], [Path(p) for p in train]
     results: list[AttackResult] = []
     trains: dict[Path, TrainRun] = {}
@@ -539,5 +564,7 @@ def load_runs(runs: Iterable[Path], train: Iterable[Path] = ()) -> RunSet:
             trains[path.resolve()] = parse_train(path)
         except MalformedFile as exc:
             skipped.append(Skipped(path, str(exc)))
+    results, repeated = dedupe(results)
+    skipped += repeated
     results.sort(key=lambda r: (r.dataset, r.model, r.defense, r.step, r.attack, r.view, r.record_id, str(r.path)))
     return RunSet(tuple(results), tuple(sorted(trains.values(), key=lambda t: str(t.path))), tuple(skipped))

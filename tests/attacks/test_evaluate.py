@@ -276,3 +276,69 @@ def test_no_attack_module_scores_or_reads_the_truth():
             assert not any(n == m or n.startswith(m + ".") for n in names for m in forbidden_modules), (
                 f"{file.name} imports {names & forbidden_modules or names}"
             )
+
+
+# -- a result is reused only when the record it names backs its claim (issue 30) --------------------
+
+SPEC = "dlg:iterations=1"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _forge(path: Path, **fields) -> None:
+    data = json.loads(path.read_text())
+    data.update(fields)
+    path.write_text(json.dumps(data))
+
+
+def test_a_result_claiming_another_records_content_is_recomputed_not_reused(tmp_path):
+    from gia_bench.capture import capture
+
+    a, b = capture("digits", "lenet", "none", 1, 2, 0, tmp_path / "A")  # two records, two ids
+    out = tmp_path / "runs"
+    first = evaluate(b, SPEC, "naive", out)
+    honest = first.data["psnr"]
+    # 1. names B's file but claims A's sha256; 2. claims B's sha256 but names A's file, which hashes
+    # to A's: neither is B's result, whatever its fields say; both are recomputed in place
+    for forged in ({"record_sha256": _sha(a)}, {"record": str(a)}):
+        _forge(first.path, psnr=[99.0], **forged)
+        res = _cli("attack", b, "--attack", SPEC, "--out", out)
+        assert res.exit_code == 0 and "0 reused" in res.output, (forged, res.output)
+        data = json.loads(first.path.read_text())
+        assert data["record_sha256"] == _sha(b) and data["record"] == str(b), forged
+        assert data["psnr"] == honest != [99.0]
+    # the honest result is reused again (nothing rewritten)
+    stamp = first.path.stat().st_mtime_ns
+    assert evaluate(b, SPEC, "naive", out).reused and first.path.stat().st_mtime_ns == stamp
+
+
+def test_a_moved_record_folder_keeps_its_results(tmp_path):
+    """The record a result names is gone (the folder moved): the content key alone decides, and it matches."""
+    from gia_bench.capture import capture
+
+    a = capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "A")[0]
+    out = tmp_path / "runs"
+    first = evaluate(a, SPEC, "naive", out)
+    stamp = first.path.stat().st_mtime_ns
+    (tmp_path / "A").rename(tmp_path / "B")
+    again = evaluate(tmp_path / "B" / a.name, SPEC, "naive", out)
+    assert again.reused and again.path == first.path and first.path.stat().st_mtime_ns == stamp
+
+
+def test_result_is_current_keys_on_content_and_the_canonical_spec(tmp_path):
+    from gia_bench.capture import capture
+    from gia_bench.evaluate import result_is_current
+
+    a = capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "A")[0]
+    c = capture("digits", "lenet", "none", 1, 1, 1, tmp_path / "C")[0]  # same id, another seed
+    result = evaluate(a, SPEC, "naive", tmp_path / "runs").path
+    assert result_is_current(result, a, SPEC, "naive", 0)
+    assert result_is_current(result, a, create(SPEC).spec, "naive", 0)  # every default spelled out: one identity
+    assert not result_is_current(result, a, SPEC, "naive", 1)
+    assert not result_is_current(result, a, SPEC, "aware", 0)
+    assert not result_is_current(result, a, "dlg:iterations=2", "naive", 0)
+    assert not result_is_current(result.parent / "nothing.json", a, SPEC, "naive", 0)
+    a.write_bytes(c.read_bytes())  # the record is replaced: its result is stale
+    assert not result_is_current(result, a, SPEC, "naive", 0)

@@ -30,7 +30,8 @@ def hostile(tmp_path_factory) -> Path:
         data["record_id"] = "=1+1" if n % 2 == 0 else f"rec{SCRIPT}"
         data["dataset"] = "@SUM(A1:A9)"
         data["defense"] = f"+evil{IMG}"
-        data["attack"] = f"-2+3{SCRIPT}[click](javascript:alert(1))"
+        # two attacks stay two (one attack string for both would make them one identity, two contents)
+        data["attack"] = f"-2+3{SCRIPT}[click](javascript:alert(1)) {data['attack'].split(':')[0]}"
         data["threat"] = {"labels": f"\tHYPERLINK {SCRIPT}", "note": "\r=cmd|' /C calc'!A0"}
         path.write_text(json.dumps(data))
     out = root / "out"
