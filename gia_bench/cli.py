@@ -142,6 +142,13 @@ def _flag_plugins(*specs: str | None) -> list[str]:
 
 
 
+def _apply_threads() -> None:
+    """torch threads by the one policy (:mod:`gia_bench.threads`): OMP_NUM_THREADS, else the cores left free."""
+    from gia_bench.threads import apply_threads
+
+    apply_threads()
+
+
 @app.command("capture")
 def capture_cmd(
     dataset: str = typer.Option("digits", "--dataset", help="data set spec, e.g. digits, faces, photos, cifar10:channels=1"),
@@ -174,6 +181,7 @@ def capture_cmd(
     With --local-steps K > 1 the record holds the client's FedAvg update (w_0 - w_K) / lr
     after K local SGD steps, compressed by the defense.
     """
+    _apply_threads()
     from gia_bench.capture import capture, summarize
     from gia_bench.registry import trusted
 
@@ -224,6 +232,7 @@ def report_cmd(
     plugin: list[str] = _plugin_option(),
 ) -> None:
     """Privacy vs compression: tables, figures and an HTML report from attack results and training runs."""
+    _apply_threads()
     from gia_bench.evaluate import check_lpips_net
     from gia_bench.registry import trusted
 
@@ -292,7 +301,9 @@ def train_cmd(
     max_steps_per_epoch: int = typer.Option(None, "--max-steps-per-epoch", help="cut each epoch short"),
     data_root: Path = typer.Option(None, "--data-root", help="folder of torchvision data sets"),
     download: bool = typer.Option(False, "--download", help="let torchvision download the data set"),
-    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="torch threads per worker"),
+    threads_per_worker: int = typer.Option(
+        None, "--threads-per-worker", help="torch threads per worker (default: OMP_NUM_THREADS, else the free cores shared)"
+    ),
     timeout: float = typer.Option(300.0, "--timeout", help="seconds before a stuck collective fails the run"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     fewbit_backward: int = typer.Option(
@@ -396,6 +407,7 @@ def attack_cmd(
     plugin: list[str] = _plugin_option(),
 ) -> None:
     """Reconstruct the images and labels of saved gradient records; score them where a truth file exists."""
+    _apply_threads()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from gia_bench.evaluate import AttackOptions, AttackResult, Skipped, run_attacks
@@ -548,6 +560,7 @@ def audit_cmd(
     lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
 ) -> None:
     """Check a compressor's contract, then rank it against none / powersgd / lqsgd at matched bytes."""
+    _apply_threads()
     from gia_bench.audit import AUDIT_FILE, AuditOptions, run_audit
 
     from gia_bench.registry import trusted
