@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gia_bench.console import make_console
 from gia_bench.errors import GiaBenchError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()  # off a terminal (a log): wide, so names and specs stay whole on their line
+err_console = make_console(stderr=True)
 
 
 _interrupted = False  # set once a Ctrl-C has been handled: exit at once
@@ -335,7 +335,7 @@ def train_cmd(
         f"{metrics['defense']} on {metrics['world_size']} workers: test accuracy"
         f" {100 * totals['final_test_accuracy']:.2f}%, {totals['bytes_sent_per_worker']:,} bytes per worker"
         f" ({totals['bytes_per_step']:,.0f} per step), {totals['seconds']:.1f} s; wrote [bold]{out / 'metrics.json'}[/]",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 
@@ -582,7 +582,9 @@ def audit_cmd(
     if result.standings:
         table = Table(title="where it stands (worst case over images, attacks and views)", title_justify="left")
         for col in ("defense", "bytes/step", "test acc.", "worst SSIM", "worst PSNR", "worst LPIPS", "frontier"):
-            table.add_column(col, justify="left" if col == "defense" else "right")
+            # a narrow terminal folds a spec onto a second line rather than cutting it ("powersg…")
+            table.add_column(col, justify="left" if col == "defense" else "right",
+                             overflow="fold" if col == "defense" else "ellipsis")
 
         def fmt(v: float | None, f: str) -> str:
             return "-" if v is None else format(v, f)
