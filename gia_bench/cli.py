@@ -445,7 +445,7 @@ def attack_cmd(
             scored = "" if psnr is None else f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {acc:.2f}"
             mark = "[cyan]reused[/] " if r.reused else ""
             console.print(
-                f"{mark}{r.record_id} [{r.defense.split(':')[0]}] {r.attack.split(':')[0]} ({r.view}):"
+                f"{mark}{r.record_id} {escape('[' + r.defense.split(':')[0] + ']')} {r.attack.split(':')[0]} ({r.view}):"
                 f" {r.data['iterations']} it, {r.data['seconds']:.1f} s{scored} -> [bold]{r.path}[/]",
                 highlight=False, soft_wrap=True,
             )

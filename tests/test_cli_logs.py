@@ -93,3 +93,18 @@ def test_a_log_console_is_wide_and_a_terminal_keeps_its_width(stderr, monkeypatc
     assert term.width == 90
     fixed = make_console(stderr=stderr, file=io.StringIO(), width=70)  # an explicit width stands anywhere
     assert fixed.width == 70
+
+
+def test_attack_lines_keep_the_defense_and_the_result_path(tmp_path):
+    runner = CliRunner()
+    records = tmp_path / ("records-in-a-folder-with-a-long-name-" * 2)
+    res = runner.invoke(app, ["capture", "--dataset", "digits", "--model", "lenet", "--defense", "topk:ratio=0.5",
+                              "--num", "1", "--out", str(records)], env=NO_COLUMNS)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    _line_with(res.output, "defense topk:ratio=0.5, model lenet, dataset digits, seed 0")
+    res = runner.invoke(app, ["attack", str(records), "-a", "dlg:iterations=1", "-o", str(tmp_path / "runs")],
+                        env=NO_COLUMNS)
+    assert res.exit_code == 0, res.output
+    line = _line_with(res.output, "[topk] dlg (naive): 1 it")  # "[topk]" was read as markup and vanished
+    result = next((tmp_path / "runs").rglob("result.json"))
+    assert line.endswith(f"-> {result}")
