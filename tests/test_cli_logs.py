@@ -7,7 +7,6 @@ The audit battery and the trainer are replaced by their results: what is tested 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

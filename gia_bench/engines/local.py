@@ -39,7 +39,6 @@ import sys
 import threading
 import warnings
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any
 
 from gia_bench.engines.driver import Driver, RunResult, ignore_interrupts, pending
