@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gia_bench.console import make_console
 from gia_bench.errors import GiaBenchError
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()  # off a terminal (a log): wide, so names and specs stay whole on their line
+err_console = make_console(stderr=True)
 
 
 _interrupted = False  # set once a Ctrl-C has been handled: exit at once
@@ -142,6 +142,13 @@ def _flag_plugins(*specs: str | None) -> list[str]:
 
 
 
+def _apply_threads() -> None:
+    """torch threads by the one policy (:mod:`gia_bench.threads`): OMP_NUM_THREADS, else the cores left free."""
+    from gia_bench.threads import apply_threads
+
+    apply_threads()
+
+
 @app.command("capture")
 def capture_cmd(
     dataset: str = typer.Option("digits", "--dataset", help="data set spec, e.g. digits, faces, photos, cifar10:channels=1"),
@@ -174,6 +181,7 @@ def capture_cmd(
     With --local-steps K > 1 the record holds the client's FedAvg update (w_0 - w_K) / lr
     after K local SGD steps, compressed by the defense.
     """
+    _apply_threads()
     from gia_bench.capture import capture, summarize
     from gia_bench.registry import trusted
 
@@ -224,6 +232,7 @@ def report_cmd(
     plugin: list[str] = _plugin_option(),
 ) -> None:
     """Privacy vs compression: tables, figures and an HTML report from attack results and training runs."""
+    _apply_threads()
     from gia_bench.evaluate import check_lpips_net
     from gia_bench.registry import trusted
 
@@ -292,7 +301,9 @@ def train_cmd(
     max_steps_per_epoch: int = typer.Option(None, "--max-steps-per-epoch", help="cut each epoch short"),
     data_root: Path = typer.Option(None, "--data-root", help="folder of torchvision data sets"),
     download: bool = typer.Option(False, "--download", help="let torchvision download the data set"),
-    threads_per_worker: int = typer.Option(1, "--threads-per-worker", help="torch threads per worker"),
+    threads_per_worker: int = typer.Option(
+        None, "--threads-per-worker", help="torch threads per worker (default: OMP_NUM_THREADS, else the free cores shared)"
+    ),
     timeout: float = typer.Option(300.0, "--timeout", help="seconds before a stuck collective fails the run"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     fewbit_backward: int = typer.Option(
@@ -324,7 +335,7 @@ def train_cmd(
         f"{metrics['defense']} on {metrics['world_size']} workers: test accuracy"
         f" {100 * totals['final_test_accuracy']:.2f}%, {totals['bytes_sent_per_worker']:,} bytes per worker"
         f" ({totals['bytes_per_step']:,.0f} per step), {totals['seconds']:.1f} s; wrote [bold]{out / 'metrics.json'}[/]",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 
@@ -396,6 +407,7 @@ def attack_cmd(
     plugin: list[str] = _plugin_option(),
 ) -> None:
     """Reconstruct the images and labels of saved gradient records; score them where a truth file exists."""
+    _apply_threads()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from gia_bench.evaluate import AttackOptions, AttackResult, Skipped, run_attacks
@@ -433,7 +445,7 @@ def attack_cmd(
             scored = "" if psnr is None else f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {acc:.2f}"
             mark = "[cyan]reused[/] " if r.reused else ""
             console.print(
-                f"{mark}{r.record_id} [{r.defense.split(':')[0]}] {r.attack.split(':')[0]} ({r.view}):"
+                f"{mark}{r.record_id} {escape('[' + r.defense.split(':')[0] + ']')} {r.attack.split(':')[0]} ({r.view}):"
                 f" {r.data['iterations']} it, {r.data['seconds']:.1f} s{scored} -> [bold]{r.path}[/]",
                 highlight=False, soft_wrap=True,
             )
@@ -548,6 +560,7 @@ def audit_cmd(
     lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
 ) -> None:
     """Check a compressor's contract, then rank it against none / powersgd / lqsgd at matched bytes."""
+    _apply_threads()
     from gia_bench.audit import AUDIT_FILE, AuditOptions, run_audit
 
     from gia_bench.registry import trusted
@@ -569,7 +582,9 @@ def audit_cmd(
     if result.standings:
         table = Table(title="where it stands (worst case over images, attacks and views)", title_justify="left")
         for col in ("defense", "bytes/step", "test acc.", "worst SSIM", "worst PSNR", "worst LPIPS", "frontier"):
-            table.add_column(col, justify="left" if col == "defense" else "right")
+            # a narrow terminal folds a spec onto a second line rather than cutting it ("powersg…")
+            table.add_column(col, justify="left" if col == "defense" else "right",
+                             overflow="fold" if col == "defense" else "ellipsis")
 
         def fmt(v: float | None, f: str) -> str:
             return "-" if v is None else format(v, f)

@@ -39,13 +39,14 @@ import sys
 import threading
 import warnings
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any
 
 from gia_bench.engines.driver import Driver, RunResult, ignore_interrupts, pending
 from gia_bench.engines.progress import Reporter
 from gia_bench.engines.scheduler import Scheduler
 from gia_bench.engines.units import Outcome, Unit, UnitContext, execute
+from gia_bench.threads import choose_threads, torch_default_threads
+from gia_bench.threads import pause_openmp as _pause_openmp
 
 _PRELOAD = ["gia_bench.engines.preload"]
 _preload_set = False
@@ -88,34 +89,6 @@ def fork_safe() -> bool:
         return False
     torch = sys.modules.get("torch")
     return torch is None or not torch.cuda.is_initialized()  # a forked child cannot use CUDA
-
-
-def _pause_openmp() -> bool:
-    """Stop GNU OpenMP's thread pools in this process (True when none is left running).
-
-    After torch has run an operation on several threads, libgomp keeps a pool of threads
-    that a forked child does not have; the child's next parallel region on more than one
-    thread then hangs forever (measured: torch 2.14, a matmul in the child). OpenMP 5.0's
-    ``omp_pause_resource_all(omp_pause_hard)`` ends the pool; the next parallel region here
-    starts a new one. Every libgomp this process loaded has its own pool (torch's,
-    scikit-learn's). OpenBLAS and Intel/LLVM OpenMP handle a fork themselves.
-    """
-    import ctypes
-
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-    libs = {line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}
-    for lib in sorted(libs):
-        try:
-            pause = ctypes.CDLL(lib).omp_pause_resource_all
-        except (OSError, AttributeError):  # an old libgomp without OpenMP 5.0's pause
-            return False
-        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-        if pause(2) != 0:  # 2: omp_pause_hard
-            return False
-    return True
 
 
 def pool_size(sched: Scheduler, workers: int) -> int:
@@ -401,6 +374,6 @@ class LocalEngine(Driver):
 
 
 def default_threads(workers: int) -> int:
-    """torch threads per unit: 1 when units run side by side (they would oversubscribe), else torch's default."""
-    return 1 if workers > 1 else 0
+    """torch threads per unit: the cores left free shared among the ``workers`` units side by side (gia_bench.threads)."""
+    return choose_threads(workers, ceiling=torch_default_threads())
 

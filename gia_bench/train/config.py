@@ -122,7 +122,8 @@ class TrainConfig:
         max_steps_per_epoch: stop each epoch early (tests, benchmarks).
         data_root: folder of torchvision data sets (``--data-root``).
         download: let torchvision download the data set into ``data_root``.
-        threads_per_worker: torch / OpenMP threads per worker process.
+        threads_per_worker: torch / OpenMP threads per worker process; None: ``OMP_NUM_THREADS`` if
+            set, else the free cores shared among the workers (:mod:`gia_bench.threads`).
         timeout_s: collective timeout; a hang fails after this instead of blocking.
         resume: continue from ``out/checkpoint.pt``.
         fewbit_backward: bits of Few-Bit Backward activations (:mod:`gia_bench.fewbit`); 0: exact.
@@ -158,7 +159,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     data_root: Path | None = None
     download: bool = False
-    threads_per_worker: int = 1
+    threads_per_worker: int | None = None
     timeout_s: float = 300.0
     resume: bool = False
     fewbit_backward: int = 0
@@ -171,6 +172,12 @@ class TrainConfig:
         object.__setattr__(self, "capture_ranks", tuple(self.capture_ranks))
         if self.data_root is not None:
             object.__setattr__(self, "data_root", Path(self.data_root))
+        if self.threads_per_worker is None:  # resolved here, once: the workers read the number from the config file
+            from gia_bench.threads import choose_threads
+
+            object.__setattr__(
+                self, "threads_per_worker", choose_threads(self.nproc_per_node, ceiling=torch.get_num_threads())
+            )
 
     # -- validation --------------------------------------------------------------------
     def validate(self) -> None:

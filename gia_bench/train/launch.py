@@ -15,6 +15,7 @@ import torch
 
 from gia_bench.errors import ConfigError
 from gia_bench.io import atomic_write_json
+from gia_bench.threads import pause_openmp
 from gia_bench.train.checkpoint import check_resume, checkpoint_note
 from gia_bench.train.config import (
     CHECKPOINT_FILE,
@@ -87,6 +88,7 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
             # before the fork: a forked child that imports while the parent's threads hold locks can hang
             # (seen: workers stuck in importlib under load once cloudpickle was installed).
             load_data(config)
+            pause_openmp()  # libgomp's thread pool does not survive a fork: a child on > 1 thread would hang
             elastic_launch(launch_config, _forked_worker)(str(config_path))
         else:
             elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))

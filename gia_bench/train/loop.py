@@ -197,7 +197,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
         history = list(checkpoint["epochs"])
 
     fail = _fail_at()
-    progress = Progress(rank == 0, config.epochs, steps_per_epoch, start_epoch)
+    progress = Progress(rank == 0, config.epochs, steps_per_epoch, start_epoch, config.defense)
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)

@@ -1,14 +1,19 @@
-"""Rank 0's progress: a rich bar on a terminal, one line per epoch everywhere."""
+"""Rank 0's progress: a rich bar on a terminal, one line per epoch everywhere, each naming its defense.
+
+A study trains several defenses, one after another or side by side, and their epoch lines
+land in one log: ``powersgd:rank=2 epoch 1/2: loss ...`` says which run a line is about.
+"""
 
 from __future__ import annotations
 
 class Progress:
     """Rank 0's rich progress bar (only on a terminal; elsewhere one line per epoch)."""
 
-    def __init__(self, enabled: bool, epochs: int, steps: int, start_epoch: int) -> None:
-        from rich.console import Console
+    def __init__(self, enabled: bool, epochs: int, steps: int, start_epoch: int, defense: str = "") -> None:
+        from gia_bench.console import make_console
 
-        self.console = Console(stderr=True)
+        self.console = make_console(stderr=True)  # off a terminal: a line is never broken inside the spec
+        self.name = f"{defense} " if defense else ""
         self.rank0 = enabled
         self.enabled = enabled and self.console.is_terminal
         self.epochs = epochs
@@ -25,15 +30,18 @@ class Progress:
 
     def step(self, epoch: int, loss: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, description=f"epoch {epoch + 1}/{self.epochs}", loss=loss)
+            from rich.markup import escape  # a module:Class spec may hold brackets
+
+            self.bar.update(self.task, advance=1, description=f"{escape(self.name)}epoch {epoch + 1}/{self.epochs}",
+                            loss=loss)
 
     def epoch_done(self, row: dict) -> None:
         if self.rank0:
             self.console.print(
-                f"epoch {row['epoch']}/{self.epochs}: loss {row['train_loss']:.4f}"
+                f"{self.name}epoch {row['epoch']}/{self.epochs}: loss {row['train_loss']:.4f}"
                 f"  test acc {100 * row['test_accuracy']:.2f}%  {row['bytes_sent_per_worker']:,} bytes/worker this epoch"
                 f"  {row['seconds']:.1f} s",
-                highlight=False,
+                highlight=False, markup=False, soft_wrap=True,
             )
 
     def close(self) -> None:

@@ -89,12 +89,12 @@ def test_plain_progress_lines_name_each_unit(tmp_path):
     out = _quiet()
     run_units(units, tmp_path, _ctx(tmp_path), console=out)
     lines = out.file.getvalue().splitlines()
-    assert lines[0] == "3 units"
+    assert lines[0] == "3 units: 3 attacks"
     assert lines[1].startswith("[1/3] attack done in ") and lines[1].split(": ", 1)[1].startswith("name=attack-0")
     assert "| ETA " in lines[1] and "ETA" not in lines[3]  # the last line has nothing left to estimate
     rerun = _quiet()
     run_units(units, tmp_path, _ctx(tmp_path), console=rerun)
-    assert rerun.file.getvalue().splitlines() == ["3 units (attack 3/3 already done)"]
+    assert rerun.file.getvalue().splitlines() == ["3 units: 3 attacks (3 already done)"]
 
 
 def test_terminal_progress_shows_per_kind_counts(tmp_path):
