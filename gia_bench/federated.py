@@ -82,6 +82,10 @@ INFO_KEY = "gia-bench"  # ConfigRecord: defense spec, local training, client id,
 #: A client's train handler may put its exact update u here (an ArrayRecord, parameter name -> tensor);
 #: otherwise the mod computes u = (w_0 - w_K) / local_lr from the weights (equal up to rounding).
 UPDATE_KEY = "gia-bench.update"
+#: ArrayRecord: the compressor's *private* state before the step (its error-feedback residual),
+#: put in the reply only by ``DefenseMod(send_private=True)``: a simulation's channel to the truth
+#: file (the ``oracle`` view's input), never to a record or to the inner strategy.
+PRIVATE_KEY = "gia-bench.private"
 #: Where the mod keeps the compressor's state in the client's ``Context.state`` (never sent).
 STATE_KEY = "gia-bench.defense-state"
 #: Train-config keys the mod reads when it is not given the local training explicitly.
@@ -150,6 +154,13 @@ class DefenseMod:
     model's parameters in ``named_parameters()`` order; None takes every floating-point
     array of the weights (right for models without buffers). The number of private
     examples is the reply's ``num-examples`` metric (Flower's FedAvg needs it anyway).
+
+    ``send_private`` (simulations only) also puts the compressor's private state before the
+    step (``Compressor.private_state``: the error-feedback residual e the client adds, in
+    parameter order) in the reply under ``gia-bench.private``. :class:`CaptureStrategy`
+    writes it to the truth file, as ``capture`` and the trainer do, so the ``oracle`` view
+    can read it; it is never saved in a record. Leave it False in a real deployment: the
+    residual is the client's secret and the server would receive it.
     """
 
     defense: str
@@ -159,6 +170,7 @@ class DefenseMod:
     param_names: tuple[str, ...] | None = None
     arrays_key: str = "arrays"
     metrics_key: str = "metrics"
+    send_private: bool = False
 
     def __post_init__(self) -> None:
         require_flower()
@@ -197,6 +209,8 @@ class DefenseMod:
         local.check(examples, "DefenseMod")
         compressor = self._compressor(ctx)
         comm = LocalCommunicator(record=True)
+        # what this client adds privately to its update (error feedback): for the truth file only
+        private = compressor.private_state(list(names), [u.shape for u in update]) if self.send_private else {}
         compressor.step(update, comm, keys=list(names))
         # kept for this client's next round only after a successful step
         ctx.state[STATE_KEY] = ConfigRecord({"spec": compressor.spec, "state": _save_state(compressor.state_dict())})
@@ -220,6 +234,8 @@ class DefenseMod:
         out[PUBLIC_KEY] = to_array_record(compressor.public_state())
         out[BUFFERS_KEY] = to_array_record(buffers)
         out[INFO_KEY] = ConfigRecord(info)
+        if self.send_private:
+            out[PRIVATE_KEY] = to_array_record(private)
         metrics["gia-bench-bytes"] = int(comm.bytes_sent)
         reply.content = out
         return reply
@@ -370,6 +386,7 @@ class CaptureStrategy(Strategy):
         messages = from_array_record(content.array_records[MESSAGES_KEY])
         public = from_array_record(content.array_records.get(PUBLIC_KEY, ArrayRecord()))
         buffers = from_array_record(content.array_records.get(BUFFERS_KEY, ArrayRecord()))
+        private = from_array_record(content.array_records.get(PRIVATE_KEY, ArrayRecord()))
         infos = tuple(dict(m) for m in json.loads(str(info["messages"])))
         sent = sum(int(m["nbytes"]) for m in infos)
         payload = sum(t.numel() * t.element_size() for t in messages.values())
@@ -391,12 +408,14 @@ class CaptureStrategy(Strategy):
         record_path = None
         if self.capturing(server_round):
             local = LocalTraining(int(info["local-steps"]), lr, int(info["local-batch"]))
-            record_path = self._save_record(server_round, client, examples, local, messages, infos, sent, public, w0)
+            record_path = self._save_record(
+                server_round, client, examples, local, messages, infos, sent, public, w0, private
+            )
         buffer_bytes = sum(t.numel() * t.element_size() for t in buffers.values())
         self.updates.append(ClientUpdate(server_round, client, examples, sent, buffer_bytes, record_path))
         new = RecordDict()
         for key, record in content.items():
-            if key not in (MESSAGES_KEY, PUBLIC_KEY, BUFFERS_KEY, INFO_KEY):
+            if key not in (MESSAGES_KEY, PUBLIC_KEY, BUFFERS_KEY, INFO_KEY, PRIVATE_KEY):
                 new[key] = record
         new[self.arrays_key] = to_array_record(weights)
         reply.content = new
@@ -412,7 +431,9 @@ class CaptureStrategy(Strategy):
         sent: int,
         public: dict[str, torch.Tensor],
         w0: dict[str, torch.Tensor],
+        private: dict[str, torch.Tensor],
     ) -> Path:
+        """Write the truth file (with the client's private residual, when it sent one) and then the record."""
         assert self.out is not None
         rid = f"{self.record_prefix}r{server_round:03d}-c{client:03d}"
         meta = RecordMeta(
@@ -435,7 +456,15 @@ class CaptureStrategy(Strategy):
         self.out.mkdir(parents=True, exist_ok=True)
         truth = None if self.truth_fn is None else self.truth_fn(server_round, client)
         if truth is not None:  # the truth first, so an interrupted run leaves no record without its truth
-            Truth(truth[0].detach().cpu(), truth[1].detach().cpu().to(torch.int64), rid).save(truth_path(path))
+            n_params = sum(int(math.prod(s)) for s in self.param_shapes)
+            residual = private.get("residual")
+            if residual is not None and (residual.numel() != n_params or not residual.is_floating_point()):
+                raise CompressorError(
+                    f"CaptureStrategy: client {client} sent a private residual of {residual.numel()} {residual.dtype}"
+                    f" values, model {self.model_spec.spec!r} has {n_params} parameters"
+                )
+            # the client's private residual goes to the truth file only (the oracle view's input), never the record
+            Truth(truth[0].detach().cpu(), truth[1].detach().cpu().to(torch.int64), rid, private).save(truth_path(path))
         record.save(path)
         return path
 
@@ -602,7 +631,9 @@ def make_client_app(cfg: FederatedConfig):
 
     setup = _setup(cfg)
     names = tuple(n for n, _ in build_model(setup.model_spec, seed=None).named_parameters())
-    app = ClientApp(mods=[DefenseMod(cfg.defense, cfg.local_lr, cfg.local_steps, cfg.local_batch, names)])
+    # a simulation: the mod also hands over the client's private residual, for the truth files (oracle view)
+    mod = DefenseMod(cfg.defense, cfg.local_lr, cfg.local_steps, cfg.local_batch, names, send_private=True)
+    app = ClientApp(mods=[mod])
 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:

@@ -282,3 +282,49 @@ def test_mod_and_wrapper_in_a_users_app(tmp_path, monkeypatch):
     strict = CaptureStrategy(FedAvg(fraction_evaluate=0.0), "none", spec, dataset_spec)
     with pytest.raises(federated.CompressorError, match="fp16"):
         _fedavg_rounds(strict, other, spec, monkeypatch, rounds=1)
+
+
+@pytest.mark.parametrize("defense", ["topk:ratio=0.05", "powersgd:rank=1"])
+def test_error_feedback_residual_goes_to_the_truth_file_and_makes_oracle_exact(tmp_path, in_process, defense):
+    """A client's private error-feedback residual e reaches the truth file (never the record), so the
+    oracle view of a round-2 record reproduces what the client sent from its true update, and the
+    aware view (e assumed zero) does not: the two views differ on federated records."""
+    from safetensors import safe_open
+
+    from gia_bench.attacks.views import build_view
+
+    cfg = _config(tmp_path, defense)
+    result = run_federated(cfg, engine=in_process)
+    setup = federated._setup(cfg)
+    names = [n for n, _ in build_model(setup.model_spec, seed=cfg.seed).named_parameters()]
+    first = {c["client"]: Path(c["record"]) for c in result.metrics["rounds"][0]["clients"]}
+    for c in result.metrics["rounds"][1]["clients"]:
+        path, client = Path(c["record"]), c["client"]
+        with safe_open(str(path), "pt") as f:  # the record itself holds what a server sees, nothing private
+            assert not [k for k in f.keys() if not k.startswith(("msg/", "weight/", "public/"))]
+        record = load_record(path)
+        assert record.private == {}
+        # round 1: a fresh compressor has nothing private; round 2: its residual e is in the truth file
+        assert Truth.load(truth_path(first[client])).private == {}
+        truth = Truth.load(truth_path(path))
+        assert sorted(truth.private) == ["residual"]
+        # ... and it is the residual round 1 left: replay the client's round-1 step
+        r1 = load_record(first[client])
+        x1, y1 = setup.examples(1, client)
+        u1, _ = train_locally(record_model(r1), x1, y1, cfg.local)
+        replay = create_defense(defense)
+        replay.step(u1, LocalCommunicator(record=True), keys=names)
+        (e,) = replay.private_state(names, [u.shape for u in u1]).values()
+        torch.testing.assert_close(truth.private["residual"], e, rtol=1e-5, atol=1e-7)
+        assert float(e.abs().max()) > 0
+        # the client's true round-2 update through each view, against what the record observed
+        u2, _ = train_locally(record_model(record), truth.inputs, truth.labels, cfg.local)
+        candidate = [u[None] for u in u2]
+        oracle = build_view(record.with_private(truth), "oracle")
+        aware = build_view(record, "aware")
+        assert oracle.private_state_used == ("residual",) and aware.private_state_used == ()
+        scale = float(oracle.target.abs().max())
+        gap_oracle = float((oracle.rows(candidate)[0] - oracle.target).abs().max())
+        gap_aware = float((aware.rows(candidate)[0] - aware.target).abs().max())
+        assert gap_oracle <= 1e-4 * scale, (gap_oracle, scale)  # exact up to float rounding
+        assert gap_aware > 1e-2 * scale, (gap_aware, scale)  # e assumed zero misses the residual

@@ -1,4 +1,4 @@
-"""Metrics: SSIM/PSNR equal references, Hungarian pairing, LPIPS weights handling."""
+"""Metrics: SSIM/PSNR equal independent references, Hungarian pairing, LPIPS weights handling."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import peak_signal_noise_ratio
 
 from gia_bench import metrics as M
 
@@ -48,30 +48,42 @@ def _ref_ssim(a: torch.Tensor, b: torch.Tensor, win: int, sigma: float) -> float
     return float(np.mean(vals))
 
 
-def test_ssim_equals_skimage_and_independent_reference(gen: torch.Generator) -> None:
+def _paper_window(height: int, width: int) -> tuple[int, float]:
+    """Wang et al. 2004's window, written here from the paper rather than taken from the code under test:
+    11 taps with sigma 1.5; an image under 11 pixels gets the largest odd window that fits, with sigma
+    shrunk so that the window still ends at the 11-tap window's truncation (radius = 3.5 sigma)."""
+    side = min(height, width)
+    if side >= 11:
+        return 11, 1.5
+    win = side if side % 2 == 1 else side - 1
+    return win, (win - 1) / 2 / 3.5
+
+
+def test_ssim_equals_an_independent_reference(gen: torch.Generator) -> None:
     for a, b in _pairs(gen):
         got = M.ssim(a, b)
-        win, sigma = M.ssim_window(a.shape[1], a.shape[2])
-        an, bn = a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy()
-        colour = a.shape[0] == 3
-        ref = structural_similarity(
-            an if colour else an[..., 0],
-            bn if colour else bn[..., 0],
-            win_size=win,
-            sigma=sigma,
-            gaussian_weights=True,
-            use_sample_covariance=False,
-            data_range=1.0,
-            channel_axis=2 if colour else None,
-        )
-        assert got == pytest.approx(ref, abs=1e-12)
-        # the interior (cropped) SSIM map does not depend on the border mode: a plain
-        # convolution over the valid region must give the same number
-        assert got == pytest.approx(_ref_ssim(a, b, win, sigma), abs=1e-9)
+        # the interior (cropped) SSIM map does not depend on the border mode: a plain convolution over
+        # the valid region, with the paper's window and constants, must give the same number
+        assert got == pytest.approx(_ref_ssim(a, b, *_paper_window(a.shape[1], a.shape[2])), abs=1e-9)
+        assert got == pytest.approx(M.ssim(b, a), abs=1e-12)  # symmetric
+        assert -1.0 <= got < 1.0
     a = _pairs(gen)[0][0]
     assert M.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
     assert M.ssim_window(32, 32) == (11, 1.5)  # Wang et al.'s 11-tap, sigma 1.5 window
     assert M.ssim_window(8, 8)[0] == 7
+
+
+@pytest.mark.parametrize("p, q", [(0.5, 0.25), (0.9, 0.1), (0.02, 0.0), (0.3, 0.3)])
+def test_ssim_of_two_flat_images_is_the_luminance_term(p: float, q: float) -> None:
+    """Two flat images have no variance and no covariance: eq. 13 reduces to
+    (2 p q + C1) / (p^2 + q^2 + C1) with C1 = (K1 L)^2, K1 = 0.01, L = 1 (the data range),
+    whatever the window: a value computed by hand."""
+    c1 = (0.01 * 1.0) ** 2
+    want = (2 * p * q + c1) / (p * p + q * q + c1)
+    for c, h, w in ((1, 16, 16), (3, 12, 20), (1, 8, 8)):
+        a = torch.full((c, h, w), p, dtype=torch.float64)
+        b = torch.full((c, h, w), q, dtype=torch.float64)
+        assert M.ssim(a, b) == pytest.approx(want, abs=1e-9)
 
 
 def test_psnr_equals_skimage_and_identical_is_inf(gen: torch.Generator) -> None:

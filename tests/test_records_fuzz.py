@@ -27,6 +27,7 @@ from gia_bench.capture import capture_batch
 from gia_bench.data import DatasetSpec
 from gia_bench.defenses import create
 from gia_bench.errors import GiaBenchError, RecordError
+from gia_bench.fedavg import LocalTraining
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.receiver import load_record
 
@@ -150,9 +151,22 @@ def test_bad_metadata_is_one_line(tmp_path, edit, words):
 
 
 def test_fedavg_metadata_is_accepted_and_optional(tmp_path):
-    path = tmp_path / "f.safetensors"
-    path.write_bytes(_with_meta(_ORIGINALS["none"], lambda m: m.update(local_steps=3, local_lr=0.05, local_batch=1)))
-    load_record(path)  # the messages are a plain gradient's layout either way
+    """The three FedAvg fields load as written; without them a record is FedSGD (one step on the
+    whole batch); they are metadata only: the messages are a plain gradient's layout either way."""
+    local = ("local_steps", "local_lr", "local_batch")
+    assert not set(local) & set(_meta_of(_ORIGINALS["none"]))  # a FedSGD record writes none of them
+    plain_path, fedavg_path = tmp_path / "p.safetensors", tmp_path / "f.safetensors"
+    plain_path.write_bytes(_ORIGINALS["none"])
+    fedavg_path.write_bytes(
+        _with_meta(_ORIGINALS["none"], lambda m: m.update(local_steps=3, local_lr=0.05, local_batch=1))
+    )
+    plain, fedavg = load_record(plain_path), load_record(fedavg_path)
+    assert plain.meta.is_fedsgd and tuple(getattr(plain.meta, k) for k in local) == (1, None, None)
+    assert plain.meta.local_training() == LocalTraining(1, 1.0, plain.meta.batch_size)
+    assert not fedavg.meta.is_fedsgd and tuple(getattr(fedavg.meta, k) for k in local) == (3, 0.05, 1)
+    assert fedavg.meta.local_training() == LocalTraining(3, 0.05, 1)
+    for a, b in ((plain.messages, fedavg.messages), (plain.weights, fedavg.weights)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_deeply_nested_header_json_is_refused(tmp_path):

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -61,13 +63,38 @@ def test_aware_view_needs_simulate(monkeypatch):
         create("ig:iterations=1").run(record, "aware", torch.Generator())
 
 
+def _observes_the_sent_values(view, record) -> str:
+    """"" when ``view``'s observation is exactly the values ``record`` sent (same count, same numbers)."""
+    sent = record.messages["values"].to(torch.float32).reshape(-1)
+    if view.target.numel() != sent.numel():
+        return f"observes {view.target.numel()} values, {sent.numel()} were sent"
+    if not torch.equal(view.target, sent):
+        return "observes other values than the sent ones"
+    return ""
+
+
 def test_topk_aware_view_compares_the_sent_values_only():
     record, truth = make_record("lenet", "photos", (5,), defense="topk:ratio=0.01")
-    aware = build_view(record, "aware")
-    sent = sum(t.numel() for k, t in record.messages.items() if t.is_floating_point())
-    assert sum(t.numel() for t in aware.targets) <= sent
-    naive = build_view(record, "naive")
-    assert naive.targets[0].numel() == sum(s.numel() for s in record.param_shapes)
+    aware, naive = build_view(record, "aware"), build_view(record, "naive")
+    # ratio 0.01: k = max(1, ceil(n / 100)) values per tensor are sent, and the aware view observes exactly them
+    numels = [s.numel() for s in record.param_shapes]
+    assert record.messages["values"].numel() == sum(max(1, -(-n // 100)) for n in numels)
+    assert aware.keys == ("values",) and _observes_the_sent_values(aware, record) == ""
+    assert naive.target.numel() == sum(numels)
+    # the truth's gradient through the aware map reproduces the observation (a fresh compressor: no residual)
+    grads = CandidateGradients(attack_model(record, "cpu"), record.meta.param_names)(
+        truth.inputs.unsqueeze(0), truth.labels.unsqueeze(0)
+    )
+    torch.testing.assert_close(aware.rows(grads)[0], aware.target)
+    # positive controls: the same checks catch a view that observes more than was sent (the dense
+    # decoded gradient), a record whose sent values differ, and a candidate that is not the truth's
+    assert "were sent" in _observes_the_sent_values(naive, record)
+    values = record.messages["values"].clone()
+    values[0] += 1.0
+    tampered = dataclasses.replace(record, messages={**record.messages, "values": values})
+    assert "other values" in _observes_the_sent_values(build_view(tampered, "aware"), record)
+    other = [g * 1.01 for g in grads]
+    assert not torch.allclose(aware.rows(other)[0], aware.target)
 
 
 def test_unknown_view_is_refused():

@@ -4,7 +4,7 @@ The battery itself lives in :mod:`gia_bench.contract` (``gia-bench audit`` runs 
 checks on a third party's compressor); this file runs every check on every name of
 ``DEFENSES.names()`` (parametrised at collection time, so a compressor added to
 ``gia_bench/defenses/`` or by an entry point is checked too) and adds what only the
-built-ins promise: byte counts written out independently of their code, and the
+built-ins promise: byte counts written out independently of their code (``_wire_bytes.py``), and the
 aggregate as the mean of the decoded messages. Nothing is skipped per compressor: one
 that cannot keep the contract fails here.
 
@@ -21,37 +21,20 @@ Conventions the battery relies on (from ``gia_bench/defenses/base.py``):
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from _wire_bytes import EXPECTED_BYTES, wire_bytes_error
+
 from gia_bench import contract
-from gia_bench.contract import BATTERY_SHAPES, CHECKS, NotApplicable, Subject, all_close, battery_grads
+from gia_bench.comm import Communicator
+from gia_bench.contract import CHECKS, NotApplicable, Subject, all_close, battery_grads
 from gia_bench.defenses import DEFENSES, create
+from gia_bench.defenses.signsgd import SignSGD
+from gia_bench.defenses.topk import TopK
 
 NAMES = DEFENSES.names()
 
-
-def _numels(shapes) -> list[int]:
-    return [math.prod(s) for s in shapes]
-
-
-# Bytes one worker sends, from what each compressor puts on the wire (default specs),
-# written out here independently of the compressors' own code.
-EXPECTED_BYTES = {
-    "none": lambda shapes: 4 * sum(_numels(shapes)),
-    "fp16": lambda shapes: 2 * sum(_numels(shapes)),
-    "noise": lambda shapes: 4 * sum(_numels(shapes)),
-    # ratio 0.01: k = max(1, ceil(n / 100)) fp32 values + as many int32 indices
-    "topk": lambda shapes: sum(8 * max(1, -(-n // 100)) for n in _numels(shapes)),
-    # one fp32 norm per 512-entry bucket of each tensor, 1 sign bit and 5 level bits (s = 16) per entry
-    "qsgd": lambda shapes: 4 * sum(-(-n // 512) for n in _numels(shapes))
-    + -(-sum(_numels(shapes)) // 8)
-    + -(-5 * sum(_numels(shapes)) // 8),
-    # 1 sign bit per entry, one fp32 scale per tensor
-    "signsgd": lambda shapes: -(-sum(_numels(shapes)) // 8) + 4 * len(shapes),
-}
 
 # Compressors whose aggregate is the mean of what each worker's messages decode to.
 MEAN_OF_DECODED = {"none", "noise", "topk", "qsgd", "signsgd"}
@@ -84,10 +67,74 @@ def test_contract(name, check):
     assert reason == "", f"{name}: {reason}"
 
 
+def test_every_built_in_compressor_has_its_wire_format_written_out():
+    built_in = {n for n in NAMES if DEFENSES.get(n).__module__.startswith("gia_bench.defenses.")}
+    assert built_in == set(EXPECTED_BYTES)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_BYTES))
 def test_bytes_match_the_wire_format(name):
-    _, comm = _step(create(name), battery_grads(0))
-    assert comm.bytes_sent == EXPECTED_BYTES[name](BATTERY_SHAPES)
+    """Bytes sent equal the wire format's, written out in tests/defenses/_wire_bytes.py (two gradients:
+    Threshold quantization and RC-FED send data-dependent amounts)."""
+    for seed in range(2):
+        grads = battery_grads(seed)
+        _, comm = _step(create(name), grads)
+        assert wire_bytes_error(name, comm.bytes_sent, grads) == ""
+
+
+# -- compressors that misreport their bytes are caught ----------------------------------------------
+
+
+class _Int64Indices:
+    """A communicator seen through a compressor that widens its int32 messages to int64 on the wire."""
+
+    def __init__(self, comm: Communicator) -> None:
+        self.comm, self.world_size, self.rank = comm, comm.world_size, comm.rank
+
+    def all_gather(self, tensor, tag):
+        wide = tensor.to(torch.int64) if tensor.dtype == torch.int32 else tensor
+        return [t.to(tensor.dtype) for t in self.comm.all_gather(wide, tag)]
+
+
+class WideTopK(TopK):
+    """Counts every byte it sends, but sends 8-byte indices where the format has int32."""
+
+    def step(self, grads, comm, keys=None):
+        return super().step(grads, _Int64Indices(comm), keys)
+
+
+class PaddedSignSGD(SignSGD):
+    """Counts every byte it sends, but sends 16 bytes more than its format."""
+
+    def step(self, grads, comm, keys=None):
+        out = super().step(grads, comm, keys)
+        comm.all_gather(torch.zeros(16, dtype=torch.uint8, device=grads[0].device), "pad")
+        return out
+
+
+class UnderCountingTopK(TopK):
+    """Sends top-k's messages but logs half their bytes."""
+
+    def step(self, grads, comm, keys=None):
+        out = super().step(grads, comm, keys)
+        for m in comm.messages:
+            m.nbytes //= 2
+            m.payload_nbytes //= 2
+        return out
+
+
+@pytest.mark.parametrize("liar, name", [(WideTopK, "topk"), (PaddedSignSGD, "signsgd"), (UnderCountingTopK, "topk")])
+def test_a_compressor_misreporting_its_bytes_is_caught(liar, name):
+    grads = battery_grads(0)
+    _, honest = _step(create(name), grads)
+    _, comm = _step(liar(), grads)
+    assert wire_bytes_error(name, honest.bytes_sent, grads) == ""
+    assert "its wire format sends" in wire_bytes_error(name, comm.bytes_sent, grads)
+
+
+def test_the_battery_catches_bytes_logged_below_the_tensors():
+    assert contract.check_bytes(Subject(UnderCountingTopK, {}, "under")) != ""
+    assert contract.check_bytes(Subject(TopK, {}, "topk")) == ""
 
 
 # -- two real processes over gloo ----------------------------------------------------------------
@@ -127,5 +174,6 @@ def test_cuda_bytes_match_the_wire_format(name):
     """The battery's CUDA check covers devices, dtypes and decode; here the byte counts on CUDA."""
     comp = create(name)
     for seed in range(2):
-        _, comm = _step(comp, battery_grads(seed, device="cuda"))
-        assert comm.bytes_sent == EXPECTED_BYTES[name](BATTERY_SHAPES)
+        grads = battery_grads(seed, device="cuda")
+        _, comm = _step(comp, grads)
+        assert wire_bytes_error(name, comm.bytes_sent, grads) == ""
