@@ -69,6 +69,31 @@ def test_a_worker_hung_in_a_collective_fails_the_run_naming_it(tmp_path, monkeyp
 
 
 @pytest.mark.timeout(120)
+def test_a_worker_hung_in_a_checkpoint_write_fails_the_run_naming_it(tmp_path, monkeypatch):
+    import torch
+
+    real_save = torch.save
+
+    def rank0_save_hangs(obj, f, *args, **kwargs):  # noqa: ANN001
+        if os.environ.get("RANK") == "0":
+            time.sleep(10 * TIMEOUT)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", rank0_save_hangs)
+    out = tmp_path / "hang"
+    with pytest.raises(TrainError) as info:
+        launch(_config(out), fork=True)
+    stack = watchdog_path(out, 0)
+    assert str(info.value) == (
+        f"worker rank 0 made no progress for 7.5 s (stuck in a collective, a step or a checkpoint write;"
+        f" --collective-timeout 5) and was stopped; its stack: {stack}; no checkpoint was written yet"
+    )
+    text = stack.read_text()
+    assert "in rank0_save_hangs" in text and "in save_checkpoint" in text
+    assert not (out / "checkpoint.pt").exists() and not watchdog_path(out, 1).exists()
+
+
+@pytest.mark.timeout(120)
 def test_a_clean_run_leaves_no_watchdog_files_and_a_crash_none_either(tmp_path, monkeypatch):
     out = tmp_path / "ok"
     metrics = launch(_config(out), fork=True)
@@ -108,3 +133,17 @@ def test_collective_errors_are_told_from_a_models_own():
     import torch.distributed as dist
 
     assert _raised_by_collective(dist.DistBackendError("gloo: Timed out waiting 5000ms for recv operation"))
+
+
+@pytest.mark.parametrize("flag", ["--collective-timeout", "--timeout"])
+def test_cli_collective_timeout_flag_is_validated_in_one_line(tmp_path, capsys, flag):
+    from gia_bench.cli import app
+
+    args = ["train", "--out", str(tmp_path / "run"), "--dataset", "digits:size=8,channels=1", "--model", "mlp",
+            flag, "0"]
+    with pytest.raises(SystemExit) as info:
+        app(args, prog_name="gia-bench")
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "Traceback" not in err and "--collective-timeout must be a finite number of seconds > 0, got 0.0" in err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
