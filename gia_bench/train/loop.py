@@ -31,7 +31,7 @@ from gia_bench.train.config import (
 )
 from gia_bench.train.progress import Progress
 from gia_bench.train.records import record_path, save_step_record
-from gia_bench.train.watchdog import Watchdog, peer_lost_linger
+from gia_bench.train.watchdog import LINGER_MARGIN_S, Watchdog, peer_lost_linger
 
 def _fail_at() -> tuple[int, int] | None:
     text = os.environ.get(FAIL_ENV)
@@ -137,11 +137,11 @@ def run_worker(config: TrainConfig) -> None:
     backend = config.backend if config.backend != "auto" else ("nccl" if use_cuda else "gloo")
     # the process group's timeout bounds every collective; the watchdog bounds everything between
     # two kicks (a step, an evaluation, a checkpoint write), a hang in C++ code included
-    watchdog = Watchdog(config.out, rank, config.timeout_s)
-    watchdog.start()
     dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
     world_size = dist.get_world_size()
+    watchdog = Watchdog(config.out, rank, config.timeout_s)
     try:
+        watchdog.start()
         _train(config, rank, world_size, device, backend, watchdog)
     except RuntimeError as exc:
         if not _raised_by_collective(exc):
@@ -150,8 +150,10 @@ def run_worker(config: TrainConfig) -> None:
         watchdog.stop()
         print(f"rank {rank}: collective failed ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
         # torchrun's agent records only the failures it sees in one poll and then stops the rest:
-        # linger so that it sees the worker that died first (or whose watchdog stops it), not this one
-        time.sleep(peer_lost_linger(config.timeout_s))
+        # linger so that it sees the worker that died first, not this one; after a timeout (a peer
+        # may be stuck, not dead) until that peer's watchdog has stopped it
+        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+        time.sleep(peer_lost_linger(config.timeout_s) if timed_out else LINGER_MARGIN_S)
         os._exit(PEER_LOST_EXIT_CODE)
     finally:
         if dist.is_initialized():

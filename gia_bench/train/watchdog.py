@@ -36,8 +36,8 @@ from typing import IO
 
 #: A worker that makes no progress for STUCK_FACTOR x ``timeout_s`` seconds is stopped.
 STUCK_FACTOR = 1.5
-#: After its collective failed, a worker lingers this long beyond the stuck peer's
-#: deadline, so that the launcher sees the peer's watchdog fire first.
+#: After its collective failed, a worker lingers this long (beyond a stuck peer's deadline
+#: when the collective timed out), so that the launcher sees the peer fail first.
 LINGER_MARGIN_S = 2.0
 
 
