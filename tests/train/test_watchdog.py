@@ -70,16 +70,16 @@ def test_a_worker_hung_in_a_collective_fails_the_run_naming_it(tmp_path, monkeyp
 
 @pytest.mark.timeout(120)
 def test_a_worker_hung_in_a_checkpoint_write_fails_the_run_naming_it(tmp_path, monkeypatch):
-    import torch
+    import gia_bench.train.checkpoint as checkpoint
 
-    real_save = torch.save
+    real_write = checkpoint.atomic_write
 
-    def rank0_save_hangs(obj, f, *args, **kwargs):  # noqa: ANN001
-        if os.environ.get("RANK") == "0":
+    def rank0_write_hangs(path, write):  # noqa: ANN001
+        if os.environ.get("RANK") == "0":  # after every rank's state was gathered: rank 1 finishes
             time.sleep(10 * TIMEOUT)
-        return real_save(obj, f, *args, **kwargs)
+        return real_write(path, write)
 
-    monkeypatch.setattr(torch, "save", rank0_save_hangs)
+    monkeypatch.setattr(checkpoint, "atomic_write", rank0_write_hangs)
     out = tmp_path / "hang"
     with pytest.raises(TrainError) as info:
         launch(_config(out), fork=True)
@@ -89,7 +89,7 @@ def test_a_worker_hung_in_a_checkpoint_write_fails_the_run_naming_it(tmp_path, m
         f" --collective-timeout 5) and was stopped; its stack: {stack}; no checkpoint was written yet"
     )
     text = stack.read_text()
-    assert "in rank0_save_hangs" in text and "in save_checkpoint" in text
+    assert "in rank0_write_hangs" in text and "in save_checkpoint" in text
     assert not (out / "checkpoint.pt").exists() and not watchdog_path(out, 1).exists()
 
 
