@@ -304,7 +304,10 @@ def train_cmd(
     threads_per_worker: int = typer.Option(
         None, "--threads-per-worker", help="torch threads per worker (default: OMP_NUM_THREADS, else the free cores shared)"
     ),
-    timeout: float = typer.Option(300.0, "--timeout", help="seconds before a stuck collective fails the run"),
+    timeout: float = typer.Option(
+        300.0, "--collective-timeout", "--timeout",
+        help="seconds before a stuck collective fails the run; a worker stuck 1.5x this is stopped, its stack saved",
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
     fewbit_backward: int = typer.Option(
         0, "--fewbit-backward", help="BITS: few-bit backward activations (Novikov et al.); 0 = exact backward"

@@ -42,7 +42,8 @@ What it writes in ``out``:
 The package, one job a file: :mod:`.config` (``TrainConfig``, its validation, the
 data), :mod:`.loop` (one worker's training loop, capture, metrics), :mod:`.checkpoint`
 (checkpoint files, RNG state), :mod:`.progress` (rank 0's bar / epoch lines),
-:mod:`.launch` (torchrun's elastic agent, failure attribution, the worker entry point).
+:mod:`.launch` (torchrun's elastic agent, failure attribution, the worker entry point),
+:mod:`.watchdog` (a worker that makes no progress is stopped, its stack saved).
 """
 
 from gia_bench.train.checkpoint import load_checkpoint

@@ -19,9 +19,9 @@ RECORDS_DIR = "records"
 FAIL_ENV = "GIA_BENCH_TRAIN_FAIL_AT"
 FAIL_EXIT_CODE = 17
 #: A worker whose collective failed because a peer is gone exits with this code, so that
-#: the launcher names the worker that failed first, not the ones that lost it.
+#: the launcher names the worker that failed first, not the ones that lost it (it lingers
+#: first: :func:`gia_bench.train.watchdog.peer_lost_linger`).
 PEER_LOST_EXIT_CODE = 75
-PEER_LOST_LINGER_S = 2.0
 
 
 class TrainError(GiaBenchError):
@@ -124,7 +124,11 @@ class TrainConfig:
         download: let torchvision download the data set into ``data_root``.
         threads_per_worker: torch / OpenMP threads per worker process; None: ``OMP_NUM_THREADS`` if
             set, else the free cores shared among the workers (:mod:`gia_bench.threads`).
-        timeout_s: collective timeout; a hang fails after this instead of blocking.
+        timeout_s: collective timeout in seconds (``--collective-timeout``): the process group's
+            timeout, so a collective that a peer never joins fails after this; and each worker's
+            watchdog stops a worker that makes no progress (a step, an evaluation, a checkpoint
+            write) for 1.5x this, saving its stack in ``watchdog-rank{R}.txt``
+            (:mod:`gia_bench.train.watchdog`). A hang fails the run within 2x this.
         resume: continue from ``out/checkpoint.pt``.
         fewbit_backward: bits of Few-Bit Backward activations (:mod:`gia_bench.fewbit`); 0: exact.
         optimizer: ``sgd`` (momentum, weight decay), ``qcmd-adagrad`` or ``qrda-adagrad``
@@ -228,8 +232,8 @@ class TrainConfig:
             raise ConfigError(f"--max-steps-per-epoch must be >= 1, got {self.max_steps_per_epoch}")
         if not self.bucket_cap_mb > 0:
             raise ConfigError(f"--bucket-cap-mb must be > 0, got {self.bucket_cap_mb}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"--timeout must be > 0, got {self.timeout_s}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ConfigError(f"--collective-timeout must be a finite number of seconds > 0, got {self.timeout_s}")
         if self.backend == "nccl" and self.device == "cpu":
             raise ConfigError("--backend nccl needs --device cuda (nccl has no CPU tensors)")
         if (self.device == "cuda" or self.backend == "nccl") and not torch.cuda.is_available():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,36 @@ from gia_bench.train.config import (
     planned_steps,
 )
 from gia_bench.train.loop import run_worker
+from gia_bench.train.watchdog import remove_stack_files, stuck_message
+
+# Forking safely. A forked worker inherits every object of the launching process, among
+# them garbage that no collection has freed yet: a TCPStore of an earlier elastic_launch's
+# rendezvous (or of this one's), whose destructor joins its libuv thread. That thread does
+# not exist in the child, so a garbage collection in the worker that frees the store hangs
+# in std::thread::join or aborts (seen: `python -m pytest` stuck in save_checkpoint at 96%).
+# Two layers, because garbage is also made during the launch, after any collection here:
+#  1. the launching process collects its garbage before the agent starts (there the
+#     destructors run normally, their threads alive) and does not fork at all while it holds
+#     a process group of its own (_fork_unsafe: the workers spawn instead);
+#  2. every child forked during a launch freezes the garbage collector first thing
+#     (os.register_at_fork runs it in the child right after fork(), before any Python code):
+#     gc.freeze() moves every inherited object to the permanent generation, which no
+#     collection in the child ever examines, so nothing the parent owned is finalized there.
+#     Inherited objects are never freed in the worker; the worker exits with os._exit, so
+#     nothing is lost, and the pages stay shared with the parent (copy-on-write).
+# A forkserver would also give clean workers, but each launch would pay for a fresh
+# interpreter importing torch, which is what fork=True exists to avoid.
+_forking_launches = 0
+_forking_lock = threading.Lock()
+
+
+def _freeze_inherited_objects() -> None:
+    if _forking_launches:
+        gc.freeze()
+
+
+os.register_at_fork(after_in_child=_freeze_inherited_objects)
+
 
 def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     """Run training with ``nproc_per_node`` workers through torchrun's elastic agent; returns metrics.json.
@@ -78,8 +110,11 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     os.environ["OMP_NUM_THREADS"] = threads  # workers inherit it; torch's launcher would print a warning otherwise
     if fork and _fork_unsafe():
         # Ray / gRPC keep native threads that a forked child inherits mid-operation: forked
-        # workers hung in torch.save after a Ray test had run in the same process. Spawn instead.
+        # workers hung in torch.save after a Ray test had run in the same process. A process
+        # group of the caller's would be inherited too. Spawn instead.
         fork = False
+    remove_stack_files(out)  # stacks of an earlier run's stuck workers: this run's failure names its own
+    global _forking_launches
     try:
         if fork:
             if torch.cuda.is_initialized():
@@ -88,8 +123,15 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
             # before the fork: a forked child that imports while the parent's threads hold locks can hang
             # (seen: workers stuck in importlib under load once cloudpickle was installed).
             load_data(config)
+            gc.collect()  # layer 1 above: free earlier runs' stores here, where their threads exist
             pause_openmp()  # libgomp's thread pool does not survive a fork: a child on > 1 thread would hang
-            elastic_launch(launch_config, _forked_worker)(str(config_path))
+            with _forking_lock:
+                _forking_launches += 1
+            try:
+                elastic_launch(launch_config, _forked_worker)(str(config_path))
+            finally:
+                with _forking_lock:
+                    _forking_launches -= 1
         else:
             elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))
     except ChildFailedError as exc:
@@ -98,6 +140,15 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
         def collateral(f) -> bool:
             return f.exitcode in (PEER_LOST_EXIT_CODE, -signal.SIGTERM)
 
+        # a worker that its watchdog stopped (killed by SIGALRM, its stack saved) hung: that is the cause
+        stuck = {
+            r: line for r, f in exc.failures.items()
+            if f.exitcode == -signal.SIGALRM and (line := stuck_message(out, r, config.timeout_s))
+        }
+        remove_stack_files(out, keep=frozenset(stuck))
+        if stuck:
+            rank = min(stuck, key=lambda r: (exc.failures[r].timestamp, r))
+            raise TrainError(f"{stuck[rank]}; {checkpoint_note(out)}") from None
         causes = {r: f for r, f in exc.failures.items() if not collateral(f)}
         if not causes:
             lost = ", ".join(map(str, sorted(exc.failures)))
@@ -122,7 +173,11 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
 
 
 def _fork_unsafe() -> bool:
-    """True when this process has loaded libraries whose threads make ``fork`` unsafe (Ray, gRPC)."""
+    """True when forking this process is unsafe: Ray / gRPC threads, or a process group of its own."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True
     return any(name in sys.modules for name in ("ray", "grpc", "flwr"))
 
 

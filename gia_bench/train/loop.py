@@ -24,7 +24,6 @@ from gia_bench.train.config import (
     FAIL_EXIT_CODE,
     METRICS_FILE,
     PEER_LOST_EXIT_CODE,
-    PEER_LOST_LINGER_S,
     RECORDS_DIR,
     TrainConfig,
     load_data,
@@ -32,6 +31,7 @@ from gia_bench.train.config import (
 )
 from gia_bench.train.progress import Progress
 from gia_bench.train.records import record_path, save_step_record
+from gia_bench.train.watchdog import LINGER_MARGIN_S, Watchdog, peer_lost_linger
 
 def _fail_at() -> tuple[int, int] | None:
     text = os.environ.get(FAIL_ENV)
@@ -103,12 +103,24 @@ def _capture_step(
 
 
 def _raised_by_collective(exc: BaseException) -> bool:
-    """True for errors raised inside a torch.distributed collective (gloo raises plain RuntimeErrors)."""
+    """True for errors raised inside a torch.distributed collective (gloo raises plain RuntimeErrors).
+
+    Our collectives go through ``distributed_c10d.py``; DDP's own (bucket rebuild, buffer
+    broadcast) raise straight from C++ in ``nn/parallel/distributed.py`` with the backend's
+    message, so the innermost frame there and a gloo / NCCL message count too (a model's
+    own error has its innermost frame in the model).
+    """
     import traceback
 
     if isinstance(exc, dist.DistError):
         return True
-    return any(frame.filename.endswith("distributed_c10d.py") for frame in traceback.extract_tb(exc.__traceback__))
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(frame.filename.endswith("distributed_c10d.py") for frame in frames):
+        return True
+    text = str(exc)
+    return bool(frames) and Path(frames[-1].filename).parts[-3:] == ("nn", "parallel", "distributed.py") and (
+        "gloo" in text or "NCCL" in text or "ProcessGroup" in text
+    )
 
 
 def run_worker(config: TrainConfig) -> None:
@@ -123,25 +135,36 @@ def run_worker(config: TrainConfig) -> None:
     else:
         device = torch.device("cpu")
     backend = config.backend if config.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    # the process group's timeout bounds every collective; the watchdog bounds everything between
+    # two kicks (a step, an evaluation, a checkpoint write), a hang in C++ code included
     dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
     world_size = dist.get_world_size()
+    watchdog = Watchdog(config.out, rank, config.timeout_s)
     try:
-        _train(config, rank, world_size, device, backend)
+        watchdog.start()
+        _train(config, rank, world_size, device, backend, watchdog)
     except RuntimeError as exc:
         if not _raised_by_collective(exc):
             raise
         # a peer died or hung: this worker is collateral damage, say so in its exit code
+        watchdog.stop()
         print(f"rank {rank}: collective failed ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
         # torchrun's agent records only the failures it sees in one poll and then stops the rest:
-        # linger so that it sees the worker that died first, not this one
-        time.sleep(PEER_LOST_LINGER_S)
+        # linger so that it sees the worker that died first, not this one; after a timeout (a peer
+        # may be stuck, not dead) until that peer's watchdog has stopped it
+        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+        time.sleep(peer_lost_linger(config.timeout_s) if timed_out else LINGER_MARGIN_S)
         os._exit(PEER_LOST_EXIT_CODE)
     finally:
         if dist.is_initialized():
+            watchdog.kick()
             dist.destroy_process_group()
+        watchdog.stop()
 
 
-def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device, backend: str) -> None:
+def _train(
+    config: TrainConfig, rank: int, world_size: int, device: torch.device, backend: str, watchdog: Watchdog
+) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DistributedSampler
 
@@ -186,6 +209,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                 " (error feedback is per worker)"
             )
         model.load_state_dict(checkpoint["model"])
+    watchdog.kick()  # from here on every step, evaluation and checkpoint write is watched (not the data loading)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=config.bucket_cap_mb)
     state, hook = make_hook(compressor, ddp)
     ddp.register_comm_hook(state, hook)
@@ -206,6 +230,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             t0 = time.perf_counter()
             for s in range(steps_per_epoch):
+                watchdog.kick()
                 if fail is not None and fail == (rank, global_step):
                     os._exit(FAIL_EXIT_CODE)  # simulates a crashed worker (tests only)
                 idx = order[s * config.batch_size : (s + 1) * config.batch_size]
@@ -235,10 +260,12 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                 global_step += 1
                 progress.step(epoch, float(loss) if progress.enabled else 0.0)
             seconds = time.perf_counter() - t0
+            watchdog.kick()
             # train loss averaged over workers; a plain all-reduce, not gradient traffic
             stats = torch.stack([loss_sum, torch.tensor(float(steps_per_epoch), dtype=torch.float64, device=device)])
             dist.all_reduce(stats)
             t1 = time.perf_counter()
+            watchdog.kick()
             accuracy = _evaluate(model, test, device, rank, world_size)
             history.append(
                 {
@@ -256,6 +283,7 @@ def _train(config: TrainConfig, rank: int, world_size: int, device: torch.device
                     "eval_seconds": time.perf_counter() - t1,
                 }
             )
+            watchdog.kick()
             save_checkpoint(config, rank, world_size, device, model, optimizer, state, epoch + 1, global_step, history)
             if rank == 0:
                 atomic_write_json(
