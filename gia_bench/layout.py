@@ -155,9 +155,13 @@ class LayoutContext:
         except PLUGIN_ERRORS as exc:
             raise RecordError(f"{self.where}: defense {self.spec!r} cannot be built ({exc})") from None
 
-    def run(self, seed: int = 0, **overrides: Any) -> tuple[tuple[Wire, ...], dict[str, torch.Tensor]]:
-        """The messages and public state of one fresh step on N(0, 1) gradients drawn from ``seed``."""
+    def run(
+        self, seed: int = 0, solo: bool = False, **overrides: Any
+    ) -> tuple[tuple[Wire, ...], dict[str, torch.Tensor]]:
+        """The messages and public state of one fresh step on N(0, 1) gradients drawn from ``seed``
+        (``solo``: as one worker, whatever the record claims)."""
         world = self.world_size if self.exact_world else min(self.world_size, _FEW_WORKERS)
+        world = 1 if solo else world
         comm = MirrorCommunicator(world, min(self.rank, world - 1))
         gen = torch.Generator().manual_seed(seed)
         grads = [torch.randn(s, generator=gen) for s in self.record.param_shapes]
@@ -301,10 +305,14 @@ def _check_public(ctx: LayoutContext, match: Expected) -> None:
             )
     if ctx.steps_before[1] != 0 or not want:
         return
-    _, other = ctx.run(seed=1, **dict(match.overrides))
-    for key, ref in want.items():
-        if key not in other or not torch.equal(other[key], ref):
-            continue  # depends on the gradient
+    # What two single workers with different gradients agree on does not depend on the gradient. Not
+    # among mirrored workers: their aggregates (P_sum) are copies of one gradient's, not a real sum.
+    overrides = dict(match.overrides)
+    first = want if ctx.world_size == 1 else ctx.run(seed=0, solo=True, **overrides)[1]
+    _, other = ctx.run(seed=1, solo=True, **overrides)
+    for key, ref in first.items():
+        if key not in want or key not in other or not torch.equal(other[key], ref):
+            continue  # depends on the gradient (or only a multi-worker step has it)
         got = have[key].reshape(ref.shape).to(ref.dtype)
         same = torch.allclose(got, ref, rtol=_PUBLIC_RTOL, atol=_PUBLIC_ATOL) if ref.is_floating_point() else (
             torch.equal(got, ref))  # fmt: skip
