@@ -380,11 +380,11 @@ def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 # -- what a valid record holds: declared field by field ------------------------------------------
 #
-# Every metadata key and every public tensor a record may carry is declared here, with its
-# check. A record with an undeclared metadata key is refused; a new field (e.g. a FedAvg
-# setting, or a training run's public state) is added by declaring it: a ``MetaField`` in
-# ``META_FIELDS`` (name, check of its JSON value, required or not) or a ``TensorRule`` in
-# ``PUBLIC_TENSORS`` (allowed dtypes, size bound). Nothing else needs to change.
+# Every metadata key (``extra``'s too) and every public tensor a record may carry is declared
+# here, with its check. A record with an undeclared metadata key is refused; a new field (e.g.
+# a FedAvg setting, or a training run's public state) is added by declaring it: a ``MetaField``
+# in ``META_FIELDS`` or ``EXTRA_FIELDS`` (name, check of its JSON value, required or not) or a
+# ``TensorRule`` in ``PUBLIC_TENSORS`` (allowed dtypes, size bound). Nothing else needs to change.
 
 #: Bounds (documented limits; a record outside them is refused before anything is allocated).
 MAX_ID_CHARS = 200
