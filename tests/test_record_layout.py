@@ -231,6 +231,17 @@ def test_a_claim_with_identical_messages_is_accepted(tmp_path):
     _refused(relabel(rec, tmp_path / "b.safetensors", defense=claim, step=1), "compressed step")
 
 
+def test_a_flower_client_may_have_taken_fewer_steps_than_the_round(tmp_path):
+    # a client sampled for the first time in round 3 sends PowerSGD's warm-up layout there; a capture
+    # or training step 2 has had its 2 steps before, so start_iter=1 means factors
+    rec = capture("powersgd:rank=1,start_iter=1")
+    first = {"source": "federated", "round": 3, "client": 0}
+    assert load_record(relabel(rec, tmp_path / "f.safetensors", step=2, extra=first)).meta.step == 2
+    _refused(relabel(rec, tmp_path / "c.safetensors", step=2), "a compressed step")
+    later = capture("powersgd:rank=1,start_iter=1", 2)  # and it may have been sampled every round
+    assert load_record(relabel(later, tmp_path / "l.safetensors", extra={**first, "round": 3}))
+
+
 # -- relabelling among the families -------------------------------------------------------------------
 
 _KINDS = ("capture step 0", "capture step 2", "2 workers step 2 rank 0", "2 workers step 2 rank 1")
