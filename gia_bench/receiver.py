@@ -24,16 +24,13 @@ import torch
 
 from gia_bench.defenses import DEFENSES, create
 from gia_bench.defenses.base import Compressor
-from gia_bench.defenses.codecs import packed_nbytes, unpack_bits
+from gia_bench.defenses.codecs import packed_nbytes
 from gia_bench.errors import GiaBenchError, RecordError
-from gia_bench.layout import PLUGIN_ERRORS, check_layout
+from gia_bench.layout import PLUGIN_ERRORS as _PLUGIN_ERRORS
+from gia_bench.layout import check_layout
 from gia_bench.models import MODELS, build_model
-from gia_bench.records import FLOAT_DTYPES, INT_DTYPES, GradientRecord, short_value
+from gia_bench.records import FLOAT_DTYPES, INT_DTYPES, GradientRecord
 from gia_bench.registry import parse_spec
-
-#: Errors a (possibly third-party) compressor may raise on messages it cannot take: a record problem.
-_PLUGIN_ERRORS = PLUGIN_ERRORS
-
 
 def record_compressor(record: GradientRecord) -> Compressor:
     """A fresh compressor with the record's parameters (for decode / simulate)."""
@@ -171,13 +168,15 @@ def _check_tq(record: GradientRecord, compressor: Any) -> str | None:
     one = _world_size(record) == 1
     codes = msgs["codes"].reshape(-1)
     need = packed_nbytes(k, bits)
-    if codes.numel() != need if one else not need <= codes.numel() <= packed_nbytes(n, bits):
+    fits = codes.numel() == need if one else need <= codes.numel() <= packed_nbytes(n, bits)
+    if not fits:
         return f"tq: {codes.numel()} code bytes for {k} kept entries of bits={bits} (ceil({k} x {bits} / 8) = {need})"
     problem = _padding_problem(codes, k, bits, "tq codes")
     if problem or "indices" not in msgs:
         return problem
     idx = msgs["indices"].reshape(-1)
-    if idx.numel() != k if one else not k <= idx.numel() <= n:
+    fits = idx.numel() == k if one else k <= idx.numel() <= n
+    if not fits:
         return f"tq: {idx.numel()} indices for {k} kept entries"
     return "tq: indices past the kept entries' are not zero padding" if bool(idx[k:].any()) else None
 
@@ -195,7 +194,8 @@ def _check_rcfed(record: GradientRecord, compressor: Any) -> str | None:
     unused = torch.ones(counts.numel(), dtype=torch.bool)
     unused[list(compressor.design.active)] = False
     if bool(counts[unused].any()):
-        return f"rcfed: symbols {unused.nonzero().reshape(-1)[counts[unused] > 0].tolist()[:5]} are not levels of {compressor.spec}"
+        symbols = unused.nonzero().reshape(-1)[counts[unused] > 0].tolist()[:5]
+        return f"rcfed: symbols {symbols} are not levels of {compressor.spec}"
     return None
 
 
@@ -221,7 +221,9 @@ def _check_mixedprec(record: GradientRecord, compressor: Any) -> str | None:
     """Mixed precision: the public bit widths (what decode reads) are the ones the spec assigns."""
     want = compressor.assign_bits(list(record.meta.param_names))
     have = record.public["bits"].reshape(-1).tolist()
-    return None if have == want else f"mixedprec: public bits {have[:8]} are not what {compressor.spec!r} assigns {want[:8]}"
+    if have != want:
+        return f"mixedprec: public bits {have[:8]} are not what {compressor.spec!r} assigns {want[:8]}"
+    return None
 
 
 #: Per-defense checks of message contents beyond the layout (index ranges, data-dependent packed sizes,
