@@ -192,7 +192,8 @@ def test_bytes_are_what_the_messages_take(tmp_path, runs):
 
 def test_public_state_is_what_the_defense_leaves(tmp_path, runs):
     rec = capture("powersgd:rank=1")
-    forged = {**rec.public, "Q_init": torch.randn(rec.public["Q_init"].shape, generator=torch.Generator().manual_seed(5))}
+    q = torch.randn(rec.public["Q_init"].shape, generator=torch.Generator().manual_seed(5))
+    forged = {**rec.public, "Q_init": q}
     _refused(dataclasses.replace(rec, public=forged).save(tmp_path / "q.safetensors"), "Q_init", "at step 0")
     warm = capture("powersgd:rank=1", 2)  # warm start: Q_init is the last Q, any values, but its size is the plan's
     assert load_record(dataclasses.replace(warm, public={**warm.public, "Q_init": forged["Q_init"]})
@@ -266,8 +267,8 @@ def _masked(messages: dict[str, torch.Tensor]) -> list[tuple]:
 def _record(defense: str, kind: str, root: str) -> GradientRecord:
     if kind.startswith("capture"):
         return capture(defense, int(kind[-1]))
-    paths = _run(defense, 2, root)
-    return _load(paths[2, int(kind[-1])])
+    words = kind.split()  # "2 workers step S rank R"
+    return _load(_run(defense, 2, root)[int(words[3]), int(words[5])])
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -291,3 +292,40 @@ def test_relabelling_among_families_is_refused_unless_the_messages_match(tmp_pat
         event("identical messages: accepted")
     else:
         event("same layout, other values: either")  # e.g. none as noise, TQ's threshold
+
+
+@pytest.mark.slow
+def test_every_relabelling_among_families(tmp_path_factory):
+    """The hypothesis test's property over all of it: every spec as every other, on every kind of record
+    (24 specs x 6 kinds x 23 claims = 3312 relabellings, ~3 min on one core)."""
+    root = str(tmp_path_factory.mktemp("every"))
+    kinds = (*_KINDS, "2 workers step 0 rank 0", "2 workers step 0 rank 1")
+    counts = dict.fromkeys(
+        ("refused, layout differs", "accepted, identical", "same layout: refused", "same layout: accepted"), 0
+    )
+    path = tmp_path_factory.mktemp("every-relabel") / "r.safetensors"
+    for kind in kinds:
+        for actual in SPECS:
+            rec = _record(actual, kind, root)
+            for claimed in SPECS:
+                if claimed == actual:
+                    continue
+                ref = _record(claimed, kind, root)
+                differs = _masked(rec.messages) != _masked(ref.messages) or set(rec.public) != set(ref.public)
+                identical = rec.messages.keys() == ref.messages.keys() and all(
+                    rec.messages[k].dtype == ref.messages[k].dtype and torch.equal(rec.messages[k], ref.messages[k])
+                    for k in rec.messages
+                )
+                relabel(rec, path, defense=create(claimed).spec)
+                try:
+                    load_record(path)
+                    refused = False
+                except RecordError:
+                    refused = True
+                assert refused or not differs, (actual, kind, claimed)
+                assert not refused or not identical, (actual, kind, claimed)
+                key = ("refused, layout differs" if differs else "accepted, identical" if identical
+                       else f"same layout: {'refused' if refused else 'accepted'}")  # fmt: skip
+                counts[key] += 1
+    print(counts)
+    assert sum(counts.values()) == len(SPECS) * (len(SPECS) - 1) * len(kinds)
