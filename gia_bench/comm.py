@@ -167,14 +167,7 @@ class TorchCommunicator(Communicator):
         self.rank = dist.get_rank(group)
 
     def wire_bytes(self, op: str, payload: int) -> int:
-        n = self.world_size
-        if op == "all_reduce":
-            return math.ceil(2 * (n - 1) * payload / n)
-        if op == "all_gather":
-            return (n - 1) * payload
-        if op == "all_to_all":
-            return math.ceil((n - 1) * payload / n)
-        raise CompressorError(f"unknown collective {op!r}")
+        return ring_wire_bytes(op, payload, self.world_size)
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, group=self.group)
@@ -197,6 +190,17 @@ class TorchCommunicator(Communicator):
         else:
             dist.all_to_all(out, chunks, group=self.group)
         return out
+
+
+def ring_wire_bytes(op: str, payload: int, n: int) -> int:
+    """Bytes one of ``n`` workers sends for ``op`` on ``payload`` bytes with the ring algorithms (module doc)."""
+    if op == "all_reduce":
+        return math.ceil(2 * (n - 1) * payload / n)
+    if op == "all_gather":
+        return (n - 1) * payload
+    if op == "all_to_all":
+        return math.ceil((n - 1) * payload / n)
+    raise CompressorError(f"unknown collective {op!r}")
 
 
 def messages_by_tag(messages: Sequence[Message]) -> dict[str, torch.Tensor]:

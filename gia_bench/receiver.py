@@ -9,7 +9,8 @@ server (and so an attacker) builds from it lives here, beside its users (the att
 * :func:`record_model`: the model at the recorded step, in the recorded mode;
 * :func:`check_record` / :func:`load_record`: the record is what its defense and model
   produce (the specs resolve to registered or trusted classes, the weights are the
-  model's, the messages are what the defense sends and decode to the parameters' shapes),
+  model's, the messages are what the defense sends at the record's step with its workers
+  (:mod:`gia_bench.layout`) and decode to the parameters' shapes),
   on top of the file's own consistency (:meth:`GradientRecord.check_format`).
 """
 
@@ -21,17 +22,15 @@ from typing import Any
 
 import torch
 
-from gia_bench.comm import LocalCommunicator
 from gia_bench.defenses import DEFENSES, create
 from gia_bench.defenses.base import Compressor
+from gia_bench.defenses.codecs import packed_nbytes
 from gia_bench.errors import GiaBenchError, RecordError
+from gia_bench.layout import PLUGIN_ERRORS as _PLUGIN_ERRORS
+from gia_bench.layout import check_layout
 from gia_bench.models import MODELS, build_model
-from gia_bench.records import FLOAT_DTYPES, INT_DTYPES, GradientRecord, short_value
+from gia_bench.records import FLOAT_DTYPES, INT_DTYPES, GradientRecord
 from gia_bench.registry import parse_spec
-
-#: Errors a (possibly third-party) compressor may raise on messages it cannot take: a record problem.
-_PLUGIN_ERRORS = (GiaBenchError, RuntimeError, ValueError, TypeError, IndexError, KeyError, NotImplementedError)
-
 
 def record_compressor(record: GradientRecord) -> Compressor:
     """A fresh compressor with the record's parameters (for decode / simulate)."""
@@ -64,9 +63,11 @@ def check_record(record: GradientRecord) -> None:
     registered or trusted classes; the file is consistent in itself
     (:meth:`GradientRecord.check_format`: finite tensors, described messages of their
     packed size, FedAvg fields, bounded public tensors); the weights are the model's,
-    name by name, in shape and dtype; the messages have the tags and dtypes the defense
-    sends (for a record of a fresh compressor, ``step`` 0) and pass its index checks
-    (:data:`MESSAGE_CHECKS`); they decode to the parameters' shapes.
+    name by name, in shape and dtype; the messages, public state and bytes are what the
+    defense sends at the record's step with its world size (:func:`gia_bench.layout.check_layout`:
+    tags, collectives, dtypes, every shape that does not depend on the data) and pass its
+    content checks (:data:`MESSAGE_CHECKS`: index ranges, packed sizes of data-dependent
+    lengths); they decode to the parameters' shapes.
     """
     where = record.path or record.meta.record_id
     meta = record.meta
@@ -103,10 +104,12 @@ def check_record(record: GradientRecord) -> None:
         compressor = record_compressor(record)
     except _PLUGIN_ERRORS as exc:
         raise RecordError(f"{where}: defense {meta.defense!r} cannot be built ({exc})") from None
-    if meta.step == 0 and meta.extra.get("world_size", 1) == 1:
-        _check_message_layout(record, where)
+    check_layout(record, where)  # at every step, with every world size (gia_bench.layout)
     check = MESSAGE_CHECKS.get(parse_spec(meta.defense).name)
-    problem = check(record, compressor) if check is not None else None
+    try:
+        problem = check(record, compressor) if check is not None else None
+    except _PLUGIN_ERRORS as exc:
+        problem = f"messages do not fit defense {meta.defense!r} ({exc})"
     if problem:
         raise RecordError(f"{where}: {problem}")
     try:
@@ -116,30 +119,6 @@ def check_record(record: GradientRecord) -> None:
     for name, g, shape in zip(names, decoded, record.param_shapes):
         if tuple(g.shape) != tuple(shape):
             raise RecordError(f"{where}: decoded gradient of {name!r} has shape {tuple(g.shape)}, expected {tuple(shape)}")
-
-
-def _check_message_layout(record: GradientRecord, where: Path | str) -> None:
-    """The tags and dtypes a fresh compressor of this spec sends for these parameters, against the record's.
-
-    Shapes may depend on the data (entropy-coded lengths), tags and dtypes do not; a
-    record whose defense spec does not match its messages (e.g. ``lqsgd:rank=100000``
-    over plain-gradient messages) is refused here.
-    """
-    gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(s, generator=gen) for s in record.param_shapes]
-    comm = LocalCommunicator(record=True)
-    try:
-        fresh = record_compressor(record)  # a second instance: the layout run must not touch the decoder's state
-        fresh.step(grads, comm, keys=list(record.meta.param_names))
-    except _PLUGIN_ERRORS as exc:
-        raise RecordError(f"{where}: defense {record.meta.defense!r} cannot run on this model ({exc})") from None
-    want = {m.tag: str(m.dtype).removeprefix("torch.") for m in comm.messages}
-    have = {m["tag"]: m["dtype"] for m in record.meta.messages}
-    if want != have:
-        raise RecordError(
-            f"{where}: messages {short_value(sorted(have.items()))} are not what defense {record.meta.defense!r}"
-            f" sends ({short_value(sorted(want.items()))})"
-        )
 
 
 def _check_topk(record: GradientRecord, compressor: Any) -> str | None:
@@ -165,5 +144,95 @@ def _check_topk(record: GradientRecord, compressor: Any) -> str | None:
     return None
 
 
-#: Per-defense checks of message contents beyond dtype and shape (index ranges ...): registry name -> check.
-MESSAGE_CHECKS: dict[str, Callable[[GradientRecord, Any], "str | None"]] = {"topk": _check_topk}
+def _world_size(record: GradientRecord) -> int:
+    return int(record.meta.extra.get("world_size", 1))
+
+
+def _padding_problem(packed: torch.Tensor, n: int, bits: int, what: str) -> str | None:
+    """``packed`` holds ``n`` codes of ``bits`` bits and zeros after them (pack_bits' tail, all-gather padding)."""
+    need = packed_nbytes(n, bits)
+    tail = packed[need:]
+    if need and (n * bits) % 8 and int(packed[need - 1]) >> ((n * bits) % 8):
+        return f"{what}: bits past the last of {n} {bits}-bit codes are set (the codes are not {bits}-bit codes)"
+    return f"{what}: bytes past the last of {n} {bits}-bit codes are not zero padding" if bool(tail.any()) else None
+
+
+def _check_tq(record: GradientRecord, compressor: Any) -> str | None:
+    """Threshold quantization: ``count`` kept entries, as many positions, ``ceil(count * bits / 8)`` code
+    bytes; with several workers padded with zeros to the longest worker's (so at most ``ceil(n * bits / 8)``)."""
+    msgs, bits = record.messages, compressor.bits
+    n = sum(int(torch.Size(s).numel()) for s in record.param_shapes)
+    k = int(msgs["count"].reshape(-1)[0])
+    if not 0 <= k <= n:
+        return f"tq: count {k} is outside [0, {n}]"
+    one = _world_size(record) == 1
+    codes = msgs["codes"].reshape(-1)
+    need = packed_nbytes(k, bits)
+    fits = codes.numel() == need if one else need <= codes.numel() <= packed_nbytes(n, bits)
+    if not fits:
+        return f"tq: {codes.numel()} code bytes for {k} kept entries of bits={bits} (ceil({k} x {bits} / 8) = {need})"
+    problem = _padding_problem(codes, k, bits, "tq codes")
+    if problem or "indices" not in msgs:
+        return problem
+    idx = msgs["indices"].reshape(-1)
+    fits = idx.numel() == k if one else k <= idx.numel() <= n
+    if not fits:
+        return f"tq: {idx.numel()} indices for {k} kept entries"
+    return "tq: indices past the kept entries' are not zero padding" if bool(idx[k:].any()) else None
+
+
+def _check_rcfed(record: GradientRecord, compressor: Any) -> str | None:
+    """RC-FED: ``length`` whole 32-bit words of stream (the rest zero padding, only with several workers),
+    and symbols only of the levels the spec's design uses (a ``bits`` / ``rate`` claim)."""
+    msgs = record.messages
+    length, stream = int(msgs["length"].reshape(-1)[0]), msgs["stream"].reshape(-1)
+    if not 0 <= length <= stream.numel() or length % 4 or (_world_size(record) == 1 and length != stream.numel()):
+        return f"rcfed: length {length} does not fit a stream of {stream.numel()} bytes"
+    if bool(stream[length:].any()):
+        return "rcfed: bytes past the stream's length are not zero padding"
+    counts = msgs["counts"].reshape(-1).to(torch.int64)
+    unused = torch.ones(counts.numel(), dtype=torch.bool)
+    unused[list(compressor.design.active)] = False
+    if bool(counts[unused].any()):
+        symbols = unused.nonzero().reshape(-1)[counts[unused] > 0].tolist()[:5]
+        return f"rcfed: symbols {symbols} are not levels of {compressor.spec}"
+    return None
+
+
+def _check_laq(record: GradientRecord, compressor: Any) -> str | None:
+    """LAQ: ``flag`` is 0 or 1; sent means codes; a skipped round is the flag alone, or with several
+    workers (one of which sent) zeros in its place."""
+    msgs = record.messages
+    flag = msgs["flag"].reshape(-1)
+    if int(flag[0]) not in (0, 1):
+        return f"laq: flag {int(flag[0])} is neither 0 (skipped) nor 1 (sent)"
+    if int(flag[0]) == 1:
+        return None if "codes" in msgs else "laq: the flag says sent, there are no codes"
+    if "codes" not in msgs:
+        return None
+    if _world_size(record) == 1:
+        return "laq: a skipped round of one worker sends its flag alone, this one has codes"
+    if bool(msgs["codes"].any()) or bool(msgs["radius"].any()):
+        return "laq: a silent worker's codes and radius must be zeros"
+    return None
+
+
+def _check_mixedprec(record: GradientRecord, compressor: Any) -> str | None:
+    """Mixed precision: the public bit widths (what decode reads) are the ones the spec assigns."""
+    want = compressor.assign_bits(list(record.meta.param_names))
+    have = record.public["bits"].reshape(-1).tolist()
+    if have != want:
+        return f"mixedprec: public bits {have[:8]} are not what {compressor.spec!r} assigns {want[:8]}"
+    return None
+
+
+#: Per-defense checks of message contents beyond the layout (index ranges, data-dependent packed sizes,
+#: codes of the claimed width ...): registry name -> check. They run after gia_bench.layout.check_layout,
+#: so every tag the family's layout has is there with its dtype.
+MESSAGE_CHECKS: dict[str, Callable[[GradientRecord, Any], "str | None"]] = {
+    "topk": _check_topk,
+    "tq": _check_tq,
+    "rcfed": _check_rcfed,
+    "laq": _check_laq,
+    "mixedprec": _check_mixedprec,
+}

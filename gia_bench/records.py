@@ -380,11 +380,11 @@ def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 # -- what a valid record holds: declared field by field ------------------------------------------
 #
-# Every metadata key and every public tensor a record may carry is declared here, with its
-# check. A record with an undeclared metadata key is refused; a new field (e.g. a FedAvg
-# setting, or a training run's public state) is added by declaring it: a ``MetaField`` in
-# ``META_FIELDS`` (name, check of its JSON value, required or not) or a ``TensorRule`` in
-# ``PUBLIC_TENSORS`` (allowed dtypes, size bound). Nothing else needs to change.
+# Every metadata key (``extra``'s too) and every public tensor a record may carry is declared
+# here, with its check. A record with an undeclared metadata key is refused; a new field (e.g.
+# a FedAvg setting, or a training run's public state) is added by declaring it: a ``MetaField``
+# in ``META_FIELDS`` or ``EXTRA_FIELDS`` (name, check of its JSON value, required or not) or a
+# ``TensorRule`` in ``PUBLIC_TENSORS`` (allowed dtypes, size bound). Nothing else needs to change.
 
 #: Bounds (documented limits; a record outside them is refused before anything is allocated).
 MAX_ID_CHARS = 200
@@ -552,8 +552,75 @@ def _list_of_names(v: Any) -> str | None:
     return next((f"entry {short_value(n)} {p}" for n in v if (p := check(n))), None)
 
 
-def _object(v: Any) -> str | None:
-    return None if isinstance(v, dict) else f"must be an object, got {short_value(v)}"
+def _sha256(v: Any) -> str | None:
+    ok = isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+    return None if ok else f"must be 64 lowercase hex digits, got {short_value(v)}"
+
+
+#: Largest world size and optimizer step a record may claim (documented bounds; a training run of
+#: this toolkit has a few workers and far fewer steps).
+MAX_WORLD_SIZE = 4096
+MAX_STEP = 10**9
+#: Who wrote a record: ``capture`` (no ``source`` key), a training run, or a Flower client.
+RECORD_SOURCES = ("capture", "train", "federated")
+
+#: The keys ``extra`` may hold, each typed and bounded like the top-level fields. ``world_size`` and
+#: ``rank`` decide what layout the record's messages must have (gia_bench.layout), so they are never
+#: taken on trust: writers are capture (``checkpoint_sha256``), the trainer (gia_bench.train.loop) and
+#: the federated server (gia_bench.federated). A new key is declared here.
+EXTRA_FIELDS: tuple[MetaField, ...] = (
+    MetaField("source", lambda v: None if v in RECORD_SOURCES else f"must be one of {RECORD_SOURCES}, got"
+              f" {short_value(v)}", False),  # fmt: skip
+    MetaField("checkpoint_sha256", _sha256, False),
+    MetaField("world_size", _int(1, MAX_WORLD_SIZE), False),
+    MetaField("rank", _int(0, MAX_WORLD_SIZE - 1), False),
+    MetaField("epoch", _int(0, MAX_STEP), False),
+    MetaField("lr", _number(0.0, 1e9), False),
+    MetaField("view", _text(MAX_SPEC_CHARS), False),
+    MetaField("wire_messages", _messages, False),
+    MetaField("wire_bytes", _int(0, MAX_FILE_BYTES * 64), False),
+    MetaField("round", _int(1, MAX_STEP + 1), False),
+    MetaField("client", _int(0, 2**31 - 1), False),
+)
+
+
+def _extra(v: Any) -> str | None:
+    """``extra``: an object of declared keys (:data:`EXTRA_FIELDS`), each of its type and range."""
+    if not isinstance(v, dict):
+        return f"must be an object, got {short_value(v)}"
+    declared = {f.name for f in EXTRA_FIELDS}
+    unknown = [k for k in v if k not in declared]
+    if unknown:
+        return (f"has undeclared keys {[short_value(k) for k in unknown[:3]]}"
+                " (a new key is declared in gia_bench.records.EXTRA_FIELDS)")  # fmt: skip
+    for field in EXTRA_FIELDS:
+        problem = field.check(v[field.name]) if field.name in v else None
+        if problem:
+            return f"{field.name} {problem}"
+    return None
+
+
+def _check_extra(path: Path | str, data: dict[str, Any]) -> None:
+    """What the ``extra`` fields say must agree with each other and with the record (one line each)."""
+    extra = data.get("extra", {})
+    source = extra.get("source", "capture")
+    world, rank = extra.get("world_size", 1), extra.get("rank", 0)
+    where = f"{path}: record metadata 'extra"
+    if rank >= world:
+        raise RecordError(f"{where}.rank' {rank} is not below world_size {world}")
+    if source != "train":
+        # only a training run talks to other workers; capture and a Flower client send to one server
+        stray = [k for k in ("world_size", "rank", "epoch", "lr", "wire_messages", "wire_bytes") if k in extra]
+        if stray:
+            raise RecordError(f"{where}.{stray[0]}' belongs to a training run, the record's source is {source!r}")
+    if source != "federated" and ("round" in extra or "client" in extra):
+        raise RecordError(f"{where}.round/client' belong to a federated record, the record's source is {source!r}")
+    if "round" in extra and data.get("step", 0) != extra["round"] - 1:
+        raise RecordError(f"{where}.round' {extra['round']} is not step {data.get('step', 0)} + 1")
+    if "wire_messages" in extra and extra["wire_messages"] != data["messages"]:
+        raise RecordError(f"{where}.wire_messages' differs from the record's messages")
+    if "wire_bytes" in extra and extra["wire_bytes"] != data["bytes_sent"]:
+        raise RecordError(f"{where}.wire_bytes' {extra['wire_bytes']} is not bytes_sent {data['bytes_sent']}")
 
 
 META_FIELDS: tuple[MetaField, ...] = (
@@ -568,9 +635,9 @@ META_FIELDS: tuple[MetaField, ...] = (
     MetaField("messages", _messages),
     MetaField("bytes_sent", _int(0, MAX_FILE_BYTES * 64)),
     MetaField("loss", lambda v: None if v == "cross_entropy" else f"must be 'cross_entropy', got {short_value(v)}", False),
-    MetaField("step", _int(0, 2**53), False),
+    MetaField("step", _int(0, MAX_STEP), False),
     MetaField("seed", _int(-(2**63), 2**64 - 1), False),
-    MetaField("extra", _object, False),
+    MetaField("extra", _extra, False),
     # FedAvg (gia_bench.fedavg): absent on FedSGD records; typed by _local_fields, bounded by _validate_local.
     MetaField("local_steps", lambda v: None, False),
     MetaField("local_lr", lambda v: None, False),
@@ -607,6 +674,7 @@ def check_meta_json(path: Path | str, data: dict[str, Any]) -> None:
         problem = field.check(data[field.name])
         if problem:
             raise RecordError(f"{path}: record metadata '{field.name}' {problem}")
+    _check_extra(path, data)
     model, dataset = data["model"], data["dataset"]
     if model["in_shape"] != dataset["shape"] or model["num_classes"] != dataset["num_classes"]:
         raise RecordError(

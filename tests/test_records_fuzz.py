@@ -215,7 +215,8 @@ _META_PATHS = [
     ("model", "num_classes"), ("model", "mode"), ("dataset",), ("dataset", "shape"), ("dataset", "mean"),
     ("dataset", "std"), ("dataset", "num_classes"), ("messages", 0), ("messages", 0, "tag"), ("messages", 0, "shape"),
     ("messages", 0, "dtype"), ("messages", 0, "nbytes"), ("messages", 0, "payload_nbytes"), ("messages", 0, "op"),
-    ("local_steps",), ("local_lr",), ("param_names", 0),
+    ("local_steps",), ("local_lr",), ("param_names", 0), ("extra", "world_size"), ("extra", "rank"),
+    ("extra", "source"),
 ]  # fmt: skip
 _DTYPES = ["F32", "F16", "I32", "I64", "U8", "BOOL", "F64", "BF16", "XX"]
 
