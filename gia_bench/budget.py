@@ -62,7 +62,8 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb":
 
 
 def parse_memory(text: str | int, flag: str = "--max-memory") -> int:
-    """Bytes from ``"4GiB"``, ``"1500MB"``, ``"3e9"`` or an int; a bad value is one :class:`SpecError` naming ``flag``."""
+    """Bytes from ``"4GiB"``, ``"1500MB"``, ``"3e9"`` or an int; a bad value is one
+    :class:`SpecError` naming ``flag``."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = float(text)
     else:
@@ -89,7 +90,9 @@ def _exact(model_spec: Any) -> Any:
     """The model with its exact backward: Few-Bit Backward keeps less than the activations it
     replaces (so the exact model bounds it), and its tables are cached per process, so they must
     never be first built on the meta device."""
-    return dataclasses.replace(model_spec, fewbit_backward=0) if getattr(model_spec, "fewbit_backward", 0) else model_spec
+    if getattr(model_spec, "fewbit_backward", 0):
+        return dataclasses.replace(model_spec, fewbit_backward=0)
+    return model_spec
 
 
 def activation_elements(model_spec: Any) -> int | None:
@@ -177,7 +180,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    model: Any, batch_size: int, needs: AttackNeeds = AttackNeeds(), local_steps: int = 1, local_batch: int | None = None
+    model: Any,
+    batch_size: int,
+    needs: AttackNeeds = AttackNeeds(),
+    local_steps: int = 1,
+    local_batch: int | None = None,
 ) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of an attack with ``needs`` on a batch of ``batch_size`` inputs to
     ``model`` (a :class:`~gia_bench.records.ModelSpec`), for a FedAvg update of ``local_steps`` steps of
@@ -238,7 +245,8 @@ def check_attack(meta: Any, attack: Any, max_memory: int = DEFAULT_MAX_MEMORY,
 
 def refuse_over(estimate: MemoryEstimate, needs: AttackNeeds, max_memory: int, where: Path | str,
                 error: type[GiaBenchError] = RecordError) -> None:
-    """Raise ``error`` (one line naming ``where``, the estimate and ``--max-memory``) if ``estimate`` exceeds ``max_memory``."""
+    """Raise ``error`` (one line naming ``where``, the estimate and ``--max-memory``) if ``estimate``
+    exceeds ``max_memory``."""
     if estimate.total > max_memory:
         raise error(
             f"{where}: an attack with {needs.restarts} restart(s) needs {estimate.describe()}, more than"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import os
@@ -263,15 +264,20 @@ def _own_docstring_params(cls: type) -> dict[str, str]:
 
 def param_ranges(cls: type) -> dict[str, Range]:
     """The :class:`Range` each parameter of ``cls.__init__`` declares (``Annotated[int, Range(lo, hi)]``)."""
+    return dict(_ranges(cls))
+
+
+@functools.lru_cache(maxsize=None)  # a class's hints do not change; studies resolve specs per unit
+def _ranges(cls: type) -> tuple[tuple[str, Range], ...]:
     if cls.__init__ is object.__init__:
-        return {}
+        return ()
     hints = typing.get_type_hints(cls.__init__, include_extras=True)
-    ranges = {}
+    ranges = []
     for name, hint in hints.items():
-        found = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)]
-        if found:
-            ranges[name] = found[0]
-    return ranges
+        declared = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)]
+        if declared:
+            ranges.append((name, declared[0]))
+    return tuple(ranges)
 
 
 def check_ranges(kind: str, name: str, cls: type, kwargs: dict[str, Any]) -> None:
