@@ -289,6 +289,11 @@ def check_ranges(kind: str, name: str, cls: type, kwargs: dict[str, Any]) -> Non
 
 def describe_params(cls: type) -> list[Param]:
     """The keyword parameters of ``cls`` with type, default, help text and range (shown in the help)."""
+    return list(_describe(cls))
+
+
+@functools.lru_cache(maxsize=None)  # signatures, hints and docstrings are read once per class: a
+def _describe(cls: type) -> tuple[Param, ...]:  # study's planning resolves a spec per unit
     hints = typing.get_type_hints(cls.__init__) if cls.__init__ is not object.__init__ else {}
     ranges = param_ranges(cls)
     helps = _docstring_params(cls)
@@ -301,7 +306,7 @@ def describe_params(cls: type) -> list[Param]:
         if name in ranges:
             text = f"{text} (range {ranges[name]})" if text else f"range {ranges[name]}"
         params.append(Param(name, _type_name(hints.get(name, str)), default, text, ranges.get(name)))
-    return params
+    return tuple(params)
 
 
 def summary(cls: type) -> str:
