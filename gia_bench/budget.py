@@ -175,8 +175,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         acts = "unknown" if self.activations_per_example is None else f"{self.activations_per_example:,}"
-        return (f"~{format_bytes(self.total)} ({acts} activation values per example x {self.examples:,} examples"
-                f" at once, {self.parameters:,} parameters x {1 + self.weight_copies:,} copies)")
+        return (f"~{format_bytes(self.total)} ({acts} activation values per example x {self.examples:,}"
+                f" example(s) at once, {self.parameters:,} parameters)")
 
 
 def estimate_memory(
