@@ -411,7 +411,8 @@ def run_attacks(
     Everything is checked before the first attack runs: the views, the attack specs,
     the device, the LPIPS trunk, and every record (a record named directly that does
     not load is an error; a file in a folder that is not a record is skipped, with
-    ``on_skip`` told why), and that every attack on every record fits ``options.max_memory``. Results come back in order; ``on_result`` sees each as it
+    ``on_skip`` told why), and that every attack on every record fits ``options.max_memory``
+    (:mod:`gia_bench.budget`). Results come back in order; ``on_result`` sees each as it
     finishes (reused ones too, marked ``reused``).
     """
     from gia_bench.registry import trusted
