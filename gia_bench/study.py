@@ -80,7 +80,7 @@ DEMO_STUDY = Path(__file__).parent / "studies" / "demo.toml"
 #: Records per capture cell (``images``) and units of work per study (captures, attacks,
 #: trainings, attacks on trainings): a grid past them is refused before anything is planned.
 #: Planning costs ~1 ms per unit (20,000 in 22 s on 2 busy cores), running one a process
-#: start or more; the demo has 180.
+#: start or more; the demo has 183.
 MAX_IMAGES = 1000
 MAX_UNITS = 20_000
 
