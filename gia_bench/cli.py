@@ -543,11 +543,12 @@ def demo_cmd(
     out: Path = typer.Option(Path("demo"), "--out", help="folder for the demo study and its report"),
     workers: int = typer.Option(2, "--workers", help="attack processes in parallel"),
     lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
+    max_memory: str = _max_memory_option(),
 ) -> None:
     """The built-in study on the embedded data: every compressor x DLG and IG x naive and aware, with training."""
     from gia_bench.study import DEMO_STUDY
 
-    _run_study_cli(DEMO_STUDY, out, workers, "cpu", "alex", lpips_weights)
+    _run_study_cli(DEMO_STUDY, out, workers, "cpu", "alex", lpips_weights, max_memory=max_memory)
 
 
 @app.command("audit")
