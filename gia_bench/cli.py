@@ -389,6 +389,13 @@ def federated_cmd(
     )
 
 
+def _max_memory_option() -> Any:
+    return typer.Option(
+        "2GiB", "--max-memory",
+        help="memory an attack may use (e.g. 8GiB); a record whose estimate exceeds it is refused before it runs",
+    )
+
+
 @app.command("attack")
 def attack_cmd(
     records: list[str] = typer.Argument(..., help="gradient records (.safetensors) or folders searched for them"),
@@ -408,16 +415,19 @@ def attack_cmd(
         None, "--lpips-weights", help="local trunk weights file (else $GIA_BENCH_LPIPS_WEIGHTS / torch cache)"
     ),
     plugin: list[str] = _plugin_option(),
+    max_memory: str = _max_memory_option(),
 ) -> None:
     """Reconstruct the images and labels of saved gradient records; score them where a truth file exists."""
     _apply_threads()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from gia_bench.budget import parse_memory
     from gia_bench.evaluate import AttackOptions, AttackResult, Skipped, run_attacks
 
     options = AttackOptions(
         out=Path(out), seed=seed, device=device, lpips_net=lpips_net,
         lpips_weights=Path(lpips_weights) if lpips_weights else None, plugins=tuple(plugin),
+        max_memory=parse_memory(max_memory),
     )
     finished: list[AttackResult] = []
     with Progress(
@@ -487,18 +497,19 @@ def _print_status(st: Any, out: Path) -> None:
 
 def _run_study_cli(
     source: Path, out: Path, workers: int, device: str, lpips_net: str, lpips_weights: Path | None,
-    engine: str = "local", address: str | None = None, plugins: tuple[str, ...] = (),
+    engine: str = "local", address: str | None = None, plugins: tuple[str, ...] = (), max_memory: str = "2GiB",
 ) -> None:
     import signal
     import time
 
+    from gia_bench.budget import parse_memory
     from gia_bench.evaluate import check_lpips_net
     from gia_bench.registry import trusted
     from gia_bench.study import StudyOptions, prepare, run_study
 
     check_lpips_net(lpips_net)
     options = StudyOptions(workers=workers, device=device, lpips_net=lpips_net, lpips_weights=lpips_weights,
-                           engine=engine, address=address, plugins=plugins)
+                           engine=engine, address=address, plugins=plugins, max_memory=parse_memory(max_memory))
     with trusted(plugins):  # the study file's specs resolve only to registered or trusted classes
         config = prepare(source, out)
     start = time.perf_counter()
@@ -528,9 +539,10 @@ def study_run_cmd(
     engine: str = typer.Option("local", "--engine", help="local (process pool) or ray (every unit a Ray task)"),
     address: str = typer.Option(None, "--address", help="--engine ray: a running cluster (ray start --head); default a local Ray"),
     plugin: list[str] = _plugin_option(),
+    max_memory: str = _max_memory_option(),
 ) -> None:
     """Expand the study's grid, capture, attack, train, and report; skips what is finished."""
-    _run_study_cli(study, out, workers, device, lpips_net, lpips_weights, engine, address, tuple(plugin))
+    _run_study_cli(study, out, workers, device, lpips_net, lpips_weights, engine, address, tuple(plugin), max_memory)
 
 
 @study_app.command("show")
@@ -546,11 +558,12 @@ def demo_cmd(
     out: Path = typer.Option(Path("demo"), "--out", help="folder for the demo study and its report"),
     workers: int = typer.Option(2, "--workers", help="attack processes in parallel"),
     lpips_weights: Path = typer.Option(None, "--lpips-weights", help="LPIPS trunk weights (else env / torch cache)"),
+    max_memory: str = _max_memory_option(),
 ) -> None:
     """The built-in study on the embedded data: every compressor x DLG and IG x naive and aware, with training."""
     from gia_bench.study import DEMO_STUDY
 
-    _run_study_cli(DEMO_STUDY, out, workers, "cpu", "alex", lpips_weights)
+    _run_study_cli(DEMO_STUDY, out, workers, "cpu", "alex", lpips_weights, max_memory=max_memory)
 
 
 @app.command("audit")

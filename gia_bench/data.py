@@ -29,7 +29,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from gia_bench.errors import DataError
-from gia_bench.registry import Registry, canonical_spec
+from gia_bench.registry import Range, Registry, canonical_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,11 +227,27 @@ class DataSource:
         return canonical_spec(self)
 
 
-def _check_channels_size(channels: int, size: int) -> None:
+# Ranges of the data sets' parameters (declared in their hints; the registry refuses a spec
+# outside them in one line). The embedded data sets hold every image in memory as fp32:
+# digits at size 128 is 1,797 x 3 x 128^2 x 4 bytes = 353 MiB (and load() holds ~3 copies);
+# faces 200 images, 157 MiB at 256; photos a (grid x size)^2 square per photo, at most
+# PHOTOS_MAX_SIDE. torchvision's data sets load one image at a time: their bound is the
+# model's (the activations of a capture or an attack grow with size^2).
+DIGITS_SIZE = Range(8, 128)
+FACES_SIZE = Range(8, 256)
+PHOTOS_SIZE = Range(8, 256)
+PHOTOS_GRID = Range(1, 16)
+#: Largest side (grid x size, pixels) of a photo before it is cut into patches.
+PHOTOS_MAX_SIDE = 1024
+FILES_SIZE = Range(8, 512)
+
+
+def _check_channels_size(channels: int, size: int, bounds: Range = FILES_SIZE) -> None:
+    """The same checks for a data set built directly in Python (the registry checks spec values first)."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if size < 8:
-        raise ValueError(f"size must be >= 8, got {size}")
+    if size not in bounds:
+        raise ValueError(f"size must be in {bounds}, got {size}")
 
 
 def to_channels(images01: torch.Tensor, channels: int) -> torch.Tensor:
@@ -307,8 +323,8 @@ class Digits(EmbeddedSource):
         size: side in pixels after bilinear upsampling of the 8x8 originals.
     """
 
-    def __init__(self, channels: int = 3, size: int = 32) -> None:
-        _check_channels_size(channels, size)
+    def __init__(self, channels: int = 3, size: Annotated[int, DIGITS_SIZE] = 32) -> None:
+        _check_channels_size(channels, size, DIGITS_SIZE)
         self.channels, self.size = channels, size
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -332,8 +348,8 @@ class Faces(EmbeddedSource):
         size: side in pixels after bilinear resizing of the 25x25 originals.
     """
 
-    def __init__(self, channels: int = 3, size: int = 32) -> None:
-        _check_channels_size(channels, size)
+    def __init__(self, channels: int = 3, size: Annotated[int, FACES_SIZE] = 32) -> None:
+        _check_channels_size(channels, size, FACES_SIZE)
         self.channels, self.size = channels, size
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -386,10 +402,14 @@ class Photos(EmbeddedSource):
         grid: patches per side of each photo (grid * grid patches per photo).
     """
 
-    def __init__(self, channels: int = 3, size: int = 32, grid: int = 4) -> None:
-        _check_channels_size(channels, size)
-        if grid < 1:
-            raise ValueError(f"grid must be >= 1, got {grid}")
+    def __init__(
+        self, channels: int = 3, size: Annotated[int, PHOTOS_SIZE] = 32, grid: Annotated[int, PHOTOS_GRID] = 4
+    ) -> None:
+        _check_channels_size(channels, size, PHOTOS_SIZE)
+        if grid not in PHOTOS_GRID:
+            raise ValueError(f"grid must be in {PHOTOS_GRID}, got {grid}")
+        if grid * size > PHOTOS_MAX_SIDE:
+            raise ValueError(f"grid x size is {grid * size} pixels per photo side, more than {PHOTOS_MAX_SIDE}")
         self.channels, self.size, self.grid = channels, size, grid
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -489,8 +509,8 @@ class CIFAR10(TorchvisionSource):
     mean = (0.4914672374725342, 0.4822617471218109, 0.4467701315879822)
     std = (0.24703224003314972, 0.24348513782024384, 0.26158785820007324)
 
-    def __init__(self, channels: int = 3, size: int = 32) -> None:
-        _check_channels_size(channels, size)
+    def __init__(self, channels: int = 3, size: Annotated[int, FILES_SIZE] = 32) -> None:
+        _check_channels_size(channels, size, FILES_SIZE)
         self.channels, self.size = channels, size
 
     def _open(self, root: Path, train: bool, download: bool) -> Dataset:
@@ -511,8 +531,8 @@ class CIFAR100(TorchvisionSource):
     mean = (0.5071598291397095, 0.4866936206817627, 0.44120192527770996)
     std = (0.2673342823982239, 0.2564384639263153, 0.2761504650115967)
 
-    def __init__(self, channels: int = 3, size: int = 32) -> None:
-        _check_channels_size(channels, size)
+    def __init__(self, channels: int = 3, size: Annotated[int, FILES_SIZE] = 32) -> None:
+        _check_channels_size(channels, size, FILES_SIZE)
         self.channels, self.size = channels, size
 
     def _open(self, root: Path, train: bool, download: bool) -> Dataset:
@@ -533,8 +553,8 @@ class MNIST(TorchvisionSource):
     mean = (0.1307,)
     std = (0.3081,)
 
-    def __init__(self, channels: int = 3, size: int = 32) -> None:
-        _check_channels_size(channels, size)
+    def __init__(self, channels: int = 3, size: Annotated[int, FILES_SIZE] = 32) -> None:
+        _check_channels_size(channels, size, FILES_SIZE)
         self.channels, self.size = channels, size
 
     def _open(self, root: Path, train: bool, download: bool) -> Dataset:
@@ -555,8 +575,8 @@ class FashionMNIST(TorchvisionSource):
     mean = (0.2860,)
     std = (0.3530,)
 
-    def __init__(self, channels: int = 3, size: int = 32) -> None:
-        _check_channels_size(channels, size)
+    def __init__(self, channels: int = 3, size: Annotated[int, FILES_SIZE] = 32) -> None:
+        _check_channels_size(channels, size, FILES_SIZE)
         self.channels, self.size = channels, size
 
     def _open(self, root: Path, train: bool, download: bool) -> Dataset:
@@ -586,8 +606,8 @@ class ImageFolder(TorchvisionSource):
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
-    def __init__(self, channels: int = 3, size: int = 32) -> None:
-        _check_channels_size(channels, size)
+    def __init__(self, channels: int = 3, size: Annotated[int, FILES_SIZE] = 32) -> None:
+        _check_channels_size(channels, size, FILES_SIZE)
         self.channels, self.size = channels, size
 
     @staticmethod

@@ -51,6 +51,7 @@ from PIL import Image
 
 from gia_bench.attacks.base import Attack, Progress, Reconstruction, create
 from gia_bench.attacks.views import RESIDUAL
+from gia_bench.budget import DEFAULT_MAX_MEMORY, check_attack
 from gia_bench.errors import GiaBenchError, RecordError
 from gia_bench.identity import (
     RESULT_SCHEMA,
@@ -290,11 +291,13 @@ def evaluate(
     lpips_net: str = "alex",
     lpips_weights: Path | None = None,
     progress: Progress | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> AttackResult:
     """Attack the record at ``record_path``, score it if a truth file is beside it, write the result.
 
     A result with the same identity (record content, canonical attack spec, view,
-    seed, schema) is reused, not recomputed (``reused=True``).
+    seed, schema) is reused, not recomputed (``reused=True``). An attack whose estimated
+    memory exceeds ``max_memory`` bytes is refused before it allocates (:mod:`gia_bench.budget`).
     """
     record_path = Path(record_path)
     attack = create(attack_spec)
@@ -307,6 +310,7 @@ def evaluate(
     existing = _existing(result_path)
     if existing and _check_reuse(existing, wanted, result_path, record_path, record):
         return AttackResult(result_path, record_path, view, True, existing)
+    check_attack(record.meta, attack, max_memory, record_path)  # before the attack allocates anything
 
     tpath = truth_path(record_path)
     if view == "oracle":
@@ -411,9 +415,12 @@ def run_attack(
     lpips_net: str = "alex",
     lpips_weights: Path | None = None,
     progress: Progress | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Path:
     """:func:`evaluate`, returning the path of ``result.json`` (kept for scripts that want only the file)."""
-    return evaluate(record_path, attack_spec, view, out_root, seed, device, lpips_net, lpips_weights, progress).path
+    return evaluate(
+        record_path, attack_spec, view, out_root, seed, device, lpips_net, lpips_weights, progress, max_memory
+    ).path
 
 
 # -- the records x attacks x views grid (``gia-bench attack``) ------------------------------------
@@ -429,6 +436,7 @@ class AttackOptions:
     lpips_net: str = "alex"
     lpips_weights: Path | None = None
     plugins: tuple[str, ...] = ()  # module:Class names the user trusts (--plugin)
+    max_memory: int = DEFAULT_MAX_MEMORY  # bytes an attack may use (--max-memory; gia_bench.budget)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,7 +465,8 @@ def run_attacks(
     Everything is checked before the first attack runs: the views, the attack specs,
     the device, the LPIPS trunk, and every record (a record named directly that does
     not load is an error; a file in a folder that is not a record is skipped, with
-    ``on_skip`` told why). Results come back in order; ``on_result`` sees each as it
+    ``on_skip`` told why), and that every attack on every record fits ``options.max_memory``
+    (:mod:`gia_bench.budget`). Results come back in order; ``on_result`` sees each as it
     finishes (reused ones too, marked ``reused``).
     """
     from gia_bench.registry import trusted
@@ -467,21 +476,22 @@ def run_attacks(
             if v not in VIEWS:
                 raise GiaBenchError(f"--view {v!r} is not one of {', '.join(VIEWS)}")
         check_lpips_net(options.lpips_net)
-        for spec in attacks:
-            create(spec)  # a bad spec fails before any work
+        built = [create(spec) for spec in attacks]  # a bad spec fails before any work
         resolve_device(options.device)
         if options.lpips_weights is not None and not Path(options.lpips_weights).is_file():
             raise GiaBenchError(f"--lpips-weights {options.lpips_weights}: no such file")
         paths: list[Path] = []
         for path, named in find_record_files([Path(r) for r in records]):
             try:
-                load_record(path)
+                record = load_record(path)
             except RecordError as exc:
                 if named:
                     raise
                 if on_skip is not None:
                     on_skip(Skipped(path, str(exc)))
                 continue
+            for attack in built:  # too large for this machine is an error: the user may raise --max-memory
+                check_attack(record.meta, attack, options.max_memory, path)
             paths.append(path)
         if not paths:
             raise GiaBenchError(f"no gradient records found in {', '.join(map(str, records))}")
@@ -493,6 +503,7 @@ def run_attacks(
                     result = evaluate(
                         path, spec, view, Path(options.out), seed=options.seed, device=options.device,
                         lpips_net=options.lpips_net, lpips_weights=options.lpips_weights, progress=progress,
+                        max_memory=options.max_memory,
                     )
                     results.append(result)
                     if on_result is not None:

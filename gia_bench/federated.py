@@ -472,6 +472,14 @@ class CaptureStrategy(Strategy):
 # -- gia-bench federated: the simulation ---------------------------------------------------------
 
 
+#: Bounds of ``gia-bench federated`` (checked by :meth:`FederatedConfig.check` before Ray starts):
+#: every client is a simulated SuperNode on this machine, and Ray cannot place a client that
+#: reserves more CPUs than it has (it waits forever) or less than a hundredth of one.
+MAX_CLIENTS = 1000
+MAX_ROUNDS = 10_000
+MIN_CPUS_PER_CLIENT = 0.01
+
+
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
     """What ``gia-bench federated`` runs.
@@ -516,15 +524,34 @@ class FederatedConfig:
         return LocalTraining(self.local_steps, self.local_lr, self.local_batch)
 
     def check(self) -> None:
-        for flag, value, low in (("--clients", self.clients, 1), ("--rounds", self.rounds, 1), ("--batch-size", self.batch_size, 1)):
-            if value < low:
-                raise SpecError(f"{flag} must be >= {low}, got {value}")
+        """Every value in range before anything starts (one :class:`SpecError` naming the flag):
+        a value Ray cannot place (``--num-cpus 0``, ``--cpus-per-client 1e9``) would hang, not fail."""
+        from gia_bench.budget import check_local_work
+        from gia_bench.records import MAX_BATCH
+
+        cpus = os.cpu_count() or 1
+        for flag, value, low, high in (
+            ("--clients", self.clients, 1, MAX_CLIENTS),
+            ("--rounds", self.rounds, 1, MAX_ROUNDS),
+            ("--batch-size", self.batch_size, 1, MAX_BATCH),
+            ("--seed", self.seed, 0, 2**63 - 1),  # numpy's SeedSequence takes no negative seed
+            ("--num-cpus", cpus if self.num_cpus is None else self.num_cpus, 1, cpus),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise SpecError(f"{flag} must be an integer in [{low}, {high}], got {value!r}")
         self.local.check(self.batch_size)
+        if self.capture_rounds:  # the records must be attackable: their simulated work is bounded
+            check_local_work(self.local_steps, self.local.local_batch(self.batch_size), "--local-steps x --local-batch")
         bad = [r for r in self.capture_rounds if not 1 <= r <= self.rounds]
         if bad:
             raise SpecError(f"--capture-rounds {','.join(map(str, bad))}: rounds run from 1 to --rounds {self.rounds}")
-        if not self.cpus_per_client > 0:
-            raise SpecError(f"--cpus-per-client must be > 0, got {self.cpus_per_client}")
+        most = cpus if self.num_cpus is None else self.num_cpus
+        value = self.cpus_per_client
+        if isinstance(value, bool) or not isinstance(value, int | float) or not MIN_CPUS_PER_CLIENT <= value <= most:
+            raise SpecError(
+                f"--cpus-per-client must be in [{MIN_CPUS_PER_CLIENT}, {most}] (--num-cpus, else this machine's CPUs),"
+                f" got {value!r}"
+            )
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise SpecError(f"--out {self.out}: is a file, expected a folder")
         if (Path(self.out) / METRICS_FILE).exists() or any((Path(self.out) / RECORDS_DIR).glob(f"*{RECORD_SUFFIX}")):

@@ -8,6 +8,7 @@ the gradient was computed. Initialisation is seeded and explicit.
 
 from __future__ import annotations
 
+from typing import Annotated
 
 import torch
 import torchvision
@@ -15,9 +16,16 @@ from torch import nn
 
 from gia_bench.errors import SpecError
 from gia_bench.records import ModelSpec  # the model as a record describes it
-from gia_bench.registry import Registry
+from gia_bench.registry import Range, Registry
 
 MODELS: Registry[nn.Module] = Registry("model", entry_point_group="gia_bench.models", base=nn.Module)
+
+# Ranges of the models' parameters (the registry refuses a spec outside them in one line).
+# What a model costs at a given input size is bounded per attack by gia_bench.budget.
+LENET_INIT_RANGE = Range(0.0, 10.0)
+CONVNET_WIDTH = Range(1, 512)
+MLP_HIDDEN = Range(1, 16384)
+MLP_DEPTH = Range(1, 64)
 
 
 def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | str | None = "cpu") -> nn.Module:
@@ -56,7 +64,8 @@ class LeNet(nn.Module):
         init_range: weights and biases drawn from U(-init_range, init_range), 0.5 as in DLG.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, init_range: float = 0.5):
+    def __init__(self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+                 init_range: Annotated[float, LENET_INIT_RANGE] = 0.5):
         super().__init__()
         self.init_range = init_range
         c, h, w = in_shape
@@ -90,7 +99,8 @@ class ConvNet(nn.Module):
         width: channels of the first layer (later layers use 2x and 4x), 64 in the paper.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, width: int = 64):
+    def __init__(self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+                 width: Annotated[int, CONVNET_WIDTH] = 64):
         super().__init__()
         self.width = width
         c = in_shape[0]
@@ -135,7 +145,11 @@ class MLP(nn.Module):
     """
 
     def __init__(
-        self, in_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, hidden: int = 256, depth: int = 1
+        self,
+        in_shape: tuple[int, int, int] = (3, 32, 32),
+        num_classes: int = 10,
+        hidden: Annotated[int, MLP_HIDDEN] = 256,
+        depth: Annotated[int, MLP_DEPTH] = 1,
     ):
         super().__init__()
         if depth < 1:

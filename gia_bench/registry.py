@@ -20,7 +20,10 @@ A spec string parses to exactly the constructor's keyword arguments::
 
 Values are converted with the constructor's type hints (int, float, bool, str and
 ``X | None``); an unknown name or key, or a value of the wrong type, raises
-:class:`~gia_bench.errors.SpecError` listing what is accepted.
+:class:`~gia_bench.errors.SpecError` listing what is accepted. A numeric parameter
+declares its range in its hint, ``size: Annotated[int, Range(8, 128)] = 32``; a value
+outside it (or NaN) is refused in one line naming the parameter and the range, before
+the class is called, and ``gia-bench list`` shows it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import os
@@ -53,6 +57,31 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+    """The closed interval [lo, hi] a numeric constructor parameter accepts, declared in its type hint::
+
+        def __init__(self, size: Annotated[int, Range(8, 128)] = 32): ...
+
+    ``None`` leaves a side open. NaN is never inside.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+
+    def __contains__(self, value: Any) -> bool:
+        if value is None:  # an ``X | None`` parameter left unset
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return False
+        return (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"[{lo}, {hi}]"
+
+
+@dataclasses.dataclass(frozen=True)
 class Param:
     """One constructor parameter, as listed by ``gia-bench list``."""
 
@@ -60,6 +89,7 @@ class Param:
     type: str
     default: Any
     help: str
+    range: Range | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,17 +262,51 @@ def _own_docstring_params(cls: type) -> dict[str, str]:
     return helps
 
 
+def param_ranges(cls: type) -> dict[str, Range]:
+    """The :class:`Range` each parameter of ``cls.__init__`` declares (``Annotated[int, Range(lo, hi)]``)."""
+    return dict(_ranges(cls))
+
+
+@functools.lru_cache(maxsize=None)  # a class's hints do not change; studies resolve specs per unit
+def _ranges(cls: type) -> tuple[tuple[str, Range], ...]:
+    if cls.__init__ is object.__init__:
+        return ()
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    ranges = []
+    for name, hint in hints.items():
+        declared = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)]
+        if declared:
+            ranges.append((name, declared[0]))
+    return tuple(ranges)
+
+
+def check_ranges(kind: str, name: str, cls: type, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`SpecError` naming the parameter and its range for a value of ``kwargs`` outside it."""
+    for key, bounds in param_ranges(cls).items():
+        if key in kwargs and kwargs[key] not in bounds:
+            raise SpecError(f"{kind} {name!r} parameter {key!r}: {kwargs[key]!r} is outside its range {bounds}")
+
+
 def describe_params(cls: type) -> list[Param]:
-    """The keyword parameters of ``cls`` with type, default and help text."""
+    """The keyword parameters of ``cls`` with type, default, help text and range (shown in the help)."""
+    return list(_describe(cls))
+
+
+@functools.lru_cache(maxsize=None)  # signatures, hints and docstrings are read once per class: a
+def _describe(cls: type) -> tuple[Param, ...]:  # study's planning resolves a spec per unit
     hints = typing.get_type_hints(cls.__init__) if cls.__init__ is not object.__init__ else {}
+    ranges = param_ranges(cls)
     helps = _docstring_params(cls)
     params = []
     for name, p in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = None if p.default is p.empty else p.default
-        params.append(Param(name, _type_name(hints.get(name, str)), default, helps.get(name, "")))
-    return params
+        text = helps.get(name, "")
+        if name in ranges:
+            text = f"{text} (range {ranges[name]})" if text else f"range {ranges[name]}"
+        params.append(Param(name, _type_name(hints.get(name, str)), default, text, ranges.get(name)))
+    return tuple(params)
 
 
 def summary(cls: type) -> str:
@@ -363,12 +427,15 @@ class Registry(Generic[T]):
                 accepted = ", ".join(params) or "no parameters"
                 raise SpecError(f"{self.kind} {spec.name!r}: unknown parameter {key!r}; accepted: {accepted}")
             kwargs[key] = _convert(value, hints.get(key, str), f"{self.kind} {spec.name!r} parameter {key!r}")
+        check_ranges(self.kind, spec.name, cls, kwargs)
         return cls, kwargs
 
     def create(self, spec: Spec | str, **overrides: Any) -> T:
         """Build an instance from a spec string; ``overrides`` win over spec values."""
         cls, kwargs = self.kwargs_for(spec)
         kwargs.update(overrides)
+        if overrides:
+            check_ranges(self.kind, parse_spec(spec).name if isinstance(spec, str) else spec.name, cls, overrides)
         try:
             return cls(**kwargs)
         except SpecError:

@@ -31,7 +31,11 @@ piecewise-constant derivative, and every record says so in its model description
 
 The file is checked completely before anything runs: an unknown key, a value of
 the wrong type or a spec that does not resolve raises :class:`ConfigError` naming
-the key and what is accepted.
+the key and what is accepted. The grid is bounded (``images`` <= :data:`MAX_IMAGES`,
+at most :data:`MAX_UNITS` units), the ``[train]`` table is checked as the
+:class:`~gia_bench.train.TrainConfig` of every run it starts (finite ``lr`` and
+``weight_decay``, integer ``epochs``, ...), and before the first unit runs, every attack
+on every cell must fit ``--max-memory`` (:mod:`gia_bench.budget`).
 
 On disk (``DIR``)::
 
@@ -53,12 +57,14 @@ training run, that writes its record) and :func:`run_study` hands them to an eng
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gia_bench.budget import DEFAULT_MAX_MEMORY
 from gia_bench.errors import ConfigError, GiaBenchError
 from gia_bench.threat import VIEWS
 
@@ -71,6 +77,12 @@ else:  # pragma: no cover
 DEFAULT_VIEWS = ("naive", "aware")
 #: The built-in study that ``gia-bench demo`` runs.
 DEMO_STUDY = Path(__file__).parent / "studies" / "demo.toml"
+#: Records per capture cell (``images``) and units of work per study (captures, attacks,
+#: trainings, attacks on trainings): a grid past them is refused before anything is planned.
+#: Planning costs ~1 ms per unit (20,000 in 22 s on 2 busy cores), running one a process
+#: start or more; the demo has 183.
+MAX_IMAGES = 1000
+MAX_UNITS = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,13 +213,16 @@ def _parse_train(where: Path | str, raw: Any) -> TrainPlan:
         elif key == "fewbit_backward":
             kwargs[key] = _fewbit(where, "train.fewbit_backward", value)
         elif key == "lr":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise _fail(where, "train.lr", f"expected a number > 0 (omit it for 0.1 x global batch / 256), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise _fail(where, "train.lr", f"expected a finite number > 0 (omit it for 0.1 x global batch / 256),"
+                            f" got {value!r}")
             kwargs[key] = float(value)
-        elif isinstance(default, bool) or not isinstance(value, type(default)) and not (
+        elif isinstance(value, bool) or not isinstance(value, type(default)) and not (  # TOML true is not 1
             isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
         ):
             raise _fail(where, f"train.{key}", f"expected {type(default).__name__}, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _fail(where, f"train.{key}", f"expected a finite number, got {value!r}")
         else:
             kwargs[key] = type(default)(value)
     plan = TrainPlan(**kwargs)
@@ -262,11 +277,25 @@ def parse_study(raw: Mapping[str, Any], where: Path | str = "<study>") -> StudyC
     if model_mode not in ("train", "eval"):
         raise _fail(where, "model_mode", f"expected 'train' or 'eval', got {model_mode!r}")
     fewbit_backward = _fewbit(where, "fewbit_backward", raw.get("fewbit_backward", 0))
+    if images > MAX_IMAGES:
+        raise _fail(where, "images", f"{images:,} records per cell is more than {MAX_IMAGES:,}")
+    train = _parse_train(where, raw["train"]) if "train" in raw else None
+    cells = len(datasets) * len(models) * len(batch_sizes) * len(seeds) * len(defenses)
+    units = cells * (1 + images * len(attacks) * len(views))
+    if train is not None:
+        attacked = len(train.attack_defenses or train.defenses or defenses)
+        units += len(train.defenses or defenses) + attacked * len(train.attack_steps) * len(
+            train.attacks or attacks) * len(views)
+    if units > MAX_UNITS:  # before any spec is built: planning costs milliseconds per unit
+        raise ConfigError(
+            f"{where}: the grid is {units:,} units of work ({cells:,} capture cells x (1 + {images} images x"
+            f" {len(attacks)} attacks x {len(views)} views), plus training), more than {MAX_UNITS:,};"
+            " split it into several studies"
+        )
     _check_specs(where, "datasets", datasets, DATASETS, instantiate=False)
     _check_specs(where, "models", models, MODELS, instantiate=False)
     _check_specs(where, "defenses", defenses, DEFENSES, instantiate=True)
     _check_specs(where, "attacks", attacks, ATTACKS, instantiate=True)
-    train = _parse_train(where, raw["train"]) if "train" in raw else None
     if train is not None:
         _check_specs(where, "train.dataset", (train.dataset,), DATASETS, instantiate=False)
         _check_specs(where, "train.model", (train.model,), MODELS, instantiate=False)
@@ -284,6 +313,11 @@ def parse_study(raw: Mapping[str, Any], where: Path | str = "<study>") -> StudyC
                 train_records(TrainJob((train.attack_defenses or train.defenses or defenses)[0], train, Path(".")))
             except GiaBenchError as exc:
                 raise _fail(where, "train.attack_steps", str(exc)) from None
+        for defense in train.defenses or defenses:  # each run as the trainer will check it, now
+            try:
+                train_config(TrainJob(defense, train, Path("."))).validate()
+            except GiaBenchError as exc:
+                raise _fail(where, "train", f"defense {defense!r}: {exc}") from None
     return StudyConfig(
         name=name,
         datasets=datasets,
@@ -512,6 +546,7 @@ class StudyOptions:
     engine: str = "local"
     address: str | None = None
     plugins: tuple[str, ...] = ()  # module:Class names the user trusts (--plugin), for every unit
+    max_memory: int = DEFAULT_MAX_MEMORY  # bytes one attack may use (--max-memory; gia_bench.budget)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -582,14 +617,15 @@ def _capture_unit(ctx: Any, dataset: str, model: str, defense: str, batch_size: 
                 device=ctx.device, fewbit_backward=fewbit_backward)
 
 
-def _attack_unit(ctx: Any, record: str, attack: str, view: str, out_root: str, seed: int) -> None:
+def _attack_unit(ctx: Any, record: str, attack: str, view: str, out_root: str, seed: int,
+                 max_memory: int = DEFAULT_MAX_MEMORY) -> None:
     from gia_bench.evaluate import run_attack
     from gia_bench.registry import trusted
 
     with trusted(ctx.plugins):
         run_attack(
             ctx.inputs / record, attack, view, ctx.outputs / out_root, seed=seed, device=ctx.device,
-            lpips_net=ctx.lpips_net, lpips_weights=ctx.lpips_weights,
+            lpips_net=ctx.lpips_net, lpips_weights=ctx.lpips_weights, max_memory=max_memory,
         )
 
 
@@ -654,7 +690,7 @@ def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOpti
             key=f"attack:{_rel(job.result, out)}",
             fn="gia_bench.study:_attack_unit",
             args=dict(record=record, attack=job.attack, view=job.view, out_root=_rel(job.out_root, out),
-                      seed=job.seed),
+                      seed=job.seed, max_memory=options.max_memory),
             outputs=(_rel(job.result, out),),
             inputs=(record, _rel(truth_path(job.record), out)),
             deps=(f"capture:{_rel(cap.out, out)}",),
@@ -688,7 +724,8 @@ def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOpti
                 key=f"attack:{_rel(attack_job.result, out)}",
                 fn="gia_bench.study:_attack_unit",
                 args=dict(record=record, attack=attack_job.attack, view=attack_job.view,
-                          out_root=_rel(attack_job.out_root, out), seed=attack_job.seed),
+                          out_root=_rel(attack_job.out_root, out), seed=attack_job.seed,
+                          max_memory=options.max_memory),
                 outputs=(_rel(attack_job.result, out),),
                 inputs=(record, _rel(truth_path(attack_job.record), out)),
                 deps=(f"train:{_rel(job.out, out)}",),
@@ -724,6 +761,9 @@ def _run_study(config: StudyConfig, out: Path, options: StudyOptions, console: A
     out = Path(out)
     if options.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {options.workers}")
+    from gia_bench.budget import check_study
+
+    check_study(config, options.max_memory, out / STUDY_FILE)
     units = plan_units(config, out, options)
     ctx = UnitContext(
         inputs=out, outputs=out, device=options.device, threads=default_threads(options.workers),

@@ -89,7 +89,7 @@ def test_mlp_depth_and_bad_specs():
     model = build_model(ModelSpec("mlp:hidden=32,depth=2", (1, 8, 8), 3), seed=0)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 32), (32, 32), (32, 3)]
-    with pytest.raises(SpecError, match="depth must be >= 1"):
+    with pytest.raises(SpecError, match=r"parameter 'depth': 0 is outside its range \[1, 64\]"):
         build_model(ModelSpec("mlp:depth=0", (1, 8, 8), 3))
     with pytest.raises(SpecError, match="unknown model 'vgg'"):
         build_model(ModelSpec("vgg", (3, 32, 32), 10))

@@ -193,10 +193,10 @@ class TrainConfig:
             "--threads-per-worker": self.threads_per_worker,
         }
         for flag, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.lr_warmup_steps is not None and self.lr_warmup_steps < 0:
             raise ConfigError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
         bad = [s for s in self.capture_steps if not (s == "end" or (isinstance(s, int) and not isinstance(s, bool) and s >= 0))]
@@ -206,8 +206,8 @@ class TrainConfig:
             raise ConfigError(f"capture_ranks: {list(self.capture_ranks)} are not worker ranks >= 0")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
