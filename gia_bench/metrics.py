@@ -405,6 +405,17 @@ METRICS: dict[str, Metric] = {
                unavailable=lambda: get_lpips().reason),
     )
 }
+
+
+def listing() -> list[tuple[str, str, str]]:
+    """(name, properties, description) of each registered metric, for ``gia-bench list metrics``."""
+    rows = []
+    for m in METRICS.values():
+        props = f"{m.label}; {m.direction} is closer; {m.modality}" + ("; needs weights" if m.needs_weights else "")
+        rows.append((m.name, props, m.description))
+    return rows
+
+
 # ImageScores keeps these three as fields (result.json has always had them); the rest go in ``extra``
 _FIELDS = ("ssim", "psnr", "lpips")
 
