@@ -375,3 +375,15 @@ def test_registry_lists_the_metrics_and_score_batch_fills_each() -> None:
     assert [im.psnr for im in back.images] == [im.psnr for im in scores.images]
     assert back.images[0].value("st_lpips") is None
 
+
+
+def test_cli_lists_the_metrics() -> None:
+    from typer.testing import CliRunner
+
+    from gia_bench.cli import app
+
+    res = CliRunner().invoke(app, ["list", "metrics"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[1].strip() for line in res.output.splitlines() if line.count("│") >= 3}
+    assert {"psnr", "ssim", "ms_ssim", "st_lpips", "lpips"} <= rows
+    assert "ST-LPIPS" in res.output and "not comparable to LPIPS-Alex" in res.output
