@@ -387,3 +387,22 @@ def test_cli_lists_the_metrics() -> None:
     rows = {line.split("│")[1].strip() for line in res.output.splitlines() if line.count("│") >= 3}
     assert {"psnr", "ssim", "ms_ssim", "st_lpips", "lpips"} <= rows
     assert "ST-LPIPS" in res.output and "not comparable to LPIPS-Alex" in res.output
+
+
+def test_st_lpips_unavailable_gives_null_and_reason(monkeypatch) -> None:
+    """A broken stlpips install: scoring goes on, ST-LPIPS is None with the reason, never a made-up number."""
+    from gia_bench import st_lpips as S
+
+    def broken(net: str) -> torch.nn.Module:
+        raise S.STLPIPSUnavailable("stlpips_pytorch cannot be imported (test)")
+
+    monkeypatch.setattr(S, "build_st_lpips", broken)
+    scorer = S.STLPIPSScorer("alex")
+    monkeypatch.setattr(M, "get_st_lpips", lambda net="alex": scorer)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    scores = M.score_batch(x, x, compute_lpips=False)
+    assert [im.value("st_lpips") for im in scores.images] == [None, None]
+    assert scores.unavailable == {"st_lpips": "ST-LPIPS unavailable: stlpips_pytorch cannot be imported (test)"}
+    assert [im.value("ms_ssim") for im in scores.images] == [1.0, 1.0]  # the others are still computed
+    with pytest.raises(S.STLPIPSUnavailable):
+        scorer(x, x)
