@@ -75,15 +75,16 @@ def _registries() -> dict[str, Any]:
 
 def _training_options() -> dict[str, Any]:
     """Trainer options that are not registries: (name, parameters, description) rows per kind."""
-    from gia_bench import fewbit, optim
+    from gia_bench import fewbit, metrics, optim
 
-    return {"optimizers": optim.listing, "backward": fewbit.listing}
+    # metrics: a registry of functions, not classes, listed by rows the same way
+    return {"optimizers": optim.listing, "backward": fewbit.listing, "metrics": metrics.listing}
 
 
 @app.command("list")
 def list_cmd(
     kind: str = typer.Argument(
-        None, help="defenses, attacks, datasets, models, optimizers or backward (default: all)"
+        None, help="defenses, attacks, datasets, models, optimizers, backward or metrics (default: all)"
     ),
 ) -> None:
     """List what is registered, with each entry's parameters, defaults and description."""

@@ -73,6 +73,13 @@ RESULT_FILE = "result.json"
 LPIPS_NETS = ("alex", "vgg")
 
 
+def _other_metrics() -> list[str]:
+    """Registered metrics beyond the ssim/psnr/lpips lists result.json has always had."""
+    from gia_bench.metrics import METRICS  # lazy, as in _scores: importing evaluate stays light
+
+    return [name for name in METRICS if name not in ("ssim", "psnr", "lpips")]
+
+
 def check_lpips_net(lpips_net: str, flag: str = "--lpips-net") -> str:
     """``lpips_net`` if it is a known LPIPS trunk, else a one-line error naming the flag."""
     if lpips_net not in LPIPS_NETS:
@@ -397,6 +404,8 @@ def evaluate(
         "ssim": [im["ssim"] for im in images] if images else None,
         "psnr": [im["psnr"] for im in images] if images else None,
         "lpips": [im["lpips"] for im in images] if images else None,
+        # every other registered metric (gia_bench.metrics.METRICS) the same way, by name
+        **{name: [im.get(name) for im in images] if images else None for name in _other_metrics()},
         "label_accuracy": metrics["label_accuracy"] if metrics else None,
         "lpips_reason": metrics["lpips_reason"] if metrics else None,
         "extra": rec.extra,

@@ -15,6 +15,15 @@ normalised behind the caller's back; values outside [0, 1] are an error.
   the heads; the trunk's ImageNet weights are read from a local file and never
   downloaded (:class:`LPIPSScorer`). Without that file the value is ``None``
   with a reason, never a number from random weights.
+* **MS-SSIM** (Wang, Simoncelli & Bovik 2003): :mod:`gia_bench.msssim`; on our
+  16-32 px images fewer than the paper's 5 scales fit, so the exponents of the
+  scales used are renormalised, and the result records how many were used.
+* **ST-LPIPS** (Ghildyal & Liu 2022): :mod:`gia_bench.st_lpips`; shift-tolerant
+  LPIPS whose package ships all its weights, so it is the perceptual distance
+  reports show when LPIPS has no trunk weights. Not comparable to LPIPS-Alex.
+* **Registry**: :data:`METRICS` names every per-image metric with its direction,
+  whether it needs weights, and its modality; :func:`score_batch` computes each
+  one whose weights are there.
 * **Batches**: an attack returns its B images in any order, so each
   reconstruction is paired with one original by the Hungarian algorithm
   (:func:`scipy.optimize.linear_sum_assignment`) on the pixel MSE between every
@@ -28,6 +37,7 @@ import functools
 import math
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +48,8 @@ from skimage.metrics import structural_similarity
 from torch import Tensor
 
 from gia_bench.errors import GiaBenchError
+from gia_bench.msssim import MS_SSIM_WEIGHTS, ms_ssim_scales, ms_ssim_value
+from gia_bench.st_lpips import get_st_lpips
 
 LPIPS_WEIGHTS_ENV = "GIA_BENCH_LPIPS_WEIGHTS"
 # torchvision's file names for the ImageNet trunks the lpips package was calibrated on
@@ -129,6 +141,31 @@ def psnr(a01: Tensor, b01: Tensor) -> float:
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(1.0 / mse)
+
+
+def ms_ssim(a01: Tensor, b01: Tensor) -> float:
+    """MS-SSIM of two (C, H, W) images in [0, 1] (Wang et al. 2003; :mod:`gia_bench.msssim`).
+
+    Paper settings (5 scales, window 11 / sigma 1.5) where the image is large enough;
+    on smaller images the scales that fit, with renormalised exponents
+    (:func:`ms_ssim_note` says how many). Mean over colour channels.
+    """
+    _pair_check(a01, b01, 3)
+    win, sigma = ssim_window(a01.shape[1], a01.shape[2])
+    return ms_ssim_value(a01, b01, win, sigma)[0]
+
+
+def ms_ssim_note(shape: tuple[int, ...]) -> str | None:
+    """Says how many scales MS-SSIM used on (..., H, W) images when it is fewer than the paper's 5."""
+    h, w = shape[-2], shape[-1]
+    win, _ = ssim_window(h, w)
+    scales = ms_ssim_scales(h, w, win)
+    if scales == len(MS_SSIM_WEIGHTS):
+        return None
+    return (
+        f"MS-SSIM on {h}x{w} px images: {scales} of {len(MS_SSIM_WEIGHTS)} scales (window {win} must fit the"
+        f" coarsest), exponents {MS_SSIM_WEIGHTS[:scales]} renormalised to sum 1"
+    )
 
 
 def mean_colour_floor(original01: Tensor) -> list[tuple[float, float]]:
@@ -316,6 +353,73 @@ def get_lpips(net: str = "alex", weights: Path | None = None) -> LPIPSScorer:
     return scorer
 
 
+# -- the metric registry ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One per-image metric: how to compute it on paired batches and how to read it."""
+
+    name: str  # key in result.json
+    label: str  # column heading in reports
+    # paired (B, C, H, W) batches in [0, 1] -> one value per pair
+    function: Callable[[Tensor, Tensor], list[float]]
+    direction: Literal["higher", "lower"]  # which way means a closer reconstruction (more leakage)
+    needs_weights: bool  # a trained network whose weights may be missing
+    modality: Literal["image", "text"]
+    description: str
+    # why it cannot be computed in this environment ("... unavailable: ..."), None when it can
+    unavailable: Callable[[], str | None] = lambda: None
+    # what a reader must know about the values on images of this shape, e.g. scales used
+    note: Callable[[tuple[int, ...]], str | None] = lambda shape: None
+
+
+def _each(fn: Callable[[Tensor, Tensor], float]) -> Callable[[Tensor, Tensor], list[float]]:
+    return lambda a, b: [fn(x, y) for x, y in zip(a, b)]
+
+
+def _st_lpips(a01: Tensor, b01: Tensor) -> list[float]:
+    return [float(v) for v in get_st_lpips("alex")(a01, b01)]
+
+
+def _lpips(a01: Tensor, b01: Tensor) -> list[float]:
+    return [float(v) for v in get_lpips()(a01, b01)]
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("psnr", "PSNR dB", _each(lambda a, b: psnr(a, b)), "higher", False, "image",
+               "10 log10(1 / MSE) in dB; inf on identical images"),
+        Metric("ssim", "SSIM", _each(lambda a, b: ssim(a, b)), "higher", False, "image",
+               "SSIM (Wang et al. 2004), Gaussian window 11 / sigma 1.5, mean over channels"),
+        Metric("ms_ssim", "MS-SSIM", _each(lambda a, b: ms_ssim(a, b)), "higher", False, "image",
+               "multi-scale SSIM (Wang et al. 2003); fewer than 5 scales on small images, exponents renormalised",
+               note=ms_ssim_note),
+        Metric("st_lpips", "ST-LPIPS", _st_lpips, "lower", True, "image",
+               "shift-tolerant LPIPS (Ghildyal & Liu 2022), AlexNet, weights shipped by stlpips-pytorch;"
+               " not comparable to LPIPS-Alex",
+               unavailable=lambda: get_st_lpips("alex").reason),
+        Metric("lpips", "LPIPS", _lpips, "lower", True, "image",
+               "LPIPS (Zhang et al. 2018) v0.1 heads; needs the ImageNet trunk file (--lpips-weights)",
+               unavailable=lambda: get_lpips().reason),
+    )
+}
+
+
+def listing() -> list[tuple[str, str, str]]:
+    """(name, properties, description) of each registered metric, for ``gia-bench list metrics``."""
+    rows = []
+    for m in METRICS.values():
+        props = f"{m.label}; {m.direction} is closer; {m.modality}" + ("; needs weights" if m.needs_weights else "")
+        rows.append((m.name, props, m.description))
+    return rows
+
+
+# ImageScores keeps these three as fields (result.json has always had them); the rest go in ``extra``
+_FIELDS = ("ssim", "psnr", "lpips")
+
+
 # -- batches ---------------------------------------------------------------------------------------
 
 
@@ -328,9 +432,17 @@ class ImageScores:
     ssim: float
     psnr: float  # may be math.inf
     lpips: float | None
+    # every other registered metric by name (ms_ssim, st_lpips, ...); None where not computed
+    extra: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
+
+    def value(self, name: str) -> float | None:
+        """The score of metric ``name`` (a :data:`METRICS` key); None when not computed."""
+        return getattr(self, name) if name in _FIELDS else self.extra.get(name)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """One flat dict: index, matched, then each metric's value under its name."""
+        return {"index": self.index, "matched": self.matched, "ssim": self.ssim, "psnr": self.psnr,
+                "lpips": self.lpips, **self.extra}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +452,10 @@ class BatchScores:
     images: tuple[ImageScores, ...]
     label_accuracy: float | None  # after the same pairing; None if labels not given
     lpips_reason: str | None  # why LPIPS is None ("LPIPS unavailable: ...")
+    # why another registered metric is None, by name ("ST-LPIPS unavailable: ...")
+    unavailable: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # what to know about a metric's values here, by name (e.g. MS-SSIM's scales on small images)
+    notes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict; an infinite PSNR stays float inf (``json.dump`` writes ``Infinity``)."""
@@ -347,6 +463,8 @@ class BatchScores:
             "images": [im.to_json() for im in self.images],
             "label_accuracy": self.label_accuracy,
             "lpips_reason": self.lpips_reason,
+            "unavailable": dict(self.unavailable),
+            "notes": dict(self.notes),
         }
 
     @classmethod
@@ -358,11 +476,15 @@ class BatchScores:
                 ssim=float(d["ssim"]),
                 psnr=float(d["psnr"]),
                 lpips=None if d.get("lpips") is None else float(d["lpips"]),
+                extra={k: None if d[k] is None else float(d[k]) for k in METRICS if k not in _FIELDS and k in d},
             )
             for d in data["images"]
         )
         acc = data.get("label_accuracy")
-        return cls(images, None if acc is None else float(acc), data.get("lpips_reason"))
+        return cls(
+            images, None if acc is None else float(acc), data.get("lpips_reason"),
+            dict(data.get("unavailable") or {}), dict(data.get("notes") or {}),
+        )
 
     @property
     def matching(self) -> tuple[int, ...]:
@@ -409,7 +531,9 @@ def score_batch(
     Both batches are (B, C, H, W) in [0, 1]. ``lpips`` defaults to :func:`get_lpips` ()
     (AlexNet, weights from $GIA_BENCH_LPIPS_WEIGHTS or torchvision's cache); when it is
     unavailable, or ``compute_lpips`` is False, every LPIPS value is None and
-    ``lpips_reason`` says why. Label accuracy compares ``rec_labels[matched[i]]`` with
+    ``lpips_reason`` says why. Every other registered metric (:data:`METRICS`) whose
+    weights are there is computed too; one that is not gets None and its reason in
+    ``unavailable``. Label accuracy compares ``rec_labels[matched[i]]`` with
     ``true_labels[i]``; None unless both are given.
     """
     if reconstruction01.dim() != 4 or original01.dim() != 4:
@@ -432,6 +556,22 @@ def score_batch(
         if scorer.available:
             lpips_values = [float(v) for v in scorer(paired, orig)]
 
+    extra: dict[str, list[float | None]] = {}
+    unavailable: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    for metric in METRICS.values():
+        if metric.name in _FIELDS:
+            continue
+        why = metric.unavailable()
+        if why is not None:
+            unavailable[metric.name] = why
+            extra[metric.name] = [None] * len(matched)
+        else:
+            extra[metric.name] = list(metric.function(paired, orig))
+        note = metric.note(tuple(orig.shape))
+        if note is not None:
+            notes[metric.name] = note
+
     label_acc: float | None = None
     if rec_labels is not None and true_labels is not None:
         rec_l = rec_labels.detach().reshape(-1).cpu()
@@ -450,7 +590,8 @@ def score_batch(
             ssim=ssim(paired[i], orig[i]),
             psnr=psnr(paired[i], orig[i]),
             lpips=lpips_values[i],
+            extra={name: values[i] for name, values in extra.items()},
         )
         for i, j in enumerate(matched)
     )
-    return BatchScores(images, label_acc, reason)
+    return BatchScores(images, label_acc, reason, unavailable, notes)

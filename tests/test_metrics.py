@@ -230,3 +230,179 @@ def test_lpips_wrong_architecture_is_refused(random_alexnet_trunk: Path) -> None
     scorer = M.LPIPSScorer("vgg", random_alexnet_trunk)
     assert not scorer.available
     assert str(random_alexnet_trunk) in scorer.reason and "VGG-16" in scorer.reason
+
+
+# -- MS-SSIM ---------------------------------------------------------------------------------------
+
+_PAPER_BETA = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, section 3.1
+
+
+def _ref_ms_ssim(a: np.ndarray, b: np.ndarray, scales: int) -> float:
+    """Independent MS-SSIM of two 2-D float arrays (Wang et al. 2003, eq. 7), written from the paper
+    with scipy: 11-tap Gaussian (sigma 1.5) over the valid region, 2x2 mean then keep every other
+    pixel between scales, the first ``scales`` exponents renormalised."""
+    from scipy.signal import correlate2d
+
+    r = np.arange(11) - 5.0
+    g = np.exp(-(r**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    beta = np.array(_PAPER_BETA[:scales]) / sum(_PAPER_BETA[:scales])
+    out = 1.0
+    for j in range(scales):
+        f = lambda z: correlate2d(z, w, mode="valid")  # noqa: E731
+        mx, my = f(a), f(b)
+        vx, vy, cxy = f(a * a) - mx**2, f(b * b) - my**2, f(a * b) - mx * my
+        out *= max(float(np.mean((2 * cxy + c2) / (vx + vy + c2))), 0.0) ** beta[j]
+        if j == scales - 1:
+            out *= float(np.mean((2 * mx * my + c1) / (mx**2 + my**2 + c1))) ** beta[j]
+        else:
+            h, wd = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+            a = a[:h, :wd].reshape(h // 2, 2, wd // 2, 2).mean(axis=(1, 3))
+            b = b[:h, :wd].reshape(h // 2, 2, wd // 2, 2).mean(axis=(1, 3))
+    return out
+
+
+def test_ms_ssim_equals_an_independent_reference_at_five_scales(gen: torch.Generator) -> None:
+    a = torch.rand(1, 180, 190, generator=gen, dtype=torch.float64)
+    a = F.avg_pool2d(a[None], 5, stride=1, padding=2, count_include_pad=False)[0]  # some structure at every scale
+    for sigma in (0.05, 0.2):
+        b = (a + sigma * torch.randn(a.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+        assert M.ms_ssim(a, b) == pytest.approx(_ref_ms_ssim(a[0].numpy(), b[0].numpy(), 5), abs=1e-9)
+    assert M.ms_ssim_note((1, 180, 190)) is None  # 180 // 16 = 11: all five scales fit
+    # 32 px: the window fits twice (32, 16), not at 8 px
+    x = torch.rand(1, 32, 32, generator=gen, dtype=torch.float64)
+    y = (x + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    assert M.ms_ssim(x, y) == pytest.approx(_ref_ms_ssim(x[0].numpy(), y[0].numpy(), 2), abs=1e-9)
+    assert "2 of 5 scales" in M.ms_ssim_note((3, 32, 32))
+
+
+@pytest.mark.parametrize("p, q", [(0.5, 0.25), (0.9, 0.1)])
+def test_ms_ssim_of_two_flat_images_by_hand(p: float, q: float) -> None:
+    """Flat images: every cs_j is C2 / C2 = 1, so MS-SSIM is the luminance term raised to the coarsest
+    scale's exponent (renormalised): 0.1333 / 1.0001 with five scales, 0.2856 / 0.3304 with two."""
+    lum = (2 * p * q + 0.01**2) / (p**2 + q**2 + 0.01**2)
+    big_p, big_q = torch.full((1, 176, 176), p, dtype=torch.float64), torch.full((1, 176, 176), q, dtype=torch.float64)
+    assert M.ms_ssim(big_p, big_q) == pytest.approx(lum ** (0.1333 / 1.0001), abs=1e-12)
+    small_p, small_q = big_p[:, :32, :32], big_q[:, :32, :32]
+    assert M.ms_ssim(small_p, small_q) == pytest.approx(lum ** (0.2856 / (0.0448 + 0.2856)), abs=1e-12)
+
+
+def test_ms_ssim_properties(gen: torch.Generator) -> None:
+    for a, b in _pairs(gen):
+        assert M.ms_ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+        assert M.ms_ssim(a, b) == pytest.approx(M.ms_ssim(b, a), abs=1e-12)  # symmetric
+        assert 0.0 <= M.ms_ssim(a, b) < 1.0
+        scales = {32: 2, 25: 2, 12: 1}.get(min(a.shape[1:]))  # how often the 11-px window fits, halving
+        if scales is not None:  # one scale is mean(l) * mean(cs), not SSIM's mean(l * cs)
+            ref = np.mean([_ref_ms_ssim(a[c].numpy(), b[c].numpy(), scales) for c in range(a.shape[0])])
+            assert M.ms_ssim(a, b) == pytest.approx(ref, abs=1e-9)
+    x = torch.rand(3, 32, 32, generator=gen, dtype=torch.float64)
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    values = [M.ms_ssim(x, (x + s * noise).clamp(0, 1)) for s in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)]
+    assert values[0] == 1.0 and all(u > v for u, v in zip(values, values[1:]))  # falls as noise grows
+
+
+# -- ST-LPIPS --------------------------------------------------------------------------------------
+
+
+def test_st_lpips_loads_every_shipped_weight_offline(monkeypatch) -> None:
+    import socket
+    import sys
+
+    from gia_bench import st_lpips as S
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("ST-LPIPS tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    model = S.build_st_lpips("alex")
+    shipped = torch.load(S.shipped_weights("alex"), map_location="cpu", weights_only=True)
+    assert sum(k.startswith("net.") for k in shipped) == 13  # 5 convs (weight, bias) + 3 blur filters
+    state = model.state_dict()
+    for key, value in shipped.items():  # each one loaded: the model holds exactly the shipped tensor
+        assert torch.equal(state[key], value), key
+    # the undeclared imports were stubbed only while importing, never left behind
+    for name in ("IPython", "torchsummary"):
+        mod = sys.modules.get(name)
+        assert mod is None or getattr(mod, "__file__", None) is not None
+
+
+def test_st_lpips_values() -> None:
+    import skimage.data
+
+    scorer = M.get_st_lpips("alex")
+    assert scorer.available and scorer.reason is None
+    photo = torch.tensor(skimage.data.astronaut(), dtype=torch.float32).permute(2, 0, 1)[None] / 255
+    photo = F.interpolate(photo, size=(32, 32), mode="area").clamp(0, 1)
+    gray = torch.full_like(photo, 0.5)
+    assert float(scorer(photo, photo)[0]) == 0.0
+    flat = float(scorer(gray, photo)[0])
+    assert flat > 1.0  # a flat image is far from a photo (1.24 measured with the shipped weights)
+    assert float(scorer(photo, gray)[0]) == pytest.approx(flat, abs=1e-5)  # symmetric
+    # noise moves it away from 0, less than a flat image does; gray 16 px images are resized and repeated
+    g = torch.Generator().manual_seed(0)
+    noisy = (photo + 0.05 * torch.randn(photo.shape, generator=g)).clamp(0, 1)
+    assert 0.0 < float(scorer(noisy, photo)[0]) < flat
+    small = photo.mean(dim=1, keepdim=True)[..., ::2, ::2]
+    d = scorer(small, small.flip(-1))
+    assert d.shape == (1,) and bool(torch.isfinite(d).all()) and float(d[0]) > 0
+
+
+def test_registry_lists_the_metrics_and_score_batch_fills_each() -> None:
+    assert list(M.METRICS) == ["psnr", "ssim", "ms_ssim", "st_lpips", "lpips"]
+    assert M.METRICS["st_lpips"].label == "ST-LPIPS" and M.METRICS["st_lpips"].direction == "lower"
+    assert M.METRICS["ms_ssim"].direction == "higher" and not M.METRICS["ms_ssim"].needs_weights
+    assert all(m.modality == "image" for m in M.METRICS.values())
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    scores = M.score_batch(y.flip(0), x, compute_lpips=False)
+    for im in scores.images:
+        paired = y.flip(0)[im.matched]
+        assert im.value("ms_ssim") == M.ms_ssim(paired, x[im.index])
+        assert im.value("st_lpips") == pytest.approx(float(M.get_st_lpips("alex")(paired[None], x[im.index][None])[0]))
+        assert im.value("psnr") == im.psnr == M.psnr(paired, x[im.index])
+    assert "2 of 5 scales" in scores.notes["ms_ssim"] and scores.unavailable == {}
+    # round trip, and a result.json from before the registry (no ms_ssim / st_lpips) still reads
+    assert M.BatchScores.from_json(json.loads(json.dumps(scores.to_json()))) == scores
+    old = scores.to_json()
+    old = {"images": [{k: d[k] for k in ("index", "matched", "ssim", "psnr", "lpips")} for d in old["images"]],
+           "label_accuracy": None, "lpips_reason": old["lpips_reason"]}
+    back = M.BatchScores.from_json(old)
+    assert [im.psnr for im in back.images] == [im.psnr for im in scores.images]
+    assert back.images[0].value("st_lpips") is None
+
+
+
+def test_cli_lists_the_metrics() -> None:
+    from typer.testing import CliRunner
+
+    from gia_bench.cli import app
+
+    res = CliRunner().invoke(app, ["list", "metrics"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[1].strip() for line in res.output.splitlines() if line.count("│") >= 3}
+    assert {"psnr", "ssim", "ms_ssim", "st_lpips", "lpips"} <= rows
+    assert "ST-LPIPS" in res.output and "not comparable to LPIPS-Alex" in res.output
+
+
+def test_st_lpips_unavailable_gives_null_and_reason(monkeypatch) -> None:
+    """A broken stlpips install: scoring goes on, ST-LPIPS is None with the reason, never a made-up number."""
+    from gia_bench import st_lpips as S
+
+    def broken(net: str) -> torch.nn.Module:
+        raise S.STLPIPSUnavailable("stlpips_pytorch cannot be imported (test)")
+
+    monkeypatch.setattr(S, "build_st_lpips", broken)
+    scorer = S.STLPIPSScorer("alex")
+    monkeypatch.setattr(M, "get_st_lpips", lambda net="alex": scorer)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    scores = M.score_batch(x, x, compute_lpips=False)
+    assert [im.value("st_lpips") for im in scores.images] == [None, None]
+    assert scores.unavailable == {"st_lpips": "ST-LPIPS unavailable: stlpips_pytorch cannot be imported (test)"}
+    assert [im.value("ms_ssim") for im in scores.images] == [1.0, 1.0]  # the others are still computed
+    with pytest.raises(S.STLPIPSUnavailable):
+        scorer(x, x)

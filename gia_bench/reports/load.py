@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from gia_bench.identity import ResultIdentity, content_digest, identity_of
-from gia_bench.metrics import BatchScores, ImageScores
+from gia_bench.metrics import METRICS, BatchScores, ImageScores
 from gia_bench.threat import VIEWS
 
 RESULT_NAME = "result.json"
@@ -289,6 +289,28 @@ def _check_header(data: dict[str, Any], kind: str) -> None:
         )
 
 
+def _extra_scores(d: dict[str, Any], where: str) -> dict[str, float | None]:
+    """The registered metrics beyond ssim/psnr/lpips that an image's scores hold (older files have none)."""
+    out: dict[str, float | None] = {}
+    for name in METRICS:
+        if name in ("ssim", "psnr", "lpips") or name not in d:
+            continue
+        v = d[name]
+        if v is not None and not math.isfinite(v := _num(v, f"{where}.{name}")):
+            raise MalformedFile(f"{where}.{name} is {v}, not a finite number")
+        out[name] = v
+    return out
+
+
+def _texts(value: Any, where: str) -> dict[str, str]:
+    """A name -> sentence object (reasons, notes); absent in older files."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise MalformedFile(f"field {where!r} must map metric names to strings")
+    return dict(value)
+
+
 def _scores_from(data: dict[str, Any], batch_size: int) -> BatchScores | None:
     """The batch's scores: the ``metrics`` object, else the flat per-image lists."""
     metrics = data.get("metrics")
@@ -307,6 +329,7 @@ def _scores_from(data: dict[str, Any], batch_size: int) -> BatchScores | None:
                         ssim=_num(d["ssim"], f"metrics.images[{n}].ssim"),
                         psnr=_num(d["psnr"], f"metrics.images[{n}].psnr"),
                         lpips=None if d.get("lpips") is None else _num(d["lpips"], f"metrics.images[{n}].lpips"),
+                        extra=_extra_scores(d, f"metrics.images[{n}]"),
                     )
                 )
             except KeyError as exc:
@@ -317,6 +340,8 @@ def _scores_from(data: dict[str, Any], batch_size: int) -> BatchScores | None:
             tuple(images),
             None if acc is None else _num(acc, "metrics.label_accuracy"),
             reason if isinstance(reason, str) else None,
+            _texts(metrics.get("unavailable"), "metrics.unavailable"),
+            _texts(metrics.get("notes"), "metrics.notes"),
         )
     elif data.get("ssim") is not None:
         ssim = _get(data, "ssim", list)

@@ -36,11 +36,15 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gia_bench.errors import GiaBenchError
-from gia_bench.metrics import LPIPSScorer, mean_colour_floor
+from gia_bench.metrics import LPIPSScorer, get_st_lpips, mean_colour_floor
 from gia_bench.reports import stats
 from gia_bench.reports.load import AttackResult, Budget, RunSet, TrainRun
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,7 @@ class ImageRow:
     restarts: int
     final_loss: float
     result: str
+    st_lpips: float | None = None  # shift-tolerant LPIPS; not comparable to LPIPS-Alex
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +122,7 @@ class SummaryRow:
     accuracy: stats.Estimate | None = None  # test accuracy of the same defense, with its standard error
     verdict: stats.Verdict | None = None  # this setting alone against the floor (one comparison)
     train_run: str | None = None  # the training run the record came from (source "train"), if found
+    st_lpips: Stat | None = None  # ST-LPIPS, over the same images (None when any image lacks it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,15 +235,37 @@ def accuracy_of(run: TrainRun | None, trains: Sequence[TrainRun]) -> stats.Estim
     return stats.accuracy_estimate([t.final_test_accuracy for t in runs], [t.test_examples for t in runs])
 
 
+def perceptual_metric(rows: Sequence[SummaryRow]) -> str:
+    """The perceptual column of a table: ``lpips`` when every row has LPIPS, else ``st_lpips``.
+
+    LPIPS proper needs ImageNet trunk weights the user supplies; ST-LPIPS ships its
+    own, so it is the default. One table never mixes the two: their values are not
+    comparable.
+    """
+    return "lpips" if rows and all(r.lpips is not None for r in rows) else "st_lpips"
+
+
+def _st_lpips_fill(res: AttackResult, rec: Tensor | None, orig: Tensor | None, compute: bool) -> list[float] | None:
+    """ST-LPIPS of the stored pairs, for a result written before ST-LPIPS was scored (else None)."""
+    if not compute or rec is None or orig is None or res.scores is None:
+        return None
+    if all(im.value("st_lpips") is not None for im in res.scores.images):
+        return None
+    scorer = get_st_lpips("alex")
+    return [float(v) for v in scorer(rec, orig)] if scorer.available else None
+
+
 def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
     """Score tables from loaded runs.
 
     Floors come from the originals stored beside each result. Where a result has no
     LPIPS value and ``lpips`` is available, LPIPS is computed here from the stored
-    reconstruction and original (already in paired order).
+    reconstruction and original (already in paired order); so is ST-LPIPS for a result
+    written before it was scored (only when ``lpips`` is given: the compute switch).
     """
     floors_cache: dict[str, list[tuple[float, float]] | None] = {}
     lpips_cache: dict[str, list[float] | None] = {}
+    st_cache: dict[str, list[float] | None] = {}
     notes: list[str] = []
     lpips_notes: list[str] = []
     image_rows: list[ImageRow] = []
@@ -253,6 +281,7 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
                 lpips_cache[key] = [float(v) for v in lpips(rec, orig)]
             else:
                 lpips_cache[key] = None
+            st_cache[key] = _st_lpips_fill(res, rec, orig, lpips is not None)
         rows: list[ImageRow] = []
         if res.scores is None:
             no_truth += 1
@@ -264,6 +293,9 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
                 lp = im.lpips
                 if lp is None and computed is not None and im.index < len(computed):
                     lp = computed[im.index]
+                st, st_computed = im.value("st_lpips"), st_cache.get(key)
+                if st is None and st_computed is not None and im.index < len(st_computed):
+                    st = st_computed[im.index]
                 floor = floors[im.index] if floors is not None and im.index < len(floors) else None
                 rows.append(
                     ImageRow(
@@ -295,6 +327,7 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
                         restarts=res.budget.restarts,
                         final_loss=res.final_loss,
                         result=str(res.path),
+                        st_lpips=st,
                     )
                 )
             if any(r.lpips is None for r in rows) and reason and reason not in lpips_notes:
@@ -358,6 +391,9 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
                 accuracy=accuracy_of(train, runs.trains),
                 verdict=stats.floor_verdict([(r.ssim, r.psnr, r.floor_ssim, r.floor_psnr) for r in rows]) if rows else None,
                 train_run=None if own is None else str(own.path),
+                st_lpips=stat([r.st_lpips for r in rows if r.st_lpips is not None], min)
+                if all(r.st_lpips is not None for r in rows)
+                else None,
             )
         )
 
@@ -429,7 +465,7 @@ SUMMARY_FIELDS = (
     "floor_ssim", "floor_psnr", "seconds", "threat", "lpips_reason",
     "label_worst", "test_accuracy_se", "test_accuracy_runs", "iterations", "restarts", "evaluations",
     "budget_preset", "budget_from_spec", "verdict", "verdict_images", "verdict_beat_floor", "verdict_p",
-    "train_run",
+    "train_run", "st_lpips_mean", "st_lpips_worst", "st_lpips_spread",
 )  # fmt: skip
 
 
@@ -440,7 +476,7 @@ def summary_csv(data: ReportData) -> str:
     w.writerow(SUMMARY_FIELDS)
     for r in data.summary:
         flat: dict[str, object] = {f.name: getattr(r, f.name) for f in dataclasses.fields(SummaryRow)}
-        for name in ("ssim", "psnr", "lpips"):
+        for name in ("ssim", "psnr", "lpips", "st_lpips"):
             s: Stat | None = flat.pop(name)  # type: ignore[assignment]
             flat[f"{name}_mean"] = None if s is None else s.mean
             flat[f"{name}_worst"] = None if s is None else s.worst

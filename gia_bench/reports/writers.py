@@ -39,6 +39,7 @@ from gia_bench.reports.tables import (
     fmt_bytes,
     fmt_num,
     fmt_ratio,
+    perceptual_metric,
     short_spec,
 )
 
@@ -63,7 +64,9 @@ LEGEND = (
     " on in brackets when it differs), ± its standard error; 'vs' compares it with the reference. For each"
     " metric: the mean over images and the worst case (the most leaking image: highest SSIM or PSNR, lowest"
     " LPIPS); ± is the spread (standard deviation over images). Label accuracy: mean over records, and the worst"
-    " record (the most labels recovered). Higher SSIM/PSNR and lower LPIPS mean more leakage. Reconstructions are paired to originals by the"
+    " record (the most labels recovered). Higher SSIM/PSNR and lower LPIPS mean more leakage. A table shows"
+    " LPIPS where its ImageNet trunk weights were given, else ST-LPIPS (shift-tolerant LPIPS, Ghildyal & Liu"
+    " 2022, weights shipped with stlpips-pytorch), a different scale: not comparable to LPIPS-Alex. Reconstructions are paired to originals by the"
     " Hungarian algorithm on pixel MSE before scoring; label accuracy uses the same pairing. The floor is what a"
     " flat image of each original's mean colour scores. Budget: iterations x restarts of the attack; n: images."
 )
@@ -254,13 +257,16 @@ DETAIL_HEADERS = (
     ("defense", False), ("attack", False), ("view", False), ("budget, images", True), ("SSIM", True),
     ("PSNR dB", True), ("LPIPS", True), ("labels", True), ("vs floor (this row alone)", False),
 )  # fmt: skip
+# the perceptual column's heading, by the metric a table shows (tables.perceptual_metric)
+PERCEPTUAL_LABELS = {"lpips": "LPIPS", "st_lpips": "ST-LPIPS"}
 STEP_HEADERS = (
     ("defense", False), ("step", True), ("test acc. at step", True), ("attack", False), ("view", False),
     ("budget, images", True), ("SSIM", True), ("PSNR dB", True), ("labels", True), ("vs floor (this row alone)", False),
 )  # fmt: skip
 
 
-def _detail_row(r: SummaryRow) -> tuple[Cell, ...]:
+def _detail_row(r: SummaryRow, perceptual: str = "lpips") -> tuple[Cell, ...]:
+    lp: Stat | None = getattr(r, perceptual)
     return (
         Cell(short_spec(r.defense, "defense"), code=True, strong=True),
         Cell(short_spec(r.attack, "attack"), code=True),
@@ -268,19 +274,22 @@ def _detail_row(r: SummaryRow) -> tuple[Cell, ...]:
         budget_cell(r.budget, r.images),
         _mean_worst(r.ssim, 3),
         _mean_worst(r.psnr, 2),
-        _mean_worst(r.lpips, 3) if r.lpips is not None else Cell("n/a", num=True),
+        _mean_worst(lp, 3) if lp is not None else Cell("n/a", num=True),
         _labels(r.label_accuracy, r.label_worst),
         _verdict_cell(r.verdict),
     )
 
 
 def detail_table(rows: Sequence[SummaryRow]) -> Table:
+    """The per-setting table; its perceptual column is LPIPS, or ST-LPIPS when LPIPS has no weights."""
     cells, starts, prev = [], [], None
+    perceptual = perceptual_metric(rows)
     for r in rows:
-        cells.append(_detail_row(r))
+        cells.append(_detail_row(r, perceptual))
         starts.append(prev is not None and r.defense != prev)
         prev = r.defense
-    return Table(DETAIL_HEADERS, tuple(cells), tuple(starts), compact=True)
+    headers = tuple((PERCEPTUAL_LABELS[perceptual], n) if h == "LPIPS" else (h, n) for h, n in DETAIL_HEADERS)
+    return Table(headers, tuple(cells), tuple(starts), compact=True)
 
 
 def accuracy_at(data: ReportData, row: SummaryRow) -> Cell:
