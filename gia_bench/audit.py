@@ -156,7 +156,17 @@ def _run_battery(raw: dict, out: Path, options: AuditOptions, progress: bool) ->
         env = dict(os.environ)
         # the child imports what this process would, from where it would (the plug-in's folder included)
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), *(p for p in sys.path if p)])
-        proc = subprocess.run([sys.executable, "-m", "gia_bench.audit_worker", "--battery", str(job)], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "gia_bench.audit_worker", "--battery", str(job)], env=env)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            # the child got the same Ctrl-C: let it cancel its units and keep what finished, briefly
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
         if proc.returncode != 0 or not outcome.is_file():
             # never a silent pass: a plug-in that exits the battery's process (even with code 0) fails the audit
             raise GiaBenchError(

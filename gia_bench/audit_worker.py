@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -202,6 +203,8 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--battery"]:
         run_battery(Path(argv[1]))
         return
+    # Ctrl-C reaches the whole process group: the parent stops this worker (closing its pipe, or killing it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the answers go to the original stdout; anything the plug-in prints goes to stderr
     requests, answers = os.dup(0), os.dup(1)
     os.dup2(2, 1)

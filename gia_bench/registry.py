@@ -32,6 +32,7 @@ import importlib
 import inspect
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -143,6 +144,8 @@ def trusted(plugins: Iterable[str]) -> Iterator[tuple[str, ...]]:
     try:
         yield names
     except SystemExit as exc:
+        if isinstance(exc.code, signal.Signals):  # a signal handler's exit (Ray's SIGTERM handler), not a plug-in's
+            raise
         raise PluginError(
             f"plug-in code called sys.exit({exc.code!r}) while gia-bench was running it; a plug-in must raise"
             " an exception instead"

@@ -84,6 +84,8 @@ import time
 import torch
 from gia_bench.defenses.base import Compressor, flatten, unflatten
 
+print("misbehaving_plugin: imported")  # on the worker's stdout: must not corrupt its answers
+
 
 class Honest(Compressor):
     """fp32 all-reduce of the gradient.
@@ -108,6 +110,8 @@ class Exits(Honest):
     """Calls sys.exit(0) in step (a CI gate on the audit must not read that as a pass)."""
 
     def step(self, grads, comm, keys=None):
+        print("Exits: leaving")
+        sys.stdout.flush()
         sys.exit(0)
 
 
