@@ -208,7 +208,15 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
             result = AuditResult(canonical, checks)
             atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
             return result
-        references = matched_references(lenet_bytes(subject.build()))
+        try:
+            target = lenet_bytes(subject.build())
+        except Exception as exc:  # a plug-in that kept the contract may still fail on the battery's model
+            kind = getattr(exc, "remote_type", type(exc).__name__)
+            reason = f"one step on the LeNet gradient raised {kind}: {exc}"
+            result = AuditResult(canonical, checks + (CheckResult("battery bytes", False, reason),))
+            atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
+            return result
+        references = matched_references(target)
     finally:
         subject.close()
     raw = _audit_study(spec, references, options)

@@ -72,7 +72,10 @@ class WorkerSession:
         self._classes: dict[str, type] = {}
         write_frame(self.proc.stdin.fileno(), {"sys_path": [p for p in sys.path if isinstance(p, str)],
                                                 "spec": spec, "threads": torch.get_num_threads()})
-        self.hello = self._read("start", max(START_TIMEOUT_S, timeout_s))
+        try:
+            self.hello = self._read("start", max(START_TIMEOUT_S, timeout_s))
+        except WorkerGone as exc:  # it died or hung while importing the plug-in: the user's to fix, one line
+            raise PluginError(f"defense {spec!r}: {exc}") from None
         if "refused" in self.hello:
             kind, message = self.hello["refused"]
             self.close()

@@ -189,3 +189,17 @@ def test_a_hung_plugin_fails_with_one_line_and_is_stopped(plugins):
 def test_builtins_still_run_in_process():
     subject = Subject.from_spec("topk:ratio=0.1")
     assert subject.remote is None and subject.cls is not None
+
+
+def test_a_plugin_killing_its_process_at_import_is_one_line(plugins, tmp_path, capsys):
+    """os._exit at import: the worker dies before answering; the audit says so in one line, exit 2."""
+    from gia_bench.cli import app
+
+    (plugins / "vanishing_plugin.py").write_text("import os\nos._exit(0)\n", encoding="utf-8")
+    importlib.invalidate_caches()
+    with pytest.raises(SystemExit) as info:
+        app(["audit", "vanishing_plugin:Comp", "--out", str(tmp_path), "--quick"], prog_name="gia-bench")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert info.value.code == 2 and len(lines) == 1, err
+    assert "exited (code 0)" in lines[0] and "vanishing_plugin:Comp" in lines[0]
