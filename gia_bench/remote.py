@@ -103,6 +103,7 @@ class WorkerSession:
 
     def _stop(self, reason: str) -> None:
         self.gone = reason
+        _kill(self.proc)  # hung or broken: no point waiting for it to read the end of its input
         self.close()
         raise WorkerGone(reason)
 
