@@ -405,7 +405,8 @@ def check_no_alias(s: Subject) -> str:
             return f"output {i} is {type(o).__name__}, not a tensor"
     # memory is the worker's when the compressor runs there: it measured the overlaps
     pairs = comp.last_aliases if s.remote is not None else output_aliases(grads, out)
-    for i, j in pairs:
+    if pairs:
+        i, j = pairs[0]
         return (
             f"output {i} shares memory with input gradient {j}: step must return new tensors,"
             " not the inputs (or views of them)"
