@@ -34,6 +34,7 @@ from gia_bench.comm import LocalCommunicator
 from gia_bench.contract import CheckResult, Subject, check_compressor
 from gia_bench.defenses.base import Compressor
 from gia_bench.errors import GiaBenchError
+from gia_bench.registry import trust_suspended
 
 __all__ = ["AUDIT_FILE", "AuditOptions", "AuditResult", "CheckResult", "Standing", "check_compressor", "run_audit"]
 
@@ -180,11 +181,7 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
 
     With a ``console``, the battery's child process shows its progress on the terminal.
     """
-    from gia_bench.defenses import create
     from gia_bench.io import atomic_write_text
-    from gia_bench.reports import load_runs
-    from gia_bench.reports.figures import frontier
-    from gia_bench.reports.tables import build_report
 
     out = Path(out)
     # unknown names / parameters, or a class that is not a Compressor, are a user error, not a failed audit
@@ -221,6 +218,18 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
         subject.close()
     raw = _audit_study(spec, references, options)
     battery = _run_battery(raw, out, options, progress=console is not None)
+    with trust_suspended():  # the plug-in's records are read and ranked here without importing it
+        return _rank(spec, canonical, checks, raw, battery, out)
+
+
+def _rank(spec: str, canonical: str, checks: tuple[CheckResult, ...], raw: dict, battery: dict, out: Path) -> AuditResult:
+    """Standings of every defense of the battery from its results, the audited one marked; writes audit.json."""
+    from gia_bench.defenses import create
+    from gia_bench.io import atomic_write_text
+    from gia_bench.reports import load_runs, study_warnings
+    from gia_bench.reports.figures import frontier
+    from gia_bench.reports.tables import build_report
+
     data = build_report(load_runs([p for p in (out / "runs", out / "train") if p.exists()], []), None)
     rows = data.summary
     by_defense: dict[str, list] = {}
@@ -246,8 +255,6 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
     failures = tuple(
         CheckResult(f"battery {f['stage']}", False, f"{f['unit']}: {f['error']}") for f in battery["failures"]
     )
-    from gia_bench.reports import study_warnings
-
     report = None if battery["report"] is None else Path(battery["report"])
     result = AuditResult(canonical, checks + failures, standings, report, study_warnings(data))
     atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))

@@ -194,6 +194,24 @@ def import_plugin_module(module_name: str, what: str) -> types.ModuleType:
         raise PluginError(f"{what}: cannot import module {module_name!r}: it raised {type(exc).__name__}: {exc}") from None
 
 
+@contextlib.contextmanager
+def trust_suspended() -> Iterator[None]:
+    """Trust nothing but registered classes inside the block (in this process and its children).
+
+    For code that must not import a plug-in the user trusted elsewhere: the audit ranks a
+    plug-in from records its battery wrote, and resolving their specs there would run it.
+    """
+    saved, previous = dict(_TRUSTED), os.environ.pop(PLUGINS_ENV, None)
+    _TRUSTED.clear()
+    try:
+        yield
+    finally:
+        _TRUSTED.clear()
+        _TRUSTED.update(saved)
+        if previous is not None:
+            os.environ[PLUGINS_ENV] = previous
+
+
 def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__

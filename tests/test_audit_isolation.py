@@ -105,6 +105,14 @@ class Honest(Compressor):
     def decode(self, messages, shapes, public=None):
         return unflatten(messages["g"].to(torch.float32), shapes)
 
+    supports_simulate = True
+
+    def message_values(self, messages, shapes, public=None):
+        return {"g": messages["g"].to(torch.float32)}
+
+    def simulate(self, grads, messages, public=None):
+        return {"g": flatten(grads).to(torch.float32)}
+
 
 class Exits(Honest):
     """Calls sys.exit(0) in step (a CI gate on the audit must not read that as a pass)."""
@@ -131,7 +139,7 @@ def plugins(tmp_path, monkeypatch):
     (folder / "misbehaving_plugin.py").write_text(textwrap.dedent(MISBEHAVING), encoding="utf-8")
     importlib.invalidate_caches()
     monkeypatch.syspath_prepend(str(folder))
-    with trusted(["patcher_plugin:Sum", "misbehaving_plugin:Exits", "misbehaving_plugin:Hangs"]):
+    with trusted(["patcher_plugin:Sum", "misbehaving_plugin:Honest", "misbehaving_plugin:Exits", "misbehaving_plugin:Hangs"]):
         yield folder
 
 
@@ -203,3 +211,13 @@ def test_a_plugin_killing_its_process_at_import_is_one_line(plugins, tmp_path, c
     lines = [line for line in err.splitlines() if line.strip()]
     assert info.value.code == 2 and len(lines) == 1, err
     assert "exited (code 0)" in lines[0] and "vanishing_plugin:Comp" in lines[0]
+
+
+def test_a_passing_plugin_is_ranked_without_being_imported_here(plugins, tmp_path):
+    """Contract in the worker, battery in a child, ranking here from its records: this process never runs it."""
+    result = run_audit("misbehaving_plugin:Honest", tmp_path, AuditOptions(workers=1, quick=True))
+    assert result.passed, [(c.name, c.reason) for c in result.checks if not c.passed]
+    audited = [s for s in result.standings if s.audited]
+    assert len(audited) == 1 and audited[0].defense == "misbehaving_plugin:Honest:scale=1.0"
+    assert audited[0].worst_ssim is not None
+    assert "misbehaving_plugin" not in sys.modules
