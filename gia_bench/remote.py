@@ -52,6 +52,13 @@ def _kill(proc: subprocess.Popen) -> None:
             pass
 
 
+def _pair(value: Any) -> tuple[str, str]:
+    """(exception type name, message) as the worker reported it; anything else it sent is shown as is."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return str(value[0]), str(value[1])
+    return "UnknownError", repr(value)[:200]
+
+
 class WorkerSession:
     """One worker process holding the audited plug-in (``spec``) and the instances built in it."""
 
@@ -77,7 +84,7 @@ class WorkerSession:
         except WorkerGone as exc:  # it died or hung while importing the plug-in: the user's to fix, one line
             raise PluginError(f"defense {spec!r}: {exc}") from None
         if "refused" in self.hello:
-            kind, message = self.hello["refused"]
+            kind, message = _pair(self.hello["refused"])
             self.close()
             if self.hello.get("user_error"):
                 raise PluginError(message)
@@ -117,8 +124,7 @@ class WorkerSession:
             self._read(op, 10.0)  # the worker is gone: say how
         answer = self._read(op, self.timeout_s if timeout is None else timeout)
         if "raised" in answer:
-            kind, message = answer["raised"]
-            raise RemoteError(str(kind), str(message))
+            raise RemoteError(*_pair(answer["raised"]))
         return answer.get("ok")
 
     def close(self) -> None:
@@ -165,14 +171,20 @@ class RemoteSubject:
         self.session = WorkerSession(spec, timeout_s)
         hello = self.session.hello
         self.construct_error: str | None = None
-        if "construct" in hello:
-            kind, message = hello["construct"]
-            self.construct_error = f"raised {kind}: {message}"
-        info = hello.get("info") or {"summary": "", "params": []}
-        self.summary: str = str(info["summary"])
-        self.params: list[Param] = [Param(str(p["name"]), str(p["type"]), None, str(p["help"])) for p in info["params"]]
-        self.canonical: str | None = hello.get("spec")
-        self.qualname: str = str(hello["class"]["qualname"]) if "class" in hello else spec
+        try:
+            if "construct" in hello:
+                kind, message = _pair(hello["construct"])
+                self.construct_error = f"raised {kind}: {message}"
+            info = hello.get("info") or {"summary": "", "params": []}
+            self.summary: str = str(info["summary"])
+            self.params: list[Param] = [
+                Param(str(p["name"]), str(p["type"]), None, str(p["help"])) for p in info["params"]
+            ]
+            self.canonical: str | None = None if hello.get("spec") is None else str(hello["spec"])
+            self.qualname: str = str(hello["class"]["qualname"]) if "class" in hello else spec
+        except (KeyError, TypeError, ValueError, AttributeError):  # the plug-in runs in the worker: it may forge this
+            self.session.close()
+            raise PluginError(f"defense {spec!r}: its worker process described it in a malformed answer") from None
 
     @property
     def gone(self) -> str | None:
