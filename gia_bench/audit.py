@@ -10,11 +10,22 @@ stands on the privacy-bandwidth frontier.
 The audit trusts the class it is given (the user named it on the command line): its
 ``module:Class`` spec resolves, and its spec stays ``module:Class`` even when it
 subclasses a built-in, so the records the battery captures say what made them.
+
+Trust is not belief: a plug-in is imported only in other processes. The contract battery
+runs it in a worker (:mod:`gia_bench.audit_worker`) and judges its answers here, and the
+standard battery runs as a study in a child process whose outcome comes back as JSON and
+records; so a module that patches the checks, the byte counts or the ranking at import
+patches them only where nothing is judged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +34,7 @@ from gia_bench.comm import LocalCommunicator
 from gia_bench.contract import CheckResult, Subject, check_compressor
 from gia_bench.defenses.base import Compressor
 from gia_bench.errors import GiaBenchError
+from gia_bench.registry import trust_suspended
 
 __all__ = ["AUDIT_FILE", "AuditOptions", "AuditResult", "CheckResult", "Standing", "check_compressor", "run_audit"]
 
@@ -51,6 +63,7 @@ class AuditOptions:
     quick: bool = False  # one image per data set, short attacks, no training (smoke test)
     train: bool = True
     lpips_weights: Path | None = None
+    timeout_s: float = 120.0  # the most a plug-in may take to answer one request of the contract battery
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,44 +146,97 @@ def _audit_study(spec: str, references: list[str], options: AuditOptions) -> dic
     return raw
 
 
-def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), console=None) -> AuditResult:
-    """Check the contract of the compressor ``spec``; if it holds, run the battery and rank it."""
-    import json
+def _run_battery(raw: dict, out: Path, options: AuditOptions, progress: bool) -> dict:
+    """The standard battery as a study in a child process (it runs the plug-in); its outcome, as JSON."""
+    with tempfile.TemporaryDirectory(prefix="gia-bench-audit-") as tmp:
+        job, outcome = Path(tmp) / "job.json", Path(tmp) / "outcome.json"
+        job.write_text(json.dumps({
+            "study": raw, "out": str(out), "workers": options.workers, "outcome": str(outcome), "progress": progress,
+            "lpips_weights": None if options.lpips_weights is None else str(options.lpips_weights),
+        }), encoding="utf-8")
+        env = dict(os.environ)
+        # the child imports what this process would, from where it would (the plug-in's folder included)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), *(p for p in sys.path if p)])
+        proc = subprocess.Popen([sys.executable, "-m", "gia_bench.audit_worker", "--battery", str(job)], env=env)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            # the child got the same Ctrl-C: let it cancel its units and keep what finished, briefly
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        if proc.returncode != 0 or not outcome.is_file():
+            # never a silent pass: a plug-in that exits the battery's process (even with code 0) fails the audit
+            raise GiaBenchError(
+                f"the audit's battery stopped (exit code {proc.returncode}) before it finished; see its errors above"
+            )
+        return json.loads(outcome.read_text(encoding="utf-8"))
 
-    from gia_bench.defenses import create
-    from gia_bench.reports import load_runs
-    from gia_bench.reports.figures import frontier
-    from gia_bench.reports.tables import build_report
+
+def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), console=None) -> AuditResult:
+    """Check the contract of the compressor ``spec``; if it holds, run the battery and rank it.
+
+    With a ``console``, the battery's child process shows its progress on the terminal.
+    """
     from gia_bench.io import atomic_write_text
-    from gia_bench.study import StudyOptions, parse_study, run_study
 
     out = Path(out)
     # unknown names / parameters, or a class that is not a Compressor, are a user error, not a failed audit
-    subject = Subject.from_spec(spec)
+    subject = Subject.from_spec(spec, timeout_s=options.timeout_s)
     try:
-        canonical = subject.build().spec
-    except GiaBenchError:
-        raise
-    except Exception as exc:  # a third-party constructor may fail in any way
-        result = AuditResult(spec, (CheckResult("construct", False, f"raised {type(exc).__name__}: {exc}"),))
-        atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
-        return result
-    checks = tuple(check_compressor(subject))
-    if not all(c.passed for c in checks):
-        result = AuditResult(canonical, checks)
-        atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
-        return result
-
-    references = matched_references(lenet_bytes(subject.build()))
+        if subject.remote is not None:
+            canonical, error = subject.remote.canonical, subject.remote.construct_error
+        else:
+            try:
+                canonical, error = subject.build().spec, None
+            except GiaBenchError:
+                raise
+            except Exception as exc:  # a third-party constructor may fail in any way
+                canonical, error = None, f"raised {type(exc).__name__}: {exc}"
+        if error is not None or canonical is None:
+            result = AuditResult(spec, (CheckResult("construct", False, error or "the constructor failed"),))
+            atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
+            return result
+        checks = tuple(check_compressor(subject))
+        if not all(c.passed for c in checks):
+            result = AuditResult(canonical, checks)
+            atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
+            return result
+        try:
+            target = lenet_bytes(subject.build())
+        except Exception as exc:  # a plug-in that kept the contract may still fail on the battery's model
+            kind = getattr(exc, "remote_type", type(exc).__name__)
+            reason = f"one step on the LeNet gradient raised {kind}: {exc}"
+            result = AuditResult(canonical, checks + (CheckResult("battery bytes", False, reason),))
+            atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
+            return result
+        references = matched_references(target)
+    finally:
+        subject.close()
     raw = _audit_study(spec, references, options)
-    config = parse_study(raw, "audit battery")
-    st = run_study(config, out, StudyOptions(workers=options.workers, lpips_weights=options.lpips_weights), console)
+    battery = _run_battery(raw, out, options, progress=console is not None)
+    with trust_suspended():  # the plug-in's records are read and ranked here without importing it
+        return _rank(spec, canonical, checks, raw, battery, out)
+
+
+def _rank(spec: str, canonical: str, checks: tuple[CheckResult, ...], raw: dict, battery: dict, out: Path) -> AuditResult:
+    """Standings of every defense of the battery from its results, the audited one marked; writes audit.json."""
+    from gia_bench.defenses import create
+    from gia_bench.io import atomic_write_text
+    from gia_bench.reports import load_runs, study_warnings
+    from gia_bench.reports.figures import frontier
+    from gia_bench.reports.tables import build_report
+
     data = build_report(load_runs([p for p in (out / "runs", out / "train") if p.exists()], []), None)
     rows = data.summary
     by_defense: dict[str, list] = {}
     for row in rows:
         by_defense.setdefault(row.defense, []).append(row)
-    specs = {create(s).spec for s in config.defenses}
+    # the built-in references resolve here; the audited plug-in's spec is what its worker said
+    specs = {canonical} | {create(d).spec for d in raw["defenses"] if d != spec}
     entries = []
     for defense, group in sorted(by_defense.items(), key=lambda kv: -kv[1][0].bytes_per_step):
         if defense not in specs:
@@ -186,9 +252,10 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
     standings = tuple(
         Standing(d, b, a, s, p, lp, i in keep, d == canonical) for i, (d, b, a, s, p, lp) in enumerate(entries)
     )
-    failures = tuple(CheckResult(f"battery {f['stage']}", False, f"{f['unit']}: {f['error']}") for f in st.failures)
-    from gia_bench.reports import study_warnings
-
-    result = AuditResult(canonical, checks + failures, standings, st.report, study_warnings(data))
+    failures = tuple(
+        CheckResult(f"battery {f['stage']}", False, f"{f['unit']}: {f['error']}") for f in battery["failures"]
+    )
+    report = None if battery["report"] is None else Path(battery["report"])
+    result = AuditResult(canonical, checks + failures, standings, report, study_warnings(data))
     atomic_write_text(out / AUDIT_FILE, json.dumps(result.to_json(), indent=2))
     return result

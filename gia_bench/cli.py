@@ -361,6 +361,7 @@ def federated_cmd(
     download: bool = typer.Option(False, "--download", help="let torchvision download the data set into --data-root"),
     cpus_per_client: float = typer.Option(1.0, "--cpus-per-client", help="Ray CPUs each simulated client reserves"),
     num_cpus: int = typer.Option(None, "--num-cpus", help="CPUs Ray may use (default: all)"),
+    plugin: list[str] = _plugin_option(),
 ) -> None:
     """Federated averaging on Flower's simulation engine, each client's update through the defense; records of it."""
     from gia_bench.federated import FederatedConfig, parse_rounds, require_flower, run_federated
@@ -370,6 +371,8 @@ def federated_cmd(
         dataset=dataset, model=model, defense=defense, clients=clients, rounds=rounds, local_steps=local_steps,
         local_lr=local_lr, local_batch=local_batch, batch_size=batch_size, capture_rounds=parse_rounds(capture_rounds),
         out=out, seed=seed, data_root=data_root, download=download, cpus_per_client=cpus_per_client, num_cpus=num_cpus,
+        # module:Class typed in a spec here is trusted by the user, as in capture and train
+        plugins=tuple(dict.fromkeys([*plugin, *_flag_plugins(dataset, model, defense)])),
     )
 
     def line(row: dict) -> None:
@@ -380,7 +383,18 @@ def federated_cmd(
             highlight=False,
         )
 
-    result = run_federated(cfg, on_round=line)
+    try:
+        result = run_federated(cfg, on_round=line)
+    except KeyboardInterrupt:
+        # Flower's threads may still be winding down: exit at once (_App), a second ^C must not print a traceback
+        import signal
+
+        global _interrupted
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _interrupted = True
+        kept = len([p for p in (out / "records").glob("*.safetensors") if not p.name.endswith(".truth.safetensors")])
+        err_console.print(f"[yellow]interrupted:[/] the finished rounds' {kept} records are kept in {out / 'records'}")
+        raise typer.Exit(130) from None
     m = result.metrics
     console.print(
         f"{m['defense']} on {clients} clients: test accuracy {100 * m['totals']['final_test_accuracy']:.2f}%"

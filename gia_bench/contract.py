@@ -91,17 +91,35 @@ class Subject:
     ``rebuild`` turns a spec string into a fresh instance, as a receiver does from a
     record's ``defense`` (default: the defense registry). The audit passes one that
     trusts the audited class, so its ``module:Class`` spec resolves.
+
+    A plug-in (anything but a built-in name) is a ``remote`` subject: its module is
+    imported only in a worker process (:mod:`gia_bench.audit_worker`), ``build`` returns
+    proxies that forward to instances there (:mod:`gia_bench.remote`), and every check
+    judges their answers here, where the plug-in cannot patch the checks.
     """
 
-    cls: type
+    cls: type | None
     kwargs: dict[str, Any]
     label: str
     rebuild: Callable[[str], Compressor] | None = None
+    remote: Any = None  # gia_bench.remote.RemoteSubject
 
     @classmethod
-    def from_spec(cls, spec: str, rebuild: Callable[[str], Compressor] | None = None) -> Subject:
+    def from_spec(
+        cls, spec: str, rebuild: Callable[[str], Compressor] | None = None, remote: bool | None = None,
+        timeout_s: float = 120.0,
+    ) -> Subject:
+        """Resolve ``spec``; ``remote`` (default: unless it names a built-in) runs it in a worker process
+        whose every answer must come within ``timeout_s`` seconds."""
         from gia_bench.defenses import DEFENSES
+        from gia_bench.registry import parse_spec
 
+        if remote is None:
+            remote = not DEFENSES.is_builtin(parse_spec(spec).name)
+        if remote:
+            from gia_bench.remote import RemoteSubject
+
+            return cls(None, {}, spec, None, RemoteSubject(spec, timeout_s))
         klass, kwargs = DEFENSES.kwargs_for(spec)
         if not (isinstance(klass, type) and issubclass(klass, Compressor)):
             raise SpecError(f"defense {spec!r}: {klass!r} is not a gia_bench Compressor subclass")
@@ -109,14 +127,29 @@ class Subject:
 
     def build(self) -> Compressor:
         """A fresh instance with the audited parameters."""
+        if self.remote is not None:
+            return self.remote.build()
         return self.cls(**self.kwargs)
 
     def from_spec_string(self, spec: str) -> Compressor:
+        if self.remote is not None:
+            return self.remote.rebuild(spec)
         if self.rebuild is not None:
             return self.rebuild(spec)
         from gia_bench.defenses import create
 
         return create(spec)
+
+    def describe(self) -> tuple[str, str, list]:
+        """(class name, docstring summary, :class:`~gia_bench.registry.Param` list) of the class under test."""
+        if self.remote is not None:
+            return self.remote.qualname, self.remote.summary, self.remote.params
+        return self.cls.__qualname__, summary(self.cls), describe_params(self.cls)
+
+    def close(self) -> None:
+        """Stop the worker process of a remote subject (nothing to do for a local one)."""
+        if self.remote is not None:
+            self.remote.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,11 +265,12 @@ def check_spec(s: Subject) -> str:
 
 def check_documented(s: Subject) -> str:
     """The class docstring has a summary line and describes every parameter (``gia-bench list``)."""
-    if not summary(s.cls):
-        return f"{s.cls.__qualname__}: the class docstring needs a one-line summary"
-    for p in describe_params(s.cls):
+    name, line, params = s.describe()
+    if not line:
+        return f"{name}: the class docstring needs a one-line summary"
+    for p in params:
         if not p.help:
-            return f"{s.cls.__qualname__}: parameter {p.name!r} is not described in the docstring's Args: section"
+            return f"{name}: parameter {p.name!r} is not described in the docstring's Args: section"
     return ""
 
 
@@ -347,22 +381,36 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
     return storage.data_ptr(), storage.nbytes()
 
 
+def output_aliases(inputs: Sequence[torch.Tensor], outputs: Any) -> list[tuple[int, int]]:
+    """``(i, j)`` for every output ``i`` that shares memory with input ``j``."""
+    spans = [_storage(g) for g in inputs]
+    pairs = []
+    for i, o in enumerate(outputs if isinstance(outputs, (list, tuple)) else []):
+        if not isinstance(o, torch.Tensor):
+            continue
+        start, size = _storage(o)
+        for j, (g_start, g_size) in enumerate(spans):
+            if size and g_size and start < g_start + g_size and g_start < start + size:
+                pairs.append((i, j))
+    return pairs
+
+
 def check_no_alias(s: Subject) -> str:
     """``step`` returns new tensors: no output shares memory with an input."""
     comp = s.build()
     grads = [g.clone() for g in battery_grads(0)]
     out = comp.step(grads, LocalCommunicator(record=True))
-    inputs = [_storage(g) for g in grads]
     for i, o in enumerate(out):
         if not isinstance(o, torch.Tensor):
             return f"output {i} is {type(o).__name__}, not a tensor"
-        start, size = _storage(o)
-        for j, (g_start, g_size) in enumerate(inputs):
-            if size and g_size and start < g_start + g_size and g_start < start + size:
-                return (
-                    f"output {i} shares memory with input gradient {j}: step must return new tensors,"
-                    " not the inputs (or views of them)"
-                )
+    # memory is the worker's when the compressor runs there: it measured the overlaps
+    pairs = comp.last_aliases if s.remote is not None else output_aliases(grads, out)
+    if pairs:
+        i, j = pairs[0]
+        return (
+            f"output {i} shares memory with input gradient {j}: step must return new tensors,"
+            " not the inputs (or views of them)"
+        )
     return ""
 
 
@@ -495,9 +543,11 @@ def check_resume(s: Subject) -> str:
     for seed in range(2):
         _step(comp, battery_grads(seed), keys)
     try:
-        state = _save_load(copy.deepcopy(comp.state_dict()))
+        # a remote compressor's state makes the round trip in its worker (it may hold what is not data)
+        state = comp.state_round_trip() if s.remote is not None else _save_load(copy.deepcopy(comp.state_dict()))
     except Exception as exc:  # an unpicklable state is the finding
-        return f"state_dict does not survive torch.save / torch.load(weights_only=True): {type(exc).__name__}: {exc}"
+        kind = getattr(exc, "remote_type", type(exc).__name__)
+        return f"state_dict does not survive torch.save / torch.load(weights_only=True): {kind}: {exc}"
     later = [battery_grads(seed) for seed in range(2, 5)]
     ref = [_step(comp, g, keys) for g in later]
     resumed = s.build()
@@ -715,8 +765,17 @@ def check_gloo_run(runs: Sequence[dict], build: Callable[[], Compressor] | None 
 
 def check_gloo(s: Subject) -> str:
     """Two worker processes over gloo compute the same aggregate, with ring byte counts."""
-    runs = gloo_runs({s.label: (s.cls, s.kwargs)})
-    return check_gloo_run([r[s.label] for r in runs], s.build)
+    if s.remote is None:
+        runs = gloo_runs({s.label: (s.cls, s.kwargs)})
+        return check_gloo_run([r[s.label] for r in runs], s.build)
+    # the worker spawns the two gloo processes; their messages are decoded in yet another worker,
+    # which never ran a step (a receiver has nothing the workers' processes kept)
+    runs = s.remote.gloo_runs()
+    receiver = s.remote.fresh()
+    try:
+        return check_gloo_run(runs, receiver.build)
+    finally:
+        receiver.close()
 
 
 #: The battery, in the order it runs. The gloo check runs last and only when every other passed.
@@ -749,14 +808,19 @@ CHECK_NAMES: tuple[str, ...] = tuple(c.name for c in CHECKS) + (GLOO_CHECK.name,
 
 def run_check(check: Check, subject: Subject) -> CheckResult:
     """One check; a plug-in's exception is its failure (with the exception as the reason)."""
+    from gia_bench.remote import WorkerGone
+
     try:
         reason = check.run(subject)
     except NotApplicable as exc:
         return CheckResult(check.name, True, str(exc), skipped=True)
+    except WorkerGone as exc:  # the plug-in's worker died or hung: the reason says which
+        reason = str(exc)
     except GiaBenchError as exc:
         reason = str(exc) or type(exc).__name__
     except Exception as exc:  # a third-party compressor may fail in any way; the battery reports it
-        reason = f"raised {type(exc).__name__}: {exc}"
+        # remote_type: the exception's type in the worker (gia_bench.remote.RemoteError)
+        reason = f"raised {getattr(exc, 'remote_type', type(exc).__name__)}: {exc}"
     return CheckResult(check.name, not reason, reason)
 
 
@@ -765,23 +829,29 @@ def check_compressor(subject: Subject | str, multiprocess: bool = True) -> list[
 
     A check whose prerequisite failed is skipped (``passed=False, skipped=True``) so that
     only the root cause carries a reason; the gloo check (``multiprocess``) runs only when
-    every other check passed.
+    every other check passed. Once a remote subject's worker is gone (it died or hung),
+    the checks after the one that saw it go are skipped.
     """
-    if isinstance(subject, str):
+    own = isinstance(subject, str)
+    if own:
         subject = Subject.from_spec(subject)
-    results: dict[str, CheckResult] = {}
-    for check in CHECKS:
-        failed = [n for n in check.needs if n in results and not results[n].passed]
-        if failed:
-            results[check.name] = CheckResult(check.name, False, f"not run: {failed[0]!r} failed", skipped=True)
-            continue
-        results[check.name] = run_check(check, subject)
-    if multiprocess:
-        if all(r.passed for r in results.values()):
-            results[GLOO_CHECK.name] = run_check(GLOO_CHECK, subject)
-        else:
-            results[GLOO_CHECK.name] = CheckResult(GLOO_CHECK.name, False, "not run: other checks failed", skipped=True)
-    return list(results.values())
+    try:
+        results: dict[str, CheckResult] = {}
+        for check in (*CHECKS, GLOO_CHECK) if multiprocess else CHECKS:
+            gone = subject.remote.gone if subject.remote is not None else None
+            failed = [n for n in check.needs if n in results and not results[n].passed]
+            if check is GLOO_CHECK and not all(r.passed for r in results.values()):
+                results[check.name] = CheckResult(check.name, False, "not run: other checks failed", skipped=True)
+            elif gone is not None:
+                results[check.name] = CheckResult(check.name, False, "not run: the plug-in's worker is gone", skipped=True)
+            elif failed:
+                results[check.name] = CheckResult(check.name, False, f"not run: {failed[0]!r} failed", skipped=True)
+            else:
+                results[check.name] = run_check(check, subject)
+        return list(results.values())
+    finally:
+        if own:
+            subject.close()
 
 
 def failures(results: Sequence[CheckResult]) -> list[CheckResult]:

@@ -16,6 +16,10 @@ class SpecError(GiaBenchError, ValueError):
     """A spec string (``name:key=value,...``) or its values are invalid."""
 
 
+class PluginError(SpecError):
+    """Trusted plug-in code failed: its module does not import, or it called ``sys.exit``."""
+
+
 class RecordError(GiaBenchError):
     """A gradient record or truth file is missing, corrupt or inconsistent."""
 

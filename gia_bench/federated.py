@@ -58,6 +58,7 @@ from gia_bench.defenses import create as create_defense
 from gia_bench.defenses.base import Compressor
 from gia_bench.errors import CompressorError, GiaBenchError, SpecError
 from gia_bench.fedavg import LocalTraining, step_indices
+from gia_bench.flower_engine import flower_simulation  # the default Engine (Ctrl-C stops it)
 from gia_bench.io import atomic_write_json
 from gia_bench.models import MODELS, ModelSpec, build_model
 from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, truth_path
@@ -500,6 +501,8 @@ class FederatedConfig:
         data_root, download: torchvision data sets (as ``capture``).
         cpus_per_client: Ray CPUs each simulated client reserves.
         num_cpus: CPUs Ray may use (None: Ray's default, all of them).
+        plugins: ``module:Class`` names the user trusts (``--plugin``): a defense or model spec may
+            name them; the simulation's client processes inherit the trust.
     """
 
     dataset: str = "digits"
@@ -518,6 +521,7 @@ class FederatedConfig:
     download: bool = False
     cpus_per_client: float = 1.0
     num_cpus: int | None = None
+    plugins: tuple[str, ...] = ()
 
     @property
     def local(self) -> LocalTraining:
@@ -813,23 +817,24 @@ def _quiet_flower() -> Iterator[None]:
 Engine = Callable[[Any, Any, int, dict[str, Any]], None]
 
 
-def flower_simulation(server_app: Any, client_app: Any, num_supernodes: int, backend_config: dict[str, Any]) -> None:
-    """Flower's simulation engine (``flwr.simulation.run_simulation``, Ray underneath): the default :data:`Engine`."""
-    from flwr.simulation import run_simulation
-
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_config=backend_config
-    )
-
-
 def run_federated(
     cfg: FederatedConfig, on_round: Callable[[dict[str, Any]], None] | None = None, engine: Engine | None = None
 ) -> FederatedResult:
     """Run the FedAvg simulation of ``cfg``; write ``metrics.json`` and the captured rounds' records.
 
     ``engine`` runs the Flower apps; the default is Flower's simulation engine
-    (:func:`flower_simulation`).
+    (:func:`flower_simulation`). The ``module:Class`` names in ``cfg.plugins`` are trusted
+    throughout (and in the simulation's processes, through the environment).
     """
+    from gia_bench.registry import trusted
+
+    with trusted(cfg.plugins):
+        return _run_federated(cfg, on_round, engine)
+
+
+def _run_federated(
+    cfg: FederatedConfig, on_round: Callable[[dict[str, Any]], None] | None, engine: Engine | None
+) -> FederatedResult:
     require_flower()
     cfg.check()
     create_defense(cfg.defense)
@@ -881,5 +886,6 @@ def _config_json(cfg: FederatedConfig) -> dict[str, Any]:
     for key in ("out", "data_root"):
         data[key] = None if data[key] is None else str(data[key])
     data["capture_rounds"] = list(cfg.capture_rounds)
+    data["plugins"] = list(cfg.plugins)
     return data
 

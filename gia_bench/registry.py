@@ -36,13 +36,16 @@ import importlib
 import inspect
 import os
 import re
+import signal
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from gia_bench.errors import SpecError
+from gia_bench.errors import PluginError, SpecError
 
 T = TypeVar("T")
 
@@ -158,6 +161,10 @@ def trusted(plugins: Iterable[str]) -> Iterator[tuple[str, ...]]:
 
     Child processes started inside the block (process pools, torchrun workers) inherit
     the trust through :data:`PLUGINS_ENV`. Values are checked first (:func:`plugin_name`).
+
+    Code run inside the block may be a plug-in's: a ``sys.exit`` from it (at import or in
+    a method) raises :class:`PluginError` instead, so that no command ends with exit code 0
+    and no output because a plug-in chose to (a CI gate on ``gia-bench audit`` would pass it).
     """
     names = tuple(dict.fromkeys(plugin_name(p) for p in plugins))
     previous = os.environ.get(PLUGINS_ENV)
@@ -166,6 +173,13 @@ def trusted(plugins: Iterable[str]) -> Iterator[tuple[str, ...]]:
         os.environ[PLUGINS_ENV] = ",".join(trusted_plugins())
     try:
         yield names
+    except SystemExit as exc:
+        if isinstance(exc.code, signal.Signals):  # a signal handler's exit (Ray's SIGTERM handler), not a plug-in's
+            raise
+        raise PluginError(
+            f"plug-in code called sys.exit({exc.code!r}) while gia-bench was running it; a plug-in must raise"
+            " an exception instead"
+        ) from None
     finally:
         _TRUSTED.subtract(names)
         if names:
@@ -173,6 +187,59 @@ def trusted(plugins: Iterable[str]) -> Iterator[tuple[str, ...]]:
                 os.environ.pop(PLUGINS_ENV, None)
             else:
                 os.environ[PLUGINS_ENV] = previous
+
+
+def _missing_module_hint(module_name: str) -> str:
+    """Why ``module_name`` was not found, and the fix: a console script (``gia-bench``) does not put
+    the current folder on ``sys.path`` as ``python -m`` does, so ``./mycomp.py`` is not importable."""
+    top = module_name.split(".")[0]
+    cwd = Path.cwd()
+    here = cwd / f"{top}.py" if (cwd / f"{top}.py").is_file() else cwd / top if (cwd / top).is_dir() else None
+    on_path = any(Path(p or ".").resolve() == cwd.resolve() for p in sys.path if isinstance(p, str))
+    if here is not None and not on_path:
+        shown = f"./{here.name}" + ("/" if here.is_dir() else "")
+        return (
+            f"no such module; {shown} is in the current folder, but the current folder is not on sys.path:"
+            " run with PYTHONPATH=. or install your package"
+        )
+    return "no module named " + repr(module_name) + " (install its package, or put its folder on PYTHONPATH)"
+
+
+def import_plugin_module(module_name: str, what: str) -> types.ModuleType:
+    """Import a trusted plug-in's module; whatever goes wrong becomes one :class:`PluginError` line.
+
+    A plug-in's import runs third-party code: it may raise anything, or call ``sys.exit``
+    (which must not end a gia-bench command with exit code 0 and no output).
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # the plug-in's own module (or a package above it) is missing, not a module it imports
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise PluginError(f"{what}: cannot import module {module_name!r}: {_missing_module_hint(module_name)}") from None
+        raise PluginError(f"{what}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:
+        raise PluginError(f"{what}: importing module {module_name!r} called sys.exit({exc.code!r})") from None
+    except Exception as exc:  # third-party code at import: any exception is the plug-in's failure, one line
+        raise PluginError(f"{what}: cannot import module {module_name!r}: it raised {type(exc).__name__}: {exc}") from None
+
+
+@contextlib.contextmanager
+def trust_suspended() -> Iterator[None]:
+    """Trust nothing but registered classes inside the block (in this process and its children).
+
+    For code that must not import a plug-in the user trusted elsewhere: the audit ranks a
+    plug-in from records its battery wrote, and resolving their specs there would run it.
+    """
+    saved, previous = dict(_TRUSTED), os.environ.pop(PLUGINS_ENV, None)
+    _TRUSTED.clear()
+    try:
+        yield
+    finally:
+        _TRUSTED.clear()
+        _TRUSTED.update(saved)
+        if previous is not None:
+            os.environ[PLUGINS_ENV] = previous
 
 
 def _type_name(hint: Any) -> str:
@@ -327,6 +394,7 @@ class Registry(Generic[T]):
         self.entry_point_group = entry_point_group
         self._base = base
         self._classes: dict[str, type[T]] = {}
+        self._entry_point_names: set[str] = set()
         self._loaded_entry_points = False
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
@@ -367,13 +435,18 @@ class Registry(Generic[T]):
             if ep.name not in self._classes:
                 try:
                     cls = ep.load()
-                except Exception as exc:  # a broken plug-in must not break the built-ins
-                    raise SpecError(
+                except (Exception, SystemExit) as exc:  # a broken plug-in must not break the built-ins
+                    raise PluginError(
                         f"{self.kind} entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
                     ) from exc
                 self._classes[ep.name] = self._check_base(ep.name, cls, f"entry point {ep.value}")
+                self._entry_point_names.add(ep.name)
                 if "registry_name" not in vars(cls):  # a subclass of a built-in gets its own name
                     cls.registry_name = ep.name
+
+    def is_builtin(self, name: str) -> bool:
+        """Whether ``name`` is registered by gia-bench itself (no entry point or module is loaded to tell)."""
+        return name in self._classes and name not in self._entry_point_names
 
     def names(self) -> list[str]:
         self._load_entry_points()
@@ -402,10 +475,7 @@ class Registry(Generic[T]):
                     f" only when you trust it: --plugin {name}"
                 )
             module_name, _, attr = name.partition(":")
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as exc:
-                raise SpecError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({exc})") from exc
+            module = import_plugin_module(module_name, f"{self.kind} {name!r}")
             cls = getattr(module, attr, None)
             if not isinstance(cls, type):
                 raise SpecError(f"{self.kind} {name!r}: module {module_name!r} has no class {attr!r}")
