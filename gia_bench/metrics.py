@@ -49,6 +49,7 @@ from torch import Tensor
 
 from gia_bench.errors import GiaBenchError
 from gia_bench.msssim import MS_SSIM_WEIGHTS, ms_ssim_scales, ms_ssim_value
+from gia_bench.lazy_net import LazyNet
 from gia_bench.st_lpips import get_st_lpips
 
 LPIPS_WEIGHTS_ENV = "GIA_BENCH_LPIPS_WEIGHTS"
@@ -219,7 +220,7 @@ def _load_state(path: Path) -> dict[str, Tensor]:
     return state
 
 
-class LPIPSScorer:
+class LPIPSScorer(LazyNet):
     """LPIPS (Zhang et al. 2018) with a trunk whose ImageNet weights come from a local file.
 
     ``lpips.LPIPS(pretrained=True)`` would have torchvision download the trunk; here the
@@ -232,12 +233,12 @@ class LPIPSScorer:
     Built lazily, on first use.
     """
 
+    unavailable_errors = (_Unavailable,)
+
     def __init__(self, net: Literal["alex", "vgg"] = "alex", weights: Path | str | None = None) -> None:
+        super().__init__()
         self.net = net
         self.weights_path, self.source = lpips_weights_path(net, weights)
-        self._model: torch.nn.Module | None = None
-        self._reason: str | None = None
-        self._built = False
 
     def _how(self) -> str:
         return (
@@ -295,24 +296,8 @@ class LPIPSScorer:
             p.requires_grad_(False)
         return model
 
-    def _ensure(self) -> torch.nn.Module | None:
-        if not self._built:
-            self._built = True
-            try:
-                self._model = self._build()
-            except _Unavailable as exc:
-                self._reason = f"LPIPS unavailable: {exc}; {self._how()}"
-        return self._model
-
-    @property
-    def available(self) -> bool:
-        return self._ensure() is not None
-
-    @property
-    def reason(self) -> str | None:
-        """Why LPIPS cannot be computed ("LPIPS unavailable: ..."), or None when it can."""
-        self._ensure()
-        return self._reason
+    def _reason_for(self, exc: Exception) -> str:
+        return f"LPIPS unavailable: {exc}; {self._how()}"
 
     @torch.no_grad()
     def __call__(self, a01: Tensor, b01: Tensor) -> Tensor:

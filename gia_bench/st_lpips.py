@@ -41,6 +41,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from gia_bench.lazy_net import LazyNet
+
 ST_LPIPS_NETS = ("alex", "vgg")
 # Both shift-tolerant trunks need >= 32 px (at 16 px AlexNet's fourth stage is 1x1 and
 # its reflection pad fails); smaller images are resized to this side, as LPIPS is.
@@ -133,7 +135,7 @@ def trunk_input(x01: Tensor, min_side: int) -> Tensor:
     return 2 * x - 1
 
 
-class STLPIPSScorer:
+class STLPIPSScorer(LazyNet):
     """ST-LPIPS distances of image pairs; the network is built on first use, then kept.
 
     When stlpips-pytorch is missing or its weights do not load, :attr:`available` is
@@ -144,28 +146,16 @@ class STLPIPSScorer:
     def __init__(self, net: Literal["alex", "vgg"] = "alex") -> None:
         if net not in ST_LPIPS_NETS:
             raise ValueError(f"ST-LPIPS net {net!r} is not supported; accepted: {', '.join(ST_LPIPS_NETS)}")
+        super().__init__()
         self.net = net
-        self._model: torch.nn.Module | None = None
-        self._reason: str | None = None
-        self._built = False
 
-    def _ensure(self) -> torch.nn.Module | None:
-        if not self._built:
-            self._built = True
-            try:
-                self._model = build_st_lpips(self.net)  # type: ignore[arg-type]
-            except STLPIPSUnavailable as exc:
-                self._reason = f"ST-LPIPS unavailable: {exc}"
-        return self._model
+    unavailable_errors = (STLPIPSUnavailable,)
 
-    @property
-    def available(self) -> bool:
-        return self._ensure() is not None
+    def _build(self) -> torch.nn.Module:
+        return build_st_lpips(self.net)  # type: ignore[arg-type]
 
-    @property
-    def reason(self) -> str | None:
-        self._ensure()
-        return self._reason
+    def _reason_for(self, exc: Exception) -> str:
+        return f"ST-LPIPS unavailable: {exc}"
 
     @torch.no_grad()
     def __call__(self, a01: Tensor, b01: Tensor) -> Tensor:
