@@ -154,3 +154,12 @@ def test_naive_view_takes_the_decoded_gradient_as_exact():
     assert naive[0].inputs.known is None and known is not None and 0 < int(known.sum()) < 768
     assert _error(aware[0].inputs.features[:, known], true[:, known]) < 1e-5
     assert _error(naive[0].inputs.features, true) > 0.1
+
+
+def test_the_gradient_term_enters_the_objective():
+    # grad > 0 adds the view's own gradient match (the messages, in the aware view) to the features'
+    record, _ = make_record("lenet", "photos", (21,), defense="powersgd:rank=1")
+    runs = [create(f"feature:iterations=5,restarts=1,grad={g}").run(record, "aware", torch.Generator().manual_seed(0))
+            for g in (0, 1)]  # fmt: skip
+    assert not torch.equal(runs[0].inputs, runs[1].inputs)
+    assert all(torch.isfinite(torch.tensor(r.final_loss)) for r in runs)
