@@ -166,9 +166,11 @@ class Analytic(Attack):
         if parts[0] is None or parts[1] is None:
             why = "; ".join(f"{layer}.{p}: {exact.excluded.get(f'{layer}.{p}', 'not exact')}"
                             for p, e in zip(("weight", "bias"), parts) if e is None)  # fmt: skip
-            raise AttackError(f"record {record.record_id}: analytic (aware): the first layer is not sent exactly ({why})")
+            raise AttackError(
+                f"record {record.record_id}: analytic (aware): the first layer is not sent exactly ({why})"
+            )
         ew, eb = parts
-        strategy_name, labels = label_parts.infer_labels(record, model, self.labels, generator, record_device(grads))
+        strategy_name, labels = label_parts.infer_labels(record, model, self.labels, generator, grads[0].device)
         if labels is None:
             raise AttackError("analytic: labels=joint needs an optimising attack; use idlg or bias-corrected")
         dW, db = grads[ew.index].cpu(), grads[eb.index].cpu()
@@ -218,7 +220,3 @@ class Analytic(Attack):
             extra=extra,
             budget=Budget(iterations=0, restarts=1, evaluations=0),
         )
-
-
-def record_device(grads: list[torch.Tensor]) -> torch.device:
-    return grads[0].device if grads else torch.device("cpu")

@@ -92,7 +92,7 @@ class FeatureInversion(Attack):
         if not lr > 0 or tv < 0 or grad < 0 or not 0 <= max_error < 1:
             raise SpecError("feature: lr must be > 0, tv >= 0, grad >= 0 and max_error in [0, 1)")
         if labels == "joint":
-            raise SpecError("feature: labels=joint needs a matching attack; use auto, idlg, ilrg, mean-embedding-eb ...")
+            raise SpecError("feature: labels=joint needs a matching attack; use auto, idlg, ilrg, mean-embedding-eb")
         if labels != "auto":
             label_parts.LABELS.get(labels)
         self.iterations, self.restarts, self.lr, self.tv, self.grad = iterations, restarts, lr, tv, grad
