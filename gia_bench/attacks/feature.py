@@ -70,7 +70,8 @@ class FeatureInversion(Attack):
         lr: Adam's learning rate (cosine decay to zero over the iterations).
         tv: weight of the total-variation prior (model-input space).
         grad: weight of the view's own gradient match (cosine over the whole observation: the messages in
-            the aware view, the decoded gradient in the naive one), added to the feature distance; 0: none.
+            the aware view, the decoded gradient in the naive one), added to the feature distance; 0: none
+            (4x faster; on LeNet, photos, B = 1: -0.4 to -8 dB on ``none``, -1 dB on ``powersgd:rank=1``).
         max_error: largest nominal relative error of a "nearly exact" tensor (LQ-SGD's codec, fp16) still used.
         labels: label strategy (auto: idlg for B = 1, mean-embedding-eb otherwise); B > 1 needs them for the solve.
     """
@@ -83,7 +84,7 @@ class FeatureInversion(Attack):
         restarts: int = 2,
         lr: float = 0.1,
         tv: float = 0.2,
-        grad: float = 0.0,
+        grad: float = 10.0,
         max_error: float = 0.05,
         labels: str = "auto",
     ):
