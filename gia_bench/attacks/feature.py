@@ -70,8 +70,9 @@ class FeatureInversion(Attack):
         lr: Adam's learning rate (cosine decay to zero over the iterations).
         tv: weight of the total-variation prior (model-input space).
         grad: weight of the view's own gradient match (cosine over the whole observation: the messages in
-            the aware view, the decoded gradient in the naive one), added to the feature distance; 0: none
-            (4x faster; on LeNet, photos, B = 1: -0.4 to -8 dB on ``none``, -1 dB on ``powersgd:rank=1``).
+            the aware view, the decoded gradient in the naive one), added to the feature distance; 0: none.
+            Default: 10 at B = 1 (LeNet, photos: +0.4 to +8 dB on ``none``, +1 dB through PowerSGD/LQ-SGD
+            rank 1, at 4x the time), 0 at B > 1 (there it cost 3.7-8 dB on a batch through rank 4).
         max_error: largest nominal relative error of a "nearly exact" tensor (LQ-SGD's codec, fp16) still used.
         labels: label strategy (auto: idlg for B = 1, mean-embedding-eb otherwise); B > 1 needs them for the solve.
     """
@@ -84,13 +85,13 @@ class FeatureInversion(Attack):
         restarts: int = 2,
         lr: float = 0.1,
         tv: float = 0.2,
-        grad: float = 10.0,
+        grad: float | None = None,
         max_error: float = 0.05,
         labels: str = "auto",
     ):
         if iterations < 1 or restarts < 1:
             raise SpecError("feature: iterations and restarts must be >= 1")
-        if not lr > 0 or tv < 0 or grad < 0 or not 0 <= max_error < 1:
+        if not lr > 0 or tv < 0 or (grad is not None and grad < 0) or not 0 <= max_error < 1:
             raise SpecError("feature: lr must be > 0, tv >= 0, grad >= 0 and max_error in [0, 1)")
         if labels == "joint":
             raise SpecError("feature: labels=joint needs a matching attack; use auto, idlg, ilrg, mean-embedding-eb")
@@ -243,7 +244,8 @@ class FeatureInversion(Attack):
         train_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
         prior = TotalVariation()
         gradient_distance = None
-        if self.grad > 0:
+        weight = self.grad if self.grad is not None else (10.0 if B == 1 else 0.0)
+        if weight > 0:
             threat = build_view(record, view, device)
             candidates = candidate_function(model, record)
             bound = OBJECTIVES.create("cosine").bind_segments(threat.segments)
@@ -285,7 +287,7 @@ class FeatureInversion(Attack):
                 dist = distance(x)
                 obj = dist + self.tv * prior(x) if self.tv > 0 else dist
                 if gradient_distance is not None:
-                    obj = obj + self.grad * gradient_distance(x)
+                    obj = obj + weight * gradient_distance(x)
                 with torch.no_grad():
                     better = obj.detach() < best_obj
                     best_obj = torch.where(better, obj.detach(), best_obj)
