@@ -9,6 +9,8 @@ from torch import nn
 
 from gia_bench.attacks import labels as label_parts
 from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Reconstruction, register
+from gia_bench.attacks.exact import exact_tensors
+from gia_bench.attacks.layer_inputs import chain_inputs, relu_chain, single_input
 from gia_bench.attacks.matching import attack_model
 from gia_bench.errors import SpecError
 from gia_bench.receiver import decode_record
@@ -41,7 +43,13 @@ class Analytic(Attack):
     of the images active at unit i; rows whose unit only one image activates (ReLU) give that image
     exactly. The best-effort batch answer keeps the B candidates that the most other rows agree with
     (duplicates within ``tol``), then fills up with the candidates farthest from those kept.
-    Works on the decoded gradient (naive view only): compression degrades it, which is the point.
+    The naive view reads the decoded gradient as the gradient: compression degrades it. The aware
+    view uses only what the compressor sends exactly (:mod:`gia_bench.attacks.exact`): the first
+    layer must qualify (PowerSGD/LQ-SGD at rank >= B, uncompressed, Top-k's kept entries); at B = 1
+    each pixel comes from the rows whose weight and bias entries were both sent (pixels no such row
+    covers stay at the data set mean), and at B > 1 through a plain ReLU stack (``mlp``) whose layers
+    all qualify, the classifier's inputs are solved for (rank-B solve, labels from the strategy) and
+    each earlier layer's inputs follow by least squares from its exact gradient, down to the images.
 
     Args:
         combine: lstsq (all good rows, least squares) or best (single row with the largest |db|); B = 1.
@@ -50,7 +58,7 @@ class Analytic(Attack):
         labels: label strategy: auto (idlg for B = 1, mean-embedding-eb otherwise, see labels.resolve), idlg, bias-corrected, yin.
     """
 
-    views = ("naive",)
+    views = ("naive", "aware")
 
     def __init__(self, combine: str = "lstsq", eps: float = 1e-6, tol: float = 1e-3, labels: str = "auto"):
         if combine not in COMBINES:
@@ -79,6 +87,8 @@ class Analytic(Attack):
         names = list(meta.param_names)
         grads = [g.to(device, torch.float64) for g in decode_record(record)]
         dW, db = grads[names.index(f"{layer}.weight")], grads[names.index(f"{layer}.bias")]
+        if view == "aware":
+            return self._aware(record, model, layer, grads, generator, progress)
         good = db.abs() > self.eps * db.abs().max()
         if not bool(good.any()):
             raise AttackError(f"record {record.record_id}: the first layer's bias gradient is zero; nothing to invert")
@@ -137,3 +147,76 @@ class Analytic(Attack):
         while len(chosen) < batch:  # fewer usable rows than images: repeat the last one
             chosen.append(chosen[-1])
         return candidates[chosen]
+
+    def _aware(
+        self,
+        record: GradientRecord,
+        model: nn.Module,
+        layer: str,
+        grads: list[torch.Tensor],
+        generator: torch.Generator,
+        progress: Progress | None,
+    ) -> Reconstruction:
+        """The aware view: only the rows (entries) the compressor sends exactly."""
+        meta = record.meta
+        shape, batch = meta.dataset.shape, meta.batch_size
+        names = list(meta.param_names)
+        exact = exact_tensors(record, model)
+        parts = [exact.get(f"{layer}.{p}") for p in ("weight", "bias")]
+        if parts[0] is None or parts[1] is None:
+            why = "; ".join(f"{layer}.{p}: {exact.excluded.get(f'{layer}.{p}', 'not exact')}"
+                            for p, e in zip(("weight", "bias"), parts) if e is None)  # fmt: skip
+            raise AttackError(
+                f"record {record.record_id}: analytic (aware): the first layer is not sent exactly ({why})"
+            )
+        ew, eb = parts
+        strategy_name, labels = label_parts.infer_labels(record, model, self.labels, generator, grads[0].device)
+        if labels is None:
+            raise AttackError("analytic: labels=joint needs an optimising attack; use idlg or bias-corrected")
+        dW, db = grads[ew.index].cpu(), grads[eb.index].cpu()
+        extra: dict[str, object] = {"layer": layer, "exact": {"weight": ew.reason, "bias": eb.reason}}
+        if batch == 1:
+            found = single_input(layer, dW, db, ew.mask, eb.mask, self.eps)
+            if found is None:
+                raise AttackError(f"record {record.record_id}: analytic (aware): no row of {layer!r} has its"
+                                  " weight and bias entries both sent exactly")  # fmt: skip
+            usable = db.abs() > self.eps * db.abs().max()
+            if eb.mask is not None:
+                usable &= eb.mask.reshape(-1)
+            x, residual = found.features, found.residual
+            known = x.shape[1] if found.known is None else int(found.known.sum())
+            extra.update(rows_used=int(usable.sum()), rows=int(db.numel()), pixels_known=known,
+                         method="bias ratio over the exact rows")  # fmt: skip
+        else:
+            chain = relu_chain(model)
+            if chain is None or chain[0] != layer:
+                raise AttackError(f"record {record.record_id}: analytic (aware) at B = {batch} needs a plain"
+                                  " Linear/ReLU stack (mlp) to solve through")  # fmt: skip
+            layer_grads = {}
+            for name in chain:
+                pair = [exact.get(f"{name}.{p}") for p in ("weight", "bias")]
+                if any(e is None or e.mask is not None for e in pair):
+                    why = "; ".join(exact.excluded.get(f"{name}.{p}", "masked (Top-k)") for p in ("weight", "bias"))
+                    raise AttackError(f"record {record.record_id}: analytic (aware) at B = {batch}: layer"
+                                      f" {name!r} is not sent whole and exactly ({why})")  # fmt: skip
+                layer_grads[name] = (grads[pair[0].index].cpu(), grads[pair[1].index].cpu())  # type: ignore[union-attr]
+            cpu_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator,
+                                                                      device=generator.device)))  # fmt: skip
+            x, residual = chain_inputs(model, chain, layer_grads, labels, cpu_gen)
+            extra.update(rows_used=int(db.numel()), rows=int(db.numel()), layers=chain,
+                         method="rank-B solve at the classifier, least squares down the ReLU stack")  # fmt: skip
+        if progress is not None:
+            progress(1, 1, residual)
+        return Reconstruction(
+            inputs=x.reshape(batch, *shape).to(torch.float32).cpu(),
+            labels=labels.to(torch.int64).cpu(),
+            iterations=0,
+            final_loss=residual,
+            view="aware",
+            label_strategy=strategy_name,
+            observed="messages",
+            public_state_used=tuple(sorted(record.public)),
+            update=meta.local_training().describe(batch),
+            extra=extra,
+            budget=Budget(iterations=0, restarts=1, evaluations=0),
+        )

@@ -34,10 +34,53 @@ def test_analytic_is_degraded_by_compression():
     assert 1e-6 < err < 0.1  # fp16 rounding shows, but the image survives
 
 
-def test_analytic_needs_a_fully_connected_first_layer_and_the_naive_view():
+def test_analytic_needs_a_fully_connected_first_layer_and_an_exact_one_when_aware():
     record, _ = make_record("lenet", "photos", (21,))
     with pytest.raises(AttackError, match="fully connected"):
         create("analytic").run(record, "naive", torch.Generator())
     mlp, _ = make_record("mlp:hidden=32", "photos", (21,))
-    with pytest.raises(AttackError, match="no 'aware' view"):
-        create("analytic").run(mlp, "aware", torch.Generator())
+    with pytest.raises(AttackError, match="no 'oracle' view"):
+        create("analytic").run(mlp, "oracle", torch.Generator())
+    # aware: QSGD sends no tensor exactly, PowerSGD rank 1 cannot carry a rank-2 gradient (B = 2)
+    qsgd, _ = make_record("mlp:hidden=32", "photos", (21,), defense="qsgd")
+    with pytest.raises(AttackError, match="first layer is not sent exactly.*quantized"):
+        create("analytic").run(qsgd, "aware", torch.Generator())
+    low, _ = make_record("mlp:hidden=32", "photos", (21, 60), defense="powersgd:rank=1")
+    with pytest.raises(AttackError, match="rank up to 2 rows in play"):
+        create("analytic").run(low, "aware", torch.Generator())
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / (a - b).pow(2).mean()))
+
+
+def test_analytic_aware_recovers_a_batch_through_powersgd_at_rank_b():
+    # B = 4 with a repeated label; PowerSGD rank 4 sends both layers of the mlp exactly
+    record, truth = make_record("mlp", "photos", (5, 6, 40, 41), defense="powersgd:rank=4")
+    rec = create("analytic").run(record, "aware", torch.Generator().manual_seed(0))
+    spec = record.meta.dataset
+    got, want = spec.denormalize(rec.inputs).clamp(0, 1), spec.denormalize(truth.inputs).clamp(0, 1)
+    # rows follow the inferred labels; pair each original with its closest reconstruction
+    pair = torch.cdist(want.flatten(1), got.flatten(1)).argmin(dim=1)
+    assert sorted(pair.tolist()) == [0, 1, 2, 3]
+    assert min(_psnr(got[j], want[i]) for i, j in enumerate(pair.tolist())) >= 40
+    assert rec.extra["rows_used"] == 256 and rec.extra["layers"] == ["net.1", "net.3"]
+    assert "rank 4 factors" in rec.extra["exact"]["weight"]
+    # the naive view's per-row candidates do not get every image of this batch
+    naive = create("analytic").run(record, "naive", torch.Generator().manual_seed(0))
+    assert naive.view == "naive" and rec.view == "aware" and rec.observed == "messages"
+
+
+def test_analytic_aware_uses_only_the_entries_topk_keeps():
+    record, truth = make_record("mlp:hidden=128", "photos", (21,), defense="topk:ratio=0.1")
+    aware = create("analytic").run(record, "aware", torch.Generator().manual_seed(0))
+    naive = create("analytic").run(record, "naive", torch.Generator().manual_seed(0))
+    known = aware.extra["pixels_known"]
+    assert 0 < known < truth.inputs.numel() and 0 < aware.extra["rows_used"] <= 13  # ceil(0.1 * 128) biases
+    spec = record.meta.dataset
+    want = spec.denormalize(truth.inputs).clamp(0, 1).flatten()
+    got = spec.denormalize(aware.inputs).clamp(0, 1).flatten()
+    # the pixels the kept entries cover are exact; the naive ratio mixes in the zeros of dropped entries
+    covered = (aware.inputs.flatten() != 0)
+    assert (got[covered] - want[covered]).abs().max() < 1e-4
+    assert _psnr(got, want) > _psnr(spec.denormalize(naive.inputs).clamp(0, 1).flatten(), want)

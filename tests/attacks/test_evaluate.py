@@ -121,8 +121,8 @@ def test_attacks_never_open_the_truth_file(tmp_path, monkeypatch):
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     path, _, _ = _save(tmp_path, model="lenet")
-    with pytest.raises(GiaBenchError, match="no 'aware' view"):
-        run_attack(path, "analytic", "aware", tmp_path / "runs")
+    with pytest.raises(GiaBenchError, match="no 'oracle' view"):
+        run_attack(path, "analytic", "oracle", tmp_path / "runs")
     with pytest.raises(GiaBenchError, match="unknown attack 'nope'"):
         run_attack(path, "nope", "naive", tmp_path / "runs")
     with pytest.raises(GiaBenchError, match="unknown parameter 'iters'"):
@@ -148,10 +148,10 @@ def test_cli_attack(tmp_path):
     # through the real entry point: one red line naming the defense, exit code 2
     script = Path(sys.executable).with_name("gia-bench")
     proc = subprocess.run(
-        [str(script), "attack", str(path), "--attack", "analytic", "--view", "aware", "--out", str(tmp_path / "r")],
+        [str(script), "attack", str(path), "--attack", "analytic", "--view", "oracle", "--out", str(tmp_path / "r")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 2 and "no 'aware' view" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "no 'oracle' view" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # -- results are keyed by content (record sha256, canonical attack, view, seed, schema) -------------
