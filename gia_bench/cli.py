@@ -321,6 +321,7 @@ def train_cmd(
     """Train with DDP, any defense as the gradient communication hook (torchrun underneath)."""
     from gia_bench.registry import trusted
     from gia_bench.train import TrainConfig, launch, parse_capture_steps
+    from gia_bench.train.checkpoint import checkpoint_note
 
     with trusted(_flag_plugins(dataset, model, defense)):  # module:Class typed here is trusted by the user
         config = TrainConfig(
@@ -333,7 +334,11 @@ def train_cmd(
             download=download, threads_per_worker=threads_per_worker, timeout_s=timeout, resume=resume,
             fewbit_backward=fewbit_backward, optimizer=optimizer, l1=l1,
         )
-        metrics = launch(config)
+        try:
+            metrics = launch(config)
+        except KeyboardInterrupt:
+            err_console.print(f"[yellow]interrupted:[/] {checkpoint_note(out)}; run again with --resume to continue")
+            raise typer.Exit(130) from None
     totals = metrics["totals"]
     console.print(
         f"{metrics['defense']} on {metrics['world_size']} workers: test accuracy"

@@ -76,6 +76,7 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config.validate()
@@ -134,6 +135,12 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
                     _forking_launches -= 1
         else:
             elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))
+    except SignalException as exc:
+        # torch's agent turns SIGINT/SIGTERM into this after stopping the workers: Ctrl-C is an
+        # interruption (the CLI says what was kept), any other signal a one-line failure
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise TrainError(f"stopped by signal {exc.sigval.name}; {checkpoint_note(out)}") from None
     except ChildFailedError as exc:
         # The root cause: a worker that failed on its own, not one that lost a peer (exit 75) or
         # that the agent terminated (SIGTERM) after the first failure; then the earliest.
@@ -181,7 +188,22 @@ def _fork_unsafe() -> bool:
     return any(name in sys.modules for name in ("ray", "grpc", "flwr"))
 
 
+def _quiet_ctrl_c() -> None:
+    """A worker stops on Ctrl-C without a traceback: a terminal's SIGINT reaches the whole process
+    group, the launcher's agent passes it on to every worker as it shuts them down, and the CLI
+    prints the one line that says what was kept. Exit code 130, as a shell gives an interrupted job.
+    ``os._exit``, not an exception: a peer interrupted inside a collective would otherwise unwind
+    through the comm hook with a traceback; checkpoints and records are written by rename, so
+    leaving at any point keeps the last complete one."""
+
+    def stop(signum: int, frame: object) -> None:
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+
+
 def _forked_worker(config_path: str) -> None:
+    _quiet_ctrl_c()
     run_worker(TrainConfig.from_json(json.loads(Path(config_path).read_text())))
 
 
@@ -193,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: python -m gia_bench.train CONFIG.json  (started by gia-bench train / torchrun)")
     config = TrainConfig.from_json(json.loads(Path(args[0]).read_text()))
+    _quiet_ctrl_c()
     record(run_worker)(config)
 
 
