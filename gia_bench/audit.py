@@ -162,11 +162,16 @@ def _run_battery(raw: dict, out: Path, options: AuditOptions, progress: bool) ->
             proc.wait()
         except KeyboardInterrupt:
             # the child got the same Ctrl-C: let it cancel its units and keep what finished, briefly
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            # (units are written by rename: stopping one mid-way loses only that unit), so that the
+            # whole command stops within seconds
+            for stop, grace in ((None, 2.5), (proc.terminate, 1.0), (proc.kill, None)):
+                if stop is not None:
+                    stop()
+                try:
+                    proc.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
             raise
         if proc.returncode != 0 or not outcome.is_file():
             # never a silent pass: a plug-in that exits the battery's process (even with code 0) fails the audit

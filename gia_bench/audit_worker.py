@@ -201,7 +201,11 @@ def run_battery(job_path: Path) -> None:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--battery"]:
-        run_battery(Path(argv[1]))
+        try:
+            run_battery(Path(argv[1]))
+        except KeyboardInterrupt:
+            # the parent got the same Ctrl-C and says what was kept; finished units are on disk
+            raise SystemExit(130) from None
         return
     # Ctrl-C reaches the whole process group: the parent stops this worker (closing its pipe, or killing it)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -601,11 +601,15 @@ def audit_cmd(
 
     from gia_bench.registry import trusted
 
-    with trusted(_flag_plugins(spec)):  # auditing a module:Class trusts it
-        result = run_audit(
-            spec, out, AuditOptions(workers=workers, quick=quick, train=not no_train, lpips_weights=lpips_weights),
-            console,
-        )
+    try:
+        with trusted(_flag_plugins(spec)):  # auditing a module:Class trusts it
+            result = run_audit(
+                spec, out, AuditOptions(workers=workers, quick=quick, train=not no_train, lpips_weights=lpips_weights),
+                console,
+            )
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted:[/] the audit stopped; its finished battery units are kept in {out}")
+        raise typer.Exit(130) from None
     checks = Table(title=f"audit of {result.spec}: contract", title_justify="left")
     checks.add_column("check")
     checks.add_column("result")
