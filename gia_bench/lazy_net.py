@@ -1,8 +1,10 @@
-"""A network built on first use, with the reason it cannot be built instead of a number from random weights."""
+"""Image-pair networks (LPIPS, ST-LPIPS): built on first use, with the reason they cannot be built instead
+of a number from random weights, and the one way images are prepared for their trunks."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 
 class LazyNet:
@@ -43,3 +45,21 @@ class LazyNet:
         """Why the network cannot be built ("... unavailable: ..."), or None when it can."""
         self._ensure()
         return self._reason
+
+
+def trunk_input(x01: Tensor, min_side: int, name: str) -> Tensor:
+    """(B, C, H, W) in [0, 1] -> 3 channels in [-1, 1] for ``name``'s trunk; sides under ``min_side`` resized (bilinear).
+
+    Resized before the affine map to [-1, 1], the order LPIPS's own ``normalize=True`` uses.
+    """
+    x = x01.detach().float()
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    elif x.shape[1] != 3:
+        raise ValueError(f"{name} needs 1 or 3 channels, got {x.shape[1]}")
+    h, w = x.shape[-2:]
+    if min(h, w) < min_side:
+        s = min_side / min(h, w)
+        size = (max(min_side, round(h * s)), max(min_side, round(w * s)))
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return 2 * x - 1

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from gia_bench.errors import GiaBenchError
 from gia_bench.msssim import MS_SSIM_WEIGHTS, ms_ssim_scales, ms_ssim_value
-from gia_bench.lazy_net import LazyNet
+from gia_bench.lazy_net import LazyNet, trunk_input
 from gia_bench.st_lpips import get_st_lpips
 
 LPIPS_WEIGHTS_ENV = "GIA_BENCH_LPIPS_WEIGHTS"
@@ -310,19 +310,9 @@ class LPIPSScorer(LazyNet):
         if model is None:
             raise GiaBenchError(self._reason or "LPIPS unavailable")
         _pair_check(a01, b01, 4)
-        x, y = a01.detach().float(), b01.detach().float()
-        if x.shape[1] == 1:
-            x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
-        elif x.shape[1] != 3:
-            raise ValueError(f"LPIPS needs 1 or 3 channels, got {x.shape[1]}")
-        h, w = x.shape[-2:]
-        if min(h, w) < LPIPS_MIN_SIDE:
-            s = LPIPS_MIN_SIDE / min(h, w)
-            size = (max(LPIPS_MIN_SIDE, round(h * s)), max(LPIPS_MIN_SIDE, round(w * s)))
-            x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            y = torch.nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        x, y = trunk_input(a01, LPIPS_MIN_SIDE, "LPIPS"), trunk_input(b01, LPIPS_MIN_SIDE, "LPIPS")
         model.to(x.device)
-        return model(2 * x - 1, 2 * y - 1).reshape(-1).cpu()
+        return model(x, y).reshape(-1).cpu()
 
 
 @functools.lru_cache(maxsize=8)

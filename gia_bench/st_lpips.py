@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from gia_bench.lazy_net import LazyNet
+from gia_bench.lazy_net import LazyNet, trunk_input
 
 ST_LPIPS_NETS = ("alex", "vgg")
 # Both shift-tolerant trunks need >= 32 px (at 16 px AlexNet's fourth stage is 1x1 and
@@ -120,21 +120,6 @@ def build_st_lpips(net: Literal["alex", "vgg"] = "alex") -> torch.nn.Module:
     return model
 
 
-def trunk_input(x01: Tensor, min_side: int) -> Tensor:
-    """(B, C, H, W) in [0, 1] -> 3 channels in [-1, 1], sides under ``min_side`` resized (bilinear)."""
-    x = x01.detach().float()
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
-    elif x.shape[1] != 3:
-        raise ValueError(f"ST-LPIPS needs 1 or 3 channels, got {x.shape[1]}")
-    h, w = x.shape[-2:]
-    if min(h, w) < min_side:
-        s = min_side / min(h, w)
-        size = (max(min_side, round(h * s)), max(min_side, round(w * s)))
-        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return 2 * x - 1
-
-
 class STLPIPSScorer(LazyNet):
     """ST-LPIPS distances of image pairs; the network is built on first use, then kept.
 
@@ -167,7 +152,7 @@ class STLPIPSScorer(LazyNet):
         model = self._ensure()
         if model is None:
             raise STLPIPSUnavailable(self._reason or "ST-LPIPS unavailable")
-        x, y = trunk_input(a01, ST_LPIPS_MIN_SIDE), trunk_input(b01, ST_LPIPS_MIN_SIDE)
+        x, y = trunk_input(a01, ST_LPIPS_MIN_SIDE, "ST-LPIPS"), trunk_input(b01, ST_LPIPS_MIN_SIDE, "ST-LPIPS")
         model.to(x.device)
         return model(x, y).reshape(-1).cpu()
 
