@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,17 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from gia_bench.comm import LocalCommunicator, messages_by_tag
-from gia_bench.data import DatasetSpec, load_dataset
+from gia_bench.data import load_dataset
 from gia_bench.defenses import create as create_defense
 from gia_bench.defenses.base import Compressor
 from gia_bench.errors import CheckpointError, CompressorError, DataError, RecordError, SpecError
 from gia_bench.fedavg import LocalTraining, local_update
-from gia_bench.models import MODELS, ModelSpec, build_model
+from gia_bench.io import slug
+from gia_bench.models import MODELS, build_recorded
 from gia_bench.receiver import load_record
-from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, truth_path
-from gia_bench.registry import describe_params, parse_spec
+from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, truth_path, write_pair
+from gia_bench.registry import parse_spec
+from gia_bench.specs import DatasetSpec, ModelSpec
 
 LOSSES = {"cross_entropy": F.cross_entropy}
 
@@ -243,31 +244,29 @@ class CaptureConfig:
     local_lr: float = 0.1
     local_batch: int | None = None
 
+    def __post_init__(self) -> None:
+        for key in ("out", "checkpoint", "data_root"):  # a str from a Python caller is a path too
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, key, Path(value))
+
     @property
     def local(self) -> LocalTraining:
         return LocalTraining(self.local_steps, self.local_lr, self.local_batch)
 
 
-def _safe_name(name: str) -> str:
-    """A registry name made safe for file names (``pkg.mod:Class`` -> ``pkg.mod_Class``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "x"
+def record_prefix(dataset: str, model: str) -> str:
+    """The start of every record id of a capture (or a federated run) of ``model`` on ``dataset``.
+
+    Registry names made safe for file names (``pkg.mod:Class`` -> ``pkg.mod_Class``).
+    """
+    names = (parse_spec(dataset).name, parse_spec(model).name)
+    return "".join(slug(n, keep="A-Za-z0-9_.-", fill="_", strip="._", default="x") + "-" for n in names)
 
 
 def record_id(dataset: str, model: str, index: int) -> str:
     """The stable, file-system-safe id of the ``index``-th record of a capture."""
-    return f"{_safe_name(parse_spec(dataset).name)}-{_safe_name(parse_spec(model).name)}-{index:04d}"
-
-
-def model_spec_string(model: nn.Module, spec: str) -> str:
-    """The canonical spec of a built model: its name and every parameter it keeps (shape/classes aside)."""
-    name = parse_spec(spec).name
-    parts = []
-    for p in describe_params(type(model)):
-        if p.name in ("in_shape", "num_classes") or not hasattr(model, p.name):
-            continue
-        value = getattr(model, p.name)
-        parts.append(f"{p.name}={str(value).lower() if isinstance(value, bool) else value}")
-    return name + (":" + ",".join(parts) if parts else "")
+    return f"{record_prefix(dataset, model)}{index:04d}"
 
 
 def batch_indices(n: int, batch_size: int, num: int, seed: int) -> list[list[int]]:
@@ -374,8 +373,8 @@ def _existing_is_ours(path: Path, expected: RecordMeta, weights: dict[str, torch
     return True
 
 
-def run_capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
-    """Capture ``cfg.num`` records into ``cfg.out``; returns their paths (in order).
+def capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
+    """``gia-bench capture``: capture ``cfg.num`` records into ``cfg.out``; returns their paths (in order).
 
     Each record is one step of one worker: the seeded (or ``checkpoint``) model,
     a batch from the train split, a fresh compressor. Records already in ``out``
@@ -388,9 +387,9 @@ def run_capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
     MODELS.kwargs_for(cfg.model)
     data = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, split="train")
     spec = data.spec
-    probe = ModelSpec(cfg.model, spec.shape, spec.num_classes, cfg.model_mode, cfg.fewbit_backward)
-    model = build_model(probe, seed=cfg.seed, device="cpu")
-    model_spec = dataclasses.replace(probe, spec=model_spec_string(model, cfg.model))
+    model, model_spec = build_recorded(
+        ModelSpec.for_data(cfg.model, spec, cfg.model_mode, cfg.fewbit_backward), seed=cfg.seed, device="cpu"
+    )
     extra: dict[str, Any] = {}
     if cfg.checkpoint is not None:
         extra["checkpoint_sha256"] = load_checkpoint(model, cfg.checkpoint, model_spec.spec)
@@ -442,51 +441,9 @@ def run_capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
                     model, model_spec, spec, inputs.to(device), labels.to(device), compressor, rid,
                     step=0, seed=cfg.seed, extra=extra, local=cfg.local,
                 )
-            truth.save(truth_path(path))
-            record.save(path)
+            write_pair(path, record, truth)
             bar.update(task, advance=1)
     return paths
-
-
-def capture(
-    dataset: str,
-    model: str,
-    defense: str,
-    batch_size: int,
-    num: int,
-    seed: int,
-    out: Path | str,
-    checkpoint: Path | str | None = None,
-    data_root: Path | str | None = None,
-    download: bool = False,
-    model_mode: str = "train",
-    device: str = "cpu",
-    progress: bool = False,
-    fewbit_backward: int = 0,
-    local_steps: int = 1,
-    local_lr: float = 0.1,
-    local_batch: int | None = None,
-) -> list[Path]:
-    """``gia-bench capture`` as a Python call: see :class:`CaptureConfig` and :func:`run_capture`."""
-    cfg = CaptureConfig(
-        dataset=dataset,
-        model=model,
-        defense=defense,
-        batch_size=batch_size,
-        num=num,
-        seed=seed,
-        out=Path(out),
-        checkpoint=None if checkpoint is None else Path(checkpoint),
-        data_root=None if data_root is None else Path(data_root),
-        download=download,
-        model_mode=model_mode,
-        device=device,
-        fewbit_backward=fewbit_backward,
-        local_steps=local_steps,
-        local_lr=local_lr,
-        local_batch=local_batch,
-    )
-    return run_capture(cfg, progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,16 +183,17 @@ def capture_cmd(
     after K local SGD steps, compressed by the defense.
     """
     _apply_threads()
-    from gia_bench.capture import capture, summarize
+    from gia_bench.capture import CaptureConfig, capture, summarize
     from gia_bench.registry import trusted
 
+    cfg = CaptureConfig(
+        dataset, model, defense, batch_size, num, seed, out, checkpoint=checkpoint, data_root=data_root,
+        download=download, model_mode=model_mode, device=device,
+        fewbit_backward=fewbit_backward, local_steps=local_steps, local_lr=local_lr, local_batch=local_batch,
+    )
     try:
         with trusted(_flag_plugins(dataset, model, defense)):  # module:Class typed here is trusted by the user
-            paths = capture(
-                dataset, model, defense, batch_size, num, seed, out, checkpoint=checkpoint, data_root=data_root,
-                download=download, model_mode=model_mode, device=device, progress=True,
-                fewbit_backward=fewbit_backward, local_steps=local_steps, local_lr=local_lr, local_batch=local_batch,
-            )
+            paths = capture(cfg, progress=True)
     except KeyboardInterrupt:
         done = sorted(p for p in out.glob("*.safetensors") if not p.name.endswith(".truth.safetensors"))
         err_console.print(f"[yellow]interrupted:[/] {len(done)} complete records kept in {out}; run again to resume")

@@ -1,19 +1,22 @@
-"""The one atomic writer: a temp file beside the target, fsync, then rename.
+"""Files: the one atomic writer (a temp file beside the target, fsync, then rename) and the one slug.
 
 A reader (or a resumed run) sees the old file or the new one, never half of one, and
 an interrupted write leaves no partial file behind: nothing already written is lost.
+:func:`slug` makes the file-system-safe names of records, results and figures.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "slug"]
 
 
 def _umask() -> int:
@@ -62,3 +65,27 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 def atomic_write_json(path: Path | str, data: Any, indent: int | None = 2) -> None:
     """Write ``data`` as JSON (with a final newline) to ``path`` atomically."""
     atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def slug(
+    text: str,
+    keep: str = "A-Za-z0-9._+-",
+    fill: str = "-",
+    strip: str = "",
+    default: str = "",
+    limit: int | None = None,
+    runs: bool = True,
+) -> str:
+    """``text`` made safe as a file name: characters outside ``keep`` (a regex class body) become ``fill``.
+
+    ``runs``: a run of such characters becomes one ``fill`` (else one per character).
+    ``strip``: characters removed from both ends afterwards; ``default``: the name when
+    nothing is left. ``limit``: longer names are cut and end with 12 hex digits of the
+    SHA-256 of ``text``, so two long names stay distinct (a path component has at most
+    255 bytes). Each caller keeps its own rules (they name files that already exist).
+    """
+    name = re.sub(f"[^{keep}]{'+' if runs else ''}", fill, text)
+    name = (name.strip(strip) if strip else name) or default
+    if limit is not None and len(name) > limit:
+        name = name[: limit - 13] + "-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    return name

@@ -8,6 +8,7 @@ the gradient was computed. Initialisation is seeded and explicit.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import torch
@@ -15,8 +16,8 @@ import torchvision
 from torch import nn
 
 from gia_bench.errors import SpecError
-from gia_bench.records import ModelSpec  # the model as a record describes it
-from gia_bench.registry import Range, Registry
+from gia_bench.registry import Range, Registry, describe_params, parse_spec
+from gia_bench.specs import ModelSpec  # the model as a record describes it
 
 MODELS: Registry[nn.Module] = Registry("model", entry_point_group="gia_bench.models", base=nn.Module)
 
@@ -54,6 +55,34 @@ def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | st
         model.to(device)
     model.train(spec.mode == "train")
     return model
+
+
+def canonical_model_spec(model: nn.Module, spec: str) -> str:
+    """The canonical spec of a built model: its name and every parameter it keeps (shape/classes aside)."""
+    name = parse_spec(spec).name
+    parts = []
+    for p in describe_params(type(model)):
+        if p.name in ("in_shape", "num_classes") or not hasattr(model, p.name):
+            continue
+        value = getattr(model, p.name)
+        parts.append(f"{p.name}={str(value).lower() if isinstance(value, bool) else value}")
+    return name + (":" + ",".join(parts) if parts else "")
+
+
+def build_recorded(
+    spec: ModelSpec, seed: int | None = None, device: torch.device | str | None = "cpu"
+) -> tuple[nn.Module, ModelSpec]:
+    """The model a record names (or will name), and its :class:`ModelSpec` canonicalised.
+
+    Every writer of records (capture, the trainer, the federated simulation) builds its
+    model here from the user's spec, so a record always carries the canonical spec with
+    every parameter (``convnet`` -> ``convnet:width=64``); every reader (the receiver
+    side) builds the recorded model here too. ``seed`` and ``device`` are
+    :func:`build_model`'s: None leaves the initialisation (or the placement, e.g. under
+    ``torch.device("meta")``) to the caller.
+    """
+    model = build_model(spec, seed=seed, device=device)
+    return model, dataclasses.replace(spec, spec=canonical_model_spec(model, spec.spec))
 
 
 @MODELS.register("lenet")

@@ -28,7 +28,7 @@ from gia_bench.defenses.codecs import packed_nbytes
 from gia_bench.errors import GiaBenchError, RecordError
 from gia_bench.layout import PLUGIN_ERRORS as _PLUGIN_ERRORS
 from gia_bench.layout import check_layout
-from gia_bench.models import MODELS, build_model
+from gia_bench.models import MODELS, build_recorded
 from gia_bench.records import FLOAT_DTYPES, INT_DTYPES, GradientRecord
 from gia_bench.registry import parse_spec
 
@@ -44,7 +44,7 @@ def decode_record(record: GradientRecord) -> list[torch.Tensor]:
 
 def record_model(record: GradientRecord, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The model at the recorded step, in the recorded mode (train/eval)."""
-    model = build_model(record.meta.model, seed=None, device="cpu")
+    model, _ = build_recorded(record.meta.model, seed=None, device="cpu")
     model.load_state_dict(record.weights, strict=True)
     return model.to(device)
 
@@ -79,7 +79,7 @@ def check_record(record: GradientRecord) -> None:
     record.check_format()
     try:
         with torch.device("meta"):
-            model = build_model(meta.model, seed=None, device=None)
+            model, _ = build_recorded(meta.model, seed=None, device=None)
     except GiaBenchError as exc:
         raise RecordError(f"{where}: model spec {meta.model.spec!r} is invalid ({exc})") from None
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}

@@ -609,12 +609,12 @@ def _rel(path: Path, out: Path) -> str:
 
 def _capture_unit(ctx: Any, dataset: str, model: str, defense: str, batch_size: int, images: int, seed: int,
                   model_mode: str, out: str, fewbit_backward: int = 0) -> None:
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
     from gia_bench.registry import trusted
 
     with trusted(ctx.plugins):  # a worker (or a Ray task) applies the user's --plugin set itself
-        capture(dataset, model, defense, batch_size, images, seed, ctx.outputs / out, model_mode=model_mode,
-                device=ctx.device, fewbit_backward=fewbit_backward)
+        capture(CaptureConfig(dataset, model, defense, batch_size, images, seed, ctx.outputs / out,
+                              model_mode=model_mode, device=ctx.device, fewbit_backward=fewbit_backward))
 
 
 def _attack_unit(ctx: Any, record: str, attack: str, view: str, out_root: str, seed: int,

@@ -24,7 +24,7 @@ from gia_bench.budget import (
     estimate_memory,
     parse_memory,
 )
-from gia_bench.capture import capture
+from gia_bench.capture import CaptureConfig, capture
 from gia_bench.cli import app
 from gia_bench.errors import ConfigError, RecordError, SpecError
 from gia_bench.evaluate import AttackOptions, evaluate, run_attacks
@@ -54,7 +54,7 @@ def resnet_4096(tmp_path_factory) -> Path:
     """A valid ResNet-18 record claiming 3 x 4096 x 4096 inputs: ResNet-18's weights do not depend
     on the input size (adaptive pooling), so the 32 px record's weights fit it."""
     root = tmp_path_factory.mktemp("resnet")
-    capture("digits", "resnet18", "none", 1, 1, 0, root / "small")
+    capture(CaptureConfig("digits", "resnet18", "none", 1, 1, 0, root / "small"))
     small = next(p for p in (root / "small").glob("*.safetensors") if ".truth" not in p.name)
     meta = GradientRecord.load(small).meta
     shape = (3, 4096, 4096)
@@ -65,8 +65,8 @@ def resnet_4096(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lenet_records(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lenet")
-    capture("digits", "lenet", "none", 2, 1, 0, root / "fedsgd")
-    capture("digits", "lenet", "none", 2, 1, 0, root / "fedavg", local_steps=2, local_batch=1)
+    capture(CaptureConfig("digits", "lenet", "none", 2, 1, 0, root / "fedsgd"))
+    capture(CaptureConfig("digits", "lenet", "none", 2, 1, 0, root / "fedavg", local_steps=2, local_batch=1))
     return root
 
 

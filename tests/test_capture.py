@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from gia_bench.capture import (
+    CaptureConfig,
     batch_indices,
     capture,
     compute_gradient,
@@ -34,7 +35,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def test_capture_writes_records_with_the_truth_apart(tmp_path):
-    paths = capture(defense="none", out=tmp_path, **SMALL)
+    paths = capture(CaptureConfig(defense="none", out=tmp_path, **SMALL))
     assert [p.name for p in paths] == [f"digits-lenet-{i:04d}.safetensors" for i in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [p.name for p in paths] + [truth_path(p).name for p in paths]
@@ -61,32 +62,32 @@ def test_capture_writes_records_with_the_truth_apart(tmp_path):
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    capture(defense="fp16", out=a, **SMALL)
-    capture(defense="fp16", out=b, **SMALL)
-    capture(defense="fp16", out=c, **{**SMALL, "seed": 1})
+    capture(CaptureConfig(defense="fp16", out=a, **SMALL))
+    capture(CaptureConfig(defense="fp16", out=b, **SMALL))
+    capture(CaptureConfig(defense="fp16", out=c, **{**SMALL, "seed": 1}))
     ha, hb, hc = _hashes(a), _hashes(b), _hashes(c)
     assert len(ha) == 6 and ha == hb
     assert set(ha.values()).isdisjoint(hc.values())  # another seed: other batches and weights
 
 
 def test_capture_resumes_and_refuses_to_mix_captures(tmp_path):
-    capture(defense="none", out=tmp_path, **{**SMALL, "num": 2})
+    capture(CaptureConfig(defense="none", out=tmp_path, **{**SMALL, "num": 2}))
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
     hashes = _hashes(tmp_path)
-    capture(defense="none", out=tmp_path, **{**SMALL, "num": 3})
+    capture(CaptureConfig(defense="none", out=tmp_path, **{**SMALL, "num": 3}))
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
     assert all(after[name] == before[name] for name in before)  # finished records are not rewritten
     assert len(after) == 6
     # a broken record (e.g. a disk filled up) is captured again, identically
     broken = tmp_path / "digits-lenet-0001.safetensors"
     broken.write_bytes(broken.read_bytes()[:-100])
-    capture(defense="none", out=tmp_path, **{**SMALL, "num": 3})
+    capture(CaptureConfig(defense="none", out=tmp_path, **{**SMALL, "num": 3}))
     assert _hashes(tmp_path)["digits-lenet-0001.safetensors"] == hashes["digits-lenet-0001.safetensors"]
     # a valid record of a different capture is never overwritten nor mixed in
     with pytest.raises(RecordError, match="digits-lenet-0000.safetensors: exists from a different capture"):
-        capture(defense="fp16", out=tmp_path, **SMALL)
+        capture(CaptureConfig(defense="fp16", out=tmp_path, **SMALL))
     with pytest.raises(RecordError, match="different capture"):
-        capture(defense="none", out=tmp_path, **{**SMALL, "seed": 5})
+        capture(CaptureConfig(defense="none", out=tmp_path, **{**SMALL, "seed": 5}))
     assert no_temp_files(tmp_path)
 
 
@@ -96,7 +97,7 @@ def no_temp_files(folder: Path) -> bool:
 
 def test_every_record_starts_from_the_same_model(tmp_path):
     # BatchNorm in train mode updates running statistics on every forward: a capture must not drift
-    paths = capture("faces", "convnet:width=4", "none", batch_size=2, num=2, seed=3, out=tmp_path)
+    paths = capture(CaptureConfig("faces", "convnet:width=4", "none", batch_size=2, num=2, seed=3, out=tmp_path))
     r0, r1 = (load_record(p) for p in paths)
     assert r0.meta.model.spec == "convnet:width=4" and r0.meta.model.mode == "train"
     assert all(torch.equal(r0.weights[k], r1.weights[k]) for k in r0.weights)
@@ -106,8 +107,8 @@ def test_every_record_starts_from_the_same_model(tmp_path):
 
 
 def test_eval_mode_gradient_matches_the_recorded_model(tmp_path):
-    (path,) = capture("photos", "convnet:width=4", "none", batch_size=3, num=1, seed=0, out=tmp_path,
-                      model_mode="eval")
+    (path,) = capture(CaptureConfig("photos", "convnet:width=4", "none", batch_size=3, num=1, seed=0, out=tmp_path,
+                      model_mode="eval"))
     record, truth = load_record(path), Truth.load(truth_path(path))
     assert record.meta.model.mode == "eval"
     model = record_model(record)
@@ -117,8 +118,8 @@ def test_eval_mode_gradient_matches_the_recorded_model(tmp_path):
 
 
 def test_fp16_sends_half_the_bytes_and_the_summary_says_so(tmp_path):
-    rows32 = summarize(capture(defense="none", out=tmp_path / "n", **SMALL))
-    rows16 = summarize(capture(defense="fp16", out=tmp_path / "h", **SMALL))
+    rows32 = summarize(capture(CaptureConfig(defense="none", out=tmp_path / "n", **SMALL)))
+    rows16 = summarize(capture(CaptureConfig(defense="fp16", out=tmp_path / "h", **SMALL)))
     assert [r.ratio for r in rows32] == [1.0] * 3 and [r.ratio for r in rows16] == [2.0] * 3
     assert rows16[0].bytes_sent * 2 == rows32[0].bytes_sent == rows32[0].fp32_bytes == 4 * 15_826
 
@@ -141,19 +142,19 @@ def test_record_ids_are_stable_and_filesystem_safe():
 
 def test_bad_arguments_fail_before_any_work(tmp_path):
     with pytest.raises(SpecError, match="unknown dataset"):
-        capture("nope", "lenet", "none", 1, 1, 0, tmp_path)
+        capture(CaptureConfig("nope", "lenet", "none", 1, 1, 0, tmp_path))
     with pytest.raises(SpecError, match="unknown model"):
-        capture("digits", "vgg", "none", 1, 1, 0, tmp_path)
+        capture(CaptureConfig("digits", "vgg", "none", 1, 1, 0, tmp_path))
     with pytest.raises(SpecError, match="unknown defense"):
-        capture("digits", "lenet", "zip", 1, 1, 0, tmp_path)
+        capture(CaptureConfig("digits", "lenet", "zip", 1, 1, 0, tmp_path))
     with pytest.raises(SpecError, match="--model-mode"):
-        capture("digits", "lenet", "none", 1, 1, 0, tmp_path, model_mode="test")
+        capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path, model_mode="test"))
     with pytest.raises(SpecError, match="--num must be >= 1"):
-        capture("digits", "lenet", "none", 1, 0, 0, tmp_path)
+        capture(CaptureConfig("digits", "lenet", "none", 1, 0, 0, tmp_path))
     assert not any(tmp_path.iterdir())
     (tmp_path / "file").write_text("x")
     with pytest.raises(SpecError, match="--out .*file: is a file"):
-        capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "file")
+        capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path / "file"))
 
 
 def test_exact_cuda_turns_off_tf32_and_autotuning_then_restores_them():
@@ -172,9 +173,9 @@ def test_exact_cuda_turns_off_tf32_and_autotuning_then_restores_them():
 def test_cuda_capture_is_fp32_exact_and_reproducible(tmp_path):
     # measured on an H100: TF32 convolutions put ResNet-18 gradients 8-10% (relative L2) off fp32
     kw = dict(dataset="photos", model="resnet18", defense="none", batch_size=4, num=2, seed=0, model_mode="eval")
-    gpu = capture(out=tmp_path / "g1", device="cuda", **kw)
-    again = capture(out=tmp_path / "g2", device="cuda", **kw)
-    cpu = capture(out=tmp_path / "c", device="cpu", **kw)
+    gpu = capture(CaptureConfig(out=tmp_path / "g1", device="cuda", **kw))
+    again = capture(CaptureConfig(out=tmp_path / "g2", device="cuda", **kw))
+    cpu = capture(CaptureConfig(out=tmp_path / "c", device="cpu", **kw))
     for a, b, c in zip(gpu, again, cpu):
         assert a.read_bytes() == b.read_bytes()
         ga, gc = load_record(a).messages["grads"], load_record(c).messages["grads"]
@@ -202,9 +203,9 @@ def test_checkpoint_formats_load_into_the_record(tmp_path, fmt):
     elif fmt == "ddp-wrapped":
         torch.save({f"module.{k}": v for k, v in state.items()}, ckpt)
     else:  # a record's weights: attack a model at the step another capture recorded
-        src = capture(defense="none", out=tmp_path / "src", **{**SMALL, "num": 1, "seed": 9})[0]
+        src = capture(CaptureConfig(defense="none", out=tmp_path / "src", **{**SMALL, "num": 1, "seed": 9}))[0]
         ckpt = src
-    (path,) = capture(defense="none", out=tmp_path / "out", checkpoint=ckpt, **{**SMALL, "num": 1})
+    (path,) = capture(CaptureConfig(defense="none", out=tmp_path / "out", checkpoint=ckpt, **{**SMALL, "num": 1}))
     record = load_record(path)
     assert all(torch.equal(record.weights[k], v) for k, v in state.items())
     assert record.meta.extra["checkpoint_sha256"] == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
@@ -213,7 +214,7 @@ def test_checkpoint_formats_load_into_the_record(tmp_path, fmt):
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     def refused(path: Path, fragment: str) -> None:
         with pytest.raises(CheckpointError) as exc:
-            capture(defense="none", out=tmp_path / "out", checkpoint=path, **{**SMALL, "num": 1})
+            capture(CaptureConfig(defense="none", out=tmp_path / "out", checkpoint=path, **{**SMALL, "num": 1}))
         assert str(path) in str(exc.value) and fragment in str(exc.value), str(exc.value)
 
     refused(tmp_path / "missing.pt", "no such checkpoint file")
@@ -242,7 +243,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 def test_checkpoint_dtypes_and_special_files_are_refused(tmp_path):
     def refused(path: Path, fragment: str) -> None:
         with pytest.raises(CheckpointError) as exc:
-            capture(defense="none", out=tmp_path / "out", checkpoint=path, **{**SMALL, "num": 1})
+            capture(CaptureConfig(defense="none", out=tmp_path / "out", checkpoint=path, **{**SMALL, "num": 1}))
         assert str(path) in str(exc.value) and fragment in str(exc.value), str(exc.value)
 
     codes = tmp_path / "codes.safetensors"
@@ -255,7 +256,7 @@ def test_checkpoint_dtypes_and_special_files_are_refused(tmp_path):
     refused(fifo, "not a regular file")
     half = tmp_path / "half.pt"  # lower-precision weights are weights: accepted
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in _trained_like().items()}, half)
-    (path,) = capture(defense="none", out=tmp_path / "half-out", checkpoint=half, **{**SMALL, "num": 1})
+    (path,) = capture(CaptureConfig(defense="none", out=tmp_path / "half-out", checkpoint=half, **{**SMALL, "num": 1}))
     assert load_record(path).weights["fc.weight"].dtype == torch.float32
 
 
@@ -284,8 +285,8 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path):
 @pytest.mark.parametrize("defense", ["powersgd:rank=1", "topk:ratio=0.01", "lqsgd:rank=1"])
 def test_capture_with_compressing_defenses(tmp_path, defense):
     name = defense.split(":")[0]
-    a = capture(defense=defense, out=tmp_path / "a", **SMALL)
-    capture(defense=defense, out=tmp_path / "b", **SMALL)
+    a = capture(CaptureConfig(defense=defense, out=tmp_path / "a", **SMALL))
+    capture(CaptureConfig(defense=defense, out=tmp_path / "b", **SMALL))
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
     for path in a:
         record = load_record(path)

@@ -36,15 +36,15 @@ def test_demo_trains_a_batchnorm_model_and_attacks_it_along_the_run():
 @pytest.mark.slow
 def test_demo_attack_budget_makes_none_leak_on_digits(tmp_path):
     """The demo's strongest attack on its own `none` digits records: mean PSNR >= 30 dB (~25 s)."""
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
     from gia_bench.evaluate import evaluate
 
     torch.set_num_threads(1)
     config = load_study(study_mod.DEMO_STUDY)
     assert "digits" in config.datasets and "none" in config.defenses
     dlg = next(a for a in config.attacks if a.split(":")[0] == "dlg")
-    records = capture("digits", config.models[0], "none", config.batch_sizes[0], config.images, config.seeds[0],
-                      tmp_path / "records")  # fmt: skip
+    records = capture(CaptureConfig("digits", config.models[0], "none", config.batch_sizes[0], config.images, config.seeds[0],
+                      tmp_path / "records"))  # fmt: skip
     psnrs = []
     for record in records:
         result = evaluate(record, dlg, "naive", tmp_path / "runs", config.seeds[0])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gia_bench.capture import capture, compute_gradient
+from gia_bench.capture import CaptureConfig, capture, compute_gradient
 from gia_bench.cli import app
 from gia_bench.comm import LocalCommunicator, messages_by_tag
 from gia_bench.defenses import create as create_defense
@@ -110,8 +110,8 @@ def _hashes(folder):
 
 
 def test_k1_defaults_keep_todays_fedsgd_bytes(tmp_path):
-    capture(defense="none", out=tmp_path / "a", **{**SMALL, "num": 1})
-    capture(defense="none", out=tmp_path / "b", local_steps=1, local_lr=0.7, local_batch=4, **{**SMALL, "num": 1})
+    capture(CaptureConfig(defense="none", out=tmp_path / "a", **{**SMALL, "num": 1}))
+    capture(CaptureConfig(defense="none", out=tmp_path / "b", local_steps=1, local_lr=0.7, local_batch=4, **{**SMALL, "num": 1}))
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
     path = tmp_path / "a" / "digits-lenet-0000.safetensors"
     with safe_open(str(path), framework="pt") as fh:
@@ -129,7 +129,7 @@ def _simulated(record: GradientRecord, truth: Truth) -> list[torch.Tensor]:
 
 
 def test_k2_fedavg_record_round_trips_and_simulates_to_the_recorded_update(tmp_path):
-    paths = capture(defense="none", out=tmp_path, local_steps=2, local_lr=0.5, local_batch=3, **SMALL)
+    paths = capture(CaptureConfig(defense="none", out=tmp_path, local_steps=2, local_lr=0.5, local_batch=3, **SMALL))
     for path in paths:
         record, truth = load_record(path), Truth.load(truth_path(path))
         meta = record.meta
@@ -142,15 +142,15 @@ def test_k2_fedavg_record_round_trips_and_simulates_to_the_recorded_update(tmp_p
         assert not torch.allclose(decoded[-1], first[-1])
     # resumable: the same FedAvg capture again keeps the files; another K in the same folder is refused
     before = _hashes(tmp_path)
-    capture(defense="none", out=tmp_path, local_steps=2, local_lr=0.5, local_batch=3, **SMALL)
+    capture(CaptureConfig(defense="none", out=tmp_path, local_steps=2, local_lr=0.5, local_batch=3, **SMALL))
     assert _hashes(tmp_path) == before
     with pytest.raises(RecordError, match="local_steps"):
-        capture(defense="none", out=tmp_path, local_steps=3, local_lr=0.5, local_batch=3, **SMALL)
+        capture(CaptureConfig(defense="none", out=tmp_path, local_steps=3, local_lr=0.5, local_batch=3, **SMALL))
 
 
 @pytest.mark.parametrize("defense", ["topk:ratio=0.05", "lqsgd:rank=1"])
 def test_compressed_fedavg_record_decodes_to_the_compressed_update(tmp_path, defense):
-    (path,) = capture(defense=defense, out=tmp_path, local_steps=3, local_lr=0.2, **{**SMALL, "num": 1})
+    (path,) = capture(CaptureConfig(defense=defense, out=tmp_path, local_steps=3, local_lr=0.2, **{**SMALL, "num": 1}))
     record, truth = load_record(path), Truth.load(truth_path(path))
     u = _simulated(record, truth)
     comm = LocalCommunicator(record=True)
@@ -190,7 +190,7 @@ def _rewrite_meta(path, **changes):
     ],
 )
 def test_bad_fedavg_metadata_is_refused(tmp_path, changes, fragment):
-    (path,) = capture(defense="none", out=tmp_path, local_steps=2, local_lr=0.5, **{**SMALL, "num": 1})
+    (path,) = capture(CaptureConfig(defense="none", out=tmp_path, local_steps=2, local_lr=0.5, **{**SMALL, "num": 1}))
     _rewrite_meta(path, **changes)
     with pytest.raises(RecordError) as exc:
         load_record(path)

@@ -113,9 +113,9 @@ def test_bad_bits_and_models_without_activations_are_refused():
 
 
 def test_capture_records_say_few_bit_and_the_attacker_rebuilds_it(tmp_path):
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
-    paths = capture("digits", "lenet", "none", 1, 1, 0, tmp_path, fewbit_backward=2)
+    paths = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path, fewbit_backward=2))
     record = load_record(paths[0])
     assert record.meta.model.fewbit_backward == 2
     model = record_model(record)

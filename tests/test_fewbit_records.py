@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gia_bench import fewbit
-from gia_bench.capture import capture, compute_gradient
+from gia_bench.capture import CaptureConfig, capture, compute_gradient
 from gia_bench.evaluate import run_attack
 from gia_bench.models import build_model
 from gia_bench.receiver import decode_record, load_record, record_model
@@ -50,7 +50,7 @@ def test_tables_first_built_under_the_meta_device_have_data():
 
 
 def test_few_bit_record_is_rebuilt_exactly_and_attacked_in_both_views(tmp_path):
-    (path,) = capture("digits", "lenet", "topk:ratio=0.1", 1, 1, 0, tmp_path / "rec", fewbit_backward=2)
+    (path,) = capture(CaptureConfig("digits", "lenet", "topk:ratio=0.1", 1, 1, 0, tmp_path / "rec", fewbit_backward=2))
     fewbit.table.cache_clear()
     record = load_record(path)  # the meta-device check runs first, on a cold cache
     model = record_model(record)

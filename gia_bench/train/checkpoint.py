@@ -107,12 +107,13 @@ def expected_world_size(config: TrainConfig) -> int | None:
 def reference_model(config: TrainConfig) -> torch.nn.Module:
     """The run's model on the meta device: names, shapes and dtypes, no memory."""
     from gia_bench.data import load_dataset
-    from gia_bench.models import ModelSpec, build_model
+    from gia_bench.models import build_recorded
+    from gia_bench.specs import ModelSpec
 
     spec = load_dataset(config.dataset, root=config.data_root, download=False, split="train").spec
     with torch.device("meta"):
-        model_spec = ModelSpec(config.model, tuple(spec.shape), spec.num_classes, "train", config.fewbit_backward)
-        return build_model(model_spec, seed=None, device=None)
+        model, _ = build_recorded(ModelSpec.for_data(config.model, spec, "train", config.fewbit_backward), device=None)
+        return model
 
 
 def size_bound(model: torch.nn.Module, world_size: int) -> int:

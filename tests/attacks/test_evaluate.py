@@ -163,10 +163,10 @@ def _cli(*args):
 
 
 def test_two_defenses_into_one_out_give_two_results(tmp_path):
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
-    a = capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "A")[0]
-    b = capture("digits", "lenet", "topk:ratio=0.05", 1, 1, 0, tmp_path / "B")[0]
+    a = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path / "A"))[0]
+    b = capture(CaptureConfig("digits", "lenet", "topk:ratio=0.05", 1, 1, 0, tmp_path / "B"))[0]
     assert a.name == b.name  # the same record id: only the content tells them apart
     out = tmp_path / "runs"
     for folder in ("A", "B"):
@@ -187,10 +187,10 @@ def test_two_defenses_into_one_out_give_two_results(tmp_path):
 
 
 def test_same_id_other_record_is_refused_and_a_changed_record_recomputed(tmp_path):
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
-    a = capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "A")[0]
-    c = capture("digits", "lenet", "none", 1, 1, 1, tmp_path / "C")[0]  # another seed: same id and defense
+    a = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path / "A"))[0]
+    c = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 1, tmp_path / "C"))[0]  # another seed: same id and defense
     out = tmp_path / "runs"
     first = evaluate(a, "dlg:iterations=1", "naive", out)
     assert not first.reused and evaluate(a, "dlg:iterations=1", "naive", out).reused
@@ -294,9 +294,9 @@ def _forge(path: Path, **fields) -> None:
 
 
 def test_a_result_claiming_another_records_content_is_recomputed_not_reused(tmp_path):
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
-    a, b = capture("digits", "lenet", "none", 1, 2, 0, tmp_path / "A")  # two records, two ids
+    a, b = capture(CaptureConfig("digits", "lenet", "none", 1, 2, 0, tmp_path / "A"))  # two records, two ids
     out = tmp_path / "runs"
     first = evaluate(b, SPEC, "naive", out)
     honest = first.data["psnr"]
@@ -316,9 +316,9 @@ def test_a_result_claiming_another_records_content_is_recomputed_not_reused(tmp_
 
 def test_a_moved_record_folder_keeps_its_results(tmp_path):
     """The record a result names is gone (the folder moved): the content key alone decides, and it matches."""
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
-    a = capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "A")[0]
+    a = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path / "A"))[0]
     out = tmp_path / "runs"
     first = evaluate(a, SPEC, "naive", out)
     stamp = first.path.stat().st_mtime_ns
@@ -328,11 +328,11 @@ def test_a_moved_record_folder_keeps_its_results(tmp_path):
 
 
 def test_result_is_current_keys_on_content_and_the_canonical_spec(tmp_path):
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
     from gia_bench.evaluate import result_is_current
 
-    a = capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "A")[0]
-    c = capture("digits", "lenet", "none", 1, 1, 1, tmp_path / "C")[0]  # same id, another seed
+    a = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path / "A"))[0]
+    c = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 1, tmp_path / "C"))[0]  # same id, another seed
     result = evaluate(a, SPEC, "naive", tmp_path / "runs").path
     assert result_is_current(result, a, SPEC, "naive", 0)
     assert result_is_current(result, a, create(SPEC).spec, "naive", 0)  # every default spelled out: one identity

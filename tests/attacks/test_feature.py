@@ -132,10 +132,10 @@ def test_a_record_with_no_exact_layer_is_skipped_with_its_reason(defense, indice
 
 
 def test_result_json_names_the_layers_used(tmp_path):
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
     from gia_bench.evaluate import run_attack
 
-    path = capture("photos", "lenet", "powersgd:rank=1", 1, 1, 3, tmp_path / "rec")[0]
+    path = capture(CaptureConfig("photos", "lenet", "powersgd:rank=1", 1, 1, 3, tmp_path / "rec"))[0]
     result = json.loads(run_attack(path, "feature:iterations=3,restarts=1,grad=0", "aware", tmp_path / "runs").read_text())
     used = result["extra"]["layers_used"]
     assert [u["layer"] for u in used] == ["fc"] and used[0]["features"] == 768

@@ -26,7 +26,7 @@ def _sha(path: Path) -> str:
 
 
 def test_a_replaced_record_has_its_attacks_redone_and_a_plain_resume_redoes_nothing(tmp_path):
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
     (tmp_path / "study.toml").write_text(ONE)
     out = tmp_path / "out"
@@ -45,7 +45,7 @@ def test_a_replaced_record_has_its_attacks_redone_and_a_plain_resume_redoes_noth
     assert [p.stat().st_mtime_ns for p in results] == stamps
 
     # the record is replaced by another with the same id and defense (captured with another seed)
-    other = capture("digits", "lenet", "none", 1, 1, 7, tmp_path / "other")[0]
+    other = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 7, tmp_path / "other"))[0]
     assert other.name == record.name and _sha(other) != _sha(record)
     old_sha = _sha(record)
     shutil.copyfile(other, record)

@@ -28,10 +28,10 @@ ROOT = Path(__file__).parents[2]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two records (ids 0000 and 0001) attacked into ``o1``; record 0000 attacked again into ``o2``."""
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
     root = tmp_path_factory.mktemp("dedupe")
-    a, b = capture("digits", "lenet", "none", 1, 2, 0, root / "records")
+    a, b = capture(CaptureConfig("digits", "lenet", "none", 1, 2, 0, root / "records"))
     ra = evaluate(a, SPEC, "naive", root / "o1")
     rb = evaluate(b, SPEC, "naive", root / "o1")
     again = evaluate(a, SPEC, "naive", root / "o2")
