@@ -531,7 +531,7 @@ class FederatedConfig:
         """Every value in range before anything starts (one :class:`SpecError` naming the flag):
         a value Ray cannot place (``--num-cpus 0``, ``--cpus-per-client 1e9``) would hang, not fail."""
         from gia_bench.budget import check_local_work
-        from gia_bench.records import MAX_BATCH
+        from gia_bench.record_checks import MAX_BATCH
 
         cpus = os.cpu_count() or 1
         for flag, value, low, high in (

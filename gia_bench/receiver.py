@@ -29,7 +29,8 @@ from gia_bench.errors import GiaBenchError, RecordError
 from gia_bench.layout import PLUGIN_ERRORS as _PLUGIN_ERRORS
 from gia_bench.layout import check_layout
 from gia_bench.models import MODELS, build_recorded
-from gia_bench.records import FLOAT_DTYPES, INT_DTYPES, GradientRecord
+from gia_bench.record_checks import FLOAT_DTYPES, INT_DTYPES
+from gia_bench.records import GradientRecord
 from gia_bench.registry import parse_spec
 
 def record_compressor(record: GradientRecord) -> Compressor:

@@ -37,12 +37,9 @@ from safetensors.torch import save as safetensors_save
 
 from gia_bench.errors import RecordError
 from gia_bench.io import atomic_write_bytes
-from gia_bench.record_checks import (  # noqa: F401 - FLOAT/INT_DTYPES, MAX_BATCH: named here by the format's users
+from gia_bench.record_checks import (
     DEFAULT_PUBLIC,
-    FLOAT_DTYPES,
-    INT_DTYPES,
-    MAX_BATCH,
-    MAX_FILE_BYTES,
+    MAX_FILE_BYTES,  # also read by gia_bench.identity from here
     MAX_TENSORS,
     PUBLIC_TENSORS,
     SCHEMA_VERSION,

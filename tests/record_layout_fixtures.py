@@ -22,7 +22,7 @@ from gia_bench.data import DatasetSpec
 from gia_bench.defenses import create
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.records import GradientRecord
-from gia_bench.train.records import record_path, save_step_record
+from gia_bench.train.records import RecordedRun, StepCapture, record_path, save_step_record
 
 DS = DatasetSpec("toy", (1, 8, 8), 10, (0.5,), (0.25,))
 MS = ModelSpec("mlp:hidden=8", DS.shape, DS.num_classes)
@@ -132,12 +132,11 @@ def train_records(defense: str, out: Path, world_size: int = 2, steps: int = 3) 
             extra = {"source": "train", "epoch": 1, "rank": rank, "world_size": world_size, "lr": 0.1,
                      "view": f"rank {rank}'s messages", "wire_messages": wire,
                      "wire_bytes": sum(int(m["nbytes"]) for m in wire)}  # fmt: skip
-            path = record_path(out, step, rank)
-            save_step_record(
-                path, weights, names, MS, DS, comps[rank].spec, *data[rank], messages,
-                comps[rank].public_state(), private, step, 0, extra, rank=rank,
-            )  # fmt: skip
-            paths[step, rank] = path
+            run = RecordedRun(out, MS, DS, tuple(names), comps[rank].spec, seed=0)
+            capture = StepCapture(step, 1, rank, world_size, 0.1, weights, private, *data[rank], messages,
+                                  comps[rank].public_state())  # fmt: skip
+            save_step_record(run, capture, extra)
+            paths[step, rank] = record_path(out, step, rank)
     return paths
 
 

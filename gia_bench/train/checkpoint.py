@@ -14,6 +14,7 @@ file and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,12 +130,28 @@ def size_bound(model: torch.nn.Module, world_size: int) -> int:
 def validate_checkpoint(
     ck: Any, path: Path, config: TrainConfig, model: torch.nn.Module, world_size: int | None = None
 ) -> None:
-    """Raise :class:`CheckpointError` (one line: the file and the field) unless ``ck`` resumes this run."""
-    from gia_bench.defenses import create
-    from gia_bench.defenses.ddp import clone_state
+    """Raise :class:`CheckpointError` (one line: the file and the field) unless ``ck`` resumes this run.
 
+    Checked in order: the header (format, version, epoch, step, world size, defense, history),
+    the model, the optimizer, and every rank's hook state and RNG.
+    """
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path}: holds a {type(ck).__name__}, not a gia-bench training checkpoint (a dict)")
+    saved_world, spec = _check_header(ck, path, config, world_size)
+    _check_model(ck, path, config, model)
+    _check_optimizer(ck, path, model)
+    ranks = ck.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != saved_world:
+        raise CheckpointError(f"{path}: 'ranks' must hold one entry per worker ({saved_world})")
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    for r, entry in enumerate(ranks):
+        _check_rank(entry, r, path, spec, shapes)
+
+
+def _check_header(ck: dict, path: Path, config: TrainConfig, world_size: int | None) -> tuple[int, str]:
+    """Format, version, epoch, step, world size, defense and history; returns the saved world size and defense."""
+    from gia_bench.defenses import create
+
     if ck.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a gia-bench training checkpoint ('format' is {ck.get('format')!r})")
     if ck.get("version") != VERSION:
@@ -160,8 +177,11 @@ def validate_checkpoint(
     history = ck.get("epochs")
     if not isinstance(history, list) or len(history) != epoch or not all(isinstance(e, dict) for e in history):
         raise CheckpointError(f"{path}: 'epochs' must list one dict per epoch done ({epoch})")
+    return saved_world, spec
 
-    # the model: every name, shape and dtype, finite
+
+def _check_model(ck: dict, path: Path, config: TrainConfig, model: torch.nn.Module) -> None:
+    """The model: every name, shape and dtype, finite."""
     weights = ck.get("model")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path}: 'model' is {type(weights).__name__}, not a state dict")
@@ -176,7 +196,9 @@ def validate_checkpoint(
         _check_like(weights[name], t, path, f"model weight {name!r}")
     _check_finite(weights, path, "model")
 
-    # the optimizer: one group over every parameter, buffers shaped like them
+
+def _check_optimizer(ck: dict, path: Path, model: torch.nn.Module) -> None:
+    """The optimizer: one group over every parameter, buffers shaped like them, finite."""
     params = [p for _, p in model.named_parameters()]
     opt = ck.get("optimizer")
     if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
@@ -192,44 +214,43 @@ def validate_checkpoint(
                 _check_like(value, params[key], path, f"optimizer {field} of parameter {key}")
     _check_finite(opt, path, "optimizer")
 
-    # every rank: its hook state (the compressor's own check of its state) and RNG
-    ranks = ck.get("ranks")
-    if not isinstance(ranks, list) or len(ranks) != saved_world:
-        raise CheckpointError(f"{path}: 'ranks' must hold one entry per worker ({saved_world})")
-    cpu_rng = torch.get_rng_state()
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    for r, entry in enumerate(ranks):
-        where = f"rank {r}'s "
-        if not isinstance(entry, dict) or not isinstance(entry.get("hook"), dict) or not isinstance(entry.get("rng"), dict):
-            raise CheckpointError(f"{path}: 'ranks'[{r}] must be a dict with 'hook' and 'rng'")
-        hook, rng = entry["hook"], entry["rng"]
-        for key in ("step", "bytes_sent", "payload_bytes"):
-            _int(hook, key, path, where + "hook ")
-        if hook.get("spec") != spec:
-            raise CheckpointError(f"{path}: {where}hook state is for {hook.get('spec')!r}, this run uses {spec!r}")
-        state = hook.get("compressor")
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: {where}compressor state is {type(state).__name__}, not a dict")
-        _check_finite(state, path, where + "compressor state")
-        residuals = state.get("residuals")
-        if isinstance(residuals, dict):
-            for key, value in residuals.items():
-                if key in shapes and isinstance(value, torch.Tensor) and value.numel() != math.prod(shapes[key]):
-                    raise CheckpointError(
-                        f"{path}: {where}residual of {key!r} has {value.numel()} values, the parameter {math.prod(shapes[key])}"
-                    )
-        try:
-            create(spec).load_state_dict(clone_state(state))
-        except GiaBenchError as exc:
-            raise CheckpointError(f"{path}: {where}compressor state does not load ({exc})") from None
-        except Exception as exc:  # a compressor's loader may fail in any way on a foreign state
-            raise CheckpointError(f"{path}: {where}compressor state does not load ({type(exc).__name__}: {exc})") from None
-        cpu = rng.get("cpu")
-        if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8 or cpu.shape != cpu_rng.shape:
-            raise CheckpointError(f"{path}: {where}'rng'['cpu'] is not a CPU generator state")
-        cuda = rng.get("cuda")
-        if cuda is not None and (not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8):
-            raise CheckpointError(f"{path}: {where}'rng'['cuda'] is not a CUDA generator state")
+
+def _check_rank(entry: Any, r: int, path: Path, spec: str, shapes: Mapping[str, torch.Size]) -> None:
+    """Rank ``r``'s hook state (the compressor's own check of its state) and RNG."""
+    from gia_bench.defenses import create
+    from gia_bench.defenses.ddp import clone_state
+
+    where = f"rank {r}'s "
+    if not isinstance(entry, dict) or not isinstance(entry.get("hook"), dict) or not isinstance(entry.get("rng"), dict):
+        raise CheckpointError(f"{path}: 'ranks'[{r}] must be a dict with 'hook' and 'rng'")
+    hook, rng = entry["hook"], entry["rng"]
+    for key in ("step", "bytes_sent", "payload_bytes"):
+        _int(hook, key, path, where + "hook ")
+    if hook.get("spec") != spec:
+        raise CheckpointError(f"{path}: {where}hook state is for {hook.get('spec')!r}, this run uses {spec!r}")
+    state = hook.get("compressor")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {where}compressor state is {type(state).__name__}, not a dict")
+    _check_finite(state, path, where + "compressor state")
+    residuals = state.get("residuals")
+    if isinstance(residuals, dict):
+        for key, value in residuals.items():
+            if key in shapes and isinstance(value, torch.Tensor) and value.numel() != math.prod(shapes[key]):
+                raise CheckpointError(
+                    f"{path}: {where}residual of {key!r} has {value.numel()} values, the parameter {math.prod(shapes[key])}"
+                )
+    try:
+        create(spec).load_state_dict(clone_state(state))
+    except GiaBenchError as exc:
+        raise CheckpointError(f"{path}: {where}compressor state does not load ({exc})") from None
+    except Exception as exc:  # a compressor's loader may fail in any way on a foreign state
+        raise CheckpointError(f"{path}: {where}compressor state does not load ({type(exc).__name__}: {exc})") from None
+    cpu = rng.get("cpu")
+    if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
+        raise CheckpointError(f"{path}: {where}'rng'['cpu'] is not a CPU generator state")
+    cuda = rng.get("cuda")
+    if cuda is not None and (not isinstance(cuda, torch.Tensor) or cuda.dtype != torch.uint8):
+        raise CheckpointError(f"{path}: {where}'rng'['cuda'] is not a CUDA generator state")
 
 
 def check_resume(config: TrainConfig) -> dict[str, Any] | None:
@@ -290,26 +311,47 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def save_checkpoint(config, rank, world_size, device, model, optimizer, state, epoch, step, history) -> None:  # noqa: ANN001
-    mine = {"hook": to_cpu(state.state_dict()), "rng": rng_state(device)}
-    gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+@dataclasses.dataclass(frozen=True)
+class CheckpointState:
+    """What one worker contributes to the checkpoint written after an epoch (rank 0 writes the file).
+
+    ``hook`` is the DDP comm hook's state (:func:`gia_bench.defenses.ddp.make_hook`): this
+    rank's compressor (its error feedback is its own) and byte counters.
+    """
+
+    out: Path  # the run folder: the file is out / CHECKPOINT_FILE
+    rank: int
+    world_size: int
+    device: torch.device
+    epoch: int  # epochs done
+    step: int  # optimizer steps done
+    history: list[dict[str, Any]]  # metrics.json's row of every epoch done
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    hook: Any
+
+
+def save_checkpoint(ck: CheckpointState) -> None:
+    """Gather every rank's hook state and RNG to rank 0, which writes the checkpoint atomically."""
+    mine = {"hook": to_cpu(ck.hook.state_dict()), "rng": rng_state(ck.device)}
+    gathered: list[Any] | None = [None] * ck.world_size if ck.rank == 0 else None
     # every rank's error feedback is its own, so rank 0 collects them all into one file
     dist.gather_object(mine, gathered, dst=0)
-    if rank != 0:
+    if ck.rank != 0:
         return
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "epoch": epoch,
-        "step": step,
-        "world_size": world_size,
-        "defense": state.compressor.spec,
-        "model": to_cpu(model.state_dict()),
-        "optimizer": to_cpu(optimizer.state_dict()),
+        "epoch": ck.epoch,
+        "step": ck.step,
+        "world_size": ck.world_size,
+        "defense": ck.hook.compressor.spec,
+        "model": to_cpu(ck.model.state_dict()),
+        "optimizer": to_cpu(ck.optimizer.state_dict()),
         "ranks": gathered,
-        "epochs": history,
+        "epochs": ck.history,
     }
-    atomic_write(config.out / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))
+    atomic_write(ck.out / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))
 
 
 def checkpoint_note(out: Path) -> str:

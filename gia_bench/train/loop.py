@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from gia_bench.errors import ConfigError
 from gia_bench.io import atomic_write_json
 from gia_bench.optim import make_optimizer, sparsity
-from gia_bench.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state, to_cpu, to_device
+from gia_bench.train.checkpoint import (
+    CheckpointState,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    to_cpu,
+    to_device,
+)
 from gia_bench.train.config import (
     CHECKPOINT_FILE,
     FAIL_ENV,
@@ -30,7 +37,7 @@ from gia_bench.train.config import (
     lr_at,
 )
 from gia_bench.train.progress import Progress
-from gia_bench.train.records import record_path, save_step_record
+from gia_bench.train.records import RecordedRun, StepCapture, record_path, save_step_record
 from gia_bench.train.watchdog import LINGER_MARGIN_S, Watchdog, peer_lost_linger
 
 def _fail_at() -> tuple[int, int] | None:
@@ -64,42 +71,6 @@ def _evaluate(model: torch.nn.Module, test: Any, device: torch.device, rank: int
     model.train(was_training)
     dist.all_reduce(correct)  # a plain all-reduce of one integer, not gradient traffic
     return int(correct) / max(len(test), 1)
-
-
-def _capture_step(
-    config: TrainConfig,
-    weights: dict[str, torch.Tensor],
-    names: list[str],
-    model_spec: Any,
-    dataset_spec: Any,
-    compressor: Any,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    messages: list[Any],
-    private: dict[str, torch.Tensor],
-    step: int,
-    epoch: int,
-    world_size: int,
-    lr: float,
-    rank: int,
-) -> None:
-    """Save this rank's step ``step`` as a record (see :mod:`gia_bench.train.records` for what it holds)."""
-    wire = [m.info() for m in messages]
-    save_step_record(
-        record_path(config.out / RECORDS_DIR, step, rank), weights, names, model_spec, dataset_spec,
-        compressor.spec, inputs, labels, messages, compressor.public_state(), private, step, config.seed,
-        extra={
-            "source": "train",
-            "epoch": epoch,
-            "rank": rank,
-            "world_size": world_size,
-            "lr": lr,
-            "view": f"rank {rank}'s messages as sent through torch.distributed in this step",
-            "wire_messages": wire,
-            "wire_bytes": sum(int(m["nbytes"]) for m in wire),
-        },
-        rank=rank,
-    )
 
 
 def _raised_by_collective(exc: BaseException) -> bool:
@@ -162,45 +133,81 @@ def run_worker(config: TrainConfig) -> None:
         watchdog.stop()
 
 
-def _train(
-    config: TrainConfig, rank: int, world_size: int, device: torch.device, backend: str, watchdog: Watchdog
-) -> None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
+@dataclasses.dataclass(frozen=True)
+class _Worker:
+    """Who this process is in the run (fixed once the process group is up)."""
+
+    config: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    watchdog: Watchdog
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What a worker builds before its first step: data, model, compressor, optimizer, schedule."""
+
+    train: Any
+    test: Any
+    model: torch.nn.Module
+    recorded: RecordedRun  # what every record of this run shares
+    compressor: Any
+    optimizer: torch.optim.Optimizer
+    sampler: Any  # DistributedSampler: this rank's share of each epoch
+    peak_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    capture_at: frozenset[int]
+
+
+def _build(w: _Worker) -> _Run:
     from torch.utils.data import DistributedSampler
 
     from gia_bench.defenses import create
-    from gia_bench.capture import model_spec_string
-    from gia_bench.defenses.ddp import make_hook
-    from gia_bench.models import ModelSpec, build_model
+    from gia_bench.models import build_recorded
+    from gia_bench.specs import ModelSpec
 
+    config = w.config
     train, test = load_data(config)
     dataset_spec = train.spec
-    model_spec = ModelSpec(
-        config.model, tuple(dataset_spec.shape), dataset_spec.num_classes, "train", config.fewbit_backward
+    model, model_spec = build_recorded(
+        ModelSpec.for_data(config.model, dataset_spec, "train", config.fewbit_backward), seed=config.seed, device=w.device
     )
-    model = build_model(model_spec, seed=config.seed, device=device)
-    model_spec = dataclasses.replace(model_spec, spec=model_spec_string(model, config.model))
-    names = [n for n, _ in model.named_parameters()]
+    names = tuple(n for n, _ in model.named_parameters())
     compressor = create(config.defense_spec())
-    peak_lr = config.peak_lr(world_size)
+    peak_lr = config.peak_lr(w.world_size)
     optimizer = make_optimizer(
         config.optimizer, model.parameters(), lr=peak_lr, momentum=config.momentum,
         weight_decay=config.weight_decay, l1=config.l1,
     )
     sampler = DistributedSampler(
-        range(len(train)), num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed, drop_last=True
+        range(len(train)), num_replicas=w.world_size, rank=w.rank, shuffle=True, seed=config.seed, drop_last=True
     )
-    steps_per_epoch = config.steps_per_epoch(len(train), world_size)
+    steps_per_epoch = config.steps_per_epoch(len(train), w.world_size)
     if steps_per_epoch < 1:
         raise ConfigError(
-            f"--batch-size {config.batch_size}: each of {world_size} workers has only {len(sampler)} training examples"
+            f"--batch-size {config.batch_size}: each of {w.world_size} workers has only {len(sampler)} training examples"
         )
     total_steps = steps_per_epoch * config.epochs
-    warmup = config.warmup(total_steps)
-    capture_at = set(config.capture_plan(total_steps))
+    recorded = RecordedRun(config.out / RECORDS_DIR, model_spec, dataset_spec, names, compressor.spec, config.seed)
+    return _Run(
+        train, test, model, recorded, compressor, optimizer, sampler, peak_lr, steps_per_epoch, total_steps,
+        config.warmup(total_steps), frozenset(config.capture_plan(total_steps)),
+    )
 
+
+def _train(
+    config: TrainConfig, rank: int, world_size: int, device: torch.device, backend: str, watchdog: Watchdog
+) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gia_bench.defenses.ddp import make_hook
+
+    w = _Worker(config, rank, world_size, device, watchdog)
+    run = _build(w)
     ckpt_path = config.out / CHECKPOINT_FILE
-    start_epoch, global_step, history = 0, 0, []
     checkpoint = load_checkpoint(ckpt_path) if config.resume and ckpt_path.exists() else None
     if checkpoint is not None:
         if checkpoint["world_size"] != world_size:
@@ -208,91 +215,118 @@ def _train(
                 f"{ckpt_path}: saved with {checkpoint['world_size']} workers, this run has {world_size}"
                 " (error feedback is per worker)"
             )
-        model.load_state_dict(checkpoint["model"])
+        run.model.load_state_dict(checkpoint["model"])
     watchdog.kick()  # from here on every step, evaluation and checkpoint write is watched (not the data loading)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=config.bucket_cap_mb)
-    state, hook = make_hook(compressor, ddp)
+    ddp = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=config.bucket_cap_mb)
+    state, hook = make_hook(run.compressor, ddp)
     ddp.register_comm_hook(state, hook)
+    start_epoch, global_step, history = 0, 0, []
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
         state.load_state_dict(to_device(checkpoint["ranks"][rank]["hook"], device))
         set_rng_state(checkpoint["ranks"][rank]["rng"], device)
         start_epoch, global_step = int(checkpoint["epoch"]), int(checkpoint["step"])
         history = list(checkpoint["epochs"])
 
-    fail = _fail_at()
-    progress = Progress(rank == 0, config.epochs, steps_per_epoch, start_epoch, config.defense)
+    progress = Progress(rank == 0, config.epochs, run.steps_per_epoch, start_epoch, config.defense)
     try:
         for epoch in range(start_epoch, config.epochs):
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler), dtype=torch.int64)
-            bytes_before, payload_before = state.bytes_sent, state.payload_bytes
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            t0 = time.perf_counter()
-            for s in range(steps_per_epoch):
-                watchdog.kick()
-                if fail is not None and fail == (rank, global_step):
-                    os._exit(FAIL_EXIT_CODE)  # simulates a crashed worker (tests only)
-                idx = order[s * config.batch_size : (s + 1) * config.batch_size]
-                x, y = train.batch(idx.tolist())
-                x, y = x.to(device), y.to(device)
-                capturing = rank in config.capture_ranks and (
-                    global_step in capture_at or (config.capture_every > 0 and global_step % config.capture_every == 0)
-                )
-                if capturing:
-                    # what the server has before this step (BN buffers too), and what rank 0 adds privately
-                    weights = to_cpu(model.state_dict())
-                    private = compressor.private_state(names, [p.shape for p in model.parameters()])
-                    state.comm.record, state.keep_messages = True, True
-                lr = lr_at(peak_lr, config.lr_schedule, global_step, total_steps, warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(ddp(x), y)
-                loss.backward()
-                if capturing:
-                    messages = state.comm.reset()
-                    state.comm.record, state.keep_messages = False, False
-                    _capture_step(config, weights, names, model_spec, dataset_spec, compressor, x, y, messages,
-                                  private, global_step, epoch + 1, world_size, lr, rank)
-                optimizer.step()
-                loss_sum += loss.detach().double()
-                global_step += 1
-                progress.step(epoch, float(loss) if progress.enabled else 0.0)
-            seconds = time.perf_counter() - t0
+            global_step = _epoch(w, run, ddp, state, epoch, global_step, history, progress)
             watchdog.kick()
-            # train loss averaged over workers; a plain all-reduce, not gradient traffic
-            stats = torch.stack([loss_sum, torch.tensor(float(steps_per_epoch), dtype=torch.float64, device=device)])
-            dist.all_reduce(stats)
-            t1 = time.perf_counter()
-            watchdog.kick()
-            accuracy = _evaluate(model, test, device, rank, world_size)
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": float(stats[0] / stats[1]),
-                    "test_accuracy": accuracy,
-                    "test_examples": len(test),
-                    "sparsity": sparsity(model),
-                    "lr": lr_at(peak_lr, config.lr_schedule, global_step - 1, total_steps, warmup),
-                    "step": global_step,  # optimizer steps done at the end of the epoch
-                    "bytes_sent_per_worker": state.bytes_sent - bytes_before,
-                    "payload_bytes_per_worker": state.payload_bytes - payload_before,
-                    "steps": steps_per_epoch,
-                    "seconds": seconds,
-                    "eval_seconds": time.perf_counter() - t1,
-                }
+            save_checkpoint(
+                CheckpointState(config.out, rank, world_size, device, epoch + 1, global_step, history, run.model,
+                                run.optimizer, state)  # fmt: skip
             )
-            watchdog.kick()
-            save_checkpoint(config, rank, world_size, device, model, optimizer, state, epoch + 1, global_step, history)
             if rank == 0:
                 atomic_write_json(
                     config.out / METRICS_FILE,
-                    _metrics(config, compressor, world_size, backend, history, peak_lr, warmup, total_steps),
+                    _metrics(config, run.compressor, world_size, backend, history, run.peak_lr, run.warmup,
+                             run.total_steps),  # fmt: skip
                 )
                 progress.epoch_done(history[-1])
     finally:
         progress.close()
+
+
+def _epoch(
+    w: _Worker, run: _Run, ddp: Any, state: Any, epoch: int, global_step: int, history: list[dict], progress: Progress
+) -> int:
+    """Train one epoch, evaluate, and append its row to ``history``; returns the optimizer steps done."""
+    config, device = w.config, w.device
+    run.sampler.set_epoch(epoch)
+    order = torch.tensor(list(run.sampler), dtype=torch.int64)
+    bytes_before, payload_before = state.bytes_sent, state.payload_bytes
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    fail = _fail_at()
+    t0 = time.perf_counter()
+    for s in range(run.steps_per_epoch):
+        w.watchdog.kick()
+        if fail is not None and fail == (w.rank, global_step):
+            os._exit(FAIL_EXIT_CODE)  # simulates a crashed worker (tests only)
+        idx = order[s * config.batch_size : (s + 1) * config.batch_size]
+        x, y = run.train.batch(idx.tolist())
+        loss = _step(w, run, ddp, state, x.to(device), y.to(device), epoch, global_step)
+        loss_sum += loss.detach().double()
+        global_step += 1
+        progress.step(epoch, float(loss) if progress.enabled else 0.0)
+    seconds = time.perf_counter() - t0
+    w.watchdog.kick()
+    # train loss averaged over workers; a plain all-reduce, not gradient traffic
+    stats = torch.stack([loss_sum, torch.tensor(float(run.steps_per_epoch), dtype=torch.float64, device=device)])
+    dist.all_reduce(stats)
+    t1 = time.perf_counter()
+    w.watchdog.kick()
+    accuracy = _evaluate(run.model, run.test, device, w.rank, w.world_size)
+    history.append(
+        {
+            "epoch": epoch + 1,
+            "train_loss": float(stats[0] / stats[1]),
+            "test_accuracy": accuracy,
+            "test_examples": len(run.test),
+            "sparsity": sparsity(run.model),
+            "lr": lr_at(run.peak_lr, config.lr_schedule, global_step - 1, run.total_steps, run.warmup),
+            "step": global_step,  # optimizer steps done at the end of the epoch
+            "bytes_sent_per_worker": state.bytes_sent - bytes_before,
+            "payload_bytes_per_worker": state.payload_bytes - payload_before,
+            "steps": run.steps_per_epoch,
+            "seconds": seconds,
+            "eval_seconds": time.perf_counter() - t1,
+        }
+    )
+    return global_step
+
+
+def _step(
+    w: _Worker, run: _Run, ddp: Any, state: Any, x: torch.Tensor, y: torch.Tensor, epoch: int, global_step: int
+) -> torch.Tensor:
+    """One optimizer step (the compressor runs as DDP's comm hook); saves it as a record when planned."""
+    config = w.config
+    capturing = w.rank in config.capture_ranks and (
+        global_step in run.capture_at or (config.capture_every > 0 and global_step % config.capture_every == 0)
+    )
+    if capturing:
+        # what the server has before this step (BN buffers too), and what this rank adds privately
+        weights = to_cpu(run.model.state_dict())
+        private = run.compressor.private_state(
+            list(run.recorded.param_names), [p.shape for p in run.model.parameters()]
+        )
+        state.comm.record, state.keep_messages = True, True
+    lr = lr_at(run.peak_lr, config.lr_schedule, global_step, run.total_steps, run.warmup)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(ddp(x), y)
+    loss.backward()
+    if capturing:
+        messages = state.comm.reset()
+        state.comm.record, state.keep_messages = False, False
+        step = StepCapture(
+            global_step, epoch + 1, w.rank, w.world_size, lr, weights, private, x, y, messages,
+            run.compressor.public_state(),
+        )  # fmt: skip
+        save_step_record(run.recorded, step)
+    run.optimizer.step()
+    return loss
 
 
 def _metrics(

@@ -18,6 +18,7 @@ only the evaluation side reads, for the oracle view.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 
 from gia_bench.comm import Message, messages_by_tag
-from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, truth_path
+from gia_bench.records import RECORD_SUFFIX, GradientRecord, RecordMeta, Truth, write_pair
+from gia_bench.specs import DatasetSpec, ModelSpec
 
 
 def record_name(step: int, rank: int = 0) -> str:
@@ -38,53 +40,83 @@ def record_path(records_dir: Path, step: int, rank: int = 0) -> Path:
     return Path(records_dir) / f"{record_name(step, rank)}{RECORD_SUFFIX}"
 
 
-def save_step_record(
-    path: Path,
-    weights: Mapping[str, torch.Tensor],
-    param_names: Sequence[str],
-    model_spec: Any,
-    dataset_spec: Any,
-    defense: str,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
-    messages: Sequence[Message],
-    public: Mapping[str, torch.Tensor],
-    private: Mapping[str, torch.Tensor],
-    step: int,
-    seed: int,
-    extra: Mapping[str, Any],
-    rank: int = 0,
-) -> GradientRecord:
-    """Write the record of one step (and its truth file, first) atomically; returns the record.
+@dataclasses.dataclass(frozen=True)
+class RecordedRun:
+    """What every record of one training run shares: where they go, the model, data, defense and seed."""
 
-    ``messages`` must have been logged with ``record=True`` (they carry their tensors).
+    records_dir: Path
+    model: ModelSpec
+    dataset: DatasetSpec
+    param_names: tuple[str, ...]  # gradient order: model.named_parameters()
+    defense: str  # the compressor's canonical spec
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCapture:
+    """What one rank saves of one optimizer step (see the module docstring for why each part).
+
+    ``weights`` and ``private`` are taken before the step's forward, ``messages`` (logged with
+    ``record=True``, so they carry their tensors) and ``public`` after its backward.
     """
+
+    step: int
+    epoch: int  # 1-based, as metrics.json counts them
+    rank: int
+    world_size: int
+    lr: float
+    weights: Mapping[str, torch.Tensor]
+    private: Mapping[str, torch.Tensor]
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    messages: Sequence[Message] = ()
+    public: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def extra(self) -> dict[str, Any]:
+        """The record's ``extra``: a training run's fields (:data:`gia_bench.record_checks.EXTRA_FIELDS`)."""
+        wire = [m.info() for m in self.messages]
+        return {
+            "source": "train",
+            "epoch": self.epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "lr": self.lr,
+            "view": f"rank {self.rank}'s messages as sent through torch.distributed in this step",
+            "wire_messages": wire,
+            "wire_bytes": sum(int(m["nbytes"]) for m in wire),
+        }
+
+
+def save_step_record(run: RecordedRun, capture: StepCapture, extra: Mapping[str, Any] | None = None) -> GradientRecord:
+    """Write the record of one step and its truth file (:func:`gia_bench.records.write_pair`); returns the record.
+
+    ``extra``: the record's ``extra`` (default :meth:`StepCapture.extra`).
+    """
+    messages = capture.messages
     meta = RecordMeta(
-        record_id=record_name(step, rank),
-        defense=defense,
-        model=model_spec,
-        dataset=dataset_spec,
-        batch_size=int(inputs.shape[0]),
-        param_names=tuple(param_names),
+        record_id=record_name(capture.step, capture.rank),
+        defense=run.defense,
+        model=run.model,
+        dataset=run.dataset,
+        batch_size=int(capture.inputs.shape[0]),
+        param_names=tuple(run.param_names),
         messages=tuple(m.info() for m in messages),
         bytes_sent=sum(m.nbytes for m in messages),
-        step=step,
-        seed=seed,
-        extra=dict(extra),
+        step=capture.step,
+        seed=run.seed,
+        extra=dict(capture.extra() if extra is None else extra),
     )
     record = GradientRecord(
         meta,
         {k: v.detach().cpu().clone() for k, v in messages_by_tag(messages).items()},
-        {k: v.detach().cpu().clone() for k, v in weights.items()},
-        {k: v.detach().cpu().clone() for k, v in public.items()},
+        {k: v.detach().cpu().clone() for k, v in capture.weights.items()},
+        {k: v.detach().cpu().clone() for k, v in capture.public.items()},
     )
     truth = Truth(
-        inputs.detach().cpu().clone(),
-        labels.detach().cpu().to(torch.int64).clone(),
+        capture.inputs.detach().cpu().clone(),
+        capture.labels.detach().cpu().to(torch.int64).clone(),
         meta.record_id,
-        {k: v.detach().cpu().clone() for k, v in private.items()},
+        {k: v.detach().cpu().clone() for k, v in capture.private.items()},
     )
-    # the truth first: a record on disk always has its truth beside it
-    truth.save(truth_path(path))
-    record.save(path)
+    write_pair(record_path(run.records_dir, capture.step, capture.rank), record, truth)
     return record
