@@ -21,7 +21,7 @@ from flwr.serverapp import Grid  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from gia_bench import federated  # noqa: E402
+from gia_bench.federated import simulation  # noqa: E402
 from gia_bench.cli import app  # noqa: E402
 from gia_bench.comm import LocalCommunicator  # noqa: E402
 from gia_bench.defenses import create as create_defense  # noqa: E402
@@ -29,12 +29,13 @@ from gia_bench.fedavg import local_update  # noqa: E402
 from gia_bench.federated import (  # noqa: E402
     STATE_KEY,
     FederatedConfig,
-    _load_state,
     round_examples,
     run_federated,
     shard_indices,
     train_locally,
 )
+from gia_bench.errors import CompressorError  # noqa: E402
+from gia_bench.federated.flower import _load_state, _save_state  # noqa: E402
 from gia_bench.models import build_model  # noqa: E402
 from gia_bench.records import Truth, truth_path  # noqa: E402
 from gia_bench.receiver import decode_record, load_record, record_model
@@ -112,7 +113,7 @@ def test_two_clients_two_rounds(tmp_path, in_process, defense):
     assert [r["round"] for r in metrics["rounds"]] == [1, 2] == [r["round"] for r in rows]
     assert metrics["initial"]["test_examples"] == metrics["rounds"][0]["test_examples"] > 0
 
-    setup = federated._setup(cfg)
+    setup = simulation._setup(cfg)
     model0 = build_model(setup.model_spec, seed=cfg.seed)
     names = [n for n, _ in model0.named_parameters()]
     shapes = [p.shape for p in model0.parameters()]
@@ -151,7 +152,7 @@ def test_two_clients_two_rounds(tmp_path, in_process, defense):
                 compressor.load_state_dict(_load_state(kept[c["client"]]))
             comm = LocalCommunicator(record=True)
             compressor.step(u_live, comm, keys=names)
-            kept[c["client"]] = federated._save_state(compressor.state_dict())
+            kept[c["client"]] = _save_state(compressor.state_dict())
             assert c["bytes"] == comm.bytes_sent  # bytes per client: exactly the defense's messages
             expected = compressor.decode({m.tag: m.tensor for m in comm.messages}, shapes, compressor.public_state())
             for got, want in zip(decode_record(record), expected):
@@ -280,7 +281,7 @@ def test_mod_and_wrapper_in_a_users_app(tmp_path, monkeypatch):
     # a client whose mod uses another defense than the server's is refused, naming both
     other, _ = _user_client_app([DefenseMod("fp16", local_steps=2, local_batch=3, param_names=names)])
     strict = CaptureStrategy(FedAvg(fraction_evaluate=0.0), "none", spec, dataset_spec)
-    with pytest.raises(federated.CompressorError, match="fp16"):
+    with pytest.raises(CompressorError, match="fp16"):
         _fedavg_rounds(strict, other, spec, monkeypatch, rounds=1)
 
 
@@ -295,7 +296,7 @@ def test_error_feedback_residual_goes_to_the_truth_file_and_makes_oracle_exact(t
 
     cfg = _config(tmp_path, defense)
     result = run_federated(cfg, engine=in_process)
-    setup = federated._setup(cfg)
+    setup = simulation._setup(cfg)
     names = [n for n, _ in build_model(setup.model_spec, seed=cfg.seed).named_parameters()]
     first = {c["client"]: Path(c["record"]) for c in result.metrics["rounds"][0]["clients"]}
     for c in result.metrics["rounds"][1]["clients"]:
@@ -400,7 +401,7 @@ def test_cli_federated_plugin_flag_reaches_the_run(tmp_path, in_process, fed_plu
         seen.append(is_trusted(fed_plugin))
         in_process(server_app, client_app, n, backend_config)
 
-    monkeypatch.setattr(federated, "flower_simulation", engine)
+    monkeypatch.setattr(simulation, "flower_simulation", engine)
     out = tmp_path / "run"
     args = [
         "federated", "--dataset", "digits", "--model", "convnet:width=4", "--clients", "2", "--rounds", "1",

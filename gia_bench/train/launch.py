@@ -75,10 +75,45 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     """
     import logging
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    config_path = _prepare(config)
+    out = config.out
+    # our own one-line TrainError says which worker failed; the agent's log lines would repeat it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    threads = str(config.threads_per_worker)
+    saved_env = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = threads  # workers inherit it; torch's launcher would print a warning otherwise
+    if fork and _fork_unsafe():
+        # Ray / gRPC keep native threads that a forked child inherits mid-operation: forked
+        # workers hung in torch.save after a Ray test had run in the same process. A process
+        # group of the caller's would be inherited too. Spawn instead.
+        fork = False
+    remove_stack_files(out)  # stacks of an earlier run's stuck workers: this run's failure names its own
+    try:
+        _run_agent(config, config_path, fork)
+    except SignalException as exc:
+        # torch's agent turns SIGINT/SIGTERM into this after stopping the workers: Ctrl-C is an
+        # interruption (the CLI says what was kept), any other signal a one-line failure
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise TrainError(f"stopped by signal {exc.sigval.name}; {checkpoint_note(out)}") from None
+    except ChildFailedError as exc:
+        raise _failure(exc, config) from None
+    finally:
+        if saved_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_env
+    try:
+        return json.loads((out / METRICS_FILE).read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{out / METRICS_FILE}: the workers finished without writing metrics") from None
+
+
+def _prepare(config: TrainConfig) -> Path:
+    """Check the run before any worker starts, create its folder and write its config; returns the config's path."""
     config.validate()
     min_nodes, max_nodes = _nnodes(config.nnodes)
     if config.capture_steps and min_nodes == max_nodes:
@@ -91,7 +126,15 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / CONFIG_FILE
     atomic_write_json(config_path, config.to_json())
+    return config_path
 
+
+def _run_agent(config: TrainConfig, config_path: Path, fork: bool) -> None:
+    """Start the workers through torchrun's elastic agent and wait for them (forked or spawned)."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    global _forking_launches
+    min_nodes, max_nodes = _nnodes(config.nnodes)
     standalone = max_nodes == 1 and not config.rdzv_endpoint
     launch_config = LaunchConfig(
         min_nodes=min_nodes,
@@ -104,79 +147,58 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
         monitor_interval=0.1,
         start_method="fork" if fork else "spawn",
     )
-    # our own one-line TrainError says which worker failed; the agent's log lines would repeat it
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    threads = str(config.threads_per_worker)
-    saved_env = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = threads  # workers inherit it; torch's launcher would print a warning otherwise
-    if fork and _fork_unsafe():
-        # Ray / gRPC keep native threads that a forked child inherits mid-operation: forked
-        # workers hung in torch.save after a Ray test had run in the same process. A process
-        # group of the caller's would be inherited too. Spawn instead.
-        fork = False
-    remove_stack_files(out)  # stacks of an earlier run's stuck workers: this run's failure names its own
-    global _forking_launches
+    if not fork:
+        elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))
+        return
+    if torch.cuda.is_initialized():
+        raise ConfigError("launch(fork=True): CUDA is already initialised in this process; use fork=False")
+    # Load the data here once so that its modules (scikit-learn, joblib, cloudpickle...) are imported
+    # before the fork: a forked child that imports while the parent's threads hold locks can hang
+    # (seen: workers stuck in importlib under load once cloudpickle was installed).
+    load_data(config)
+    gc.collect()  # layer 1 above: free earlier runs' stores here, where their threads exist
+    pause_openmp()  # libgomp's thread pool does not survive a fork: a child on > 1 thread would hang
+    with _forking_lock:
+        _forking_launches += 1
     try:
-        if fork:
-            if torch.cuda.is_initialized():
-                raise ConfigError("launch(fork=True): CUDA is already initialised in this process; use fork=False")
-            # Load the data here once so that its modules (scikit-learn, joblib, cloudpickle...) are imported
-            # before the fork: a forked child that imports while the parent's threads hold locks can hang
-            # (seen: workers stuck in importlib under load once cloudpickle was installed).
-            load_data(config)
-            gc.collect()  # layer 1 above: free earlier runs' stores here, where their threads exist
-            pause_openmp()  # libgomp's thread pool does not survive a fork: a child on > 1 thread would hang
-            with _forking_lock:
-                _forking_launches += 1
-            try:
-                elastic_launch(launch_config, _forked_worker)(str(config_path))
-            finally:
-                with _forking_lock:
-                    _forking_launches -= 1
-        else:
-            elastic_launch(launch_config, sys.executable)("-u", "-m", "gia_bench.train", str(config_path))
-    except SignalException as exc:
-        # torch's agent turns SIGINT/SIGTERM into this after stopping the workers: Ctrl-C is an
-        # interruption (the CLI says what was kept), any other signal a one-line failure
-        if exc.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None
-        raise TrainError(f"stopped by signal {exc.sigval.name}; {checkpoint_note(out)}") from None
-    except ChildFailedError as exc:
-        # The root cause: a worker that failed on its own, not one that lost a peer (exit 75) or
-        # that the agent terminated (SIGTERM) after the first failure; then the earliest.
-        def collateral(f) -> bool:
-            return f.exitcode in (PEER_LOST_EXIT_CODE, -signal.SIGTERM)
-
-        # a worker that its watchdog stopped (killed by SIGALRM, its stack saved) hung: that is the cause
-        stuck = {
-            r: line for r, f in exc.failures.items()
-            if f.exitcode == -signal.SIGALRM and (line := stuck_message(out, r, config.timeout_s))
-        }
-        remove_stack_files(out, keep=frozenset(stuck))
-        if stuck:
-            rank = min(stuck, key=lambda r: (exc.failures[r].timestamp, r))
-            raise TrainError(f"{stuck[rank]}; {checkpoint_note(out)}") from None
-        causes = {r: f for r, f in exc.failures.items() if not collateral(f)}
-        if not causes:
-            lost = ", ".join(map(str, sorted(exc.failures)))
-            raise TrainError(
-                f"worker rank(s) {lost} lost a peer in a collective or were stopped after another worker"
-                f" failed; {checkpoint_note(out)}"
-            ) from None
-        rank, failure = min(causes.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
-        how = (
-            f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
-        )
-        raise TrainError(f"worker rank {rank} {how}; {checkpoint_note(out)}") from None
+        elastic_launch(launch_config, _forked_worker)(str(config_path))
     finally:
-        if saved_env is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_env
-    try:
-        return json.loads((out / METRICS_FILE).read_text())
-    except FileNotFoundError:
-        raise TrainError(f"{out / METRICS_FILE}: the workers finished without writing metrics") from None
+        with _forking_lock:
+            _forking_launches -= 1
+
+
+def _failure(exc: Any, config: TrainConfig) -> TrainError:
+    """The one-line error of a failed run: the worker that failed first on its own (``exc``: ChildFailedError).
+
+    Not one that lost a peer (exit 75) or that the agent terminated (SIGTERM) after the first
+    failure; a worker that its watchdog stopped (killed by SIGALRM, its stack saved) hung, and
+    that is the cause. Among several, the earliest.
+    """
+    out = config.out
+
+    def collateral(f) -> bool:  # noqa: ANN001
+        return f.exitcode in (PEER_LOST_EXIT_CODE, -signal.SIGTERM)
+
+    stuck = {
+        r: line for r, f in exc.failures.items()
+        if f.exitcode == -signal.SIGALRM and (line := stuck_message(out, r, config.timeout_s))
+    }
+    remove_stack_files(out, keep=frozenset(stuck))
+    if stuck:
+        rank = min(stuck, key=lambda r: (exc.failures[r].timestamp, r))
+        return TrainError(f"{stuck[rank]}; {checkpoint_note(out)}")
+    causes = {r: f for r, f in exc.failures.items() if not collateral(f)}
+    if not causes:
+        lost = ", ".join(map(str, sorted(exc.failures)))
+        return TrainError(
+            f"worker rank(s) {lost} lost a peer in a collective or were stopped after another worker"
+            f" failed; {checkpoint_note(out)}"
+        )
+    rank, failure = min(causes.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+    how = (
+        f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
+    )
+    return TrainError(f"worker rank {rank} {how}; {checkpoint_note(out)}")
 
 
 def _fork_unsafe() -> bool:
