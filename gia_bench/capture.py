@@ -64,17 +64,15 @@ def capture_batch(
     record_id: str,
     step: int = 0,
     seed: int = 0,
-    grads: Sequence[torch.Tensor] | None = None,
     extra: dict | None = None,
     local: LocalTraining | None = None,
 ) -> tuple[GradientRecord, Truth]:
     """One worker's step on (``inputs``, ``labels``) as a record and its truth.
 
-    ``grads`` may be given when the caller already computed them (the trainer);
-    otherwise they are computed here with the cross-entropy loss. With ``local`` (FedAvg,
+    The gradient is computed here with the cross-entropy loss. With ``local`` (FedAvg,
     :mod:`gia_bench.fedavg`) the compressor gets the client's update u = (w_0 - w_K) / lr
-    after ``local.steps`` local SGD steps (computed here unless ``grads`` holds it), and the
-    record's metadata says so; K = 1 on the whole batch is the FedSGD record, byte for byte.
+    after ``local.steps`` local SGD steps instead, and the record's metadata says so;
+    K = 1 on the whole batch is the FedSGD record, byte for byte.
     """
     batch_size = int(inputs.shape[0])
     local = local or LocalTraining()
@@ -82,11 +80,10 @@ def capture_batch(
     # The server knows the model as it was before this step's forward (BN statistics included).
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     names = tuple(n for n, _ in model.named_parameters())
-    if grads is None:
-        if local.is_fedsgd(batch_size):
-            grads = compute_gradient(model, inputs, labels)
-        else:
-            grads = local_update(model, inputs, labels, local.steps, local.lr, local.local_batch(batch_size))
+    if local.is_fedsgd(batch_size):
+        grads = compute_gradient(model, inputs, labels)
+    else:
+        grads = local_update(model, inputs, labels, local.steps, local.lr, local.local_batch(batch_size))
     comm = LocalCommunicator(record=True)
     # what this worker adds privately to the gradient (error feedback): truth file only
     private = compressor.private_state(list(names), [g.shape for g in grads])

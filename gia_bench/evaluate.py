@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,7 +63,7 @@ from gia_bench.identity import (
     result_identity,
     same_file,
 )
-from gia_bench.io import atomic_write_bytes, atomic_write_text
+from gia_bench.io import atomic_write_bytes, atomic_write_text, slug
 from gia_bench.receiver import load_record
 from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
 from gia_bench.threat import VIEWS
@@ -103,12 +102,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _safe_name(text: str, limit: int = 120) -> str:
-    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip(".") or "record"
-    if len(name) > limit:  # a path component has at most 255 bytes; keep it unique with a hash
-        import hashlib
-
-        name = name[: limit - 13] + "-" + hashlib.sha256(text.encode()).hexdigest()[:12]
-    return name
+    return slug(text, strip=".", default="record", limit=limit)
 
 
 def defense_slug(spec: str) -> str:

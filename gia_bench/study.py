@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -66,6 +65,7 @@ from typing import Any
 
 from gia_bench.budget import DEFAULT_MAX_MEMORY
 from gia_bench.errors import ConfigError, GiaBenchError
+from gia_bench.io import slug as io_slug
 from gia_bench.threat import VIEWS
 
 if sys.version_info >= (3, 11):
@@ -152,7 +152,7 @@ _REQUIRED = ("datasets", "models", "defenses", "attacks")
 def slug(spec: str) -> str:
     """A readable, filesystem-safe name for a spec string (``topk:ratio=0.01`` -> ``topk_ratio-0.01``)."""
     text = spec.replace(":", "_", 1).replace(":", "_").replace(",", "_").replace("=", "-")
-    return re.sub(r"[^A-Za-z0-9._+-]", "-", text)
+    return io_slug(text, runs=False)
 
 
 def _fail(where: Path | str, key: str, message: str) -> ConfigError:

@@ -329,6 +329,10 @@ def test_error_feedback_residual_goes_to_the_truth_file_and_makes_oracle_exact(t
         gap_aware = float((aware.rows(candidate)[0] - aware.target).abs().max())
         assert gap_oracle <= 1e-4 * scale, (gap_oracle, scale)  # exact up to float rounding
         assert gap_aware > 1e-2 * scale, (gap_aware, scale)  # e assumed zero misses the residual
+        # the truth file itself holds a non-zero residual, and the two views simulate different messages
+        assert float(truth.private["residual"].abs().max()) > 0
+        apart = float((oracle.rows(candidate)[0] - aware.rows(candidate)[0]).abs().max())
+        assert apart > 1e-2 * scale, (apart, scale)
 
 
 FED_PLUGIN = '''

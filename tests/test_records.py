@@ -283,16 +283,18 @@ def test_cli_attack_on_a_shell_command_record_exits_2_with_one_line(tmp_path):
         assert not marker.exists()
 
 
-def test_the_record_format_imports_no_registry():
+@pytest.mark.parametrize("module", ["records", "record_checks", "specs"])
+def test_the_record_format_imports_no_registry(module):
     """Issue 15.9: records.py is a file format; building the model or the compressor from a record
     (gia_bench.receiver) is its users' job, so it imports no model, defense or attack registry,
-    not even inside a function."""
+    not even inside a function; nor do its field rules (record_checks.py) or its specs (specs.py)."""
     import ast
+    import importlib
 
     import gia_bench.records as records
 
     forbidden = ("gia_bench.models", "gia_bench.defenses", "gia_bench.attacks", "gia_bench.receiver")
-    source = Path(records.__file__).read_text()
+    source = Path(importlib.import_module(f"gia_bench.{module}").__file__).read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -301,5 +303,68 @@ def test_the_record_format_imports_no_registry():
             imported |= {node.module or ""} | {f"{node.module}.{a.name}" for a in node.names}
     assert imported, "the walk found no import at all"
     bad = sorted(n for n in imported if any(n == m or n.startswith(m + ".") for m in forbidden))
-    assert not bad, f"records.py imports {bad}"
+    assert not bad, f"{module}.py imports {bad}"
     assert not any(hasattr(records.GradientRecord, name) for name in ("compressor", "decode", "build_model"))
+
+
+# -- write_pair: the one writer of record + truth --------------------------------------------------
+
+
+def test_write_pair_writes_the_truth_first_and_an_interrupted_record_leaves_no_record(tmp_path, monkeypatch):
+    from gia_bench.records import GradientRecord, write_pair
+
+    _, x, y, (record, truth) = _capture("topk:ratio=0.1")
+    order = []
+    real_truth, real_record = Truth.save, GradientRecord.save
+    monkeypatch.setattr(Truth, "save", lambda self, p: order.append("truth") or real_truth(self, p))
+    monkeypatch.setattr(GradientRecord, "save", lambda self, p: order.append("record") or real_record(self, p))
+    path = write_pair(tmp_path / "toy-0.safetensors", record, truth)
+    assert order == ["truth", "record"]
+    back, t = load_record(path), Truth.load(truth_path(path))
+    assert back.meta == record.meta and torch.equal(t.inputs, x) and torch.equal(t.labels, y)
+
+    def interrupted(self, p):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GradientRecord, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_pair(tmp_path / "again.safetensors", record, truth)
+    # the truth is complete, the record absent: nothing lists a record without its truth
+    assert Truth.load(truth_path(tmp_path / "again.safetensors")).record_id == "toy-0"
+    assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_write_pair_refuses_a_truth_that_is_not_the_records(tmp_path):
+    """A mismatched pair is refused before either file is written: another id, another batch size,
+    or a private residual that is not one float per model parameter (the oracle view reads it)."""
+    import dataclasses
+
+    from gia_bench.records import write_pair
+
+    _, x, y, (record, truth) = _capture()
+    n_params = sum(record.weights[n].numel() for n in record.meta.param_names)
+    bad = {
+        "another id": (dataclasses.replace(truth, record_id="toy-1"), "truth of record 'toy-1'"),
+        "another batch": (dataclasses.replace(truth, inputs=x[:1], labels=y[:1]), "truth holds 1 examples"),
+        "short residual": (dataclasses.replace(truth, private={"residual": torch.zeros(n_params - 1)}), "residual"),
+        "integer residual": (
+            dataclasses.replace(truth, private={"residual": torch.zeros(n_params, dtype=torch.int64)}), "residual"
+        ),
+    }
+    for name, (wrong, message) in bad.items():
+        path = tmp_path / f"{name.replace(' ', '-')}.safetensors"
+        with pytest.raises(RecordError, match=message):
+            write_pair(path, record, wrong)
+        assert not path.exists() and not truth_path(path).exists(), name
+    ok = dataclasses.replace(truth, private={"residual": torch.ones(n_params)})
+    path = write_pair(tmp_path / "ok.safetensors", record, ok)
+    assert torch.equal(Truth.load(truth_path(path)).private["residual"], torch.ones(n_params))
+
+
+def test_write_pair_without_a_truth_writes_the_record_alone(tmp_path):
+    """A federated server in a real deployment does not know the client's batch: the record goes alone."""
+    from gia_bench.records import write_pair
+
+    _, _, _, (record, _) = _capture()
+    path = write_pair(tmp_path / "alone.safetensors", record, None)
+    assert load_record(path).meta == record.meta and not truth_path(path).exists()

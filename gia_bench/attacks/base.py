@@ -20,13 +20,13 @@ e.g. ``ig:loss=l2,optimizer=lbfgs``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
 from gia_bench.errors import GiaBenchError
+from gia_bench.io import slug as io_slug
 from gia_bench.records import GradientRecord
 from gia_bench.registry import Registry, canonical_spec, describe_params
 from gia_bench.threat import VIEWS
@@ -171,8 +171,7 @@ class Attack:
                 if isinstance(value, bool):
                     value = str(value).lower()
                 parts.append(f"{p.name}-{value}")
-        text = "_".join([name, *parts])
-        return re.sub(r"[^A-Za-z0-9._+-]+", "-", text)
+        return io_slug("_".join([name, *parts]))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec}>"

@@ -21,7 +21,6 @@ import hashlib
 import io
 import math
 import os
-import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from gia_bench.io import slug as io_slug
 from gia_bench.reports.io import write_atomic
 from gia_bench.reports.load import AttackResult, TrainRun
 from gia_bench.reports.tables import SummaryRow, TableGroup, short_spec
@@ -63,8 +63,7 @@ class Figure:
 
 def slug(*parts: str) -> str:
     """A file-name-safe name for a figure."""
-    text = "-".join(parts)
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")[:150]
+    return io_slug("-".join(parts), keep="A-Za-z0-9._=-", fill="_", strip="_")[:150]
 
 
 def _save(fig, path: Path) -> Path:
