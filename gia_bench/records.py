@@ -12,8 +12,12 @@ The ground truth (the batch's model inputs and labels) goes to a separate
 ``<stem>.truth.safetensors`` beside it (:class:`Truth`). :meth:`GradientRecord.load`
 never opens it; attacks get what the server sees and nothing else.
 
+Every writer (capture, the trainer, the federated server) writes a pair through
+:func:`write_pair`: the truth first, then the record, each atomically.
+
 Loading is strict and never unpickles: the file must be a well-formed safetensors
-file with our schema; every error names the file and what is wrong.
+file with our schema; every error names the file and what is wrong. What each metadata
+field and public tensor may hold is declared in :mod:`gia_bench.record_checks`.
 """
 
 from __future__ import annotations

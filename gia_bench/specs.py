@@ -1,9 +1,9 @@
 """What a record says about its model and its data: :class:`ModelSpec` and :class:`DatasetSpec`.
 
 Both are plain frozen values with a JSON form; they travel into every gradient record's
-metadata. Neither builds anything: :func:`gia_bench.models.build_recorded` builds the
-model a :class:`ModelSpec` names, :func:`gia_bench.data.load_dataset` loads the data a
-:class:`DatasetSpec` came from.
+metadata. Neither knows a registry nor builds anything: :func:`gia_bench.models.build_recorded`
+builds the model a :class:`ModelSpec` names, :func:`gia_bench.data.load_dataset` loads the
+data a :class:`DatasetSpec` came from.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import dataclasses
 from typing import Any
 
 import torch
-
-from gia_bench.registry import parse_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +51,6 @@ class ModelSpec:
     def for_data(cls, spec: str, dataset: DatasetSpec, mode: str = "train", fewbit_backward: int = 0) -> ModelSpec:
         """The model ``spec`` on ``dataset``'s inputs and classes."""
         return cls(spec, tuple(dataset.shape), dataset.num_classes, mode, fewbit_backward)  # type: ignore[arg-type]
-
-    @property
-    def name(self) -> str:
-        return parse_spec(self.spec).name
 
 
 @dataclasses.dataclass(frozen=True)

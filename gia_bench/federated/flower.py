@@ -22,7 +22,8 @@ except ImportError:  # pragma: no cover - exercised by the missing-extra test th
     HAVE_FLOWER = False
     Strategy = object  # type: ignore[assignment,misc]
     # the names the other modules import; every entry point calls require_flower() before using one
-    ArrayRecord = ConfigRecord = Context = Message = MessageType = MetricRecord = RecordDict = FedAvg = None  # type: ignore
+    ArrayRecord = ConfigRecord = Context = Message = MessageType = None  # type: ignore[assignment,misc]
+    MetricRecord = RecordDict = FedAvg = None  # type: ignore[assignment,misc]
 
 FLOWER_INSTALL = "pip install 'gia-bench[flower]'"
 

@@ -55,6 +55,21 @@ class ClientUpdate:
         return data
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientReply:
+    """What one client's :class:`~gia_bench.federated.mod.DefenseMod` reply carries for the server."""
+
+    client: int
+    examples: int  # the client's private examples this round (the record's batch)
+    local: LocalTraining  # its public FedAvg metadata: K steps, local_lr, local_batch
+    messages: dict[str, torch.Tensor]  # the defense's messages, tag -> tensor
+    infos: tuple[dict[str, Any], ...]  # Message.info() of each, in send order
+    bytes: int  # the messages' bytes
+    public: dict[str, torch.Tensor]  # the compressor's public state
+    buffers: dict[str, torch.Tensor]  # non-parameter arrays (BatchNorm statistics)
+    private: dict[str, torch.Tensor]  # the residual, only from DefenseMod(send_private=True): truth file only
+
+
 TruthFn = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
@@ -137,6 +152,27 @@ class CaptureStrategy(Strategy):
     # -- the receiver's side of one client --------------------------------------------------------
     def _receive(self, server_round: int, reply: Message, w0: dict[str, torch.Tensor]) -> None:
         content = reply.content
+        sent = self._read(content)
+        decoded = self.compressor.decode(sent.messages, self.param_shapes, sent.public)
+        weights = {k: v.clone() for k, v in w0.items()}
+        for name, u in zip(self.param_names, decoded):
+            weights[name] = (w0[name].to(torch.float32) - sent.local.lr * u.to(torch.float32)).to(w0[name].dtype)
+        unknown = [k for k in sent.buffers if k not in weights or k in self.param_names]
+        if unknown:
+            raise CompressorError(f"CaptureStrategy: the client sent unknown arrays {unknown[:3]}")
+        weights.update(sent.buffers)
+        record_path = self._save_record(server_round, sent, w0) if self.capturing(server_round) else None
+        buffer_bytes = sum(t.numel() * t.element_size() for t in sent.buffers.values())
+        self.updates.append(ClientUpdate(server_round, sent.client, sent.examples, sent.bytes, buffer_bytes, record_path))
+        new = RecordDict()
+        for key, record in content.items():
+            if key not in (MESSAGES_KEY, PUBLIC_KEY, BUFFERS_KEY, INFO_KEY, PRIVATE_KEY):
+                new[key] = record
+        new[self.arrays_key] = to_array_record(weights)
+        reply.content = new
+
+    def _read(self, content: RecordDict) -> ClientReply:
+        """The gia-bench part of a client's reply, checked against the server's defense and model."""
         if INFO_KEY not in content.config_records or MESSAGES_KEY not in content.array_records:
             raise CompressorError(
                 "CaptureStrategy: a client's reply holds no gia-bench messages: add DefenseMod to its ClientApp"
@@ -160,68 +196,36 @@ class CaptureStrategy(Strategy):
                 f"CaptureStrategy: the client counted {int(info['bytes'])} bytes, its messages describe {sent}"
                 f" and hold {payload}"
             )
-        decoded = self.compressor.decode(messages, self.param_shapes, public)
-        lr = float(info["local-lr"])
-        weights = {k: v.clone() for k, v in w0.items()}
-        for name, u in zip(self.param_names, decoded):
-            weights[name] = (w0[name].to(torch.float32) - lr * u.to(torch.float32)).to(w0[name].dtype)
-        unknown = [k for k in buffers if k not in weights or k in self.param_names]
-        if unknown:
-            raise CompressorError(f"CaptureStrategy: the client sent unknown arrays {unknown[:3]}")
-        weights.update(buffers)
-        client, examples = int(info["client"]), int(info["examples"])
-        record_path = None
-        if self.capturing(server_round):
-            local = LocalTraining(int(info["local-steps"]), lr, int(info["local-batch"]))
-            record_path = self._save_record(
-                server_round, client, examples, local, messages, infos, sent, public, w0, private
-            )
-        buffer_bytes = sum(t.numel() * t.element_size() for t in buffers.values())
-        self.updates.append(ClientUpdate(server_round, client, examples, sent, buffer_bytes, record_path))
-        new = RecordDict()
-        for key, record in content.items():
-            if key not in (MESSAGES_KEY, PUBLIC_KEY, BUFFERS_KEY, INFO_KEY, PRIVATE_KEY):
-                new[key] = record
-        new[self.arrays_key] = to_array_record(weights)
-        reply.content = new
+        local = LocalTraining(int(info["local-steps"]), float(info["local-lr"]), int(info["local-batch"]))
+        return ClientReply(
+            int(info["client"]), int(info["examples"]), local, messages, infos, sent, public, buffers, private
+        )
 
-    def _save_record(
-        self,
-        server_round: int,
-        client: int,
-        examples: int,
-        local: LocalTraining,
-        messages: dict[str, torch.Tensor],
-        infos: tuple[dict[str, Any], ...],
-        sent: int,
-        public: dict[str, torch.Tensor],
-        w0: dict[str, torch.Tensor],
-        private: dict[str, torch.Tensor],
-    ) -> Path:
+    def _save_record(self, server_round: int, sent: ClientReply, w0: dict[str, torch.Tensor]) -> Path:
         """Write the record and, where the caller knows the batch, its truth file with the client's private residual."""
         assert self.out is not None
-        rid = f"{self.record_prefix}r{server_round:03d}-c{client:03d}"
+        rid = f"{self.record_prefix}r{server_round:03d}-c{sent.client:03d}"
         meta = RecordMeta(
             record_id=rid,
             defense=self.compressor.spec,
             model=self.model_spec,
             dataset=self.dataset_spec,
-            batch_size=examples,
+            batch_size=sent.examples,
             param_names=self.param_names,
-            messages=infos,
-            bytes_sent=sent,
+            messages=sent.infos,
+            bytes_sent=sent.bytes,
             step=server_round - 1,
             seed=self.seed,
-            extra={"source": "federated", "round": server_round, "client": client},
-            **local.meta_fields(examples),
+            extra={"source": "federated", "round": server_round, "client": sent.client},
+            **sent.local.meta_fields(sent.examples),
         )
-        record = GradientRecord(meta, messages, {k: v.clone() for k, v in w0.items()}, public)
+        record = GradientRecord(meta, sent.messages, {k: v.clone() for k, v in w0.items()}, sent.public)
         check_record(record)
         self.out.mkdir(parents=True, exist_ok=True)
-        batch = None if self.truth_fn is None else self.truth_fn(server_round, client)
+        batch = None if self.truth_fn is None else self.truth_fn(server_round, sent.client)
         # the client's private residual goes to the truth file only (the oracle view's input), never the record
         truth = None
         if batch is not None:
-            truth = Truth(batch[0].detach().cpu(), batch[1].detach().cpu().to(torch.int64), rid, private)
+            truth = Truth(batch[0].detach().cpu(), batch[1].detach().cpu().to(torch.int64), rid, sent.private)
         return write_pair(self.out / f"{rid}{RECORD_SUFFIX}", record, truth)
 

@@ -172,9 +172,8 @@ def _build(w: _Worker) -> _Run:
     config = w.config
     train, test = load_data(config)
     dataset_spec = train.spec
-    model, model_spec = build_recorded(
-        ModelSpec.for_data(config.model, dataset_spec, "train", config.fewbit_backward), seed=config.seed, device=w.device
-    )
+    spec = ModelSpec.for_data(config.model, dataset_spec, "train", config.fewbit_backward)
+    model, model_spec = build_recorded(spec, seed=config.seed, device=w.device)
     names = tuple(n for n, _ in model.named_parameters())
     compressor = create(config.defense_spec())
     peak_lr = config.peak_lr(w.world_size)
@@ -217,7 +216,8 @@ def _train(
             )
         run.model.load_state_dict(checkpoint["model"])
     watchdog.kick()  # from here on every step, evaluation and checkpoint write is watched (not the data loading)
-    ddp = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=config.bucket_cap_mb)
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = DDP(run.model, device_ids=device_ids, bucket_cap_mb=config.bucket_cap_mb)
     state, hook = make_hook(run.compressor, ddp)
     ddp.register_comm_hook(state, hook)
     start_epoch, global_step, history = 0, 0, []
