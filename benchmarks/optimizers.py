@@ -62,12 +62,12 @@ def leakage_rows(args: argparse.Namespace, out: Path) -> list[dict]:
     import subprocess
     import sys
 
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
     rows = []
     for defense in ("none", args.tq):
         slug = defense.replace(":", "_").replace(",", "_").replace("=", "")
-        paths = capture("digits", "lenet", defense, 1, args.images, args.seed, out / "records" / slug)
+        paths = capture(CaptureConfig("digits", "lenet", defense, 1, args.images, args.seed, out / "records" / slug))
         for view in ("naive", "aware"):
             results = out / "results" / slug / view
             cmd = [sys.executable, "-m", "gia_bench", "attack", *map(str, paths), "--attack", args.attack,
