@@ -102,7 +102,31 @@ def test_mlp_depth_and_bad_specs():
 def test_model_spec_json_round_trip_and_mode_check():
     spec = ModelSpec("convnet:width=8", (1, 32, 32), 2, "eval")
     assert ModelSpec.from_json(spec.to_json()) == spec
-    assert spec.name == "convnet"
+    assert spec.to_json() == {"spec": "convnet:width=8", "in_shape": (1, 32, 32), "num_classes": 2, "mode": "eval"}
     with pytest.raises(ValueError, match="mode"):
         ModelSpec.from_json({**spec.to_json(), "mode": "predict"})
     assert set(MODELS.names()) >= {"lenet", "convnet", "resnet18", "mlp"}
+
+
+@pytest.mark.parametrize(
+    "given, canonical",
+    [("convnet", "convnet:width=64"), ("convnet:width=8", "convnet:width=8"), ("lenet", "lenet:init_range=0.5"),
+     ("mlp:depth=2", "mlp:hidden=256,depth=2"), ("resnet18", "resnet18")],
+)  # fmt: skip
+def test_build_recorded_canonicalises_the_spec_and_builds_the_same_model(given, canonical):
+    """The one builder of recorded models: the record's spec names every parameter, the weights are
+    build_model's with the same seed, and building from the canonical spec gives it back unchanged."""
+    from gia_bench.data import load_dataset
+    from gia_bench.models import build_recorded
+
+    data = load_dataset("digits", split="train").spec
+    spec = ModelSpec.for_data(given, data, "eval")
+    assert (spec.in_shape, spec.num_classes, spec.mode) == (tuple(data.shape), data.num_classes, "eval")
+    model, recorded = build_recorded(spec, seed=4)
+    assert recorded == ModelSpec(canonical, spec.in_shape, spec.num_classes, "eval")
+    plain = build_model(spec, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert not model.training
+    again, same = build_recorded(recorded, seed=4)
+    assert same == recorded
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
