@@ -382,7 +382,7 @@ def _result(record: GradientRecord, record_path: Path, run: _Run, truth: Truth |
 
 
 def _write(out_dir: Path, result: AttackResult, scored: _Scored) -> AttackResult:
-    """The reconstruction files, then result.json last (atomically); returns ``result`` with its path."""
+    """The reconstruction files, then result.json last (atomically); returns the result as written."""
     from safetensors.torch import save
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -395,9 +395,8 @@ def _write(out_dir: Path, result: AttackResult, scored: _Scored) -> AttackResult
         tensors["original"] = scored.original01.contiguous()
     atomic_write_bytes(out_dir / TENSORS_FILE, save(tensors))
     save_grid(out_dir / GRID_FILE, scored.reconstruction01, scored.original01)
-    result = dataclasses.replace(result, path=result_path)
     result.write(result_path)
-    return result
+    return AttackResult.read(result_path)  # what every reader sees (tuples in ``extra`` are lists there)
 
 
 def evaluate(

@@ -29,7 +29,10 @@ from gia_bench.results import AttackResult, Skipped
 
 
 def report_key(result: AttackResult) -> tuple[Any, ...]:
-    """The identity a result is counted under.
+    """The identity a result is counted under (:attr:`~gia_bench.results.AttackResult.identity`).
+
+    Its attack spec is compared as stored: the attack runner stores the canonical spec,
+    so counting asks no attack registry (``reports/`` imports none).
 
     A result written before records were hashed has no sha256: the record path, id and
     defense it names stand in for it.
