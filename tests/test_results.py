@@ -127,3 +127,17 @@ def test_an_older_result_in_the_folder_is_recomputed_not_reused(tmp_path: Path) 
     assert dataclasses.replace(again.result, seconds=0.0, device="") == dataclasses.replace(
         first.result, seconds=0.0, device=""
     )  # the same measurement: only the wall time may differ
+
+
+def test_the_report_says_when_an_old_result_did_not_record_the_published_budget(tmp_path: Path) -> None:
+    from gia_bench.reports import build_report, load_runs, markdown
+
+    new = _result(tmp_path).to_json()
+    old = {**{k: v for k, v in new.items() if k != "scores"}, "schema": 1, "metrics": new["scores"]}
+    for name, data in (("new", new), ("old", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(data))
+        md = markdown(build_report(load_runs([tmp_path / name]), None), [], tmp_path, name)
+        budgets = next(line for line in md.splitlines() if line.startswith("| <code>dlg:iterations=30"))
+        assert budgets.endswith("| not recorded |") == (name == "old"), budgets
+        assert ("300 it × 1" in budgets) == (name == "new"), budgets
