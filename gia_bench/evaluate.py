@@ -63,7 +63,7 @@ from gia_bench.identity import (
     result_identity,
     same_file,
 )
-from gia_bench.io import atomic_write_bytes, atomic_write_text
+from gia_bench.io import atomic_write_bytes
 from gia_bench.receiver import load_record
 from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
 from gia_bench.results import GRID_FILE, RESULT_FILE, TENSORS_FILE, AttackResult, MalformedFile, Skipped

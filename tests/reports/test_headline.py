@@ -22,7 +22,6 @@ from report_fixture import (
     TRAIN_VIEWS,
     originals,
     write_demo_like,
-    write_fixture,
     write_result,
     write_train_fixture,
     write_train_metrics,
