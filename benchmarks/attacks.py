@@ -61,6 +61,7 @@ from gia_bench.metrics import mean_colour_floor, psnr, ssim
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.receiver import decode_record
 from gia_bench.records import GradientRecord, Truth, truth_path
+from gia_bench.results import AttackResult
 from gia_bench.study import DEMO_STUDY, load_study
 
 DEMO = load_study(DEMO_STUDY)
@@ -407,11 +408,13 @@ def section_e2e(specs: list[str]) -> list[dict]:
             path = record.save(Path(tmp) / f"{record.record_id}.safetensors")
             truth.save(truth_path(path))
             t = time.perf_counter()
-            result = json.loads(run_attack(path, spec, "naive", Path(tmp) / "runs").read_text())
+            result = AttackResult.read(run_attack(path, spec, "naive", Path(tmp) / "runs"))
+            images = result.scores.images if result.scores is not None else ()
             out.append({
-                "attack": result["attack"], "seconds_total": time.perf_counter() - t,
-                "seconds_attack": result["seconds"], "iterations": result["iterations"],
-                "psnr": result["psnr"], "ssim": result["ssim"], "label_accuracy": result["label_accuracy"],
+                "attack": result.attack, "seconds_total": time.perf_counter() - t,
+                "seconds_attack": result.seconds, "iterations": result.iterations,
+                "psnr": [im.psnr for im in images], "ssim": [im.ssim for im in images],
+                "label_accuracy": result.label_accuracy,
             })  # fmt: skip
     return out
 

@@ -443,14 +443,15 @@ def attack_cmd(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from gia_bench.budget import parse_memory
-    from gia_bench.evaluate import AttackOptions, AttackResult, Skipped, run_attacks
+    from gia_bench.evaluate import AttackOptions, AttackOutcome, run_attacks
+    from gia_bench.results import Skipped
 
     options = AttackOptions(
         out=Path(out), seed=seed, device=device, lpips_net=lpips_net,
         lpips_weights=Path(lpips_weights) if lpips_weights else None, plugins=tuple(plugin),
         max_memory=parse_memory(max_memory),
     )
-    finished: list[AttackResult] = []
+    finished: list[AttackOutcome] = []
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -471,16 +472,16 @@ def attack_cmd(
 
             return report
 
-        def done(r: AttackResult) -> None:
+        def done(r: AttackOutcome) -> None:
             while tasks:
                 bar.remove_task(tasks.pop())
             finished.append(r)
-            psnr, ssim, acc = r.mean("psnr"), r.mean("ssim"), r.data.get("label_accuracy")
+            psnr, ssim, acc = r.mean("psnr"), r.mean("ssim"), r.result.label_accuracy
             scored = "" if psnr is None else f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {acc:.2f}"
             mark = "[cyan]reused[/] " if r.reused else ""
             console.print(
                 f"{mark}{r.record_id} {escape('[' + r.defense.split(':')[0] + ']')} {r.attack.split(':')[0]} ({r.view}):"
-                f" {r.data['iterations']} it, {r.data['seconds']:.1f} s{scored} -> [bold]{r.path}[/]",
+                f" {r.result.iterations} it, {r.result.seconds:.1f} s{scored} -> [bold]{r.path}[/]",
                 highlight=False, soft_wrap=True,
             )
 

@@ -42,7 +42,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,7 +53,6 @@ from gia_bench.attacks.views import RESIDUAL
 from gia_bench.budget import DEFAULT_MAX_MEMORY, check_attack
 from gia_bench.errors import GiaBenchError, RecordError
 from gia_bench.identity import (
-    RESULT_SCHEMA,
     ResultConflictError,
     ResultIdentity,
     file_sha256,
@@ -63,20 +62,16 @@ from gia_bench.identity import (
     result_identity,
     same_file,
 )
-from gia_bench.io import atomic_write_bytes, atomic_write_text, slug
+from gia_bench.io import atomic_write_bytes, slug
 from gia_bench.receiver import load_record
 from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
+from gia_bench.results import GRID_FILE, RESULT_FILE, TENSORS_FILE, AttackResult, MalformedFile, Skipped
 from gia_bench.threat import VIEWS
 
-RESULT_FILE = "result.json"
+if TYPE_CHECKING:
+    from gia_bench.metrics import BatchScores
+
 LPIPS_NETS = ("alex", "vgg")
-
-
-def _other_metrics() -> list[str]:
-    """Registered metrics beyond the ssim/psnr/lpips lists result.json has always had."""
-    from gia_bench.metrics import METRICS  # lazy, as in _scores: importing evaluate stays light
-
-    return [name for name in METRICS if name not in ("ssim", "psnr", "lpips")]
 
 
 def check_lpips_net(lpips_net: str, flag: str = "--lpips-net") -> str:
@@ -175,31 +170,30 @@ def save_grid(path: Path, reconstruction01: torch.Tensor, original01: torch.Tens
 
 
 @dataclasses.dataclass(frozen=True)
-class AttackResult:
-    """One finished (record, attack, view): where its result.json is, what it holds, whether it was reused."""
+class AttackOutcome:
+    """One finished (record, attack, view): its result, where its result.json is, whether it was reused."""
 
     path: Path  # the result.json
     record: Path
     view: str
     reused: bool
-    data: dict[str, Any]  # the result.json contents
+    result: AttackResult
 
     @property
     def record_id(self) -> str:
-        return self.data["record_id"]
+        return self.result.record_id
 
     @property
     def attack(self) -> str:
-        return self.data["attack"]
+        return self.result.attack
 
     @property
     def defense(self) -> str:
-        return self.data["defense"]
+        return self.result.defense
 
     def mean(self, metric: str) -> float | None:
-        """Mean of a per-image metric (``psnr``, ``ssim``, ``lpips``) over the batch, or None if unscored."""
-        values = [v for v in (self.data.get(metric) or []) if v is not None]
-        return sum(values) / len(values) if values else None
+        """Mean of a registered per-image metric over the batch, or None if unscored."""
+        return self.result.mean(metric)
 
 
 def _existing(result_path: Path) -> dict[str, Any] | None:
@@ -272,14 +266,131 @@ def result_is_current(result_path: Path, record_path: Path, attack_spec: str, vi
     return _reusable(existing, wanted, Path(record_path), sha)
 
 
-def _scores(record: GradientRecord, rec: Reconstruction, truth: Truth, lpips_net: str, lpips_weights: Path | None):
-    from gia_bench.metrics import get_lpips, score_batch
+def _reuse(result_path: Path, record_path: Path, record: GradientRecord, attack: Attack, view: str,
+           seed: int) -> AttackResult | None:
+    """The result already at ``result_path`` when it is the wanted one (:func:`_check_reuse`), else None."""
+    existing = _existing(result_path)
+    if not existing or not _check_reuse(existing, result_identity(record.sha256, attack.spec, view, seed),
+                                        result_path, record_path, record):  # fmt: skip
+        return None
+    try:
+        return AttackResult.from_json(existing, result_path)
+    except MalformedFile:
+        return None  # its identity is right but the rest is damaged: recompute it
 
+
+def _run(attack: Attack, record: GradientRecord, view: str, seed: int, progress: Progress | None,
+         dev: torch.device) -> tuple[Reconstruction, float]:
+    """The attack's reconstruction with ``seed``, and the seconds it took."""
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(seed)
+    start = time.perf_counter()
+    rec = attack.run(record, view, generator, progress, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return rec, time.perf_counter() - start
+
+
+def _truth(record_path: Path, record: GradientRecord) -> Truth | None:
+    """The truth file beside the record, if there is one: read only after the attack has returned."""
+    tpath = truth_path(record_path)
+    if not tpath.exists():
+        return None
+    truth = Truth.load(tpath)
+    if truth.inputs.shape[0] != record.meta.batch_size:
+        raise RecordError(
+            f"{tpath}: holds {truth.inputs.shape[0]} examples, its record {record_path} a batch of"
+            f" {record.meta.batch_size}"
+        )
+    return truth
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scored:
+    """The reconstruction in [0, 1] and its labels in the originals' order, and their scores."""
+
+    reconstruction01: torch.Tensor
+    labels: torch.Tensor
+    original01: torch.Tensor | None = None
+    scores: BatchScores | None = None
+
+
+def _score(record: GradientRecord, rec: Reconstruction, truth: Truth | None, lpips_net: str,
+           lpips_weights: Path | None) -> _Scored:
+    """Pair and score the reconstruction against ``truth`` (:func:`gia_bench.metrics.score_batch`)."""
     spec = record.meta.dataset
     rec01 = spec.denormalize(rec.inputs).clamp(0, 1)
+    if truth is None:
+        return _Scored(rec01, rec.labels)
+    from gia_bench.metrics import get_lpips, score_batch  # lazy: importing evaluate stays light
+
     orig01 = spec.denormalize(truth.inputs.to(torch.float32)).clamp(0, 1)
     scores = score_batch(rec01, orig01, rec.labels, truth.labels, lpips=get_lpips(lpips_net, lpips_weights))
-    return scores, rec01, orig01
+    order = list(scores.matching)
+    return _Scored(rec01[order], rec.labels[order], orig01, scores)
+
+
+def _threat(rec: Reconstruction, view: str) -> dict[str, Any]:
+    """What the attacker knew and used, as result.json records it."""
+    return {
+        "model": "white-box",
+        "batch_size_known": True,
+        "labels": f"inferred ({rec.label_strategy})",
+        "compressor_known": view in ("aware", "oracle"),
+        "public_state_used": list(rec.public_state_used),
+        "observed": rec.observed,
+        **({"update": rec.update} if rec.update else {}),
+        "residual": RESIDUAL.get(view, "not modelled"),
+        "upper_bound": view == "oracle",
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One attack run, before it is written: what :func:`_result` needs beyond the record."""
+
+    attack: Attack
+    view: str
+    seed: int
+    device: torch.device
+    rec: Reconstruction
+    seconds: float
+
+
+def _result(record: GradientRecord, record_path: Path, run: _Run, truth: Truth | None,
+            scored: _Scored) -> AttackResult:
+    """The :class:`~gia_bench.results.AttackResult` of one run, with the published budget beside its own."""
+    rec, meta = run.rec, record.meta
+    budget = dataclasses.replace(rec.budget or run.attack.budget, published=run.attack.published_budget,
+                                 published_known=True)  # fmt: skip
+    return AttackResult(
+        path=None, record_id=record.record_id, record=str(record_path), record_sha256=record.sha256,
+        dataset=meta.dataset.name, model=meta.model.spec, defense=meta.defense, attack=run.attack.spec,
+        view=run.view, threat=_threat(rec, run.view), step=meta.step, source=meta.extra.get("source", "capture"),
+        bytes=meta.bytes_sent, bytes_fp32=sum(int(s.numel()) * 4 for s in record.param_shapes),
+        batch_size=meta.batch_size, labels_inferred=tuple(int(v) for v in scored.labels),
+        labels_true=None if truth is None else tuple(int(v) for v in truth.labels),
+        seconds=run.seconds, iterations=rec.iterations, final_loss=rec.final_loss, scores=scored.scores,
+        budget=budget, seed=run.seed, device=str(run.device), extra=rec.extra,
+    )  # fmt: skip
+
+
+def _write(out_dir: Path, result: AttackResult, scored: _Scored) -> AttackResult:
+    """The reconstruction files, then result.json last (atomically); returns the result as written."""
+    from safetensors.torch import save
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_path = out_dir / RESULT_FILE
+    # a result not reused (stale, forged, another spec) goes before the new files land: the
+    # folder never pairs it with the new reconstruction; the new result.json comes last
+    result_path.unlink(missing_ok=True)
+    tensors = {"reconstruction": scored.reconstruction01.contiguous()}
+    if scored.original01 is not None:
+        tensors["original"] = scored.original01.contiguous()
+    atomic_write_bytes(out_dir / TENSORS_FILE, save(tensors))
+    save_grid(out_dir / GRID_FILE, scored.reconstruction01, scored.original01)
+    result.write(result_path)
+    return AttackResult.read(result_path)  # what every reader sees (tuples in ``extra`` are lists there)
 
 
 def evaluate(
@@ -293,7 +404,7 @@ def evaluate(
     lpips_weights: Path | None = None,
     progress: Progress | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
-) -> AttackResult:
+) -> AttackOutcome:
     """Attack the record at ``record_path``, score it if a truth file is beside it, write the result.
 
     A result with the same identity (record content, canonical attack spec, view,
@@ -306,106 +417,25 @@ def evaluate(
     dev = resolve_device(device)
     record = load_record(record_path)
     out_dir = result_dir(out_root, record.record_id, attack, view, record.meta.defense, seed)
-    result_path = out_dir / RESULT_FILE
-    wanted = result_identity(record.sha256, attack.spec, view, seed)
-    existing = _existing(result_path)
-    if existing and _check_reuse(existing, wanted, result_path, record_path, record):
-        return AttackResult(result_path, record_path, view, True, existing)
+    reused = _reuse(out_dir / RESULT_FILE, record_path, record, attack, view, seed)
+    if reused is not None:
+        return AttackOutcome(out_dir / RESULT_FILE, record_path, view, True, reused)
     check_attack(record.meta, attack, max_memory, record_path)  # before the attack allocates anything
 
-    tpath = truth_path(record_path)
     if view == "oracle":
         # the evaluation side, not the attack, reads the worker's private residual: an upper bound
+        tpath = truth_path(record_path)
         if not tpath.exists():
             raise GiaBenchError(f"--view oracle: {record_path} has no truth file {tpath.name} to read the residual from")
         record = record.with_private(Truth.load(tpath))
 
-    generator = torch.Generator(device=dev)
-    generator.manual_seed(seed)
-    start = time.perf_counter()
-    rec = attack.run(record, view, generator, progress, dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - start
-
+    rec, seconds = _run(attack, record, view, seed, progress, dev)
     # The attack has returned: only now may the truth be read, to score.
-    truth = Truth.load(tpath) if tpath.exists() else None
-    metrics: dict[str, Any] | None = None
-    spec = record.meta.dataset
-    labels = rec.labels
-    original01 = None
-    reconstruction01 = spec.denormalize(rec.inputs).clamp(0, 1)
-    if truth is not None:
-        if truth.inputs.shape[0] != record.meta.batch_size:
-            raise RecordError(
-                f"{tpath}: holds {truth.inputs.shape[0]} examples, its record {record_path} a batch of"
-                f" {record.meta.batch_size}"
-            )
-        scores, reconstruction01, original01 = _scores(record, rec, truth, lpips_net, lpips_weights)
-        order = list(scores.matching)
-        reconstruction01, labels = reconstruction01[order], labels[order]
-        metrics = scores.to_json()
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # a result not reused (stale, forged, another spec) goes before the new files land: the
-    # folder never pairs it with the new reconstruction; the new result.json comes last
-    result_path.unlink(missing_ok=True)
-    tensors = {"reconstruction": reconstruction01.contiguous()}
-    if original01 is not None:
-        tensors["original"] = original01.contiguous()
-    from safetensors.torch import save
-
-    atomic_write_bytes(out_dir / "reconstruction.safetensors", save(tensors))
-    save_grid(out_dir / "reconstruction.png", reconstruction01, original01)
-
-    images = metrics["images"] if metrics else None
-    result = {
-        "schema": RESULT_SCHEMA,
-        "kind": "attack_result",
-        "record_id": record.record_id,
-        "record": str(record_path),
-        "record_sha256": record.sha256,
-        "dataset": spec.name,
-        "model": record.meta.model.spec,
-        "defense": record.meta.defense,
-        "attack": attack.spec,
-        "view": view,
-        "threat": {
-            "model": "white-box",
-            "batch_size_known": True,
-            "labels": f"inferred ({rec.label_strategy})",
-            "compressor_known": view in ("aware", "oracle"),
-            "public_state_used": list(rec.public_state_used),
-            "observed": rec.observed,
-            **({"update": rec.update} if rec.update else {}),
-            "residual": RESIDUAL.get(view, "not modelled"),
-            "upper_bound": view == "oracle",
-        },
-        "step": record.meta.step,
-        "source": record.meta.extra.get("source", "capture"),
-        "bytes": record.meta.bytes_sent,
-        "bytes_fp32": sum(int(s.numel()) * 4 for s in record.param_shapes),
-        "batch_size": record.meta.batch_size,
-        "labels_inferred": [int(v) for v in labels],
-        "labels_true": [int(v) for v in truth.labels] if truth is not None else None,
-        "seconds": seconds,
-        "iterations": rec.iterations,
-        "budget": (rec.budget or attack.budget).to_json(),
-        "final_loss": rec.final_loss,
-        "seed": seed,
-        "device": str(dev),
-        "metrics": metrics,
-        "ssim": [im["ssim"] for im in images] if images else None,
-        "psnr": [im["psnr"] for im in images] if images else None,
-        "lpips": [im["lpips"] for im in images] if images else None,
-        # every other registered metric (gia_bench.metrics.METRICS) the same way, by name
-        **{name: [im.get(name) for im in images] if images else None for name in _other_metrics()},
-        "label_accuracy": metrics["label_accuracy"] if metrics else None,
-        "lpips_reason": metrics["lpips_reason"] if metrics else None,
-        "extra": rec.extra,
-    }
-    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
-    return AttackResult(result_path, record_path, view, False, result)
+    truth = _truth(record_path, record)
+    scored = _score(record, rec, truth, lpips_net, lpips_weights)
+    result = _result(record, record_path, _Run(attack, view, seed, dev, rec, seconds), truth, scored)
+    result = _write(out_dir, result, scored)
+    return AttackOutcome(out_dir / RESULT_FILE, record_path, view, False, result)
 
 
 def run_attack(
@@ -442,14 +472,6 @@ class AttackOptions:
     max_memory: int = DEFAULT_MAX_MEMORY  # bytes an attack may use (--max-memory; gia_bench.budget)
 
 
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-    """A file found in a folder that is not a usable record, and why."""
-
-    path: Path
-    reason: str
-
-
 #: ``on_start(record, attack_spec, view)`` -> a progress callback for that attack (or None).
 OnStart = Callable[[Path, str, str], "Progress | None"]
 
@@ -460,9 +482,9 @@ def run_attacks(
     views: Sequence[str],
     options: AttackOptions = AttackOptions(),
     on_start: OnStart | None = None,
-    on_result: Callable[[AttackResult], None] | None = None,
+    on_result: Callable[[AttackOutcome], None] | None = None,
     on_skip: Callable[[Skipped], None] | None = None,
-) -> list[AttackResult]:
+) -> list[AttackOutcome]:
     """Every attack in every view on every record (files, or folders searched recursively).
 
     Everything is checked before the first attack runs: the views, the attack specs,

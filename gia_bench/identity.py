@@ -30,9 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gia_bench.errors import GiaBenchError
-
-#: Version of the result.json format; part of every result's identity.
-RESULT_SCHEMA = 1
+from gia_bench.results import RESULT_SCHEMA  # the result.json version, part of every result's identity
 
 #: Fields that differ between two runs of one identity without changing what was measured
 #: (wall time, where it ran, the path the record was read from); the rest is the content.

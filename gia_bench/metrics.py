@@ -1,7 +1,7 @@
 """How close a reconstruction is to the private batch: SSIM, PSNR, LPIPS, label accuracy.
 
 Every metric works on images in [0, 1]: the model inputs denormalised with the
-record's mean/std and clamped (:func:`to_unit` does both). Nothing is
+record's mean/std and clamped (``DatasetSpec.denormalize(x).clamp(0, 1)``). Nothing is
 normalised behind the caller's back; values outside [0, 1] are an error.
 
 * **SSIM** (Wang, Bovik, Sheikh & Simoncelli 2004, eq. 13): scikit-image's
@@ -65,20 +65,12 @@ _RANGE_TOL = 1e-5
 # -- images in [0, 1] ----------------------------------------------------------------------------
 
 
-def to_unit(inputs: Tensor, mean: tuple[float, ...] | Tensor, std: tuple[float, ...] | Tensor) -> Tensor:
-    """Model inputs (normalised with per-channel ``mean``/``std``) back to images clamped to [0, 1]."""
-    shape = (1,) * (inputs.dim() - 3) + (-1, 1, 1)
-    m = torch.as_tensor(mean, dtype=inputs.dtype, device=inputs.device).reshape(shape)
-    s = torch.as_tensor(std, dtype=inputs.dtype, device=inputs.device).reshape(shape)
-    return (inputs.detach() * s + m).clamp(0.0, 1.0)
-
-
 def _check_unit(name: str, x: Tensor) -> None:
     if not x.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point image in [0, 1], got dtype {x.dtype}")
     if x.numel() and (not bool(torch.isfinite(x).all()) or x.min() < -_RANGE_TOL or x.max() > 1 + _RANGE_TOL):
         raise ValueError(
-            f"{name}: values must lie in [0, 1] (denormalise and clamp first: gia_bench.metrics.to_unit);"
+            f"{name}: values must lie in [0, 1] (denormalise and clamp first: DatasetSpec.denormalize(x).clamp(0, 1));"
             f" got [{float(x.min()):.4g}, {float(x.max()):.4g}]"
         )
 
@@ -391,8 +383,9 @@ def listing() -> list[tuple[str, str, str]]:
     return rows
 
 
-# ImageScores keeps these three as fields (result.json has always had them); the rest go in ``extra``
-_FIELDS = ("ssim", "psnr", "lpips")
+# LPIPS is computed by the scorer the caller passes (its trunk file may be missing); every other
+# registered metric by its own function
+_SCORER_METRIC = "lpips"
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -400,24 +393,32 @@ _FIELDS = ("ssim", "psnr", "lpips")
 
 @dataclasses.dataclass(frozen=True)
 class ImageScores:
-    """One original image and the reconstruction paired to it."""
+    """One original image and the reconstruction paired to it, scored by every registered metric."""
 
     index: int  # position in the original batch
     matched: int  # position of the paired reconstruction
-    ssim: float
-    psnr: float  # may be math.inf
-    lpips: float | None
-    # every other registered metric by name (ms_ssim, st_lpips, ...); None where not computed
-    extra: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
+    # :data:`METRICS` name -> value; None where not computed (weights missing)
+    values: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
 
     def value(self, name: str) -> float | None:
         """The score of metric ``name`` (a :data:`METRICS` key); None when not computed."""
-        return getattr(self, name) if name in _FIELDS else self.extra.get(name)
+        return self.values.get(name)
+
+    @property
+    def ssim(self) -> float:
+        return self.values["ssim"]  # type: ignore[return-value]  # always computed
+
+    @property
+    def psnr(self) -> float:  # may be math.inf
+        return self.values["psnr"]  # type: ignore[return-value]
+
+    @property
+    def lpips(self) -> float | None:
+        return self.values.get("lpips")
 
     def to_json(self) -> dict[str, Any]:
         """One flat dict: index, matched, then each metric's value under its name."""
-        return {"index": self.index, "matched": self.matched, "ssim": self.ssim, "psnr": self.psnr,
-                "lpips": self.lpips, **self.extra}
+        return {"index": self.index, "matched": self.matched, **self.values}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,15 +445,13 @@ class BatchScores:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BatchScores:
+        """What :meth:`to_json` wrote; each image's registered metrics by name (others are ignored).
+
+        Trusts its input; :meth:`gia_bench.results.AttackResult.from_json` checks a file first.
+        """
         images = tuple(
-            ImageScores(
-                index=int(d["index"]),
-                matched=int(d["matched"]),
-                ssim=float(d["ssim"]),
-                psnr=float(d["psnr"]),
-                lpips=None if d.get("lpips") is None else float(d["lpips"]),
-                extra={k: None if d[k] is None else float(d[k]) for k in METRICS if k not in _FIELDS and k in d},
-            )
+            ImageScores(int(d["index"]), int(d["matched"]),
+                        {k: None if d[k] is None else float(d[k]) for k in METRICS if k in d})  # fmt: skip
             for d in data["images"]
         )
         acc = data.get("label_accuracy")
@@ -531,18 +530,19 @@ def score_batch(
         if scorer.available:
             lpips_values = [float(v) for v in scorer(paired, orig)]
 
-    extra: dict[str, list[float | None]] = {}
+    values: dict[str, list[float | None]] = {}
     unavailable: dict[str, str] = {}
     notes: dict[str, str] = {}
     for metric in METRICS.values():
-        if metric.name in _FIELDS:
+        if metric.name == _SCORER_METRIC:
+            values[metric.name] = lpips_values
             continue
         why = metric.unavailable()
         if why is not None:
             unavailable[metric.name] = why
-            extra[metric.name] = [None] * len(matched)
+            values[metric.name] = [None] * len(matched)
         else:
-            extra[metric.name] = list(metric.function(paired, orig))
+            values[metric.name] = list(metric.function(paired, orig))
         note = metric.note(tuple(orig.shape))
         if note is not None:
             notes[metric.name] = note
@@ -559,14 +559,6 @@ def score_batch(
         label_acc = float((rec_l[list(matched)] == true_l).double().mean())
 
     images = tuple(
-        ImageScores(
-            index=i,
-            matched=j,
-            ssim=ssim(paired[i], orig[i]),
-            psnr=psnr(paired[i], orig[i]),
-            lpips=lpips_values[i],
-            extra={name: values[i] for name, values in extra.items()},
-        )
-        for i, j in enumerate(matched)
+        ImageScores(i, j, {name: column[i] for name, column in values.items()}) for i, j in enumerate(matched)
     )
     return BatchScores(images, label_acc, reason, unavailable, notes)

@@ -384,7 +384,8 @@ class AttackJob:
     @property
     def result(self) -> Path:
         from gia_bench.attacks import create as create_attack
-        from gia_bench.evaluate import RESULT_FILE, result_dir
+        from gia_bench.evaluate import result_dir
+        from gia_bench.results import RESULT_FILE
         from gia_bench.records import RECORD_SUFFIX, read_meta
 
         record_id = self.record.name.removesuffix(RECORD_SUFFIX)  # capture names files by record id

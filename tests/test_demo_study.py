@@ -48,6 +48,6 @@ def test_demo_attack_budget_makes_none_leak_on_digits(tmp_path):
     psnrs = []
     for record in records:
         result = evaluate(record, dlg, "naive", tmp_path / "runs", config.seeds[0])
-        psnrs += [image["psnr"] for image in result.data["metrics"]["images"]]
+        psnrs += [image.psnr for image in result.result.scores.images]
     assert len(psnrs) == config.images
     assert statistics.fmean(psnrs) >= 30.0, psnrs

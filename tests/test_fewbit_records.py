@@ -72,7 +72,7 @@ def test_few_bit_record_is_rebuilt_exactly_and_attacked_in_both_views(tmp_path):
     for view in ("naive", "aware"):
         result = json.loads(run_attack(path, ATTACK, view, tmp_path / "runs").read_text())
         assert result["view"] == view and result["iterations"] == 2 and result["record_id"] == record.meta.record_id
-        assert result["metrics"]["label_accuracy"] is not None
+        assert result["scores"]["label_accuracy"] is not None
 
 
 def test_cli_captures_and_attacks_a_few_bit_record_in_both_views(tmp_path):

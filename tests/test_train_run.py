@@ -121,6 +121,6 @@ def test_attack_result_names_the_step_and_source(tmp_path):
         results[view] = json.loads(path.read_text())
     for view, result in results.items():
         assert result["step"] == 2 and result["source"] == "train" and result["view"] == view
-        assert all(math.isfinite(v) for v in result["psnr"])
+        assert all(math.isfinite(im["psnr"]) for im in result["scores"]["images"])
     assert results["oracle"]["threat"]["upper_bound"] is True
     assert "assumed zero" in results["aware"]["threat"]["residual"]

@@ -29,6 +29,7 @@ from gia_bench.errors import GiaBenchError
 from gia_bench.io import slug as io_slug
 from gia_bench.records import GradientRecord
 from gia_bench.registry import Registry, canonical_spec, describe_params
+from gia_bench.results import FAR_BELOW, Budget  # one Budget: what result.json stores
 from gia_bench.threat import VIEWS
 
 ATTACKS: Registry[Attack] = Registry("attack", entry_point_group="gia_bench.attacks", base=lambda: Attack)
@@ -46,37 +47,6 @@ class AttackError(GiaBenchError):
 def create(spec: str, **overrides: Any) -> Attack:
     """Build an attack from a spec string such as ``"ig:iterations=2000,tv=1e-4"``."""
     return ATTACKS.create(spec, **overrides)
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """How much an attack optimised: what result.json stores under ``"budget"``.
-
-    ``iterations`` optimiser steps per restart, ``restarts`` random starts,
-    ``evaluations`` loss+gradient evaluations actually made (summed over restarts;
-    None when not counted, e.g. a budget read from a paper), ``preset`` the named
-    preset the settings came from (``ig:preset=paper``) or None.
-    """
-
-    iterations: int
-    restarts: int = 1
-    evaluations: int | None = None
-    preset: str | None = None
-    #: where a published budget comes from (not stored in result.json)
-    source: str = dataclasses.field(default="", compare=False)
-
-    @property
-    def steps(self) -> int:
-        """Iterations times restarts: the comparable size of a budget."""
-        return self.iterations * self.restarts
-
-    def to_json(self) -> dict[str, Any]:
-        return {"iterations": self.iterations, "restarts": self.restarts, "evaluations": self.evaluations,
-                "preset": self.preset}  # fmt: skip
-
-
-#: a budget below this fraction of the published one is "far below" (reports warn)
-FAR_BELOW = 0.25
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,28 +25,27 @@ from pathlib import Path
 from typing import Any
 
 from gia_bench.identity import ResultConflictError, named_record_sha256
-from gia_bench.reports.load import AttackResult, Skipped
+from gia_bench.results import AttackResult, Skipped
 
 
 def report_key(result: AttackResult) -> tuple[Any, ...]:
-    """The identity a result is counted under.
+    """The identity a result is counted under (:attr:`~gia_bench.results.AttackResult.identity`).
+
+    Its attack spec is compared as stored: the attack runner stores the canonical spec,
+    so counting asks no attack registry (``reports/`` imports none).
 
     A result written before records were hashed has no sha256: the record path, id and
     defense it names stand in for it.
     """
     ident = result.identity
-    key: tuple[Any, ...] = (
-        (ident.record_sha256, ident.attack, ident.view, ident.seed, ident.schema)
-        if ident is not None
-        else (None, result.attack, result.view, result.seed, None)
-    )
+    key: tuple[Any, ...] = (ident.record_sha256, ident.attack, ident.view, ident.seed, ident.schema)
     if result.record_sha256 is None:
         key += (result.record, result.record_id, result.defense)
     return key
 
 
 def _describe(result: AttackResult) -> str:
-    if result.identity is not None and result.record_sha256 is not None:
+    if result.record_sha256 is not None:
         return result.identity.describe()
     return f"record {result.record or result.record_id!r}, attack {result.attack}, view {result.view}, seed {result.seed}"
 

@@ -23,61 +23,29 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from gia_bench.errors import GiaBenchError
 from gia_bench.reports import stats
 from gia_bench.reports.tables import ReportData, SummaryRow, TableGroup, short_spec
+from gia_bench.results import FAR_BELOW, Budget
 
 REFERENCE = "none"  # accuracies are compared with the uncompressed baseline when the study has it
 
-# Budgets the attacks' authors ran (iterations x restarts), for the "budget too small" rule, used when the
-# attack class does not state its own (``published`` on the class, with its source, takes precedence).
-PUBLISHED_BUDGETS: dict[str, tuple[int, int, str]] = {
-    "dlg": (300, 1, "Zhu et al. 2019 (DLG): 300 L-BFGS iterations in the authors' code"),
-    "ig": (4800, 1, "Geiping et al. 2020 (Inverting Gradients): inversefed's default, 4,800 Adam iterations, 1 restart"),
-}
+# a budget below this fraction of the published one is "far below": the rule the attacks warn by
+BUDGET_FRACTION = FAR_BELOW
 
 
-def _far_below() -> float:
-    """The fraction of the published budget below which a budget is "far below" (the attacks' own rule if set)."""
-    try:
-        from gia_bench.attacks import base
-
-        return float(getattr(base, "FAR_BELOW", 0.1))
-    except ImportError:
-        return 0.1
-
-
-BUDGET_FRACTION = _far_below()
-
-
-def published_budget(attack: str) -> tuple[int, int, str] | None:
-    """(iterations, restarts, source) the attack's authors ran; None when there is no such figure."""
-    name = attack.split(":", 1)[0]
-    try:
-        from gia_bench.attacks import ATTACKS
-
-        pub = getattr(ATTACKS.get(name), "published", None)
-    except (GiaBenchError, ImportError, AttributeError, TypeError, ValueError):
-        pub = None
-    if pub is not None and getattr(pub, "iterations", 0):
-        return int(pub.iterations), int(getattr(pub, "restarts", 1) or 1), str(getattr(pub, "source", "") or "published")
-    return PUBLISHED_BUDGETS.get(name)
-
-
-def _budget_list() -> str:
-    out = []
-    for name in PUBLISHED_BUDGETS:
-        pub = published_budget(name)
-        if pub is not None:
-            out.append(f"{name}: {pub[0]:,} x {pub[1]}, {pub[2].split(': ', 1)[0]}")
-    return "; ".join(out)
+def published_budget(budget: Budget) -> tuple[int, int, str] | None:
+    """(iterations, restarts, source) the attack's authors ran, as its result recorded; None: no such figure."""
+    pub = budget.published
+    if pub is None or not pub.iterations:
+        return None
+    return pub.iterations, pub.restarts, pub.source or "published"
 
 
 BUDGET_RULE = (
     "The banner appears when a study cannot support its verdicts: (1) the strongest attacker of a defense"
     " setting was scored on fewer images than the sign test needs to say 'leaks' at its level (5 images for one"
     " attacker setting, more when the strongest is picked from several); (2) an attack ran fewer than"
-    f" {BUDGET_FRACTION:.0%} of its published iterations x restarts ({_budget_list()});"
+    f" {BUDGET_FRACTION:.0%} of the published iterations x restarts its result records (the budgets table lists them);"
     " (3) the uncompressed baseline 'none' does not leak under the strongest attack, so the attacks cannot"
     " separate the defenses."
 )
@@ -245,7 +213,7 @@ def study_warnings(data: ReportData, groups: Sequence[HeadlineGroup] | None = No
             if r.attack in seen:
                 continue
             seen.add(r.attack)
-            pub = published_budget(r.attack)
+            pub = published_budget(r.budget)
             if pub is None:
                 continue
             spent = r.budget.iterations * r.budget.restarts

@@ -545,17 +545,3 @@ def fmt_num(v: float | None, digits: int = 3) -> str:
 def fmt_ratio(v: float) -> str:
     return "∞" if math.isinf(v) else f"{v:.3g}×"
 
-
-def fmt_stat(s: Stat | None, digits: int = 3) -> tuple[str, str, str]:
-    if s is None:
-        return "–", "–", "–"
-    return fmt_num(s.mean, digits), fmt_num(s.worst, digits), fmt_num(s.spread, digits)
-
-
-def fmt_accuracy(row: SummaryRow) -> str:
-    if row.test_accuracy is None:
-        return "–"
-    text = f"{100 * row.test_accuracy:.1f}%"
-    same = (row.accuracy_model or "").split(":", 1)[0] == row.model.split(":", 1)[0]
-    return text if same else f"{text} ({row.accuracy_model})"
-

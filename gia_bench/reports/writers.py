@@ -29,7 +29,6 @@ from gia_bench.reports.headline import (
     published_budget,
     study_warnings,
 )
-from gia_bench.reports.load import Budget
 from gia_bench.reports.tables import (
     VIEW_ORDER,
     ReportData,
@@ -42,6 +41,7 @@ from gia_bench.reports.tables import (
     perceptual_metric,
     short_spec,
 )
+from gia_bench.results import Budget
 
 THREAT_MODEL = (
     "Honest-but-curious server (or a peer in an all-gather), white-box model: it knows the model's weights,"
@@ -367,12 +367,14 @@ def budgets_table(data: ReportData) -> Table | None:
         return None
     rows = []
     for attack, b in sorted(seen.items()):
-        pub = published_budget(attack)
+        pub = published_budget(b)
+        # a result older than schema 3 did not record the published budget: say so, not "none"
+        none = "–" if b.published_known else "not recorded"
         rows.append(
             (
                 Cell(attack, code=True),
                 budget_cell(b),
-                Cell("–" if pub is None else f"{pub[0]:,} it × {pub[1]}", "" if pub is None else pub[2].split(": ", 1)[0], num=True),
+                Cell(none if pub is None else f"{pub[0]:,} it × {pub[1]}", "" if pub is None else pub[2].split(": ", 1)[0], num=True),
             )
         )
     return Table((("attack (full spec)", False), ("budget used", True), ("published budget", True)), tuple(rows), compact=True)

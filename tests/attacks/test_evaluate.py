@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 
 import gia_bench.records as records_module
 from gia_bench.attacks import ATTACKS, create
-from gia_bench.evaluate import AttackOptions, AttackResult, ResultConflictError, evaluate, run_attack, run_attacks
+from gia_bench.evaluate import AttackOptions, AttackOutcome, ResultConflictError, evaluate, run_attack, run_attacks
 from gia_bench.cli import app
 from gia_bench.errors import GiaBenchError
 from gia_bench.records import truth_path
 from gia_bench.receiver import load_record
+from gia_bench.results import RESULT_SCHEMA, AttackResult
 
 from conftest import make_record, pick
 
@@ -48,7 +49,7 @@ def test_result_json_and_files(tmp_path):
     out = run_attack(path, "dlg:iterations=5", "naive", tmp_path / "runs", seed=0)
     assert out == tmp_path / "runs" / "none" / record.record_id / "dlg_iterations-5-naive" / "result.json"
     result = json.loads(out.read_text())
-    assert result["schema"] == 1 and result["kind"] == "attack_result"
+    assert result["schema"] == RESULT_SCHEMA == 3 and result["kind"] == "attack_result"
     assert result["defense"] == "none" and result["view"] == "naive"
     assert result["attack"] == create("dlg:iterations=5").spec
     assert result["bytes"] == record.meta.bytes_sent
@@ -58,10 +59,13 @@ def test_result_json_and_files(tmp_path):
     assert result["threat"]["observed"] == "decoded gradient" and result["threat"]["compressor_known"] is False
     assert result["labels_true"] == truth.labels.tolist()
     assert sorted(result["labels_inferred"]) == sorted(truth.labels.tolist())
-    assert len(result["psnr"]) == len(result["ssim"]) == len(result["lpips"]) == 2
-    assert result["metrics"]["images"][0]["psnr"] == result["psnr"][0]
-    assert 0.0 <= result["label_accuracy"] <= 1.0
-    assert (result["lpips"][0] is None) == (result["lpips_reason"] is not None)
+    images = result["scores"]["images"]
+    assert len(images) == 2 and all({"psnr", "ssim", "lpips", "st_lpips", "ms_ssim"} <= set(im) for im in images)
+    assert 0.0 <= result["scores"]["label_accuracy"] <= 1.0
+    assert (images[0]["lpips"] is None) == (result["scores"]["lpips_reason"] is not None)
+    # the budget it ran with, and the published one it is compared with (DLG: 300 L-BFGS steps)
+    assert result["budget"]["iterations"] == 5 and result["budget"]["published"]["iterations"] == 300
+    assert AttackResult.read(out).budget.published == create("dlg").published_budget
     saved = load_file(str(out.parent / "reconstruction.safetensors"))
     assert saved["reconstruction"].shape == saved["original"].shape == (2, 3, 32, 32)
     # reordered: index i pairs with original i
@@ -81,8 +85,8 @@ def test_runs_are_resumable(tmp_path):
 def test_without_truth_no_metrics(tmp_path):
     path, _, _ = _save(tmp_path, truth=False)
     result = json.loads(run_attack(path, "dlg:iterations=2", "naive", tmp_path / "runs").read_text())
-    assert result["metrics"] is None and result["psnr"] is None and result["labels_true"] is None
-    assert result["label_accuracy"] is None
+    assert result["scores"] is None and result["labels_true"] is None
+    assert AttackResult.from_json(result).label_accuracy is None
 
 
 def test_attacks_never_open_the_truth_file(tmp_path, monkeypatch):
@@ -180,7 +184,7 @@ def test_two_defenses_into_one_out_give_two_results(tmp_path):
     assert by_defense["topk"]["bytes"] == rb.meta.bytes_sent < by_defense["none"]["bytes"]
     assert by_defense["topk"]["record_sha256"] == hashlib.sha256(b.read_bytes()).hexdigest()
     assert by_defense["none"]["record_sha256"] == hashlib.sha256(a.read_bytes()).hexdigest()
-    assert by_defense["topk"]["record"] == str(b) and by_defense["topk"]["schema"] == 1
+    assert by_defense["topk"]["record"] == str(b) and by_defense["topk"]["schema"] == RESULT_SCHEMA
     # the same command again reuses B's result, and says so
     res = _cli("attack", tmp_path / "B", "--attack", "dlg:iterations=1", "--out", out)
     assert res.exit_code == 0 and "reused" in res.output and "1 reused" in res.output, res.output
@@ -202,10 +206,10 @@ def test_same_id_other_record_is_refused_and_a_changed_record_recomputed(tmp_pat
     a.write_bytes(c.read_bytes())
     again = evaluate(a, "dlg:iterations=1", "naive", out)
     assert not again.reused and again.path == first.path
-    assert again.data["record_sha256"] == hashlib.sha256(c.read_bytes()).hexdigest() != first.data["record_sha256"]
+    assert again.result.record_sha256 == hashlib.sha256(c.read_bytes()).hexdigest() != first.result.record_sha256
     # another seed is another result, in its own folder
     seeded = evaluate(a, "dlg:iterations=1", "naive", out, seed=3)
-    assert not seeded.reused and seeded.path != first.path and seeded.data["seed"] == 3
+    assert not seeded.reused and seeded.path != first.path and seeded.result.seed == 3
 
 
 def test_attack_dir_skips_non_record_files(tmp_path):
@@ -232,7 +236,7 @@ def test_run_attacks_is_the_grid_in_one_call(tmp_path):
     results = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options, on_result=seen.append)
     assert [(r.record, r.view) for r in results] == [(p1, "naive"), (p1, "aware"), (p2, "naive"), (p2, "aware")]
     assert seen == results and not any(r.reused for r in results)
-    assert all(isinstance(r, AttackResult) and r.path.exists() and r.mean("psnr") is not None for r in results)
+    assert all(isinstance(r, AttackOutcome) and r.path.exists() and r.mean("psnr") is not None for r in results)
     again = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options)
     assert all(r.reused for r in again) and [r.path for r in again] == [r.path for r in results]
     with pytest.raises(GiaBenchError, match="--lpips-net 'squeeze'"):
@@ -293,22 +297,32 @@ def _forge(path: Path, **fields) -> None:
     path.write_text(json.dumps(data))
 
 
+def _psnrs(data: dict) -> list[float]:
+    return [im["psnr"] for im in data["scores"]["images"]]
+
+
+def _forged_scores(path: Path) -> dict:
+    scores = json.loads(path.read_text())["scores"]
+    scores["images"][0]["psnr"] = 99.0
+    return scores
+
+
 def test_a_result_claiming_another_records_content_is_recomputed_not_reused(tmp_path):
     from gia_bench.capture import CaptureConfig, capture
 
     a, b = capture(CaptureConfig("digits", "lenet", "none", 1, 2, 0, tmp_path / "A"))  # two records, two ids
     out = tmp_path / "runs"
     first = evaluate(b, SPEC, "naive", out)
-    honest = first.data["psnr"]
+    honest = _psnrs(first.result.to_json())
     # 1. names B's file but claims A's sha256; 2. claims B's sha256 but names A's file, which hashes
     # to A's: neither is B's result, whatever its fields say; both are recomputed in place
     for forged in ({"record_sha256": _sha(a)}, {"record": str(a)}):
-        _forge(first.path, psnr=[99.0], **forged)
+        _forge(first.path, scores=_forged_scores(first.path), **forged)
         res = _cli("attack", b, "--attack", SPEC, "--out", out)
         assert res.exit_code == 0 and "0 reused" in res.output, (forged, res.output)
         data = json.loads(first.path.read_text())
         assert data["record_sha256"] == _sha(b) and data["record"] == str(b), forged
-        assert data["psnr"] == honest != [99.0]
+        assert _psnrs(data) == honest != [99.0]
     # the honest result is reused again (nothing rewritten)
     stamp = first.path.stat().st_mtime_ns
     assert evaluate(b, SPEC, "naive", out).reused and first.path.stat().st_mtime_ns == stamp

@@ -8,13 +8,16 @@ up. None of this is a benchmark result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from gia_bench.attacks import create as create_attack
 from gia_bench.metrics import score_batch
+from gia_bench.results import RESULT_SCHEMA
 
 DATASET = "photos"
 MODEL = "lenet"
@@ -41,6 +44,12 @@ def originals(gen: torch.Generator, batch: int = BATCH, shape: tuple[int, int, i
         img = img + 0.05 * torch.randn(shape, generator=gen)
         imgs.append(img.clamp(0, 1))
     return torch.stack(imgs)
+
+
+def _budget(attack: str) -> dict:
+    """The ``budget`` the attack runner records: the attack's own and its published one (as evaluate does)."""
+    built = create_attack(attack)
+    return dataclasses.replace(built.budget, published=built.published_budget, published_known=True).to_json()
 
 
 def write_result(
@@ -76,7 +85,7 @@ def write_result(
     scores = score_batch(rec, orig, inferred, labels, compute_lpips=False)
     folder.mkdir(parents=True, exist_ok=True)
     data = {
-        "schema": 1,
+        "schema": RESULT_SCHEMA,
         "kind": "attack_result",
         "record_id": record_id,
         "record": record,
@@ -94,14 +103,17 @@ def write_result(
         "seconds": seconds,
         "iterations": iterations,
         "final_loss": final_loss,
-        "metrics": scores.to_json(),
-        "ssim": [im.ssim for im in scores.images],
-        "psnr": [im.psnr for im in scores.images],
-        "lpips": [im.lpips for im in scores.images],
-        "label_accuracy": scores.label_accuracy,
-        "lpips_reason": scores.lpips_reason,
+        "scores": scores.to_json(),
+        "budget": _budget(attack),
         **(extra or {}),
     }
+    if data["schema"] < 3:  # an older file: scores under "metrics" and as flat lists, no published budget
+        old = data.pop("scores")
+        data.update(metrics=old, ssim=[im["ssim"] for im in old["images"]], psnr=[im["psnr"] for im in old["images"]],
+                    lpips=[im["lpips"] for im in old["images"]], label_accuracy=old["label_accuracy"],
+                    lpips_reason=old["lpips_reason"])  # fmt: skip
+        if "budget" not in (extra or {}):
+            del data["budget"]
     (folder / "result.json").write_text(json.dumps(data))
     if save_images:
         paired = rec[list(scores.matching)]
@@ -274,7 +286,7 @@ def write_demo_like(root: Path, seed: int = 2, train_section: bool = True) -> di
     """Results shaped like ``gia-bench demo``'s (made-up numbers), for layout tests and page measurements.
 
     Two datasets x 13 defenses (the demo's specs, long ones included) x 2 attacks x 2
-    views, 2 images each, budgets as older results have them (read from the spec);
+    views, 2 images each, budgets as the attack runner records them (with the published one);
     training runs on digits with 359 test images; with ``train_section`` also a
     training-run section (:func:`write_train_fixture`).
     """

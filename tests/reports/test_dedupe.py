@@ -46,9 +46,12 @@ def _copy(result: Path, runs: dict[str, Path], folder: str) -> Path:
     return dest / "result.json"
 
 
-def _edit(path: Path, **fields) -> None:
+def _edit(path: Path, psnr: float | None = None, **fields) -> None:
+    """Set ``fields``; ``psnr`` replaces the first image's PSNR (a different measurement)."""
     data = json.loads(path.read_text())
     data.update(fields)
+    if psnr is not None:
+        data["scores"]["images"][0]["psnr"] = psnr
     path.write_text(json.dumps(data))
 
 
@@ -93,7 +96,7 @@ def test_a_result_its_record_contradicts_is_not_counted(runs):
     """A result.json claiming another record's sha256 (its own record file hashes otherwise) is left out, named."""
     sha_a = hashlib.sha256(runs["a"].read_bytes()).hexdigest()
     forged = _copy(runs["rb"], runs, "forged")
-    _edit(forged, record_sha256=sha_a, psnr=[99.0])  # B's result, now claiming A's content
+    _edit(forged, record_sha256=sha_a, psnr=99.0)  # B's result, now claiming A's content
     loaded = load_runs([runs["root"] / "o1", runs["root"] / "forged"])
     assert sorted(r.path for r in loaded.results) == sorted([runs["ra"], runs["rb"]])
     (note,) = loaded.skipped
@@ -105,7 +108,7 @@ def test_a_result_its_record_contradicts_is_not_counted(runs):
 
 def test_two_results_of_one_identity_with_different_content_are_refused(runs, tmp_path):
     other = _copy(runs["ra"], runs, "other")
-    _edit(other, psnr=[99.0], seconds=1.0)
+    _edit(other, psnr=99.0, seconds=1.0)
     with pytest.raises(ResultConflictError) as info:
         load_runs([runs["root"] / "o1", runs["root"] / "other"])
     assert str(runs["ra"]) in str(info.value) and str(other) in str(info.value)

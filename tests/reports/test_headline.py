@@ -22,13 +22,13 @@ from report_fixture import (
     TRAIN_VIEWS,
     originals,
     write_demo_like,
-    write_fixture,
     write_result,
     write_train_fixture,
     write_train_metrics,
 )
 from test_report import html_rows, md_rows
 
+from gia_bench.attacks import create as create_attack
 from gia_bench.reports import (
     ReportOptions,
     build_report,
@@ -121,9 +121,15 @@ def test_budget_is_read_or_taken_from_the_spec(tmp_path: Path, trainrun) -> None
     new = parse_result(written["results"][0])
     assert new.budget.iterations == 4800 and new.budget.restarts == 1 and new.budget.preset == "paper"
     assert not new.budget.from_spec and new.step == 0 and new.source == "train"
-    old = parse_result(write_fixture(tmp_path / "old")["results"][0])  # no budget: read from the attack spec
+    gen = torch.Generator().manual_seed(0)
+    old = parse_result(write_result(  # a schema-1 file without budget: read from the attack spec
+        tmp_path / "old", gen, originals(gen, 2), torch.tensor([3, 7]), 0.1, record_id="r", record="", dataset="photos",
+        model="lenet", defense="none", attack="dlg:iterations=300", view="naive", nbytes=100, bytes_fp32=100,
+        extra={"schema": 1},
+    ))  # fmt: skip
     assert old.budget.from_spec and old.budget.iterations == 300 and old.budget.restarts == 1
     assert old.step == 0 and old.source == "capture"
+    assert old.budget.published is None and not old.budget.published_known  # not recorded before schema 3
     data = json.loads(written["results"][0].read_text())
     for bad, message in (
         ({"iterations": "many", "restarts": 1}, "field 'iterations' is str"),
@@ -135,7 +141,7 @@ def test_budget_is_read_or_taken_from_the_spec(tmp_path: Path, trainrun) -> None
         path.write_text(json.dumps({**data, "budget": bad}))
         with pytest.raises(MalformedFile, match=message):
             parse_result(path)
-    for key, value, message in (("step", -1, "negative"), ("source", "moon", "source 'moon'"), ("schema", 3, "schema 3")):
+    for key, value, message in (("step", -1, "negative"), ("source", "moon", "source 'moon'"), ("schema", 7, "schema 7")):
         path.write_text(json.dumps({**data, key: value}))
         with pytest.raises(MalformedFile, match=message):
             parse_result(path)
@@ -180,8 +186,7 @@ def _spent(attack: str) -> int:
 
 
 def _wanted(attack: str) -> int:
-    it, restarts, _ = published_budget(attack)
-    return it * restarts
+    return create_attack(attack).published_budget.steps
 
 
 def _study(root: Path, images: int, none_noise: float, iterations: int) -> list[Path]:
@@ -211,7 +216,8 @@ def test_banner_when_the_baseline_does_not_leak(tmp_path: Path) -> None:
 def test_banner_when_the_budget_is_far_below_the_published_one(tmp_path: Path) -> None:
     data = _data(*_study(tmp_path, images=8, none_noise=0.02, iterations=20))
     (warning,) = study_warnings(data)
-    it, restarts, _ = published_budget("ig")
+    it, restarts, _ = published_budget(load_runs([tmp_path]).results[0].budget)
+    assert (it, restarts) == (create_attack("ig").published_budget.iterations, create_attack("ig").published_budget.restarts)
     assert warning.startswith("Attack budget far below") and f"{20 / (it * restarts):.1%} of {it:,} x {restarts}" in warning
 
 

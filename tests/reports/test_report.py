@@ -206,8 +206,8 @@ def test_parse_result_rejects_inconsistent_scores(fixture_dir, tmp_path: Path) -
     _, written = fixture_dir
     data = json.loads(written["results"][0].read_text())
     for mutate, message in (
-        (lambda d: d["metrics"]["images"].pop(), "scored images for batch_size"),
-        (lambda d: d["metrics"]["images"][0].update(ssim=3.0), "out-of-range"),
+        (lambda d: d["scores"]["images"].pop(), "scored images for batch_size"),
+        (lambda d: d["scores"]["images"][0].update(ssim=3.0), "out-of-range"),
         (lambda d: d.update(bytes="many"), "field 'bytes' is str"),
         (lambda d: d.update(schema=7), "schema 7"),
     ):
@@ -219,7 +219,7 @@ def test_parse_result_rejects_inconsistent_scores(fixture_dir, tmp_path: Path) -
             parse_result(path)
     # an infinite PSNR (exact reconstruction) written by json.dump is read back as inf
     d = json.loads(json.dumps(data))
-    d["metrics"]["images"][0]["psnr"] = math.inf
+    d["scores"]["images"][0]["psnr"] = math.inf
     path.write_text(json.dumps(d))
     assert parse_result(path).scores.images[0].psnr == math.inf
 

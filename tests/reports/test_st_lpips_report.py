@@ -23,7 +23,8 @@ def _two_results(root: Path) -> tuple[Path, Path]:
     common = dict(dataset="photos", model="lenet", defense="none", attack="dlg:iterations=300", view="naive",
                   nbytes=1000, bytes_fp32=1000)  # fmt: skip
     new = write_result(root / "a", gen, orig, labels, 0.1, record_id="r0", record="r0.safetensors", **common)
-    old = write_result(root / "b", gen, orig, labels, 0.2, record_id="r1", record="r1.safetensors", **common)
+    old = write_result(root / "b", gen, orig, labels, 0.2, record_id="r1", record="r1.safetensors", extra={"schema": 1},
+                       **common)  # fmt: skip
     data = json.loads(old.read_text())
     for im in data["metrics"]["images"]:
         del im["ms_ssim"], im["st_lpips"]
@@ -40,7 +41,7 @@ def test_reports_show_st_lpips_when_lpips_has_no_weights(tmp_path: Path, monkeyp
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no LPIPS trunk anywhere
     monkeypatch.delenv("GIA_BENCH_LPIPS_WEIGHTS", raising=False)
     new, old = _two_results(tmp_path / "runs")
-    stored = [im["st_lpips"] for im in json.loads(new.read_text())["metrics"]["images"]]
+    stored = [im["st_lpips"] for im in json.loads(new.read_text())["scores"]["images"]]
     assert all(v > 0 for v in stored)
 
     # the old result lacks ST-LPIPS and nothing may be computed: the setting has no ST-LPIPS value
