@@ -112,10 +112,10 @@ def test_reports_import_no_attack_or_defense_registry(tmp_path: Path) -> None:
 
 def test_an_older_result_in_the_folder_is_recomputed_not_reused(tmp_path: Path) -> None:
     """The schema is part of the identity: a schema-1 result of the same record, spec and seed is replaced."""
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
     from gia_bench.evaluate import evaluate
 
-    (a,) = capture("digits", "lenet", "none", 1, 1, 0, tmp_path / "records")
+    (a,) = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path / "records"))
     first = evaluate(a, "dlg:iterations=1", "naive", tmp_path / "runs")
     data = json.loads(first.path.read_text())
     data["schema"] = 1
