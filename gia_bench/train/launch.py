@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from gia_bench.errors import ConfigError
+from gia_bench.event_relay import relay
+from gia_bench.events import SILENT, Events
 from gia_bench.io import atomic_write_json
 from gia_bench.threads import pause_openmp
 from gia_bench.train.checkpoint import check_resume, checkpoint_note
@@ -31,6 +33,7 @@ from gia_bench.train.config import (
     planned_steps,
 )
 from gia_bench.train.loop import run_worker
+from gia_bench.train.progress import EVENTS_FILE
 from gia_bench.train.watchdog import remove_stack_files, stuck_message
 
 # Forking safely. A forked worker inherits every object of the launching process, among
@@ -62,7 +65,7 @@ def _freeze_inherited_objects() -> None:
 os.register_at_fork(after_in_child=_freeze_inherited_objects)
 
 
-def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
+def launch(config: TrainConfig, fork: bool = False, events: Events = SILENT) -> dict[str, Any]:
     """Run training with ``nproc_per_node`` workers through torchrun's elastic agent; returns metrics.json.
 
     Workers are ``python -m gia_bench.train CONFIG`` processes, as torchrun starts
@@ -70,14 +73,15 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
     the seconds each fresh interpreter spends importing torch, which matters for
     short CPU runs such as tests; not with CUDA, which does not survive a fork).
 
+    ``events`` hears rank 0's progress (:mod:`gia_bench.train.progress`), relayed from its
+    worker through a file in ``config.out``.
+
     Raises :class:`TrainError` with one line (which worker, its exit code, the last
     checkpoint) when a worker fails.
     """
     import logging
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import LaunchConfig
 
     config.validate()
     min_nodes, max_nodes = _nnodes(config.nnodes)
@@ -115,6 +119,23 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
         # group of the caller's would be inherited too. Spawn instead.
         fork = False
     remove_stack_files(out)  # stacks of an earlier run's stuck workers: this run's failure names its own
+    (out / EVENTS_FILE).unlink(missing_ok=True)  # a killed run's: rank 0 writes events only while we listen
+    with relay(events, out / EVENTS_FILE):
+        _launch_workers(config, launch_config, fork, saved_env)
+    try:
+        return json.loads((out / METRICS_FILE).read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{out / METRICS_FILE}: the workers finished without writing metrics") from None
+
+
+def _launch_workers(config: TrainConfig, launch_config: Any, fork: bool, saved_env: str | None) -> None:
+    """The elastic agent's run; a failure becomes one :class:`TrainError` line (or KeyboardInterrupt)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    out = config.out
+    config_path = out / CONFIG_FILE
     global _forking_launches
     try:
         if fork:
@@ -173,10 +194,6 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = saved_env
-    try:
-        return json.loads((out / METRICS_FILE).read_text())
-    except FileNotFoundError:
-        raise TrainError(f"{out / METRICS_FILE}: the workers finished without writing metrics") from None
 
 
 def _fork_unsafe() -> bool:

@@ -221,7 +221,7 @@ def _train(
         history = list(checkpoint["epochs"])
 
     fail = _fail_at()
-    progress = Progress(rank == 0, config.epochs, steps_per_epoch, start_epoch, config.defense)
+    progress = Progress(rank == 0, config.epochs, steps_per_epoch, start_epoch, config.defense, out=config.out)
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
@@ -258,7 +258,7 @@ def _train(
                 optimizer.step()
                 loss_sum += loss.detach().double()
                 global_step += 1
-                progress.step(epoch, float(loss) if progress.enabled else 0.0)
+                progress.step(epoch, loss.detach())  # read (a device sync) only when sent
             seconds = time.perf_counter() - t0
             watchdog.kick()
             # train loss averaged over workers; a plain all-reduce, not gradient traffic

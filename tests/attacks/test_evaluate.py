@@ -12,9 +12,18 @@ from typer.testing import CliRunner
 
 import gia_bench.records as records_module
 from gia_bench.attacks import ATTACKS, create
-from gia_bench.evaluate import AttackOptions, AttackResult, ResultConflictError, evaluate, run_attack, run_attacks
+from gia_bench.evaluate import (
+    AttackOptions,
+    AttackResult,
+    ResultConflictError,
+    evaluate,
+    result_line,
+    run_attack,
+    run_attacks,
+)
 from gia_bench.cli import app
 from gia_bench.errors import GiaBenchError
+from gia_bench.events import Recorded
 from gia_bench.records import truth_path
 from gia_bench.receiver import load_record
 
@@ -228,10 +237,17 @@ def test_run_attacks_is_the_grid_in_one_call(tmp_path):
     p1, r1, _ = _save(tmp_path / "a", indices=(5,))
     p2, r2, _ = _save(tmp_path / "b", indices=(6,), defense="fp16")
     options = AttackOptions(out=tmp_path / "runs", seed=0)
-    seen = []
-    results = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options, on_result=seen.append)
+    events = Recorded()
+    results = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options, events=events)
     assert [(r.record, r.view) for r in results] == [(p1, "naive"), (p1, "aware"), (p2, "naive"), (p2, "aware")]
-    assert seen == results and not any(r.reused for r in results)
+    assert not any(r.reused for r in results)
+    # the plan first; each result as it finishes, in order, then the count of attacks done
+    assert events.calls[0] == ("start", 4, "attack", "4 attacks on 2 records")
+    assert [c[2] for c in events.calls if c[0] == "result"] == [result_line(r) for r in results]
+    finished = [c for c in events.calls if c[0] == "step" and c[1] > 0 and c[2]]
+    done = [c[1] for c in events.calls if c[0] == "step"]
+    assert done == sorted(done) and done[-1] == 4 and [c[2] for c in finished][-1] == f"{p2.name} dlg-aware"
+    assert result_line(results[1]).startswith(f"{results[1].record_id} [none] dlg (aware): 1 it")
     assert all(isinstance(r, AttackResult) and r.path.exists() and r.mean("psnr") is not None for r in results)
     again = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options)
     assert all(r.reused for r in again) and [r.path for r in again] == [r.path for r in results]
