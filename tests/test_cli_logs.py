@@ -49,7 +49,7 @@ def test_audit_names_every_defense_in_full(tmp_path, monkeypatch):
 def test_train_summary_is_one_line(tmp_path, monkeypatch):
     out = tmp_path / ("a-run-folder-with-a-long-name-" * 3)
 
-    def fake_launch(config):
+    def fake_launch(config, **kwargs):
         return {
             "defense": config.defense, "world_size": 2,
             "totals": {"final_test_accuracy": 0.9312, "bytes_sent_per_worker": 123_456_789, "bytes_per_step": 4321.0,

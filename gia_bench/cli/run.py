@@ -16,6 +16,7 @@ from gia_bench.cli.base import (
     max_memory_option,
     plugin_option,
 )
+from gia_bench.cli.render import AttackView, CaptureView, RoundsView, TrainView
 
 
 @app.command("capture")
@@ -52,7 +53,6 @@ def capture_cmd(
     """
     apply_threads()
     from gia_bench.capture import capture, summarize
-    from gia_bench.cli.render import CaptureView
     from gia_bench.cli.tables import capture_table
     from gia_bench.registry import trusted
 
@@ -95,7 +95,6 @@ def attack_cmd(
     """Reconstruct the images and labels of saved gradient records; score them where a truth file exists."""
     apply_threads()
     from gia_bench.budget import parse_memory
-    from gia_bench.cli.render import AttackView
     from gia_bench.evaluate import AttackOptions, run_attacks
 
     options = AttackOptions(
@@ -170,7 +169,6 @@ def train_cmd(
 ) -> None:
     """Train with DDP, any defense as the gradient communication hook (torchrun underneath)."""
     from gia_bench.registry import trusted
-    from gia_bench.cli.render import TrainView
     from gia_bench.train import TrainConfig, launch, parse_capture_steps
     from gia_bench.train.checkpoint import checkpoint_note
 
@@ -221,7 +219,6 @@ def federated_cmd(
     plugin: list[str] = plugin_option(),
 ) -> None:
     """Federated averaging on Flower's simulation engine, each client's update through the defense; records of it."""
-    from gia_bench.cli.render import RoundsView
     from gia_bench.federated import FederatedConfig, parse_rounds, require_flower, run_federated
 
     require_flower()
