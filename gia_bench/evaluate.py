@@ -53,7 +53,7 @@ from gia_bench.attacks.base import Attack, Progress, Reconstruction, create
 from gia_bench.attacks.views import RESIDUAL
 from gia_bench.budget import DEFAULT_MAX_MEMORY, check_attack
 from gia_bench.errors import GiaBenchError, RecordError
-from gia_bench.events import SILENT, Events
+from gia_bench.events import SILENT, Events, Silent
 from gia_bench.identity import (
     RESULT_SCHEMA,
     ResultConflictError,
@@ -424,13 +424,27 @@ def run_attack(
     device: str = "cpu",
     lpips_net: str = "alex",
     lpips_weights: Path | None = None,
-    progress: Progress | None = None,
+    events: Events = SILENT,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Path:
-    """:func:`evaluate`, returning the path of ``result.json`` (kept for scripts that want only the file)."""
-    return evaluate(
-        record_path, attack_spec, view, out_root, seed, device, lpips_net, lpips_weights, progress, max_memory
-    ).path
+    """:func:`evaluate`, returning the path of ``result.json`` (kept for scripts that want only the file).
+
+    ``events`` hears it as :func:`run_attacks` tells each of its attacks: ``on_start(1, "attack")``,
+    ``on_step(0, label, {"iteration", "iterations", "loss"})`` as it iterates, ``on_result``, ``on_step(1)``.
+    """
+    label = f"{Path(record_path).name} {attack_spec.split(':')[0]}-{view}"
+    events.on_start(1, "attack", label)
+
+    def progress(i: int, total: int, loss: float) -> None:
+        events.on_step(0, label, {"iteration": i, "iterations": total, "loss": loss})
+
+    result = evaluate(
+        record_path, attack_spec, view, out_root, seed, device, lpips_net, lpips_weights,
+        None if isinstance(events, Silent) else progress, max_memory,
+    )
+    events.on_result(label, result_line(result))
+    events.on_step(1, label)
+    return result.path
 
 
 # -- the records x attacks x views grid (``gia-bench attack``) ------------------------------------

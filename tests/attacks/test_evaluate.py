@@ -80,9 +80,17 @@ def test_result_json_and_files(tmp_path):
 
 def test_runs_are_resumable(tmp_path):
     path, _, _ = _save(tmp_path)
-    out = run_attack(path, "dlg:iterations=2", "aware", tmp_path / "runs")
+    events = Recorded()
+    out = run_attack(path, "dlg:iterations=2", "aware", tmp_path / "runs", events=events)
+    label = f"{path.name} dlg-aware"
+    # the plan, each iteration (nothing finished yet), the result, then the one attack counted
+    assert events.calls[0] == ("start", 1, "attack", label) and events.calls[-1] == ("step", 1, label)
+    assert [c for c in events.calls[1:-2]] == [("step", 0, label)] * (len(events.calls) - 3) and len(events.calls) > 3
+    assert events.calls[-2][0] == "result" and events.calls[-2][2].endswith(f"-> {out}")
     stamp = out.stat().st_mtime_ns
-    assert run_attack(path, "dlg:iterations=2", "aware", tmp_path / "runs") == out
+    again = Recorded()
+    assert run_attack(path, "dlg:iterations=2", "aware", tmp_path / "runs", events=again) == out
+    assert again.calls[1][2].startswith("reused ")  # no iteration: the result was there
     assert out.stat().st_mtime_ns == stamp
     assert json.loads(out.read_text())["threat"]["observed"] == "messages"
 
@@ -260,7 +268,8 @@ def test_lpips_net_is_checked_in_one_place_for_every_command(tmp_path):
     for args in (["attack", str(path)], ["report", str(tmp_path), "--out", str(tmp_path / "o")]):
         res = CliRunner().invoke(app, [*args, "--lpips-net", "squeeze"])
         assert isinstance(res.exception, GiaBenchError) and "--lpips-net 'squeeze'" in str(res.exception)
-    cli_source = (Path(__file__).parents[2] / "gia_bench" / "cli.py").read_text()
+    cli_source = "".join(p.read_text() for p in (Path(__file__).parents[2] / "gia_bench" / "cli").glob("*.py"))
+    assert "def report_cmd" in cli_source
     assert cli_source.count('("alex", "vgg")') == 0 and "def check_lpips_net" not in cli_source
 
 
