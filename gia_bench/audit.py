@@ -34,6 +34,8 @@ from gia_bench.comm import LocalCommunicator
 from gia_bench.contract import CheckResult, Subject, check_compressor
 from gia_bench.defenses.base import Compressor
 from gia_bench.errors import GiaBenchError
+from gia_bench.event_relay import relay
+from gia_bench.events import SILENT, Events
 from gia_bench.registry import trust_suspended
 
 __all__ = ["AUDIT_FILE", "AuditOptions", "AuditResult", "CheckResult", "Standing", "check_compressor", "run_audit"]
@@ -146,12 +148,17 @@ def _audit_study(spec: str, references: list[str], options: AuditOptions) -> dic
     return raw
 
 
-def _run_battery(raw: dict, out: Path, options: AuditOptions, progress: bool) -> dict:
-    """The standard battery as a study in a child process (it runs the plug-in); its outcome, as JSON."""
-    with tempfile.TemporaryDirectory(prefix="gia-bench-audit-") as tmp:
+def _run_battery(raw: dict, out: Path, options: AuditOptions, events: Events) -> dict:
+    """The standard battery as a study in a child process (it runs the plug-in); its outcome, as JSON.
+
+    The child's study events come back through a file (:mod:`gia_bench.event_relay`) and are
+    replayed on ``events`` here.
+    """
+    with tempfile.TemporaryDirectory(prefix="gia-bench-audit-") as tmp, relay(events, Path(tmp) / "events.jsonl") as w:
         job, outcome = Path(tmp) / "job.json", Path(tmp) / "outcome.json"
         job.write_text(json.dumps({
-            "study": raw, "out": str(out), "workers": options.workers, "outcome": str(outcome), "progress": progress,
+            "study": raw, "out": str(out), "workers": options.workers, "outcome": str(outcome),
+            "events": None if w is None else w.path,
             "lpips_weights": None if options.lpips_weights is None else str(options.lpips_weights),
         }), encoding="utf-8")
         env = dict(os.environ)
@@ -181,10 +188,10 @@ def _run_battery(raw: dict, out: Path, options: AuditOptions, progress: bool) ->
         return json.loads(outcome.read_text(encoding="utf-8"))
 
 
-def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), console=None) -> AuditResult:
+def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), events: Events = SILENT) -> AuditResult:
     """Check the contract of the compressor ``spec``; if it holds, run the battery and rank it.
 
-    With a ``console``, the battery's child process shows its progress on the terminal.
+    ``events`` hears the battery's study (its plan and each unit), relayed from its child process.
     """
     from gia_bench.io import atomic_write_text
 
@@ -222,7 +229,7 @@ def run_audit(spec: str, out: Path, options: AuditOptions = AuditOptions(), cons
     finally:
         subject.close()
     raw = _audit_study(spec, references, options)
-    battery = _run_battery(raw, out, options, progress=console is not None)
+    battery = _run_battery(raw, out, options, events)
     with trust_suspended():  # the plug-in's records are read and ranked here without importing it
         return _rank(spec, canonical, checks, raw, battery, out)
 

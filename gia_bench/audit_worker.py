@@ -188,13 +188,16 @@ def _is_user_error(type_name: str) -> bool:
 
 def run_battery(job_path: Path) -> None:
     """The audit's study battery (``--battery JOB.json``: the study as JSON, the out folder, options)."""
-    from gia_bench.cli import console
+    from gia_bench.event_relay import EventWriter
+    from gia_bench.events import SILENT
     from gia_bench.study import StudyOptions, parse_study, run_study
 
     job = json.loads(job_path.read_text(encoding="utf-8"))
     config = parse_study(job["study"], "audit battery")
     options = StudyOptions(workers=job["workers"], lpips_weights=None if job["lpips_weights"] is None else Path(job["lpips_weights"]))
-    st = run_study(config, Path(job["out"]), options, console if job.get("progress") else None)
+    # the parent replays these on its own Events (its bars, its log lines)
+    events = SILENT if not isinstance(job.get("events"), str) else EventWriter(job["events"])
+    st = run_study(config, Path(job["out"]), options, events)
     outcome = {"failures": list(st.failures), "report": None if st.report is None else str(st.report)}
     Path(job["outcome"]).write_text(json.dumps(outcome), encoding="utf-8")
 

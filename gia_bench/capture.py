@@ -17,14 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
@@ -34,6 +26,7 @@ from gia_bench.data import load_dataset
 from gia_bench.defenses import create as create_defense
 from gia_bench.defenses.base import Compressor
 from gia_bench.errors import CheckpointError, CompressorError, DataError, RecordError, SpecError
+from gia_bench.events import SILENT, Events
 from gia_bench.fedavg import LocalTraining, local_update
 from gia_bench.io import slug
 from gia_bench.models import MODELS, build_recorded
@@ -370,7 +363,7 @@ def _existing_is_ours(path: Path, expected: RecordMeta, weights: dict[str, torch
     return True
 
 
-def capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
+def capture(cfg: CaptureConfig, events: Events = SILENT) -> list[Path]:
     """``gia-bench capture``: capture ``cfg.num`` records into ``cfg.out``; returns their paths (in order).
 
     Each record is one step of one worker: the seeded (or ``checkpoint``) model,
@@ -378,6 +371,10 @@ def capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
     from the same configuration are kept (resumable); files are written atomically,
     the truth before its record, so an interrupted run leaves only complete pairs.
     Same configuration and seed -> byte-identical files.
+
+    ``events``: ``on_start(num, "record", "capture DATASET / MODEL / DEFENSE")``, then per
+    record ``on_result(record id, path)`` (or ``on_skip`` when it is already there) and
+    ``on_step(records done)``.
     """
     device = _check_config(cfg)
     create_defense(cfg.defense)  # a bad defense spec fails before any data is loaded
@@ -398,48 +395,39 @@ def capture(cfg: CaptureConfig, progress: bool = False) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     batches = batch_indices(len(data), cfg.batch_size, cfg.num, cfg.seed)
     paths = []
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[note]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"capture {cfg.dataset} / {cfg.model} / {cfg.defense}", total=cfg.num, note="")
-        skipped = 0
-        for i, indices in enumerate(batches):
-            rid = record_id(cfg.dataset, cfg.model, i)
-            path = out / f"{rid}{RECORD_SUFFIX}"
-            paths.append(path)
-            compressor = create_defense(cfg.defense)
-            expected = RecordMeta(
-                record_id=rid,
-                defense=compressor.spec,
-                model=model_spec,
-                dataset=spec,
-                batch_size=cfg.batch_size,
-                param_names=(),
-                messages=(),
-                bytes_sent=0,
-                seed=cfg.seed,
-                extra=extra,
-                **cfg.local.meta_fields(cfg.batch_size),
+    events.on_start(cfg.num, "record", f"capture {cfg.dataset} / {cfg.model} / {cfg.defense}")
+    for i, indices in enumerate(batches):
+        rid = record_id(cfg.dataset, cfg.model, i)
+        path = out / f"{rid}{RECORD_SUFFIX}"
+        paths.append(path)
+        compressor = create_defense(cfg.defense)
+        expected = RecordMeta(
+            record_id=rid,
+            defense=compressor.spec,
+            model=model_spec,
+            dataset=spec,
+            batch_size=cfg.batch_size,
+            param_names=(),
+            messages=(),
+            bytes_sent=0,
+            seed=cfg.seed,
+            extra=extra,
+            **cfg.local.meta_fields(cfg.batch_size),
+        )
+        if _existing_is_ours(path, expected, initial_cpu):
+            events.on_skip(rid, "already there")
+            events.on_step(i + 1, rid)
+            continue
+        model.load_state_dict(initial)
+        inputs, labels = data.batch(indices)
+        with exact_cuda():
+            record, truth = capture_batch(
+                model, model_spec, spec, inputs.to(device), labels.to(device), compressor, rid,
+                step=0, seed=cfg.seed, extra=extra, local=cfg.local,
             )
-            if _existing_is_ours(path, expected, initial_cpu):
-                skipped += 1
-                bar.update(task, advance=1, note=f"{skipped} already there")
-                continue
-            model.load_state_dict(initial)
-            inputs, labels = data.batch(indices)
-            with exact_cuda():
-                record, truth = capture_batch(
-                    model, model_spec, spec, inputs.to(device), labels.to(device), compressor, rid,
-                    step=0, seed=cfg.seed, extra=extra, local=cfg.local,
-                )
-            write_pair(path, record, truth)
-            bar.update(task, advance=1)
+        write_pair(path, record, truth)
+        events.on_result(rid, str(path))
+        events.on_step(i + 1, rid)
     return paths
 
 

@@ -40,7 +40,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,7 @@ from gia_bench.attacks.base import Attack, Progress, Reconstruction, create
 from gia_bench.attacks.views import RESIDUAL
 from gia_bench.budget import DEFAULT_MAX_MEMORY, check_attack
 from gia_bench.errors import GiaBenchError, RecordError
+from gia_bench.events import SILENT, Events, Silent
 from gia_bench.identity import (
     ResultConflictError,
     ResultIdentity,
@@ -447,13 +448,27 @@ def run_attack(
     device: str = "cpu",
     lpips_net: str = "alex",
     lpips_weights: Path | None = None,
-    progress: Progress | None = None,
+    events: Events = SILENT,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Path:
-    """:func:`evaluate`, returning the path of ``result.json`` (kept for scripts that want only the file)."""
-    return evaluate(
-        record_path, attack_spec, view, out_root, seed, device, lpips_net, lpips_weights, progress, max_memory
-    ).path
+    """:func:`evaluate`, returning the path of ``result.json`` (kept for scripts that want only the file).
+
+    ``events`` hears it as :func:`run_attacks` tells each of its attacks: ``on_start(1, "attack")``,
+    ``on_step(0, label, {"iteration", "iterations", "loss"})`` as it iterates, ``on_result``, ``on_step(1)``.
+    """
+    label = f"{Path(record_path).name} {attack_spec.split(':')[0]}-{view}"
+    events.on_start(1, "attack", label)
+
+    def progress(i: int, total: int, loss: float) -> None:
+        events.on_step(0, label, {"iteration": i, "iterations": total, "loss": loss})
+
+    result = evaluate(
+        record_path, attack_spec, view, out_root, seed, device, lpips_net, lpips_weights,
+        None if isinstance(events, Silent) else progress, max_memory,
+    )
+    events.on_result(label, result_line(result))
+    events.on_step(1, label)
+    return result.path
 
 
 # -- the records x attacks x views grid (``gia-bench attack``) ------------------------------------
@@ -472,8 +487,12 @@ class AttackOptions:
     max_memory: int = DEFAULT_MAX_MEMORY  # bytes an attack may use (--max-memory; gia_bench.budget)
 
 
-#: ``on_start(record, attack_spec, view)`` -> a progress callback for that attack (or None).
-OnStart = Callable[[Path, str, str], "Progress | None"]
+def result_line(r: AttackOutcome) -> str:
+    """One plain line per result: ``rec-0 [topk] dlg (naive): 30 it, 1.2 s, PSNR ... -> path``."""
+    psnr, ssim, acc = r.mean("psnr"), r.mean("ssim"), r.result.label_accuracy
+    scored = "" if psnr is None else f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {acc:.2f}"
+    return (f"{'reused ' if r.reused else ''}{r.record_id} [{r.defense.split(':')[0]}] {r.attack.split(':')[0]}"
+            f" ({r.view}): {r.result.iterations} it, {r.result.seconds:.1f} s{scored} -> {r.path}")
 
 
 def run_attacks(
@@ -481,18 +500,20 @@ def run_attacks(
     attacks: Sequence[str],
     views: Sequence[str],
     options: AttackOptions = AttackOptions(),
-    on_start: OnStart | None = None,
-    on_result: Callable[[AttackOutcome], None] | None = None,
-    on_skip: Callable[[Skipped], None] | None = None,
+    events: Events = SILENT,
 ) -> list[AttackOutcome]:
     """Every attack in every view on every record (files, or folders searched recursively).
 
     Everything is checked before the first attack runs: the views, the attack specs,
     the device, the LPIPS trunk, and every record (a record named directly that does
-    not load is an error; a file in a folder that is not a record is skipped, with
-    ``on_skip`` told why), and that every attack on every record fits ``options.max_memory``
-    (:mod:`gia_bench.budget`). Results come back in order; ``on_result`` sees each as it
-    finishes (reused ones too, marked ``reused``).
+    not load is an error; a file in a folder that is not a record is skipped), and that
+    every attack on every record fits ``options.max_memory`` (:mod:`gia_bench.budget`).
+    Results come back in order.
+
+    ``events``: ``on_start(attacks to run, "attack", plan)``, then each skipped file
+    (``on_skip(path, why)``); per attack ``on_step(done, "rec.safetensors dlg-naive",
+    {"iteration", "iterations", "loss"})`` as it iterates, then ``on_result(label,``
+    :func:`result_line` ``)`` (reused results too) and ``on_step(done + 1, label)``.
     """
     from gia_bench.registry import trusted
 
@@ -506,31 +527,37 @@ def run_attacks(
         if options.lpips_weights is not None and not Path(options.lpips_weights).is_file():
             raise GiaBenchError(f"--lpips-weights {options.lpips_weights}: no such file")
         paths: list[Path] = []
+        skipped: list[Skipped] = []
         for path, named in find_record_files([Path(r) for r in records]):
             try:
                 record = load_record(path)
             except RecordError as exc:
                 if named:
                     raise
-                if on_skip is not None:
-                    on_skip(Skipped(path, str(exc)))
+                skipped.append(Skipped(path, str(exc)))
                 continue
             for attack in built:  # too large for this machine is an error: the user may raise --max-memory
                 check_attack(record.meta, attack, options.max_memory, path)
             paths.append(path)
+        for s in skipped:  # said even when nothing is left to run: the user learns why
+            events.on_skip(str(s.path), s.reason)
         if not paths:
             raise GiaBenchError(f"no gradient records found in {', '.join(map(str, records))}")
+        jobs = [(path, spec, view) for path in paths for spec in attacks for view in views]
+        events.on_start(len(jobs), "attack", f"{len(jobs)} attacks on {len(paths)} records")
         results = []
-        for path in paths:
-            for spec in attacks:
-                for view in views:
-                    progress = on_start(path, spec, view) if on_start is not None else None
-                    result = evaluate(
-                        path, spec, view, Path(options.out), seed=options.seed, device=options.device,
-                        lpips_net=options.lpips_net, lpips_weights=options.lpips_weights, progress=progress,
-                        max_memory=options.max_memory,
-                    )
-                    results.append(result)
-                    if on_result is not None:
-                        on_result(result)
+        for done, (path, spec, view) in enumerate(jobs):
+            label = f"{path.name} {spec.split(':')[0]}-{view}"
+
+            def progress(i: int, total: int, loss: float, done: int = done, label: str = label) -> None:
+                events.on_step(done, label, {"iteration": i, "iterations": total, "loss": loss})
+
+            result = evaluate(
+                path, spec, view, Path(options.out), seed=options.seed, device=options.device,
+                lpips_net=options.lpips_net, lpips_weights=options.lpips_weights, progress=progress,
+                max_memory=options.max_memory,
+            )
+            results.append(result)
+            events.on_result(label, result_line(result))
+            events.on_step(done + 1, label)
         return results

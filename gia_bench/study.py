@@ -65,6 +65,7 @@ from typing import Any
 
 from gia_bench.budget import DEFAULT_MAX_MEMORY
 from gia_bench.errors import ConfigError, GiaBenchError
+from gia_bench.events import SILENT, Events
 from gia_bench.io import slug as io_slug
 from gia_bench.threat import VIEWS
 
@@ -739,21 +740,24 @@ def plan_units(config: StudyConfig, out: Path, options: StudyOptions = StudyOpti
     return units
 
 
-def run_study(config: StudyConfig, out: Path, options: StudyOptions = StudyOptions(), console: Any = None) -> StudyStatus:
+def run_study(
+    config: StudyConfig, out: Path, options: StudyOptions = StudyOptions(), events: Events = SILENT
+) -> StudyStatus:
     """Capture, attack, train and report; finished units are skipped, so this resumes.
 
     The units run on ``options.engine`` (see :mod:`gia_bench.engines`). Ctrl-C cancels
     the units in flight (their partial files are removed) and re-raises
     KeyboardInterrupt; everything finished stays on disk.
     ``options.plugins`` are trusted for every unit (worker processes inherit them).
+    ``events`` hears the plan and each unit (:mod:`gia_bench.engines.progress`).
     """
     from gia_bench.registry import trusted
 
     with trusted(options.plugins):
-        return _run_study(config, out, options, console)
+        return _run_study(config, out, options, events)
 
 
-def _run_study(config: StudyConfig, out: Path, options: StudyOptions, console: Any) -> StudyStatus:
+def _run_study(config: StudyConfig, out: Path, options: StudyOptions, events: Events) -> StudyStatus:
     import json
 
     from gia_bench.engines import UnitContext, run_units
@@ -771,7 +775,7 @@ def _run_study(config: StudyConfig, out: Path, options: StudyOptions, console: A
         lpips_net=options.lpips_net, lpips_weights=options.lpips_weights, plugins=tuple(options.plugins),
     )
     result = run_units(units, out, ctx, engine=options.engine, workers=options.workers, address=options.address,
-                       console=console)
+                       events=events)
     failures = result.failures
     _write_text_atomic(out / FAILURES_FILE, json.dumps(failures, indent=2))
     report = None

@@ -1,7 +1,7 @@
 """Off a terminal (a log file, CI) the CLI keeps every name and spec whole on its line.
 
 The commands run through typer's CliRunner, whose stdout is not a terminal; without
-:mod:`gia_bench.console` rich laid them out for 80 columns (``powersg…``, a spec cut in two).
+:mod:`gia_bench.cli.console` rich laid them out for 80 columns (``powersg…``, a spec cut in two).
 The audit battery and the trainer are replaced by their results: what is tested is the printing.
 """
 
@@ -49,7 +49,7 @@ def test_audit_names_every_defense_in_full(tmp_path, monkeypatch):
 def test_train_summary_is_one_line(tmp_path, monkeypatch):
     out = tmp_path / ("a-run-folder-with-a-long-name-" * 3)
 
-    def fake_launch(config):
+    def fake_launch(config, **kwargs):
         return {
             "defense": config.defense, "world_size": 2,
             "totals": {"final_test_accuracy": 0.9312, "bytes_sent_per_worker": 123_456_789, "bytes_per_step": 4321.0,
@@ -63,24 +63,11 @@ def test_train_summary_is_one_line(tmp_path, monkeypatch):
     assert "93.12%" in line and "123,456,789 bytes" in line and str(out / "metrics.json") in line
 
 
-def test_epoch_lines_name_their_defense_and_stay_whole(capsys):
-    from gia_bench.train.progress import Progress
-
-    progress = Progress(True, 2, 10, 0, LONG)
-    assert not progress.enabled  # stderr is captured: no bar, one line per epoch
-    row = {"epoch": 1, "train_loss": 0.5, "test_accuracy": 0.75, "bytes_sent_per_worker": 9_876_543, "seconds": 3.0}
-    progress.epoch_done(row)
-    progress.close()
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{LONG} epoch 1/2: loss 0.5000")
-    assert lines[0].rstrip().endswith("9,876,543 bytes/worker this epoch  3.0 s")
-
-
 @pytest.mark.parametrize("stderr", [False, True])
 def test_a_log_console_is_wide_and_a_terminal_keeps_its_width(stderr, monkeypatch):
     import io
 
-    from gia_bench.console import LOG_WIDTH, make_console
+    from gia_bench.cli.console import LOG_WIDTH, make_console
 
     monkeypatch.delenv("COLUMNS", raising=False)
     log = make_console(stderr=stderr, file=io.StringIO())

@@ -26,6 +26,7 @@ from gia_bench.cli import app  # noqa: E402
 from gia_bench.comm import LocalCommunicator  # noqa: E402
 from gia_bench.defenses import create as create_defense  # noqa: E402
 from gia_bench.fedavg import local_update  # noqa: E402
+from gia_bench.events import Recorded  # noqa: E402
 from gia_bench.federated import (  # noqa: E402
     STATE_KEY,
     FederatedConfig,
@@ -106,11 +107,14 @@ def _config(tmp_path: Path, defense: str, **kw) -> FederatedConfig:
 @pytest.mark.parametrize("defense", ["none", "topk:ratio=0.1"])
 def test_two_clients_two_rounds(tmp_path, in_process, defense):
     cfg = _config(tmp_path, defense)
-    rows = []
-    result = run_federated(cfg, on_round=rows.append, engine=in_process)
+    events = Recorded()
+    result = run_federated(cfg, events=events, engine=in_process)
     metrics = json.loads((cfg.out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics))
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2] == [r["round"] for r in rows]
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2] == [c[1] for c in events.calls if c[0] == "step"]
+    assert events.calls[0] == ("start", 2, "round", f"{defense} on 2 clients, 2 rounds")
+    results = [c for c in events.calls if c[0] == "result"]
+    assert [r[1] for r in results] == ["round 1", "round 2"] and results[1][2].startswith("round 2/2: test accuracy")
     assert metrics["initial"]["test_examples"] == metrics["rounds"][0]["test_examples"] > 0
 
     setup = simulation._setup(cfg)

@@ -124,14 +124,19 @@ def test_a_forked_trainer_on_two_threads_does_not_hang(tmp_path):
     script = textwrap.dedent(
         f"""
         import torch
+        from gia_bench.events import Recorded
         from gia_bench.train import TrainConfig, launch
 
         torch.set_num_threads(2)
         a = torch.randn(256, 256)
         for _ in range(3):
             a @ a  # the parent's OpenMP pool now has 2 threads
+        events = Recorded()
         launch(TrainConfig(out={str(tmp_path / 'run')!r}, model="mlp", defense="topk:ratio=0.1", epochs=1,
-                           batch_size=16, max_steps_per_epoch=2, threads_per_worker=2, timeout_s=60), fork=True)
+                           batch_size=16, max_steps_per_epoch=2, threads_per_worker=2, timeout_s=60), fork=True,
+               events=events)
+        for call in events.calls:
+            print(*call, sep="|")
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -139,4 +144,7 @@ def test_a_forked_trainer_on_two_threads_does_not_hang(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "metrics.json").is_file()
-    assert any(line.startswith("topk:ratio=0.1 epoch 1/1: loss") for line in proc.stderr.splitlines()), proc.stderr
+    # rank 0's events reached the launching process from the forked worker
+    calls = [line.split("|") for line in proc.stdout.splitlines()]
+    assert calls[0] == ["start", "2", "step", "topk:ratio=0.1 1 epochs of 2 steps"], proc.stdout
+    assert any(c[0] == "result" and c[2].startswith("topk:ratio=0.1 epoch 1/1: loss") for c in calls), proc.stdout

@@ -8,12 +8,12 @@ units run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from gia_bench.engines.driver import RunResult, clean_staging
-from gia_bench.engines.progress import make_reporter
+from gia_bench.engines.progress import Reporter
 from gia_bench.engines.scheduler import CACHED, Scheduler
 from gia_bench.engines.units import STAGING_DIR, EngineError, Outcome, Unit, UnitContext, execute
+from gia_bench.events import SILENT, Events
 
 ENGINES = ("local", "ray")
 
@@ -25,13 +25,14 @@ def run_units(
     engine: str = "local",
     workers: int = 1,
     address: str | None = None,
-    console: Any = None,
+    events: Events = SILENT,
 ) -> RunResult:
     """Run every unit not finished yet (dependencies first), land its files in ``root``.
 
     Resumable: a unit whose outputs exist is not run again. On KeyboardInterrupt the
     units in flight are cancelled, their partial files removed, and the interrupt
-    re-raised; finished units stay.
+    re-raised; finished units stay. ``events`` hears the plan, each unit's start and
+    end, and the ETA (:mod:`gia_bench.engines.progress`).
     """
     if engine not in ENGINES:
         raise EngineError(f"--engine {engine!r}: accepted values are {', '.join(ENGINES)}")
@@ -56,18 +57,19 @@ def run_units(
     if engine == "local":
         from gia_bench.engines.local import LocalEngine, fork_workers, pool_size
 
-        # before the reporter exists: forking is safe only while this is the process's one thread
+        # before the first event: forking is safe only while this is the process's one thread (a
+        # renderer may start a display thread on on_start)
         forked = fork_workers(pool_size(sched, workers))
     try:
-        with make_reporter(console, kinds, cached) as reporter:
-            if engine == "ray":
-                from gia_bench.engines.ray_engine import RayEngine
+        reporter = Reporter(events, kinds, cached)
+        if engine == "ray":
+            from gia_bench.engines.ray_engine import RayEngine
 
-                result = RayEngine(sched, ctx, reporter, address).run()
-            else:
-                local = LocalEngine(sched, ctx, reporter, workers, forked)
-                forked = []  # the engine owns them now: its run shuts them down
-                result = local.run()
+            result = RayEngine(sched, ctx, reporter, address).run()
+        else:
+            local = LocalEngine(sched, ctx, reporter, workers, forked)
+            forked = []  # the engine owns them now: its run shuts them down
+            result = local.run()
     finally:
         if forked:  # the reporter failed before the engine ran: nothing else ends them
             from gia_bench.engines.local import discard

@@ -1,21 +1,23 @@
-"""Progress of a run of units: a rich display on a terminal, one plain line per unit in a log.
+"""Progress of a run of units, as :class:`~gia_bench.events.Events`: the plan, one step per unit, the ETA.
 
-On a terminal: one bar over all units (per-kind counts in its title, elapsed, ETA) and a
-line per unit in flight naming it (kind, defense, attack, view, record, step). When the
-output is not a terminal (CI, a cluster job's log), the plan first, then one line per
-finished unit::
+The engine tells a :class:`Reporter` when a unit starts and finishes; the reporter keeps the
+counts per kind and the ETA and passes them on as events (it renders nothing: the CLI draws
+a bar on a terminal and one plain line per finished unit in a log)::
 
-    183 units: 18 captures, 156 attacks, 9 trainings
-    [  7/183] attack done in 4.1 s: defense=topk:ratio=0.01 attack=dlg:iterations=30 view=aware record=... | ETA 6m12s
+    on_start(183, "unit", "183 units: 18 captures, 156 attacks, 9 trainings")
+    on_step(7, "attack done in 4.1 s: defense=topk:ratio=0.01 attack=dlg:iterations=30 ...",
+            {"eta": "ETA 6m12s", "counts": "capture 2/18 · attack 5/156", "failed": 0, "running": (...)})
 
-so a log shows what is happening instead of silence.
+``on_step`` also comes when a unit starts (``done`` unchanged; ``running`` names the units in
+flight). A unit that ran is also an ``on_result``; one that failed, or was skipped because a
+unit it needs failed, an ``on_skip``.
 
 The ETA weights units by kind: a training takes minutes where an attack takes seconds,
 so "units left x seconds per unit" said 17 s with 20 minutes to go. Each kind's mean
 unit time (this run's units of that kind) prices the units left of that kind; the wall
 time this run has taken per second of unit time finished (below 1 with units side by
 side) turns that into wall time. Until every kind with units left has finished one unit
-this run there is no price for it, so no ETA is given: the line says which kinds it waits for.
+this run there is no price for it, so no ETA is given: the text says which kinds it waits for.
 
 Engines call :meth:`Reporter.started` and :meth:`Reporter.finished` from their scheduling
 thread(s); both are thread-safe.
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gia_bench.engines.units import Outcome, Unit
+from gia_bench.events import Events
 
 
 def _duration(seconds: float) -> str:
@@ -57,16 +60,16 @@ def plan_text(kinds: dict[str, int]) -> str:
 
 
 class Reporter:
-    """Counts per kind and the ETA; subclasses render them.
+    """Counts per kind and the ETA, passed on to ``events`` (see the module docstring).
 
     ``clock`` (seconds, monotonic) is a parameter so that tests can drive the ETA.
     """
 
     def __init__(
-        self, console: Any, kinds: dict[str, int], cached: dict[str, int],
+        self, events: Events, kinds: dict[str, int], cached: dict[str, int],
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.console = console
+        self.events = events
         self.kinds = dict(kinds)  # total per kind
         self.finished_by_kind: dict[str, int] = defaultdict(int, cached)
         self.failed = 0
@@ -77,7 +80,9 @@ class Reporter:
         # this run's units that ran, per kind, and their seconds: the ETA's prices
         self.ran_by_kind: dict[str, int] = defaultdict(int)
         self.seconds_by_kind: dict[str, float] = defaultdict(float)
+        self.running: dict[str, str] = {}  # unit key -> "kind describe", in start order
         self._lock = threading.Lock()
+        events.on_start(self.total, "unit", self.plan_line())
 
     @property
     def finished_total(self) -> int:
@@ -126,128 +131,40 @@ class Reporter:
         cached = self.finished_total
         return f"{self.total} units: {plan_text(self.kinds)}" + (f" ({cached} already done)" if cached else "")
 
+    def fields(self) -> dict[str, Any]:
+        """What a renderer may show beside the count: the ETA text, per-kind counts, failures, units in flight."""
+        return {"eta": self.eta_text(), "counts": self.kind_counts(), "failed": self.failed,
+                "running": tuple(self.running.values())}
+
     def started(self, unit: Unit) -> None:
         with self._lock:
-            self._started(unit)
+            self.running[unit.key] = f"{unit.kind} {unit.describe()}"
+            self.events.on_step(self.finished_total, "", self.fields())
 
     def finished(self, unit: Unit, outcome: Outcome | None, how: str = "ran") -> None:
         """``how``: ``ran`` (``outcome`` says how it went), ``cached`` (an earlier run finished it),
         ``skipped`` (a unit it needs failed)."""
         with self._lock:
+            self.running.pop(unit.key, None)
             self.finished_by_kind[unit.kind] += 1
             if how == "ran":  # cached and skipped units cost nothing now: no price for the ETA
                 self.ran += 1
                 if outcome is not None:
                     self.ran_by_kind[unit.kind] += 1
                     self.seconds_by_kind[unit.kind] += max(outcome.seconds, 0.0)
-            if how == "skipped" or outcome is not None and outcome.error is not None:
+            error = outcome.error if outcome is not None else None
+            if how == "skipped" or error is not None:
                 self.failed += 1
-            self._finished(unit, outcome, how)
-
-    def __enter__(self) -> Reporter:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _started(self, unit: Unit) -> None:  # pragma: no cover - overridden
-        pass
-
-    def _finished(self, unit: Unit, outcome: Outcome | None, how: str) -> None:  # pragma: no cover
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class LineReporter(Reporter):
-    """One plain line per finished unit (output that is not a terminal)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._print(self.plan_line())
-
-    def _print(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
-        file = getattr(self.console, "file", None)
-        if file is not None and hasattr(file, "flush"):
-            file.flush()
-
-    def _finished(self, unit: Unit, outcome: Outcome | None, how: str) -> None:
-        width = len(str(self.total))
-        k = f"[{self.finished_total:>{width}}/{self.total}]"
-        if how == "cached":
-            what = "already done"
-        elif how == "skipped":
-            what = "skipped (a unit it needs failed)"
-        elif outcome is not None and outcome.error is not None:
-            what = f"FAILED after {outcome.seconds:.1f} s ({outcome.error.splitlines()[0][:200]})"
-        else:
-            what = f"done in {outcome.seconds:.1f} s" if outcome else "done"
-        eta = self.eta_text()
-        tail = f" | {eta}" if eta else ""
-        self._print(f"{k} {unit.kind} {what}: {unit.describe()}{tail}")
-
-
-class RichReporter(Reporter):
-    """A bar over all units with per-kind counts, and one line per unit in flight."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console.print(self.plan_line(), highlight=False, markup=False)
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=30),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[eta]}"),  # ours, by kind (Reporter.eta): rich's own is one rate for all units
-            console=self.console,
-            transient=False,
-            refresh_per_second=4,
-        )
-        self.progress.start()
-        self.bar = self.progress.add_task(
-            self._title(), total=self.total, completed=self.finished_total, eta=self.eta_text()
-        )
-        self.lines: dict[str, Any] = {}
-
-    def _title(self) -> str:
-        return f"[bold]units[/] {self.kind_counts()}" + (f" · [red]{self.failed} failed[/]" if self.failed else "")
-
-    def _started(self, unit: Unit) -> None:
-        from rich.markup import escape
-
-        self.lines[unit.key] = self.progress.add_task(
-            f"  [cyan]{unit.kind}[/] {escape(unit.describe())}", total=None, start=True, eta=""
-        )
-
-    def _finished(self, unit: Unit, outcome: Outcome | None, how: str) -> None:
-        task = self.lines.pop(unit.key, None)
-        if task is not None:
-            self.progress.remove_task(task)
-        if outcome is not None and outcome.error is not None:
-            from rich.markup import escape
-
-            self.progress.console.print(
-                f"[red]failed[/] {unit.kind} {escape(unit.describe())}: {escape(outcome.error.splitlines()[0][:200])}",
-                highlight=False,
-            )
-        self.progress.update(self.bar, completed=self.finished_total, description=self._title(), eta=self.eta_text())
-
-    def close(self) -> None:
-        for task in self.lines.values():
-            self.progress.remove_task(task)
-        self.lines.clear()
-        self.progress.stop()
-
-
-def make_reporter(console: Any, kinds: dict[str, int], cached: dict[str, int]) -> Reporter:
-    """Rich on a terminal, plain lines otherwise."""
-    if console is None:
-        from gia_bench.console import make_console
-
-        console = make_console()
-    cls = RichReporter if console.is_terminal else LineReporter
-    return cls(console, kinds, cached)
+            name = f"{unit.kind} {unit.describe()}"
+            if how == "cached":
+                what = "already done"
+            elif how == "skipped":
+                what = "skipped (a unit it needs failed)"
+                self.events.on_skip(name, "a unit it needs failed")
+            elif error is not None:
+                what = f"FAILED after {outcome.seconds:.1f} s ({error.splitlines()[0][:200]})"
+                self.events.on_skip(name, error.splitlines()[0][:200])
+            else:
+                what = f"done in {outcome.seconds:.1f} s" if outcome else "done"
+                self.events.on_result(name, what)
+            self.events.on_step(self.finished_total, f"{unit.kind} {what}: {unit.describe()}", self.fields())

@@ -28,6 +28,7 @@ from torch import nn
 from gia_bench.data import ImageDataset, load_dataset
 from gia_bench.defenses import create as create_defense
 from gia_bench.errors import GiaBenchError, SpecError
+from gia_bench.events import SILENT, Events
 from gia_bench.fedavg import LocalTraining, step_indices
 from gia_bench.federated.flower import (
     CONFIG_BATCH,
@@ -291,11 +292,20 @@ class FederatedResult:
         return [Path(c["record"]) for r in self.metrics["rounds"] for c in r["clients"] if c["record"]]
 
 
-def make_server(cfg: FederatedConfig, on_round: Callable[[dict[str, Any]], None] | None = None):
+def round_line(row: dict[str, Any], rounds: int) -> str:
+    """``round 2/5: test accuracy 81.25%, 1,234 bytes per client, 4 records``."""
+    records = sum(1 for c in row["clients"] if c["record"])
+    return (f"round {row['round']}/{rounds}: test accuracy {100 * row['test_accuracy']:.2f}%,"
+            f" {row['bytes_per_client']:,.0f} bytes per client" + (f", {records} records" if records else ""))
+
+
+def make_server(cfg: FederatedConfig, events: Events = SILENT):
     """The simulation's ``ServerApp`` (FedAvg in :class:`CaptureStrategy`, central test accuracy) and its log.
 
     Returns ``(server_app, log)``; after the run, ``log`` holds ``rounds`` (one dict per
-    round, as ``metrics.json`` writes them) and ``initial`` (round-0 accuracy).
+    round, as ``metrics.json`` writes them) and ``initial`` (round-0 accuracy). Each
+    evaluated round is an ``events.on_result("round R", round_line(...))`` and an
+    ``on_step(R, ..., {"test_accuracy", "bytes_per_client"})``.
     """
     require_flower()
     from flwr.serverapp import Grid, ServerApp
@@ -333,8 +343,9 @@ def make_server(cfg: FederatedConfig, on_round: Callable[[dict[str, Any]], None]
                 "clients": [u.to_json() for u in updates],
             }
             log["rounds"].append(row)
-            if on_round is not None:
-                on_round(row)
+            events.on_result(f"round {server_round}", round_line(row, cfg.rounds))
+            events.on_step(server_round, f"round {server_round}/{cfg.rounds}",
+                           {"test_accuracy": accuracy, "bytes_per_client": row["bytes_per_client"]})
         return MetricRecord({"accuracy": accuracy})
 
     app = ServerApp()
@@ -395,24 +406,21 @@ def _quiet_flower() -> Iterator[None]:
 Engine = Callable[[Any, Any, int, dict[str, Any]], None]
 
 
-def run_federated(
-    cfg: FederatedConfig, on_round: Callable[[dict[str, Any]], None] | None = None, engine: Engine | None = None
-) -> FederatedResult:
+def run_federated(cfg: FederatedConfig, events: Events = SILENT, engine: Engine | None = None) -> FederatedResult:
     """Run the FedAvg simulation of ``cfg``; write ``metrics.json`` and the captured rounds' records.
 
     ``engine`` runs the Flower apps; the default is Flower's simulation engine
     (:func:`flower_simulation`). The ``module:Class`` names in ``cfg.plugins`` are trusted
-    throughout (and in the simulation's processes, through the environment).
+    throughout (and in the simulation's processes, through the environment). ``events``:
+    ``on_start(rounds, "round", ...)``, then per round what :func:`make_server` says.
     """
     from gia_bench.registry import trusted
 
     with trusted(cfg.plugins):
-        return _run_federated(cfg, on_round, engine)
+        return _run_federated(cfg, events, engine)
 
 
-def _run_federated(
-    cfg: FederatedConfig, on_round: Callable[[dict[str, Any]], None] | None, engine: Engine | None
-) -> FederatedResult:
+def _run_federated(cfg: FederatedConfig, events: Events, engine: Engine | None) -> FederatedResult:
     require_flower()
     cfg.check()
     create_defense(cfg.defense)
@@ -424,8 +432,9 @@ def _run_federated(
         for client in range(cfg.clients):
             round_examples(setup.shards[client], cfg.batch_size, cfg.seed, 1, client)
         client_app = make_client_app(cfg)
-        server_app, log = make_server(cfg, on_round)
+        server_app, log = make_server(cfg, events)
         out.mkdir(parents=True, exist_ok=True)
+        events.on_start(cfg.rounds, "round", f"{cfg.defense} on {cfg.clients} clients, {cfg.rounds} rounds")
         init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
         if cfg.num_cpus is not None:
             init_args["num_cpus"] = cfg.num_cpus

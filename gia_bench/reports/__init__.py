@@ -34,7 +34,7 @@ from gia_bench.reports.tables import (
     results_csv,
     summary_csv,
 )
-from gia_bench.reports.terminal import rich_tables, warning_lines
+from gia_bench.reports.terminal import TerminalTable, terminal_tables, warning_lines
 from gia_bench.reports.writers import THREAT_MODEL, html_report, markdown
 
 __all__ = [
@@ -67,7 +67,8 @@ __all__ = [
     "parse_train",
     "privacy_vs_bandwidth",
     "results_csv",
-    "rich_tables",
+    "TerminalTable",
+    "terminal_tables",
     "study_warnings",
     "summary_csv",
     "warning_lines",

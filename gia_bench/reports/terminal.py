@@ -1,13 +1,11 @@
-"""The report's headline for the terminal: one row per defense setting, units in every header.
+"""The report's headline for the terminal, as plain data: one row per defense setting, units in every header.
 
-Every text cell is passed to rich as a :class:`rich.text.Text`, so a ``[bold]`` in a
-record's spec prints as itself instead of being read as console markup.
+The CLI draws these as rich tables (:mod:`gia_bench.cli.tables`); the library renders nothing.
 """
 
 from __future__ import annotations
 
-from rich.table import Table
-from rich.text import Text
+from dataclasses import dataclass
 
 from gia_bench.reports.headline import headline, study_warnings
 from gia_bench.reports.tables import ReportData
@@ -17,35 +15,45 @@ HEADERS = (
     "defense", "bytes/worker/step", "ratio vs fp32", "test acc. ± SE", "vs reference", "strongest attack",
     "SSIM mean (worst)", "PSNR dB mean (worst)", "labels", "vs floor", "budget, images",
 )  # fmt: skip
+#: Columns (by index in :data:`HEADERS`) that hold numbers: right-aligned.
+NUMERIC = frozenset({1, 2, 3, 6, 7, 8, 10})
+#: Columns whose cell carries its worst case or the strongest attack's view after the number.
+WITH_SUB = frozenset({5, 6, 7, 9})
 
 
-def _text(c: Cell, with_sub: bool) -> Text:
+@dataclass(frozen=True)
+class TerminalCell:
+    text: str
+    strong: bool = False
+
+
+@dataclass(frozen=True)
+class TerminalTable:
+    """One dataset x model: its title, the floor caption, and one row of cells per defense setting."""
+
+    title: str
+    caption: str
+    rows: tuple[tuple[TerminalCell, ...], ...]
+
+
+def _cell(c: Cell, with_sub: bool) -> TerminalCell:
     text = c.text
     if with_sub and c.sub:
         text += f" ({c.sub})"
-    return Text(text, style="bold" if c.strong else "")
+    return TerminalCell(text, bool(c.strong))
 
 
-def rich_tables(data: ReportData) -> list[Table]:
+def terminal_tables(data: ReportData) -> list[TerminalTable]:
     """One table per dataset x model: the headline row of each defense setting."""
-    tables = []
-    heads = headline(data)
-    for hg in heads:
-        t = Table(
+    return [
+        TerminalTable(
             title=f"{hg.dataset} / {hg.model}",
-            title_justify="left",
             caption=floor_text(hg.group),
-            caption_justify="left",
-        )
-        for n, name in enumerate(HEADERS):
-            numeric = n in (1, 2, 3, 6, 7, 8, 10)
-            t.add_column(name, justify="right" if numeric else "left", overflow="fold",
-                         style="bold cyan" if n == 0 else None)  # fmt: skip
-        for row in headline_table(hg).rows:
             # the worst case and the strongest attack's view travel with their numbers
-            t.add_row(*(_text(c, with_sub=n in (5, 6, 7, 9)) for n, c in enumerate(row)))
-        tables.append(t)
-    return tables
+            rows=tuple(tuple(_cell(c, n in WITH_SUB) for n, c in enumerate(row)) for row in headline_table(hg).rows),
+        )
+        for hg in headline(data)
+    ]
 
 
 def warning_lines(data: ReportData) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ What it writes in ``out``:
 
 The package, one job a file: :mod:`.config` (``TrainConfig``, its validation, the
 data), :mod:`.loop` (one worker's training loop, capture, metrics), :mod:`.checkpoint`
-(checkpoint files, RNG state), :mod:`.progress` (rank 0's bar / epoch lines),
+(checkpoint files, RNG state), :mod:`.progress` (rank 0's events: steps, epoch lines),
 :mod:`.launch` (torchrun's elastic agent, failure attribution, the worker entry point),
 :mod:`.watchdog` (a worker that makes no progress is stopped, its stack saved).
 """

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from gia_bench.errors import ConfigError
+from gia_bench.event_relay import relay
+from gia_bench.events import SILENT, Events
 from gia_bench.io import atomic_write_json
 from gia_bench.threads import pause_openmp
 from gia_bench.train.checkpoint import check_resume, checkpoint_note
@@ -31,6 +33,7 @@ from gia_bench.train.config import (
     planned_steps,
 )
 from gia_bench.train.loop import run_worker
+from gia_bench.train.progress import EVENTS_FILE
 from gia_bench.train.watchdog import remove_stack_files, stuck_message
 
 # Forking safely. A forked worker inherits every object of the launching process, among
@@ -62,7 +65,7 @@ def _freeze_inherited_objects() -> None:
 os.register_at_fork(after_in_child=_freeze_inherited_objects)
 
 
-def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
+def launch(config: TrainConfig, fork: bool = False, events: Events = SILENT) -> dict[str, Any]:
     """Run training with ``nproc_per_node`` workers through torchrun's elastic agent; returns metrics.json.
 
     Workers are ``python -m gia_bench.train CONFIG`` processes, as torchrun starts
@@ -91,8 +94,10 @@ def launch(config: TrainConfig, fork: bool = False) -> dict[str, Any]:
         # group of the caller's would be inherited too. Spawn instead.
         fork = False
     remove_stack_files(out)  # stacks of an earlier run's stuck workers: this run's failure names its own
+    (out / EVENTS_FILE).unlink(missing_ok=True)  # a killed run's: rank 0 writes events only while we listen
     try:
-        _run_agent(config, config_path, fork)
+        with relay(events, out / EVENTS_FILE):
+            _run_agent(config, config_path, fork)
     except SignalException as exc:
         # torch's agent turns SIGINT/SIGTERM into this after stopping the workers: Ctrl-C is an
         # interruption (the CLI says what was kept), any other signal a one-line failure

@@ -228,7 +228,7 @@ def _train(
         start_epoch, global_step = int(checkpoint["epoch"]), int(checkpoint["step"])
         history = list(checkpoint["epochs"])
 
-    progress = Progress(rank == 0, config.epochs, run.steps_per_epoch, start_epoch, config.defense)
+    progress = Progress(rank == 0, config.epochs, run.steps_per_epoch, start_epoch, config.defense, out=config.out)
     try:
         for epoch in range(start_epoch, config.epochs):
             global_step = _epoch(w, run, ddp, state, epoch, global_step, history, progress)
@@ -268,7 +268,7 @@ def _epoch(
         loss = _step(w, run, ddp, state, x.to(device), y.to(device), epoch, global_step)
         loss_sum += loss.detach().double()
         global_step += 1
-        progress.step(epoch, float(loss) if progress.enabled else 0.0)
+        progress.step(epoch, loss.detach())  # read (a device sync) only when sent
     seconds = time.perf_counter() - t0
     w.watchdog.kick()
     # train loss averaged over workers; a plain all-reduce, not gradient traffic

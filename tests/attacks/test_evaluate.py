@@ -12,9 +12,18 @@ from typer.testing import CliRunner
 
 import gia_bench.records as records_module
 from gia_bench.attacks import ATTACKS, create
-from gia_bench.evaluate import AttackOptions, AttackOutcome, ResultConflictError, evaluate, run_attack, run_attacks
+from gia_bench.evaluate import (
+    AttackOptions,
+    AttackOutcome,
+    ResultConflictError,
+    evaluate,
+    result_line,
+    run_attack,
+    run_attacks,
+)
 from gia_bench.cli import app
 from gia_bench.errors import GiaBenchError
+from gia_bench.events import Recorded
 from gia_bench.records import truth_path
 from gia_bench.receiver import load_record
 from gia_bench.results import RESULT_SCHEMA, AttackResult
@@ -75,9 +84,17 @@ def test_result_json_and_files(tmp_path):
 
 def test_runs_are_resumable(tmp_path):
     path, _, _ = _save(tmp_path)
-    out = run_attack(path, "dlg:iterations=2", "aware", tmp_path / "runs")
+    events = Recorded()
+    out = run_attack(path, "dlg:iterations=2", "aware", tmp_path / "runs", events=events)
+    label = f"{path.name} dlg-aware"
+    # the plan, each iteration (nothing finished yet), the result, then the one attack counted
+    assert events.calls[0] == ("start", 1, "attack", label) and events.calls[-1] == ("step", 1, label)
+    assert [c for c in events.calls[1:-2]] == [("step", 0, label)] * (len(events.calls) - 3) and len(events.calls) > 3
+    assert events.calls[-2][0] == "result" and events.calls[-2][2].endswith(f"-> {out}")
     stamp = out.stat().st_mtime_ns
-    assert run_attack(path, "dlg:iterations=2", "aware", tmp_path / "runs") == out
+    again = Recorded()
+    assert run_attack(path, "dlg:iterations=2", "aware", tmp_path / "runs", events=again) == out
+    assert again.calls[1][2].startswith("reused ")  # no iteration: the result was there
     assert out.stat().st_mtime_ns == stamp
     assert json.loads(out.read_text())["threat"]["observed"] == "messages"
 
@@ -232,11 +249,19 @@ def test_run_attacks_is_the_grid_in_one_call(tmp_path):
     p1, r1, _ = _save(tmp_path / "a", indices=(5,))
     p2, r2, _ = _save(tmp_path / "b", indices=(6,), defense="fp16")
     options = AttackOptions(out=tmp_path / "runs", seed=0)
-    seen = []
-    results = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options, on_result=seen.append)
+    events = Recorded()
+    results = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options, events=events)
     assert [(r.record, r.view) for r in results] == [(p1, "naive"), (p1, "aware"), (p2, "naive"), (p2, "aware")]
-    assert seen == results and not any(r.reused for r in results)
+    assert not any(r.reused for r in results)
     assert all(isinstance(r, AttackOutcome) and r.path.exists() and r.mean("psnr") is not None for r in results)
+    # the plan first; each result as it finishes, in order, then the count of attacks done
+    assert events.calls[0] == ("start", 4, "attack", "4 attacks on 2 records")
+    assert [c[2] for c in events.calls if c[0] == "result"] == [result_line(r) for r in results]
+    finished = [c for c in events.calls if c[0] == "step" and c[1] > 0 and c[2]]
+    done = [c[1] for c in events.calls if c[0] == "step"]
+    assert done == sorted(done) and done[-1] == 4 and [c[2] for c in finished][-1] == f"{p2.name} dlg-aware"
+    assert result_line(results[1]).startswith(f"{results[1].record_id} [none] dlg (aware): 1 it")
+    assert all(isinstance(r, AttackResult) and r.path.exists() and r.mean("psnr") is not None for r in results)
     again = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options)
     assert all(r.reused for r in again) and [r.path for r in again] == [r.path for r in results]
     with pytest.raises(GiaBenchError, match="--lpips-net 'squeeze'"):
@@ -248,7 +273,8 @@ def test_lpips_net_is_checked_in_one_place_for_every_command(tmp_path):
     for args in (["attack", str(path)], ["report", str(tmp_path), "--out", str(tmp_path / "o")]):
         res = CliRunner().invoke(app, [*args, "--lpips-net", "squeeze"])
         assert isinstance(res.exception, GiaBenchError) and "--lpips-net 'squeeze'" in str(res.exception)
-    cli_source = (Path(__file__).parents[2] / "gia_bench" / "cli.py").read_text()
+    cli_source = "".join(p.read_text() for p in (Path(__file__).parents[2] / "gia_bench" / "cli").glob("*.py"))
+    assert "def report_cmd" in cli_source
     assert cli_source.count('("alex", "vgg")') == 0 and "def check_lpips_net" not in cli_source
 
 

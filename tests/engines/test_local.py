@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from gia_bench.cli.render import UnitsView
 from gia_bench.engines import EngineError, Unit, UnitContext, run_units
 from gia_bench.engines.scheduler import Scheduler
+from gia_bench.events import SILENT, Recorded
 
 from _engine_units import descendants, pid_alive
 
@@ -39,11 +41,11 @@ def test_dependencies_run_first_and_a_rerun_runs_only_what_is_missing(tmp_path):
         _unit("a-1", text="1", path="a-1.txt"),
         _unit("b-2", read="a-1.txt", text="2", deps=("a-1",), path="b-2.txt"),
     ]
-    result = run_units(units, tmp_path, _ctx(tmp_path), console=_quiet())
+    result = run_units(units, tmp_path, _ctx(tmp_path), events=SILENT)
     assert (tmp_path / "c-3.txt").read_text() == "321"  # c read b, which read a: order kept
     assert result.failures == [] and dict(result.ran) == {"a": 1, "b": 1, "c": 1}
     (tmp_path / "c-3.txt").unlink()
-    again = run_units(units, tmp_path, _ctx(tmp_path), console=_quiet())
+    again = run_units(units, tmp_path, _ctx(tmp_path), events=SILENT)
     assert dict(again.ran) == {"c": 1}  # a and b were finished: only c runs
     assert not (tmp_path / ".staging").exists()
 
@@ -54,20 +56,21 @@ def test_a_failed_unit_leaves_nothing_and_its_dependents_are_skipped(tmp_path):
         _unit("b-2", read="a/out.txt", text="x", deps=("a-1",), path="b.txt"),
         _unit("c-3", text="ok", path="c.txt"),
     ]
-    out = _quiet()
-    result = run_units(units, tmp_path, _ctx(tmp_path), console=out)
+    events = Recorded()
+    result = run_units(units, tmp_path, _ctx(tmp_path), events=events)
     assert [f["stage"] for f in result.failures] == ["a"]
     assert "failed on purpose" in result.failures[0]["error"]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b.txt").exists()  # no partial file
     assert (tmp_path / "c.txt").read_text() == "ok"
-    text = out.file.getvalue()
-    assert "skipped (a unit it needs failed): name=b-2" in text and "FAILED" in text
+    steps = [c[2] for c in events.calls if c[0] == "step"]
+    assert "b skipped (a unit it needs failed): name=b-2" in steps and any(s.startswith("a FAILED") for s in steps)
+    assert [c[1] for c in events.calls if c[0] == "skip"] == ["a name=a-1", "b name=b-2"]
 
 
 def test_markers_land_last(tmp_path):
     # a staged unit's files move into the folder with its outputs (completion markers) last
     unit = _unit("a-1", text="1", path="z/done.json", extra="a/data.bin", outputs=("z/done.json",))
-    run_units([unit], tmp_path, _ctx(tmp_path), console=_quiet())
+    run_units([unit], tmp_path, _ctx(tmp_path), events=SILENT)
     data, marker = tmp_path / "a" / "data.bin", tmp_path / "z" / "done.json"
     assert data.exists() and marker.exists()
     assert data.stat().st_mtime_ns <= marker.stat().st_mtime_ns
@@ -87,20 +90,21 @@ def test_bad_engine_options_are_one_line_errors(tmp_path):
 def test_plain_progress_lines_name_each_unit(tmp_path):
     units = [_unit(f"attack-{i}", text=str(i)) for i in range(3)]
     out = _quiet()
-    run_units(units, tmp_path, _ctx(tmp_path), console=out)
+    run_units(units, tmp_path, _ctx(tmp_path), events=UnitsView(out))  # the CLI's view, in a log
     lines = out.file.getvalue().splitlines()
     assert lines[0] == "3 units: 3 attacks"
     assert lines[1].startswith("[1/3] attack done in ") and lines[1].split(": ", 1)[1].startswith("name=attack-0")
     assert "| ETA " in lines[1] and "ETA" not in lines[3]  # the last line has nothing left to estimate
     rerun = _quiet()
-    run_units(units, tmp_path, _ctx(tmp_path), console=rerun)
+    run_units(units, tmp_path, _ctx(tmp_path), events=UnitsView(rerun))
     assert rerun.file.getvalue().splitlines() == ["3 units: 3 attacks (3 already done)"]
 
 
 def test_terminal_progress_shows_per_kind_counts(tmp_path):
     units = [_unit("capture-0", text="0"), _unit("attack-1", text="1", deps=("capture-0",))]
     term = Console(file=io.StringIO(), force_terminal=True, width=160)
-    run_units(units, tmp_path, _ctx(tmp_path), console=term)
+    with UnitsView(term) as view:
+        run_units(units, tmp_path, _ctx(tmp_path), events=view)
     text = term.file.getvalue()
     assert "capture 1/1" in text and "attack 1/1" in text
 
@@ -108,7 +112,7 @@ def test_terminal_progress_shows_per_kind_counts(tmp_path):
 def test_a_multi_cpu_unit_runs_in_a_worker_process_that_ends_with_the_run(tmp_path):
     unit = Unit(kind="train", key="t", fn=f"{U}:whoami", args={"path": "who.txt"}, outputs=("who.txt",), cpus=2)
     small = _unit("attack-1", text="1")
-    result = run_units([unit, small], tmp_path, _ctx(tmp_path), workers=2, console=_quiet())
+    result = run_units([unit, small], tmp_path, _ctx(tmp_path), workers=2, events=SILENT)
     assert result.failures == []
     pid, ppid = map(int, (tmp_path / "who.txt").read_text().split())
     assert pid != os.getpid()
@@ -125,7 +129,7 @@ def test_ctrl_c_cancels_units_in_flight_and_removes_their_partial_files(tmp_path
                 outputs=("never",))
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        run_units([slow, boom], tmp_path, _ctx(tmp_path), workers=2, console=_quiet())
+        run_units([slow, boom], tmp_path, _ctx(tmp_path), workers=2, events=SILENT)
     worker = int((tmp_path / "slow" / "started").read_text())
     assert time.monotonic() - start < 100
     assert not list(tmp_path.rglob("*.tmp"))  # the in-flight unit's temp file is gone
@@ -149,7 +153,6 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 import torch
 from multiprocessing import forkserver
-from rich.console import Console
 from gia_bench.engines import UnitContext, run_units
 from test_local import _pair
 
@@ -157,8 +160,7 @@ torch.set_num_threads(2)
 x = torch.ones(1000, 1000)
 (x @ x).sum(), torch.zeros(1 << 20).exp().sum()  # this process's OpenMP thread pool now exists
 root = Path(sys.argv[1])
-result = run_units(_pair(matmul=600), root, UnitContext(inputs=root, outputs=root, threads=2), workers=2,
-                   console=Console(file=io.StringIO()))
+result = run_units(_pair(matmul=600), root, UnitContext(inputs=root, outputs=root, threads=2), workers=2)
 print(json.dumps({"failures": result.failures, "driver": os.getpid(), "forkserver": forkserver._forkserver._forkserver_pid}))
 """
 
@@ -186,7 +188,7 @@ def test_without_a_safe_fork_the_workers_come_from_the_forkserver(tmp_path, monk
     from gia_bench.engines import local
 
     monkeypatch.setattr(local, "fork_safe", lambda: False)  # as with Ray's threads in this process
-    result = run_units(_pair(), tmp_path, _ctx(tmp_path), workers=2, console=_quiet())
+    result = run_units(_pair(), tmp_path, _ctx(tmp_path), workers=2, events=SILENT)
     assert result.failures == []
     who = _who(tmp_path)
     assert sorted(p == os.getpid() for p, _, _ in who.values()) == [False, True]

@@ -76,19 +76,19 @@ def test_an_interrupted_ray_study_resumes_without_redoing_finished_units(tmp_pat
     from gia_bench.engines import progress
 
     config, out = _study(tmp_path, "out")
-    real = progress.LineReporter._finished
+    real = progress.Reporter.finished
     seen = []
 
-    def interrupt_after_first_attack(self, unit, outcome, how):
+    def interrupt_after_first_attack(self, unit, outcome, how="ran"):
         real(self, unit, outcome, how)
         seen.append(unit.kind)
         if unit.kind == "attack":
             raise KeyboardInterrupt  # as a Ctrl-C would, with other tasks in flight
 
-    monkeypatch.setattr(progress.LineReporter, "_finished", interrupt_after_first_attack)
+    monkeypatch.setattr(progress.Reporter, "finished", interrupt_after_first_attack)
     with pytest.raises(KeyboardInterrupt):
         run_study(config, out, StudyOptions(engine="ray", report=False))
-    monkeypatch.setattr(progress.LineReporter, "_finished", real)
+    monkeypatch.setattr(progress.Reporter, "finished", real)
     finished = status(out, config).attacks[0]
     assert 1 <= finished < 4
     assert not list(out.rglob("*.tmp")) and not (out / ".staging").exists() or not any((out / ".staging").iterdir())

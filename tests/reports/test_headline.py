@@ -41,7 +41,7 @@ from gia_bench.reports import (
 from gia_bench.reports.headline import BUDGET_FRACTION, published_budget
 from gia_bench.reports.load import MalformedFile, parse_result
 from gia_bench.reports.tables import short_spec
-from gia_bench.reports.terminal import rich_tables
+from gia_bench.reports.terminal import HEADERS, terminal_tables
 from gia_bench.reports.writers import html_report, markdown
 
 
@@ -232,9 +232,9 @@ def test_banner_in_the_report_and_the_rule_stated(tmp_path: Path) -> None:
         assert rule.split(":", 1)[0] in md and rule.split(":", 1)[0] in page
     assert "The banner appears when" in md and "The banner appears when" in page
     # the terminal shows the same headline: one row per defense, per dataset
-    tables = rich_tables(data)
-    assert [t.row_count for t in tables] == [len(DEMO_DEFENSES), len(DEMO_DEFENSES)]
-    assert tables[0].columns[1].header == "bytes/worker/step"
+    tables = terminal_tables(data)
+    assert [len(t.rows) for t in tables] == [len(DEMO_DEFENSES), len(DEMO_DEFENSES)]
+    assert HEADERS[1] == "bytes/worker/step" and all(len(r) == len(HEADERS) for t in tables for r in t.rows)
 
 
 # -- leakage along a training run ------------------------------------------------------------------------
