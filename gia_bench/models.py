@@ -164,3 +164,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+# Text models (gia_bench.text.models) register themselves here; transformers is imported when one is built.
+import gia_bench.text.models  # noqa: E402,F401
