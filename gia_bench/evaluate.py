@@ -77,7 +77,7 @@ def _other_metrics() -> list[str]:
     """Registered metrics beyond the ssim/psnr/lpips lists result.json has always had."""
     from gia_bench.metrics import METRICS  # lazy, as in _scores: importing evaluate stays light
 
-    return [name for name in METRICS if name not in ("ssim", "psnr", "lpips")]
+    return [n for n, m in METRICS.items() if n not in ("ssim", "psnr", "lpips") and m.modality == "image"]
 
 
 def check_lpips_net(lpips_net: str, flag: str = "--lpips-net") -> str:

@@ -380,6 +380,8 @@ METRICS: dict[str, Metric] = {
                unavailable=lambda: get_lpips().reason),
     )
 }
+# Text metrics (ROUGE, token F1, exact, PII) score token batches, not images: gia_bench.text.metrics.
+METRICS.update({m.name: m for m in __import__("gia_bench.text.metrics", fromlist=["text_metrics"]).text_metrics()})
 
 
 def listing() -> list[tuple[str, str, str]]:
@@ -535,7 +537,7 @@ def score_batch(
     unavailable: dict[str, str] = {}
     notes: dict[str, str] = {}
     for metric in METRICS.values():
-        if metric.name in _FIELDS:
+        if metric.name in _FIELDS or metric.modality != "image":
             continue
         why = metric.unavailable()
         if why is not None:
