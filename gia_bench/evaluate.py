@@ -67,6 +67,7 @@ from gia_bench.identity import (
 from gia_bench.io import atomic_write_bytes, atomic_write_text
 from gia_bench.receiver import load_record
 from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
+from gia_bench.text.data import is_text
 from gia_bench.threat import VIEWS
 
 RESULT_FILE = "result.json"
@@ -282,6 +283,11 @@ def _scores(record: GradientRecord, rec: Reconstruction, truth: Truth, lpips_net
     from gia_bench.metrics import get_lpips, score_batch
 
     spec = record.meta.dataset
+    if is_text(spec):  # token ids: text metrics, never clamped as pixels (gia_bench.text.evaluate)
+        from gia_bench.text.evaluate import text_batch_scores
+
+        text = text_batch_scores(rec.inputs, rec.labels, truth.inputs, truth.labels)
+        return text, rec.inputs, truth.inputs.to(torch.float32)
     rec01 = spec.denormalize(rec.inputs).clamp(0, 1)
     orig01 = spec.denormalize(truth.inputs.to(torch.float32)).clamp(0, 1)
     scores = score_batch(rec01, orig01, rec.labels, truth.labels, lpips=get_lpips(lpips_net, lpips_weights))
@@ -340,7 +346,7 @@ def evaluate(
     spec = record.meta.dataset
     labels = rec.labels
     original01 = None
-    reconstruction01 = spec.denormalize(rec.inputs).clamp(0, 1)
+    reconstruction01 = rec.inputs if is_text(spec) else spec.denormalize(rec.inputs).clamp(0, 1)
     if truth is not None:
         if truth.inputs.shape[0] != record.meta.batch_size:
             raise RecordError(
@@ -362,7 +368,12 @@ def evaluate(
     from safetensors.torch import save
 
     atomic_write_bytes(out_dir / "reconstruction.safetensors", save(tensors))
-    save_grid(out_dir / "reconstruction.png", reconstruction01, original01)
+    if is_text(spec):
+        from gia_bench.text.evaluate import save_text
+
+        save_text(out_dir / "reconstruction.txt", reconstruction01, original01, spec)
+    else:
+        save_grid(out_dir / "reconstruction.png", reconstruction01, original01)
 
     images = metrics["images"] if metrics else None
     result = {

@@ -18,6 +18,7 @@ maximises ROUGE-1 (Hungarian; an attack's sentence order is arbitrary).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -102,12 +103,23 @@ def _occurs(needle: list[int], haystack: list[int]) -> bool:
     return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
-def score_text(rec: torch.Tensor, orig: torch.Tensor) -> dict[str, list[float | None]]:
-    """Every text metric, one value per original sentence (keys: rouge1, rouge2, rougeL, token_f1, exact, pii)."""
+@dataclasses.dataclass(frozen=True)
+class TextScores:
+    """``paired[i]``: the reconstruction paired with original ``i``; ``values[key][i]``: its scores."""
+
+    paired: tuple[int, ...]
+    values: dict[str, list[float | None]]
+
+
+KEYS = ("rouge1", "rouge2", "rougeL", "token_f1", "exact", "pii")
+
+
+def score_text(rec: torch.Tensor, orig: torch.Tensor) -> TextScores:
+    """Every text metric (:data:`KEYS`), one value per original sentence, after pairing."""
     rec_s, orig_s = sequences(rec), sequences(orig)
     paired = pair_sentences(rec_s, orig_s)
     f1 = token_f1(rec, orig)
-    out: dict[str, list[float | None]] = {k: [] for k in ("rouge1", "rouge2", "rougeL", "token_f1", "exact", "pii")}
+    out: dict[str, list[float | None]] = {k: [] for k in KEYS}
     for i, (o, fields) in enumerate(zip(orig_s, pii_fields(orig))):
         r = rec_s[paired[i]]
         for key, value in rouge(r, o).items():
@@ -115,17 +127,17 @@ def score_text(rec: torch.Tensor, orig: torch.Tensor) -> dict[str, list[float | 
         out["token_f1"].append(f1)
         out["exact"].append(float(r == o))
         out["pii"].append(sum(_occurs(f, r) for f in fields) / len(fields) if fields else None)
-    return out
+    return TextScores(tuple(paired), out)
 
 
 def _one(key: str) -> Callable[[torch.Tensor, torch.Tensor], list[float | None]]:
-    return lambda rec, orig: score_text(rec, orig)[key]
+    return lambda rec, orig: score_text(rec, orig).values[key]
 
 
 def rouge_unavailable() -> str | None:
-    from gia_bench.text.deps import INSTALL
-
     import importlib.util
+
+    from gia_bench.text.deps import INSTALL
 
     return None if importlib.util.find_spec("rouge_score") else f"ROUGE unavailable: no 'rouge_score' ({INSTALL})"
 
