@@ -74,11 +74,11 @@ RESULT_FILE = "result.json"
 LPIPS_NETS = ("alex", "vgg")
 
 
-def _other_metrics() -> list[str]:
+def _other_metrics(modality: str = "image") -> list[str]:
     """Registered metrics beyond the ssim/psnr/lpips lists result.json has always had."""
     from gia_bench.metrics import METRICS  # lazy, as in _scores: importing evaluate stays light
 
-    return [n for n, m in METRICS.items() if n not in ("ssim", "psnr", "lpips") and m.modality == "image"]
+    return [n for n, m in METRICS.items() if n not in ("ssim", "psnr", "lpips") and m.modality == modality]
 
 
 def check_lpips_net(lpips_net: str, flag: str = "--lpips-net") -> str:
@@ -376,6 +376,7 @@ def evaluate(
         save_grid(out_dir / "reconstruction.png", reconstruction01, original01)
 
     images = metrics["images"] if metrics else None
+    others = _other_metrics("text" if is_text(spec) else "image")  # the metrics beside ssim/psnr/lpips
     result = {
         "schema": RESULT_SCHEMA,
         "kind": "attack_result",
@@ -416,7 +417,7 @@ def evaluate(
         "psnr": [im["psnr"] for im in images] if images else None,
         "lpips": [im["lpips"] for im in images] if images else None,
         # every other registered metric (gia_bench.metrics.METRICS) the same way, by name
-        **{name: [im.get(name) for im in images] if images else None for name in _other_metrics()},
+        **{name: [im.get(name) for im in images] if images else None for name in others},
         "label_accuracy": metrics["label_accuracy"] if metrics else None,
         "lpips_reason": metrics["lpips_reason"] if metrics else None,
         "extra": rec.extra,
