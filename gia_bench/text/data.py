@@ -38,9 +38,14 @@ SIZE = Range(8, 100_000)
 SENTENCES_TSV = Path(__file__).with_name("sentences.tsv")
 
 
+def is_text_shape(shape: Sequence[int]) -> bool:
+    """Whether an input shape is the text layout's (1, 3, T); no built-in image set is 3 pixels high."""
+    return len(shape) == 3 and shape[0] == 1 and shape[1] == 3
+
+
 def is_text(spec: DatasetSpec) -> bool:
-    """Whether ``spec`` describes text in the layout above (shape (1, 3, T))."""
-    return len(spec.shape) == 3 and spec.shape[0] == 1 and spec.shape[1] == 3
+    """Whether ``spec`` describes text in the layout above."""
+    return is_text_shape(spec.shape)
 
 
 def text_spec(name: str, length: int, num_classes: int) -> DatasetSpec:
