@@ -79,3 +79,44 @@ def test_minilm_loads_the_pretrained_encoder_offline():
     sim = cls @ cls.T
     same = (y[:, None] == y[None, :]) & ~torch.eye(40, dtype=torch.bool)
     assert sim[same].mean() > sim[y[:, None] != y[None, :]].mean()
+
+
+def test_a_missing_text_package_is_one_line_naming_the_install(monkeypatch):
+    import importlib
+
+    from gia_bench.errors import GiaBenchError
+    from gia_bench.text import deps
+
+    real = importlib.import_module
+
+    def without_transformers(name, *args, **kwargs):
+        if name == "transformers":
+            raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(deps.importlib, "import_module", without_transformers)
+    deps.transformers.cache_clear()
+    try:
+        with pytest.raises(GiaBenchError, match=r"needs the package 'transformers'.*pip install -e '\.\[text\]'") as exc:
+            build_model(_spec("transformer:d=32,layers=1,vocab=50"), seed=0)
+        assert "\n" not in str(exc.value)
+    finally:
+        deps.transformers.cache_clear()
+
+
+@pytest.mark.slow
+def test_smollm2_classifies_and_leaks_its_token_bag():
+    # SmolLM2-135M dequantized from Q4_1 (~30 s idle, once per process; then a cached safetensors file)
+    from gia_bench.attacks import create as create_attack
+    from gia_bench.capture import capture_batch
+    from gia_bench.defenses import create as create_defense
+    from gia_bench.text.metrics import token_f1
+
+    data = load_dataset("pii:tokenizer=smollm2", split="train")
+    spec = ModelSpec("smollm2", data.spec.shape, 4, "eval")
+    model = build_model(spec, seed=0)
+    assert model.net.config.hidden_size == 576
+    x, y = data.batch([0, 1])
+    record, truth = capture_batch(model, spec, data.spec, x, y, create_defense("powersgd:rank=1"), "s")
+    rec = create_attack("tokens").run(record, "aware", torch.Generator())
+    assert token_f1(rec.inputs, truth.inputs) == 1.0
