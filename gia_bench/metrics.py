@@ -381,7 +381,9 @@ METRICS: dict[str, Metric] = {
     )
 }
 # Text metrics (ROUGE, token F1, exact, PII) score token batches, not images: gia_bench.text.metrics.
-METRICS.update({m.name: m for m in __import__("gia_bench.text.metrics", fromlist=["text_metrics"]).text_metrics()})
+from gia_bench.text.metrics import text_metrics  # noqa: E402
+
+METRICS.update({m.name: m for m in text_metrics()})
 
 
 def listing() -> list[tuple[str, str, str]]:
