@@ -17,9 +17,9 @@ token v and its position p only. So:
 3. B > 1 (search, as DAGER does for encoders): the tokens found at each position are split
    into B sentences by coordinate search on the second layer: a sentence is right when every
    output of the first layer at its positions lies in the row space of the second query
-   gradient G2. Starting from the tokens of each position in a fixed order, swap the
-   assignment at one position whenever that lowers the summed span distance of the sentences,
-   until no swap helps.
+   gradient G2. Starting from the tokens of each position in a fixed order, re-order the
+   slots at one position, or at it and all later positions, whenever that lowers the summed
+   span distance of the sentences, until no move helps (a local search: not always the optimum).
 
 Train mode (dropout) breaks the exact span check, and so do compressors that change the
 first layers' gradients (this is the naive view: the decoded gradient); the result says
@@ -58,6 +58,14 @@ def span_distance(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def _param_index(model: torch.nn.Module, tensor: torch.Tensor) -> int:
     return next(i for i, (_, p) in enumerate(model.named_parameters()) if p is tensor)
+
+
+def _end_token(spec) -> int | None:
+    """The token that ends a sentence of this data set's tokenizer ([SEP] for BERT), if any."""
+    from gia_bench.text.evaluate import tokenizer_of
+
+    tok = tokenizer_of(spec)
+    return tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
 
 
 @register("dager")
@@ -107,7 +115,7 @@ class Dager(Attack):
                 found = torch.nonzero(dist < threshold).flatten()
                 found = found[torch.argsort(dist[found])][:batch]
                 candidates.append(vocab[found].tolist())
-            sentences = self._assign(model, decoded, candidates, batch)
+            sentences = self._assign(model, decoded, candidates, batch, _end_token(spec))
         ids = torch.zeros(batch, length, dtype=torch.int64)
         mask = torch.zeros_like(ids)
         for b, sentence in enumerate(sentences):
@@ -121,7 +129,8 @@ class Dager(Attack):
                    "vocabulary_checked": int(vocab.numel())},
         )
 
-    def _assign(self, model, decoded, candidates: list[list[int]], batch: int) -> list[list[int]]:
+    def _assign(self, model, decoded, candidates: list[list[int]], batch: int, end_token: int | None = None
+                ) -> list[list[int]]:
         """Split the tokens found at each position into ``batch`` sentences (step 3)."""
         # a sentence ends at the first position where no token of it is found (right padding)
         columns = []
@@ -135,11 +144,11 @@ class Dager(Attack):
         g2 = decoded[_param_index(model, bert.encoder.layer[1].attention.self.query.weight)]
         basis2 = row_space(g2, self.rtol)
 
-        def sentences_of(choice: list[tuple[int | None, ...]]) -> list[list[int]]:
+        def sentences_of(choice: list[tuple[int, ...]]) -> list[list[int]]:
             out: list[list[int]] = [[] for _ in range(batch)]
             for slots in choice:
                 for b, token in enumerate(slots):
-                    if token is not None:
+                    if not out[b] or out[b][-1] != end_token:  # a sentence stops after its [SEP]
                         out[b].append(token)
             return out
 
@@ -154,21 +163,24 @@ class Dager(Attack):
             return total
 
         # each position: the found tokens padded with None (sentences already ended) to B slots
-        choice = [tuple(c) + (None,) * (batch - len(c)) for c in columns]
+        # fewer tokens than sentences at a position: shared tokens ([CLS], a common word) or ended
+        # sentences; the found tokens are repeated to fill the B slots, the end token cuts the rest
+        choice = [tuple(c[i % len(c)] for i in range(batch)) for c in columns]
         best = cost(choice)
         for _ in range(self.sweeps):
             improved = False
-            for p, slots in enumerate(choice):
-                if len(set(slots)) == 1:
+            for p in range(len(choice)):
+                if len(set(choice[p])) == 1:
                     continue
-                for perm in itertools.permutations(slots):
-                    if perm == slots:
+                for order in itertools.permutations(range(batch)):
+                    if order == tuple(range(batch)):
                         continue
-                    trial = choice[:p] + [perm] + choice[p + 1:]
-                    value = cost(trial)
-                    if value < best - 1e-12:
-                        choice, best, improved = trial, value, True
-                        slots = perm
+                    # re-order the slots at p alone, or at p and every later position (a sentence's tail)
+                    for end in (p + 1, len(choice)):
+                        trial = choice[:p] + [tuple(slots[i] for i in order) for slots in choice[p:end]] + choice[end:]
+                        value = cost(trial)
+                        if value < best - 1e-12:
+                            choice, best, improved = trial, value, True
             if not improved:
                 break
         return sentences_of(choice)

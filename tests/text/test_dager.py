@@ -30,7 +30,7 @@ def minilm():
 
 def _dager(data, model, mode, index):
     spec = ModelSpec("minilm", data.spec.shape, 4, mode)
-    x, y = data.batch([index])
+    x, y = data.batch([index] if isinstance(index, int) else index)
     torch.manual_seed(0)
     record, truth = capture_batch(model, spec, data.spec, x, y, create_defense("none"), "d")
     rec = create_attack("dager").run(record, "naive", torch.Generator())
@@ -42,6 +42,12 @@ def test_minilm_eval_b1_is_exact(minilm):
     for index in (0, 1):
         values, rec = _dager(data, models["eval"], "eval", index)
         assert values["exact"] == [1.0] and values["pii"] == [1.0], rec.extra
+
+
+def test_minilm_eval_b2_splits_the_tokens_into_their_sentences(minilm):
+    data, models = minilm
+    values, rec = _dager(data, models["eval"], "eval", [2, 3])
+    assert values["token_f1"] == [1.0, 1.0] and min(values["rouge1"]) >= 0.95, (values, rec.extra)
 
 
 def test_train_mode_dropout_breaks_the_exact_check(minilm):
