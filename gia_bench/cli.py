@@ -476,6 +476,9 @@ def attack_cmd(
             finished.append(r)
             psnr, ssim, acc = r.mean("psnr"), r.mean("ssim"), r.data.get("label_accuracy")
             scored = "" if psnr is None else f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {acc:.2f}"
+            if r.mean("token_f1") is not None:  # a text result (gia_bench.text): its own metrics
+                scored = (f", token F1 {r.mean('token_f1'):.3f}, ROUGE-1 {r.mean('rouge1'):.3f},"
+                          f" exact {r.mean('exact'):.2f}, label accuracy {acc:.2f}")
             mark = "[cyan]reused[/] " if r.reused else ""
             console.print(
                 f"{mark}{r.record_id} {escape('[' + r.defense.split(':')[0] + ']')} {r.attack.split(':')[0]} ({r.view}):"
