@@ -136,6 +136,7 @@ def _cache_dir() -> Path:
 def smollm2_state() -> tuple[object, dict[str, torch.Tensor]]:
     """(config, fp32 state dict of the causal LM), dequantized once per process (~30 s) and kept
     as a safetensors file under ``~/.cache/gia-bench`` (keyed by the GGUF file's size and mtime)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     tf = transformers()
@@ -147,9 +148,9 @@ def smollm2_state() -> tuple[object, dict[str, torch.Tensor]]:
     if cache.is_file():
         try:
             return config, load_file(str(cache))
-        except Exception:  # a broken cache file is rebuilt, never trusted
+        except (OSError, SafetensorError):  # a broken cache file is rebuilt, never trusted
             cache.unlink(missing_ok=True)
-    lm = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    lm = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in lm.state_dict().items()}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
