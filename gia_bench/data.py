@@ -623,3 +623,6 @@ def load_dataset(
     if not isinstance(source, DataSource):
         raise DataError(f"dataset {spec!r}: {type(source).__name__} is not a gia_bench.data.DataSource")
     return source.load(split=split, root=None if root is None else Path(root), download=download)
+
+# Text data sets (gia_bench.text.data) register themselves here; they import nothing optional until loaded.
+import gia_bench.text.data  # noqa: E402,F401

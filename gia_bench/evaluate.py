@@ -66,7 +66,9 @@ from gia_bench.identity import (
 from gia_bench.io import atomic_write_bytes, slug
 from gia_bench.receiver import load_record
 from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
+from gia_bench.specs import DatasetSpec
 from gia_bench.results import GRID_FILE, RESULT_FILE, TENSORS_FILE, AttackResult, MalformedFile, Skipped
+from gia_bench.text.data import is_text
 from gia_bench.threat import VIEWS
 
 if TYPE_CHECKING:
@@ -320,6 +322,14 @@ def _score(record: GradientRecord, rec: Reconstruction, truth: Truth | None, lpi
            lpips_weights: Path | None) -> _Scored:
     """Pair and score the reconstruction against ``truth`` (:func:`gia_bench.metrics.score_batch`)."""
     spec = record.meta.dataset
+    if is_text(spec):  # token ids: text metrics, never clamped as pixels (gia_bench.text.evaluate)
+        if truth is None:
+            return _Scored(rec.inputs, rec.labels)
+        from gia_bench.text.evaluate import text_batch_scores
+
+        text = text_batch_scores(rec.inputs, rec.labels, truth.inputs, truth.labels)
+        order = list(text.matching)
+        return _Scored(rec.inputs[order], rec.labels[order], truth.inputs.to(torch.float32), text)
     rec01 = spec.denormalize(rec.inputs).clamp(0, 1)
     if truth is None:
         return _Scored(rec01, rec.labels)
@@ -376,7 +386,7 @@ def _result(record: GradientRecord, record_path: Path, run: _Run, truth: Truth |
     )  # fmt: skip
 
 
-def _write(out_dir: Path, result: AttackResult, scored: _Scored) -> AttackResult:
+def _write(out_dir: Path, result: AttackResult, scored: _Scored, spec: DatasetSpec) -> AttackResult:
     """The reconstruction files, then result.json last (atomically); returns the result as written."""
     from safetensors.torch import save
 
@@ -389,7 +399,12 @@ def _write(out_dir: Path, result: AttackResult, scored: _Scored) -> AttackResult
     if scored.original01 is not None:
         tensors["original"] = scored.original01.contiguous()
     atomic_write_bytes(out_dir / TENSORS_FILE, save(tensors))
-    save_grid(out_dir / GRID_FILE, scored.reconstruction01, scored.original01)
+    if is_text(spec):
+        from gia_bench.text.evaluate import TEXT_FILE, save_text
+
+        save_text(out_dir / TEXT_FILE, scored.reconstruction01, scored.original01, spec)
+    else:
+        save_grid(out_dir / GRID_FILE, scored.reconstruction01, scored.original01)
     result.write(result_path)
     return AttackResult.read(result_path)  # what every reader sees (tuples in ``extra`` are lists there)
 
@@ -435,7 +450,7 @@ def evaluate(
     truth = _truth(record_path, record)
     scored = _score(record, rec, truth, lpips_net, lpips_weights)
     result = _result(record, record_path, _Run(attack, view, seed, dev, rec, seconds), truth, scored)
-    result = _write(out_dir, result, scored)
+    result = _write(out_dir, result, scored, record.meta.dataset)
     return AttackOutcome(out_dir / RESULT_FILE, record_path, view, False, result)
 
 
@@ -491,6 +506,9 @@ def result_line(r: AttackOutcome) -> str:
     """One plain line per result: ``rec-0 [topk] dlg (naive): 30 it, 1.2 s, PSNR ... -> path``."""
     psnr, ssim, acc = r.mean("psnr"), r.mean("ssim"), r.result.label_accuracy
     scored = "" if psnr is None else f", PSNR {psnr:.2f} dB, SSIM {ssim:.3f}, label accuracy {acc:.2f}"
+    if r.mean("token_f1") is not None:  # a text result (gia_bench.text): its own metrics
+        scored = (f", token F1 {r.mean('token_f1'):.3f}, ROUGE-1 {r.mean('rouge1'):.3f},"
+                  f" exact {r.mean('exact'):.2f}, label accuracy {acc:.2f}")
     return (f"{'reused ' if r.reused else ''}{r.record_id} [{r.defense.split(':')[0]}] {r.attack.split(':')[0]}"
             f" ({r.view}): {r.result.iterations} it, {r.result.seconds:.1f} s{scored} -> {r.path}")
 

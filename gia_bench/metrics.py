@@ -372,6 +372,10 @@ METRICS: dict[str, Metric] = {
                unavailable=lambda: get_lpips().reason),
     )
 }
+# Text metrics (ROUGE, token F1, exact, PII) score token batches, not images: gia_bench.text.metrics.
+from gia_bench.text.metrics import text_metrics  # noqa: E402
+
+METRICS.update({m.name: m for m in text_metrics()})
 
 
 def listing() -> list[tuple[str, str, str]]:
@@ -534,6 +538,8 @@ def score_batch(
     unavailable: dict[str, str] = {}
     notes: dict[str, str] = {}
     for metric in METRICS.values():
+        if metric.modality != "image":  # text metrics score token ids (gia_bench.text.metrics), not images
+            continue
         if metric.name == _SCORER_METRIC:
             values[metric.name] = lpips_values
             continue

