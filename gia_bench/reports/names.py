@@ -134,3 +134,10 @@ def display_names(specs: Iterable[str], spellings: Sequence[str] = (), short: Ma
             for spec in owners:
                 names[spec] = spec
     return names
+
+
+def full_spec(spec: str) -> str:
+    """A canonical spec as the report prints it in full: every parameter except those left unset (``=None``)."""
+    name, params = split_spec(spec)
+    kept = [f"{k}={v}" for k, v in params.items() if v != "None"]
+    return name + (":" + ",".join(kept) if kept else "")
