@@ -335,6 +335,10 @@ def structure_note(g: HeadlineGroup) -> str:
     if not ran:
         return ("No structure-aware attacker ('feature', 'analytic') ran on this table: its verdicts rest on"
                 " gradient matching alone.")  # fmt: skip
+    if all(is_structure_aware(r.attack) for r in g.group.rows):
+        quoted = ", ".join(f"'{n}'" for n in sorted(ran))
+        return (f"Only structure-aware attackers ({quoted}) ran on this table, no gradient matching: its verdicts"
+                " say what the exactly sent layers give away, not whether matching would find the same.")
     only = [
         r for r in g.rows
         if r.verdict is not None and r.verdict.verdict == stats.LEAKS and r.strongest is not None

@@ -226,3 +226,12 @@ def test_build_report_is_short_and_report_files_stay_under_600_lines() -> None:
     folder = Path(build_report_fn.__code__.co_filename).parent
     for path in folder.glob("*.py"):
         assert len(path.read_text().splitlines()) < 600, path.name
+
+
+def test_structure_note_when_only_structure_aware_attackers_ran(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(2)
+    orig, labels = originals(gen, 4), torch.arange(4)
+    write_result(tmp_path / "f", gen, orig, labels, GOOD, record_id="f", record="", dataset="photos", model="lenet",
+                 defense="none", attack=FEATURE, view="naive", nbytes=10, bytes_fp32=10)  # fmt: skip
+    (g,) = headline(build_report(load_runs([tmp_path])))
+    assert structure_note(g).startswith("Only structure-aware attackers ('feature') ran on this table")
