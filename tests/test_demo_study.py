@@ -115,8 +115,13 @@ def test_demo_none_leaks_on_its_captures(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the demo's known gap (demo.toml, README): feature recovers the BatchNorm"
+                   " ConvNet's 32 classifier features exactly, but they do not determine a batch of 16x16 images")
 def test_demo_none_leaks_on_the_training_runs_batch(tmp_path):
-    """A reduced copy of the training section: one batch of the run's size on its model at its initial weights."""
+    """A reduced copy of the training section: one batch of the run's size on its model at its initial weights.
+
+    Strict: when an attack makes `none` leak here, this test fails until the marker goes.
+    """
     from gia_bench.capture import capture
 
     torch.set_num_threads(1)
