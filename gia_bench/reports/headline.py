@@ -317,8 +317,12 @@ def summary_sentence(groups: Sequence[HeadlineGroup]) -> str:
     if not where:
         return "No reconstruction was scored against its floor, so this report names no leaking setting."
     parts = []
-    for verdict, label in ((stats.LEAKS, "leak"), (stats.FLOOR, "no leak found (at the floor under every attacker)"),
-                           (stats.TOO_FEW, "too few images to tell")):  # fmt: skip
+    labels = (
+        (stats.LEAKS, "leak"),
+        (stats.FLOOR, "no leak shown (no attacker beat the floor by the sign test)"),
+        (stats.TOO_FEW, "too few images to tell"),
+    )
+    for verdict, label in labels:
         names = []
         for name, by in where.items():
             if verdict in by:
@@ -326,7 +330,8 @@ def summary_sentence(groups: Sequence[HeadlineGroup]) -> str:
                 names.append(f"'{name}'" + ("" if len(by) == 1 else f" (on {', '.join(by[verdict])})"))
         if names:
             parts.append(f"{label}: {', '.join(names)}")
-    return "; ".join(parts).capitalize()[:1] + "; ".join(parts)[1:] + "."
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "."
 
 
 def structure_note(g: HeadlineGroup) -> str:

@@ -96,7 +96,7 @@ def test_summary_sentence_names_what_leaks_and_what_does_not(study) -> None:
     md = (study[0] / "out" / "report.md").read_text()
     first = md.split("\n")[2]
     assert first.startswith("**Leak: ")
-    leak, rest = first.split("; no leak found", 1)
+    leak, rest = first.split("; no leak shown", 1)
     for name in ("'none'", "'topk:ratio=0.1'", "'topk:ratio=0.01'"):
         assert name in leak and name not in rest
     assert "'signsgd'" in rest and "'signsgd'" not in leak
