@@ -179,21 +179,21 @@ def privacy_vs_bandwidth(
     how = "the headline table's strongest attacker" if picks is not None else "the attack and view with the highest mean"
     caption = (
         f"Each marker is one defense setting at its strongest attacker ({how}); lower is more private, further"
-        " left is fewer bytes. " + _frontier_caption(drawn, "settings no other setting beats on both bytes and leakage")
+        " left is fewer bytes. " + _frontier_caption(drawn, "the settings no other setting beats on both bytes and leakage")
         + (" The dotted line is the mean-colour floor." if group.floor_ssim is not None else "")
         + (f" An infinite PSNR (exact reconstruction) is drawn at {PSNR_PLOT_CAP:g} dB." if capped else "")
     )
     return Figure(path, "privacy", title, caption, group.dataset, group.model)
 
 
-def _frontier_caption(drawn: set[str], what: str) -> str:
-    """The caption's sentence for the frontier, naming only what was drawn."""
+def _frontier_caption(drawn: set[str], rule: str) -> str:
+    """The caption's sentence for the frontier, naming only what was drawn; ``rule`` says who is on it."""
     if "dashed" in drawn and "circle" in drawn:
-        return f"The dashed line (or, where one setting alone qualifies, the open circle) marks the {what}."
+        return f"The dashed line (the open circle where one setting alone is on it) is the frontier: {rule}."
     if "dashed" in drawn:
-        return f"The dashed line links the {what}."
+        return f"The dashed line is the frontier: {rule}."
     if "circle" in drawn:
-        return f"The open circle marks the setting no other beats ({what})."
+        return f"The open circle marks the one setting on the frontier: {rule}."
     return ""
 
 
@@ -273,7 +273,7 @@ def accuracy_vs_bandwidth(
         "Final test accuracy of each training setting against the bytes a worker sent per step; error bars:"
         " ± one standard error (binomial over the test set, or over seeds)."
         + (" Some runs did not record their test-set size: no error bar." if no_se else "")
-        + " " + _frontier_caption(drawn, "settings whose extra bytes buy accuracy beyond noise (cheapest first)")
+        + " " + _frontier_caption(drawn, "the cheapest setting, then each that beats the last one on it by more than noise")
     )
     return Figure(path, "accuracy", title, caption.strip())
 

@@ -55,7 +55,7 @@ def _num(v: Any) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return str(v)
-        return f"{100 * v:.2g} %" if 0 < abs(v) < 1 else f"{v:.3g}"
+        return f"{100 * v:.2g} %" if 1e-4 <= abs(v) < 1 else f"{v:.2g}"
     return str(v)
 
 

@@ -147,6 +147,8 @@ def test_threat_text_and_full_specs_print_no_empty_or_none_values(study) -> None
     assert full_spec("dlg:iterations=3,preset=None,lr=1.0") == "dlg:iterations=3,lr=1.0"
     assert exploited_text({"layer": "fc1", "rows_used": 3, "rows": 10}) == "layer fc1: 3 of 10 exact rows"
     assert exploited_text({}) == ""
+    assert exploited_text({"feature_error_estimate": 0.007}) == "feature error (its own estimate) 0.7 %"
+    assert exploited_text({"feature_error_estimate": 1.7e-8}) == "feature error (its own estimate) 1.7e-08"
     for name in ("report.md", "report.html"):
         text = (root / "out" / name).read_text()
         assert "=None" not in text and ": ;" not in text and "used: ;" not in text
