@@ -23,12 +23,13 @@ import math
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from gia_bench.io import slug as io_slug
+from gia_bench.reports import stats
 from gia_bench.reports.io import write_atomic
 from gia_bench.reports.load import AttackResult, TrainRun
 from gia_bench.reports.tables import SummaryRow, TableGroup, short_spec
@@ -115,10 +116,20 @@ def _strongest(rows: Sequence[SummaryRow], metric: str) -> dict[str, tuple[float
     return out
 
 
-def privacy_vs_bandwidth(group: TableGroup, out_dir: Path) -> Figure | None:
-    """SSIM and PSNR against bytes per step for one dataset x model; None when nothing was scored."""
-    ssim_best = _strongest(group.rows, "ssim")
-    psnr_best = _strongest(group.rows, "psnr")
+def privacy_vs_bandwidth(
+    group: TableGroup, out_dir: Path, picks: Mapping[str, SummaryRow | None] | None = None
+) -> Figure | None:
+    """SSIM and PSNR against bytes per step for one dataset x model; None when nothing was scored.
+
+    ``picks``: each defense's strongest attacker as the headline table chose it (both panels
+    then show that one attacker, as the table does); without it, the highest mean per metric.
+    """
+    if picks is not None:
+        chosen = {d: r for d, r in picks.items() if r is not None}
+        ssim_best = {d: (r.ssim.mean, r) for d, r in chosen.items() if r.ssim is not None and not math.isnan(r.ssim.mean)}
+        psnr_best = {d: (r.psnr.mean, r) for d, r in chosen.items() if r.psnr is not None and not math.isnan(r.psnr.mean)}
+    else:
+        ssim_best, psnr_best = _strongest(group.rows, "ssim"), _strongest(group.rows, "psnr")
     if not ssim_best:
         return None
     plt = _pyplot()
@@ -126,7 +137,7 @@ def privacy_vs_bandwidth(group: TableGroup, out_dir: Path) -> Figure | None:
     cmap = plt.get_cmap("tab10")
     markers = "os^Dv<>pPX*h"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    capped = False
+    capped, drawn = False, set()
     for ax, best, label, floor in (
         (axes[0], ssim_best, "SSIM (strongest attack, mean over images)", group.floor_ssim),
         (axes[1], psnr_best, "PSNR dB (strongest attack, mean over images)", group.floor_psnr),
@@ -142,13 +153,15 @@ def privacy_vs_bandwidth(group: TableGroup, out_dir: Path) -> Figure | None:
             pts.append((x, y))
             ax.scatter(
                 [x], [y], s=60, color=cmap(n % 10), marker=markers[n % len(markers)], zorder=3,
-                label=f"{short_spec(d, 'defense')}  [{short_spec(row.attack, 'attack')}, {row.view}]",
+                label=f"{group.shown(d)}  [{short_spec(row.attack, 'attack')}, {row.view}]",
             )  # fmt: skip
         idx = frontier(pts)
         if len(idx) > 1:
             fx, fy = [pts[i][0] for i in idx], [pts[i][1] for i in idx]
             ax.step(fx, fy, where="post", color="0.3", ls="--", lw=1, zorder=2, label="non-dominated frontier")
+            drawn.add("dashed")
         elif idx:
+            drawn.add("circle")
             ax.scatter([pts[idx[0]][0]], [pts[idx[0]][1]], s=180, facecolors="none", edgecolors="0.3",
                        zorder=2, label="non-dominated frontier")  # fmt: skip
         if floor is not None:
@@ -162,38 +175,91 @@ def privacy_vs_bandwidth(group: TableGroup, out_dir: Path) -> Figure | None:
     fig.suptitle(title)
     path = out_dir / f"privacy-{slug(group.dataset, group.model)}.png"
     _save(fig, path)
+    how = "the headline table's strongest attacker" if picks is not None else "the attack and view with the highest mean"
     caption = (
-        "Each marker is one defense setting at its strongest attacker (the attack and view with the highest"
-        " mean); lower is more private, further left is fewer bytes. The dashed line links the non-dominated"
-        " settings; the dotted line is the mean-colour floor."
+        f"Each marker is one defense setting at its strongest attacker ({how}); lower is more private, further"
+        " left is fewer bytes. " + _frontier_caption(drawn, "the settings no other setting beats on both bytes and leakage")
+        + (" The dotted line is the mean-colour floor." if group.floor_ssim is not None else "")
         + (f" An infinite PSNR (exact reconstruction) is drawn at {PSNR_PLOT_CAP:g} dB." if capped else "")
     )
     return Figure(path, "privacy", title, caption, group.dataset, group.model)
 
 
-def accuracy_vs_bandwidth(trains: Sequence[TrainRun], out_dir: Path) -> Figure | None:
-    """Final test accuracy against bytes per step, one marker per training run; None without runs."""
+def _frontier_caption(drawn: set[str], rule: str) -> str:
+    """The caption's sentence for the frontier, naming only what was drawn; ``rule`` says who is on it."""
+    if "dashed" in drawn and "circle" in drawn:
+        return f"The dashed line (the open circle where one setting alone is on it) is the frontier: {rule}."
+    if "dashed" in drawn:
+        return f"The dashed line is the frontier: {rule}."
+    if "circle" in drawn:
+        return f"The open circle marks the one setting on the frontier: {rule}."
+    return ""
+
+
+def noisy_frontier(points: Sequence[tuple[float, stats.Estimate]]) -> list[int]:
+    """Indices of the settings that buy accuracy with bytes: cheapest first, then each that beats the last kept beyond noise.
+
+    A setting joins only when its accuracy is higher than the last one kept and the two
+    are not within noise (:func:`gia_bench.reports.stats.not_different`; without a
+    standard error the means decide). Differences within noise never bend the line.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1].mean))
+    keep: list[int] = []
+    for i in order:
+        if not keep:
+            keep.append(i)
+            continue
+        last = points[keep[-1]][1]
+        acc = points[i][1]
+        if acc.mean > last.mean and stats.not_different(acc, last) is not True:
+            keep.append(i)
+    return keep
+
+
+def _settings(trains: Sequence[TrainRun]) -> list[tuple[TrainRun, stats.Estimate]]:
+    """One point per training setting (dataset, model, defense): its runs' accuracy with a standard error."""
+    from gia_bench.reports.tables import accuracy_of
+
+    out: dict[tuple[str, str, str], tuple[TrainRun, stats.Estimate]] = {}
+    for t in sorted(trains, key=lambda t: str(t.path)):
+        key = (t.dataset, t.model, t.defense)
+        if key not in out:
+            out[key] = (t, accuracy_of(t, trains))  # type: ignore[assignment]
+    return list(out.values())
+
+
+def accuracy_vs_bandwidth(
+    trains: Sequence[TrainRun], out_dir: Path, shown: Callable[[str], str] = str
+) -> Figure | None:
+    """Final test accuracy ± its standard error against bytes per step, one marker per training setting."""
     if not trains:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     cmap = plt.get_cmap("tab10")
-    by_setup: dict[tuple[str, str], list[TrainRun]] = defaultdict(list)
-    for t in trains:
-        by_setup[(t.dataset, t.model)].append(t)
+    by_setup: dict[tuple[str, str], list[tuple[TrainRun, stats.Estimate]]] = defaultdict(list)
+    for t, est in _settings(trains):
+        by_setup[(t.dataset, t.model)].append((t, est))
     markers = "os^Dv<>pPX*h"
-    n = 0
-    for (dataset, model), runs in sorted(by_setup.items()):
-        pts = []
-        for t in sorted(runs, key=lambda t: t.bytes_per_step):
-            ax.scatter([t.bytes_per_step], [100 * t.final_test_accuracy], s=60, color=cmap(n % 10),
-                       marker=markers[n % len(markers)], label=f"{dataset}/{model}: {short_spec(t.defense, 'defense')}", zorder=3)  # fmt: skip
-            pts.append((t.bytes_per_step, -t.final_test_accuracy))
+    n, drawn, no_se = 0, set(), False
+    for (dataset, model), points in sorted(by_setup.items()):
+        points.sort(key=lambda p: p[0].bytes_per_step)
+        for t, est in points:
+            se = 0.0 if est.se is None else 100 * est.se
+            no_se |= est.se is None
+            ax.errorbar([t.bytes_per_step], [100 * est.mean], yerr=[se], fmt=markers[n % len(markers)], ms=7,
+                        color=cmap(n % 10), capsize=3, zorder=3, label=f"{dataset}/{model}: {shown(t.defense)}")  # fmt: skip
             n += 1
-        idx = frontier(pts)
+        idx = noisy_frontier([(t.bytes_per_step, est) for t, est in points])
         if len(idx) > 1:
-            ax.step([pts[i][0] for i in idx], [-100 * pts[i][1] for i in idx], where="post", color="0.3",
-                    ls="--", lw=1, zorder=2)  # fmt: skip
+            ax.step([points[i][0].bytes_per_step for i in idx], [100 * points[i][1].mean for i in idx], where="post",
+                    color="0.3", ls="--", lw=1, zorder=2)  # fmt: skip
+            drawn.add("dashed")
+        elif idx:
+            i = idx[0]
+            ax.scatter([points[i][0].bytes_per_step], [100 * points[i][1].mean], s=260, facecolors="none",
+                       edgecolors="0.3", zorder=2)  # fmt: skip
+            drawn.add("circle")
     _log_x(ax, [t.bytes_per_step for t in trains])
     ax.set_ylabel("final test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
@@ -202,11 +268,13 @@ def accuracy_vs_bandwidth(trains: Sequence[TrainRun], out_dir: Path) -> Figure |
     fig.suptitle(title)
     path = out_dir / "accuracy-vs-bandwidth.png"
     _save(fig, path)
-    return Figure(
-        path, "accuracy", title,
-        "Final test accuracy of each training run against the bytes a worker sent per step; the dashed line"
-        " links the settings no other setting beats on both.",
-    )  # fmt: skip
+    caption = (
+        "Final test accuracy of each training setting against the bytes a worker sent per step; error bars:"
+        " ± one standard error (binomial over the test set, or over seeds)."
+        + (" Some runs did not record their test-set size: no error bar." if no_se else "")
+        + " " + _frontier_caption(drawn, "the cheapest setting, then each that beats the last one on it by more than noise")
+    )
+    return Figure(path, "accuracy", title, caption.strip())
 
 
 def _show(ax, img: torch.Tensor) -> None:
@@ -221,7 +289,9 @@ def _image_key(img: torch.Tensor) -> str:
     return hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest()
 
 
-def image_grid(results: Sequence[AttackResult], out_dir: Path, defense_order: Sequence[str]) -> Figure | None:
+def image_grid(
+    results: Sequence[AttackResult], out_dir: Path, defense_order: Sequence[str], shown: Callable[[str], str] = str
+) -> Figure | None:
     """Originals, then one row per defense; each column is one original image.
 
     ``results`` share dataset, model, attack and view. Columns are keyed by the original
@@ -263,8 +333,12 @@ def image_grid(results: Sequence[AttackResult], out_dir: Path, defense_order: Se
     columns = sorted(appearance, key=lambda k: (-shared[k], appearance.index(k)))[:GRID_MAX_IMAGES]
     plt = _pyplot()
     n_rows, n_cols = 1 + len(order), len(columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols, 1.1 * n_rows + 0.4), squeeze=False)
-    fig.subplots_adjust(wspace=0.05, hspace=0.08)
+    height = 1.1 * n_rows + 0.4
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.1 * n_cols, height), squeeze=False)
+    # the title gets 0.4 in above the images, not matplotlib's default 12 % of the figure (1.7 in on a tall grid)
+    # and the images span the width (the row labels sit outside, kept by the tight bounding box), so square
+    # cells fill the rows instead of leaving bands of white between them
+    fig.subplots_adjust(wspace=0.05, hspace=0.08, top=1 - 0.4 / height, bottom=0.02 / height, left=0.01, right=0.99)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -277,7 +351,7 @@ def image_grid(results: Sequence[AttackResult], out_dir: Path, defense_order: Se
     if not originals:
         notes.append("no originals stored (no ground truth)")
     for i, d in enumerate(order, start=1):
-        label = short_spec(d, "defense")
+        label = shown(d)
         for c, key in enumerate(columns):
             if key in cells[d]:
                 _show(axes[i][c], cells[d][key])
@@ -287,7 +361,7 @@ def image_grid(results: Sequence[AttackResult], out_dir: Path, defense_order: Se
                 axes[i][0].text(0.05, 0.5, "no image file", transform=axes[i][0].transAxes, fontsize=7, color="0.4")
         axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     title = f"{first.dataset} / {first.model}: {short_spec(first.attack, 'attack')} ({first.view})"
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
     path = out_dir / f"grid-{slug(first.dataset, first.model, short_spec(first.attack, 'attack'), first.view)}.png"
     _save(fig, path)
     caption = (
@@ -351,7 +425,7 @@ def leakage_vs_step(group: TableGroup, trains: Sequence[TrainRun], out_dir: Path
             if i == len(defenses) - 1:
                 ax.set_xlabel("training step (optimizer steps)")
         cost = f"{fmt_bytes(run.bytes_per_step)}/worker/step" if run is not None else "run not found"
-        axes[i][0].set_title(f"{short_spec(d, 'defense')}: {cost}", fontsize=9, loc="left")
+        axes[i][0].set_title(f"{group.shown(d)}: {cost}", fontsize=9, loc="left")
     title = f"Leakage along training: {group.dataset} / {group.model}"
     fig.suptitle(title)
     fig.tight_layout()

@@ -3,10 +3,14 @@
 A :class:`DefenseRow` answers, for one dataset x model x defense: what it costs (bytes
 per step, ratio against uncompressed fp32, test accuracy ± its standard error and
 whether that differs from the uncompressed reference), and how much its strongest
-attacker recovers (the attack, view and step with the highest mean SSIM over images,
-its mean and worst SSIM / PSNR / label accuracy, its budget and number of images)
-with a verdict against the mean-colour floor. The statistical rules are in
-:mod:`gia_bench.reports.stats`.
+attacker recovers with a verdict against the mean-colour floor. The strongest attacker
+is the one whose images beat the floor most significantly (lowest sign-test p, every
+attacker at the same Bonferroni level), then the highest mean SSIM: a setting leaks when
+ANY attacker's images beat the floor, so no setting whose images do reads as protected.
+The statistical rules are in :mod:`gia_bench.reports.stats`.
+
+The structure-aware attacks (``feature``, ``analytic``: :mod:`gia_bench.reports.threats`)
+compete like any other; :func:`structure_note` says when a setting leaks only to them.
 
 The oracle view reads the worker's private residual from the truth file: it is an
 upper bound, not an attacker, so it never counts as the strongest attacker; its best
@@ -21,11 +25,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 from gia_bench.reports import stats
 from gia_bench.reports.tables import ReportData, SummaryRow, TableGroup, short_spec
 from gia_bench.results import FAR_BELOW, Budget
+from gia_bench.reports.threats import is_structure_aware
 
 REFERENCE = "none"  # accuracies are compared with the uncompressed baseline when the study has it
 
@@ -70,6 +76,13 @@ class DefenseRow:
     attackers: int  # attacker settings (attack x view x step, oracle excluded) the strongest was picked from
     verdict: stats.Verdict | None
     reference_accuracy: float | None = None
+    name: str = ""  # the defense as tables show it (the study's spelling)
+    matching: SummaryRow | None = None  # the strongest gradient-matching attacker (structure-aware ones left out)
+    matching_verdict: stats.Verdict | None = None  # its verdict, at the same level as ``verdict``
+
+    @property
+    def shown(self) -> str:
+        return self.name or self.defense
 
     @property
     def images(self) -> int:
@@ -98,56 +111,77 @@ def _key(r: SummaryRow) -> tuple[float, float]:
     return (s, p)
 
 
-def strongest(rows: Sequence[SummaryRow]) -> SummaryRow | None:
-    """The row with the highest mean SSIM (then PSNR) over images; None when none was scored."""
+def strongest(rows: Sequence[SummaryRow], verdicts: Mapping[SummaryRow, stats.Verdict] | None = None) -> SummaryRow | None:
+    """The attacker whose images beat the floor most significantly, then the highest mean SSIM (then PSNR).
+
+    With ``verdicts`` (each row's sign test at the report's level) the pick follows the
+    report's test: a setting leaks when ANY attacker's images beat the floor, so a DLG
+    whose few images are recognisable is not hidden behind an IG with a higher mean SSIM
+    over blurs. Without them, the highest mean SSIM. None when none was scored.
+    """
     scored = [r for r in rows if r.ssim is not None]
-    return max(scored, key=_key) if scored else None
+    if not scored:
+        return None
+    if verdicts is None:
+        return max(scored, key=_key)
+    return max(scored, key=lambda r: (-verdicts[r].p if r in verdicts else -2.0, *_key(r)))
+
+
+def _pairs(data: ReportData) -> dict[tuple, list[tuple[float, float, float | None, float | None]]]:
+    out: dict[tuple, list[tuple[float, float, float | None, float | None]]] = defaultdict(list)
+    for i in data.image_rows:
+        out[(i.dataset, i.model, i.defense, i.attack, i.view, i.step, i.source)].append(
+            (i.ssim, i.psnr, i.floor_ssim, i.floor_psnr)
+        )
+    return out
+
+
+def _defense_row(g: TableGroup, defense: str, rs: list[SummaryRow], pairs: Mapping[tuple, list]) -> DefenseRow:
+    attackers = [r for r in rs if r.view != "oracle" and r.ssim is not None]
+    # every attacker tested at the same Bonferroni level: the strongest is picked after the fact out of all of them
+    verdicts = {
+        r: stats.floor_verdict(pairs.get((g.dataset, g.model, defense, r.attack, r.view, r.step, r.source), []),
+                               comparisons=len(attackers))
+        for r in attackers
+    }  # fmt: skip
+    best = strongest(attackers, verdicts)
+    matching = strongest([r for r in attackers if not is_structure_aware(r.attack)], verdicts)
+    acc_row = next((r for r in rs if r.accuracy is not None), None)
+    bytes_mean = statistics.fmean(r.bytes_per_step for r in rs)
+    bytes32 = statistics.fmean(r.bytes_fp32 for r in rs)
+    return DefenseRow(
+        dataset=g.dataset, model=g.model, defense=defense, bytes_per_step=bytes_mean, bytes_fp32=bytes32,
+        compression_ratio=bytes32 / bytes_mean if bytes_mean > 0 else math.inf,
+        accuracy=None if acc_row is None else acc_row.accuracy,
+        accuracy_model=None if acc_row is None else acc_row.accuracy_model, vs_reference=None, reference=None,
+        strongest=best, oracle=strongest([r for r in rs if r.view == "oracle"]), attackers=len(attackers),
+        verdict=None if best is None else verdicts[best], name=g.shown(defense),
+        matching=matching, matching_verdict=None if matching is None else verdicts[matching],
+    )  # fmt: skip
+
+
+def _separates(rows: Sequence[DefenseRow]) -> bool:
+    """The table tells defenses apart: some leak and some do not (by the report's verdicts)."""
+    leaks = {r.verdict.verdict == stats.LEAKS for r in rows if r.verdict is not None}
+    return leaks == {True, False}
 
 
 def headline(data: ReportData) -> tuple[HeadlineGroup, ...]:
-    """One :class:`DefenseRow` per dataset x model x defense."""
+    """One :class:`DefenseRow` per dataset x model x defense; the tables that separate defenses first.
+
+    Order: tables where some settings leak and others do not, then the rest; a table of
+    training-run records (where attacks face batches of a live run) after the captures.
+    """
+    pairs = _pairs(data)
     out = []
     for g in data.groups:
         by_defense: dict[str, list[SummaryRow]] = {}
         for r in g.rows:
             by_defense.setdefault(r.defense, []).append(r)
-        rows = []
-        for defense, rs in by_defense.items():
-            attackers = [r for r in rs if r.view != "oracle" and r.ssim is not None]
-            best = strongest(attackers)
-            verdict = None
-            if best is not None:
-                pairs = [
-                    (i.ssim, i.psnr, i.floor_ssim, i.floor_psnr)
-                    for i in data.image_rows
-                    if (i.dataset, i.model, i.defense, i.attack, i.view, i.step)
-                    == (g.dataset, g.model, defense, best.attack, best.view, best.step)
-                ]
-                verdict = stats.floor_verdict(pairs, comparisons=len(attackers))
-            acc_row = next((r for r in rs if r.accuracy is not None), None)
-            bytes_mean = statistics.fmean(r.bytes_per_step for r in rs)
-            bytes32 = statistics.fmean(r.bytes_fp32 for r in rs)
-            rows.append(
-                DefenseRow(
-                    dataset=g.dataset,
-                    model=g.model,
-                    defense=defense,
-                    bytes_per_step=bytes_mean,
-                    bytes_fp32=bytes32,
-                    compression_ratio=bytes32 / bytes_mean if bytes_mean > 0 else math.inf,
-                    accuracy=None if acc_row is None else acc_row.accuracy,
-                    accuracy_model=None if acc_row is None else acc_row.accuracy_model,
-                    vs_reference=None,
-                    reference=None,
-                    strongest=best,
-                    oracle=strongest([r for r in rs if r.view == "oracle"]),
-                    attackers=len(attackers),
-                    verdict=verdict,
-                )
-            )
-        rows = _compare_accuracies(rows)
+        rows = _compare_accuracies([_defense_row(g, d, rs, pairs) for d, rs in by_defense.items()])
         rows.sort(key=lambda r: (-r.bytes_per_step, r.defense))
         out.append(HeadlineGroup(g, tuple(rows)))
+    out.sort(key=lambda h: (not _separates(h.rows), any(r.source == "train" for r in h.group.rows)))
     return tuple(out)
 
 
@@ -235,3 +269,65 @@ def study_warnings(data: ReportData, groups: Sequence[HeadlineGroup] | None = No
                 " so no ranking of them follows from this study."
             )
     return tuple(warnings)
+
+
+def summary_sentence(groups: Sequence[HeadlineGroup]) -> str:
+    """One plain sentence: which settings leak, which do not, which cannot be told, over every table.
+
+    A setting leaks when any attacker's images beat the floor by the sign test (its
+    row's verdict); a setting with too few images is never listed as protected.
+    """
+    where: dict[str, dict[str, list[str]]] = {}
+    for g in groups:
+        for r in g.rows:
+            if r.verdict is not None and r.verdict.n:
+                where.setdefault(r.shown, {}).setdefault(r.verdict.verdict, []).append(f"{g.dataset} / {g.model}")
+    if not where:
+        return "No reconstruction was scored against its floor, so this report names no leaking setting."
+    parts = []
+    labels = (
+        (stats.LEAKS, "leak"),
+        (stats.FLOOR, "no leak shown (no attacker beat the floor by the sign test)"),
+        (stats.TOO_FEW, "too few images to tell"),
+    )
+    for verdict, label in labels:
+        names = []
+        for name, by in where.items():
+            if verdict in by:
+                # the tables are named only where the same setting reads otherwise on another table
+                names.append(f"'{name}'" + ("" if len(by) == 1 else f" (on {', '.join(by[verdict])})"))
+        if names:
+            parts.append(f"{label}: {', '.join(names)}")
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "."
+
+
+def structure_note(g: HeadlineGroup) -> str:
+    """The section's first paragraph: settings that leak only to a structure-aware attacker, said plainly."""
+    ran = {r.attack.split(":", 1)[0] for r in g.group.rows if is_structure_aware(r.attack)}
+    if not ran:
+        return ("No structure-aware attacker ('feature', 'analytic') ran on this table: its verdicts rest on"
+                " gradient matching alone.")  # fmt: skip
+    if all(is_structure_aware(r.attack) for r in g.group.rows):
+        quoted = ", ".join(f"'{n}'" for n in sorted(ran))
+        return (f"Only structure-aware attackers ({quoted}) ran on this table, no gradient matching: its verdicts"
+                " say what the exactly sent layers give away, not whether matching would find the same.")
+    only = [
+        r for r in g.rows
+        if r.verdict is not None and r.verdict.verdict == stats.LEAKS and r.strongest is not None
+        and is_structure_aware(r.strongest.attack)
+        and (r.matching_verdict is None or r.matching_verdict.verdict != stats.LEAKS)
+    ]  # fmt: skip
+    if not only:
+        quoted = ", ".join(f"'{n}'" for n in sorted(ran))
+        return (f"The structure-aware attackers ({quoted}) change no verdict here: every setting that"
+                " leaks to them also leaks to gradient matching (naive or aware view), or leaks to neither.")
+    parts = []
+    for r in only:
+        s, m = r.strongest, r.matching_verdict
+        assert s is not None and r.verdict is not None
+        matched = "no gradient-matching attacker scored" if m is None else f"matching {m.beats}/{m.n}, {m.verdict}"
+        parts.append(f"'{r.shown}' ({s.attack.split(':', 1)[0]}, {s.view}: {r.verdict.beats}/{r.verdict.n} images"
+                     f" beat the floor; {matched})")  # fmt: skip
+    return (f"{len(only)} compressed setting(s) leak under a structure-aware attacker although gradient matching"
+            " (naive and aware views) says they do not: " + "; ".join(parts) + ".")

@@ -11,7 +11,9 @@ from gia_bench.errors import GiaBenchError
 from gia_bench.metrics import get_lpips
 from gia_bench.reports import figures as figs
 from gia_bench.reports.io import write_text
+from gia_bench.reports.headline import headline
 from gia_bench.reports.load import AttackResult, RunSet, load_runs
+from gia_bench.reports.names import study_spellings
 from gia_bench.reports.tables import ReportData, build_report, results_csv, summary_csv
 from gia_bench.reports.writers import html_report, markdown
 
@@ -29,6 +31,8 @@ class ReportOptions:
     lpips_weights: Path | None = None  # else $GIA_BENCH_LPIPS_WEIGHTS, else torchvision's cache
     compute_lpips: bool = True  # fill LPIPS the results lack, when the trunk weights are there
     title: str = TITLE
+    # the study's own defense specs, for the names tables show; empty: read from the study.toml beside the runs
+    spellings: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,7 @@ def _grids(results: Sequence[AttackResult], data: ReportData, fig_dir: Path) -> 
         # same defense order as the table: most bytes first
         group = next((g for g in data.groups if g.dataset == dataset and g.model == model), None)
         order = list(dict.fromkeys(row.defense for row in group.rows)) if group else []
-        f = figs.image_grid(rs, fig_dir, order)
+        f = figs.image_grid(rs, fig_dir, order, data.shown)
         if f is not None:
             out.append(f)
     return out
@@ -68,12 +72,12 @@ def make_report(options: ReportOptions, runs: RunSet | None = None) -> ReportOut
             f" {', '.join(map(str, options.runs))}" + (f" (skipped: {why})" if why else "")
         )
     scorer = get_lpips(options.lpips_net, options.lpips_weights) if options.compute_lpips else None
-    data = build_report(runs, scorer)
+    data = build_report(runs, scorer, options.spellings or study_spellings(options.runs))
     out = Path(options.out)
     fig_dir = out / "figures"
     figures: list[figs.Figure] = []
-    for g in data.groups:
-        f = figs.privacy_vs_bandwidth(g, fig_dir)
+    for hg in headline(data):
+        f = figs.privacy_vs_bandwidth(hg.group, fig_dir, {r.defense: r.strongest for r in hg.rows})
         if f is not None:
             figures.append(f)
     for g in data.groups:
@@ -81,7 +85,7 @@ def make_report(options: ReportOptions, runs: RunSet | None = None) -> ReportOut
         if f is not None:
             figures.append(f)
     figures += _grids(runs.results, data, fig_dir)
-    acc = figs.accuracy_vs_bandwidth(runs.trains, fig_dir)
+    acc = figs.accuracy_vs_bandwidth(runs.trains, fig_dir, data.shown)
     if acc is not None:
         figures.append(acc)
     files = [

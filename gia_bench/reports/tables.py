@@ -34,7 +34,7 @@ import io
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,8 @@ from gia_bench.errors import GiaBenchError
 from gia_bench.metrics import LPIPSScorer, get_st_lpips, mean_colour_floor
 from gia_bench.reports import stats
 from gia_bench.reports.load import AttackResult, Budget, RunSet, TrainRun
+from gia_bench.reports.names import display_names
+from gia_bench.reports.threats import exploited_text, is_structure_aware, read_extra, threat_text
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -135,6 +137,11 @@ class TableGroup:
     floor_ssim: float | None
     floor_psnr: float | None
     floor_images: int
+    names: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)  # defense -> shown name
+
+    def shown(self, defense: str) -> str:
+        """The defense as tables name it (:mod:`gia_bench.reports.names`)."""
+        return self.names.get(defense, defense)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +153,11 @@ class ReportData:
     groups: tuple[TableGroup, ...]
     lpips_notes: tuple[str, ...]  # distinct "LPIPS unavailable: ..." reasons
     notes: tuple[str, ...]  # other things the reader should know (e.g. results without truth)
+    names: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)  # defense -> shown name
+
+    def shown(self, defense: str) -> str:
+        """The defense as tables name it (:mod:`gia_bench.reports.names`)."""
+        return self.names.get(defense, defense)
 
     @property
     def summary(self) -> tuple[SummaryRow, ...]:
@@ -163,21 +175,6 @@ def stat(values: Sequence[float], worst: Callable[[Iterable[float]], float]) -> 
     finite = all(math.isfinite(v) for v in vals)
     spread = statistics.pstdev(vals) if finite and len(vals) > 1 else (0.0 if finite else math.nan)
     return Stat(mean, worst(vals), spread, len(vals))
-
-
-def threat_text(threat: dict) -> str:
-    """A one-line description of what the attacker used."""
-    if not threat:
-        return ""
-    parts = []
-    for k, v in threat.items():
-        if isinstance(v, bool):
-            parts.append(f"{k}" if v else f"no {k}")
-        elif isinstance(v, (list, tuple)):
-            parts.append(f"{k}: {', '.join(map(str, v))}")
-        else:
-            parts.append(f"{k}: {v}")
-    return "; ".join(parts)
 
 
 def _base(spec: str) -> str:
@@ -255,167 +252,157 @@ def _st_lpips_fill(res: AttackResult, rec: Tensor | None, orig: Tensor | None, c
     return [float(v) for v in scorer(rec, orig)] if scorer.available else None
 
 
-def build_report(runs: RunSet, lpips: LPIPSScorer | None = None) -> ReportData:
+@dataclasses.dataclass
+class _Stored:
+    """What a result's stored images give, computed once per tensors file."""
+
+    floors: list[tuple[float, float]] | None
+    lpips: list[float] | None
+    st_lpips: list[float] | None
+
+
+def _stored(res: AttackResult, lpips: LPIPSScorer | None) -> _Stored:
+    rec, orig, _ = res.load_images()
+    computed = None
+    if rec is not None and orig is not None and lpips is not None and lpips.available:
+        computed = [float(v) for v in lpips(rec, orig)]
+    floors = mean_colour_floor(orig) if orig is not None else None
+    return _Stored(floors, computed, _st_lpips_fill(res, rec, orig, lpips is not None))
+
+
+def _at(values: Sequence[float] | None, i: int) -> float | None:
+    return values[i] if values is not None and i < len(values) else None
+
+
+def _image_rows(res: AttackResult, stored: _Stored) -> list[ImageRow]:
+    """The result's images, scored, with their floors and any LPIPS / ST-LPIPS computed here."""
+    rows = []
+    for im in res.scores.images if res.scores is not None else ():
+        lp = im.lpips if im.lpips is not None else _at(stored.lpips, im.index)
+        st = im.value("st_lpips")
+        st = st if st is not None else _at(stored.st_lpips, im.index)
+        floor = stored.floors[im.index] if stored.floors is not None and im.index < len(stored.floors) else None
+        truth = res.labels_true
+        rows.append(
+            ImageRow(
+                dataset=res.dataset, model=res.model, defense=res.defense, attack=res.attack, view=res.view,
+                step=res.step, source=res.source, record_id=res.record_id, image=im.index, matched=im.matched,
+                ssim=im.ssim, psnr=im.psnr, lpips=lp,
+                floor_ssim=None if floor is None else floor[0], floor_psnr=None if floor is None else floor[1],
+                label_true=truth[im.index] if truth is not None and im.index < len(truth) else None,
+                label_inferred=res.labels_inferred[im.matched] if im.matched < len(res.labels_inferred) else None,
+                bytes=res.bytes, bytes_fp32=res.bytes_fp32, compression_ratio=res.compression_ratio,
+                batch_size=res.batch_size, seconds=res.seconds, iterations=res.budget.iterations,
+                restarts=res.budget.restarts, final_loss=res.final_loss, result=str(res.path), st_lpips=st,
+            )  # fmt: skip
+        )
+    return rows
+
+
+def _threat_line(results: Sequence[AttackResult]) -> str:
+    """Each distinct threat text of a setting's results, with what a structure-aware attack exploited."""
+    texts: list[str] = []
+    for r in results:
+        t = threat_text(r.threat)
+        used = exploited_text(read_extra(r)) if is_structure_aware(r.attack) else ""
+        t = "; ".join(x for x in (t, f"exploited: {used}" if used else "") if x)
+        if t and t not in texts:
+            texts.append(t)
+    return " | ".join(texts)
+
+
+def _summary_row(key: tuple[str, str, str, str, str, int, str], items: list[tuple[AttackResult, list[ImageRow]]],
+                 trains: Sequence[TrainRun]) -> SummaryRow:  # fmt: skip
+    """One setting over all its records' images."""
+    dataset, model, defense, attack, view, step, _source = key
+    results = [r for r, _ in items]
+    rows = [row for _, rs in items for row in rs]
+    scored = [r.scores for r in results if r.scores is not None]
+    label_accs = [s.label_accuracy for s in scored if s.label_accuracy is not None]
+    train, own = _accuracy_for(results[0], trains), _own_run(results[0], trains)
+    lp_vals = [r.lpips for r in rows]
+    reasons = [s.lpips_reason for s in scored if s.lpips_reason]
+    floor_s = [r.floor_ssim for r in rows if r.floor_ssim is not None]
+    floor_p = [r.floor_psnr for r in rows if r.floor_psnr is not None]
+    bytes_mean = statistics.fmean(r.bytes for r in results)
+    bytes32 = statistics.fmean(r.bytes_fp32 for r in results)
+    all_lpips = all(v is not None for v in lp_vals)
+    return SummaryRow(
+        dataset=dataset, model=model, defense=defense, attack=attack, view=view, step=step,
+        source=results[0].source, budget=results[0].budget, records=len({r.record_id for r in results}),
+        images=len(rows), bytes_per_step=bytes_mean, bytes_fp32=bytes32,
+        compression_ratio=bytes32 / bytes_mean if bytes_mean > 0 else math.inf,
+        test_accuracy=None if train is None else train.final_test_accuracy,
+        accuracy_model=None if train is None else train.model,
+        ssim=stat([r.ssim for r in rows], max), psnr=stat([r.psnr for r in rows], max),
+        lpips=stat([v for v in lp_vals if v is not None], min) if all_lpips else None,
+        label_accuracy=statistics.fmean(label_accs) if label_accs else None,
+        floor_ssim=statistics.fmean(floor_s) if floor_s else None,
+        floor_psnr=statistics.fmean(floor_p) if floor_p else None,
+        lpips_reason=None if all_lpips else (reasons[0] if reasons else "LPIPS missing"),
+        threat=_threat_line(results), seconds=statistics.fmean(r.seconds for r in results),
+        label_worst=max(label_accs) if label_accs else None, accuracy=accuracy_of(train, trains),
+        verdict=stats.floor_verdict([(r.ssim, r.psnr, r.floor_ssim, r.floor_psnr) for r in rows]) if rows else None,
+        train_run=None if own is None else str(own.path),
+        st_lpips=stat([r.st_lpips for r in rows if r.st_lpips is not None], min)
+        if all(r.st_lpips is not None for r in rows) else None,
+    )  # fmt: skip
+
+
+def _table_group(dataset: str, model: str, rows: list[SummaryRow], image_rows: Sequence[ImageRow],
+                 names: Mapping[str, str]) -> TableGroup:  # fmt: skip
+    rows.sort(key=lambda r: (-r.bytes_per_step, r.defense, r.source, r.step, r.attack, VIEW_ORDER.get(r.view, 9), r.view))
+    # the table's floor: each distinct original image once
+    seen: dict[tuple[str, int], tuple[float, float]] = {}
+    for row in image_rows:
+        if row.dataset == dataset and row.model == model and row.floor_ssim is not None and row.floor_psnr is not None:
+            seen[(row.record_id, row.image)] = (row.floor_ssim, row.floor_psnr)
+    floor_s = statistics.fmean(v[0] for v in seen.values()) if seen else None
+    floor_p = statistics.fmean(v[1] for v in seen.values()) if seen else None
+    return TableGroup(dataset, model, tuple(rows), floor_s, floor_p, len(seen), names)
+
+
+def defense_names(runs: RunSet, spellings: Sequence[str] = ()) -> dict[str, str]:
+    """Every defense of the runs -> the name tables show (:mod:`gia_bench.reports.names`)."""
+    specs = list(dict.fromkeys([r.defense for r in runs.results] + [t.defense for t in runs.trains]))
+    return display_names(specs, spellings, {s: short_spec(s, "defense") for s in specs})
+
+
+def build_report(runs: RunSet, lpips: LPIPSScorer | None = None, spellings: Sequence[str] = ()) -> ReportData:
     """Score tables from loaded runs.
 
     Floors come from the originals stored beside each result. Where a result has no
     LPIPS value and ``lpips`` is available, LPIPS is computed here from the stored
     reconstruction and original (already in paired order); so is ST-LPIPS for a result
     written before it was scored (only when ``lpips`` is given: the compute switch).
+    ``spellings``: the study's own defense specs, for the names tables show.
     """
-    floors_cache: dict[str, list[tuple[float, float]] | None] = {}
-    lpips_cache: dict[str, list[float] | None] = {}
-    st_cache: dict[str, list[float] | None] = {}
-    notes: list[str] = []
-    lpips_notes: list[str] = []
+    cache: dict[str, _Stored] = {}
     image_rows: list[ImageRow] = []
+    lpips_notes: list[str] = []
     by_setting: dict[tuple[str, str, str, str, str, int, str], list[tuple[AttackResult, list[ImageRow]]]] = defaultdict(list)
-    no_truth = 0
-
     for res in runs.results:
         key = str(res.tensors_path)
-        if key not in floors_cache:
-            rec, orig, _ = res.load_images()
-            floors_cache[key] = mean_colour_floor(orig) if orig is not None else None
-            if rec is not None and orig is not None and lpips is not None and lpips.available:
-                lpips_cache[key] = [float(v) for v in lpips(rec, orig)]
-            else:
-                lpips_cache[key] = None
-            st_cache[key] = _st_lpips_fill(res, rec, orig, lpips is not None)
-        rows: list[ImageRow] = []
-        if res.scores is None:
-            no_truth += 1
-        else:
-            floors = floors_cache[key]
-            computed = lpips_cache.get(key)
-            reason = res.scores.lpips_reason
-            for im in res.scores.images:
-                lp = im.lpips
-                if lp is None and computed is not None and im.index < len(computed):
-                    lp = computed[im.index]
-                st, st_computed = im.value("st_lpips"), st_cache.get(key)
-                if st is None and st_computed is not None and im.index < len(st_computed):
-                    st = st_computed[im.index]
-                floor = floors[im.index] if floors is not None and im.index < len(floors) else None
-                rows.append(
-                    ImageRow(
-                        dataset=res.dataset,
-                        model=res.model,
-                        defense=res.defense,
-                        attack=res.attack,
-                        view=res.view,
-                        step=res.step,
-                        source=res.source,
-                        record_id=res.record_id,
-                        image=im.index,
-                        matched=im.matched,
-                        ssim=im.ssim,
-                        psnr=im.psnr,
-                        lpips=lp,
-                        floor_ssim=None if floor is None else floor[0],
-                        floor_psnr=None if floor is None else floor[1],
-                        label_true=res.labels_true[im.index]
-                        if res.labels_true is not None and im.index < len(res.labels_true)
-                        else None,
-                        label_inferred=res.labels_inferred[im.matched] if im.matched < len(res.labels_inferred) else None,
-                        bytes=res.bytes,
-                        bytes_fp32=res.bytes_fp32,
-                        compression_ratio=res.compression_ratio,
-                        batch_size=res.batch_size,
-                        seconds=res.seconds,
-                        iterations=res.budget.iterations,
-                        restarts=res.budget.restarts,
-                        final_loss=res.final_loss,
-                        result=str(res.path),
-                        st_lpips=st,
-                    )
-                )
-            if any(r.lpips is None for r in rows) and reason and reason not in lpips_notes:
-                lpips_notes.append(reason)
+        if key not in cache:
+            cache[key] = _stored(res, lpips)
+        rows = _image_rows(res, cache[key])
+        reason = res.scores.lpips_reason if res.scores is not None else None
+        if any(r.lpips is None for r in rows) and reason and reason not in lpips_notes:
+            lpips_notes.append(reason)
         image_rows += rows
         # source too: a training run's step-0 record is not the capture's step-0 record (other batch, weights)
         by_setting[(res.dataset, res.model, res.defense, res.attack, res.view, res.step, res.source)].append((res, rows))
-
     if lpips is not None and not lpips.available and any(r.lpips is None for r in image_rows):
         if lpips.reason and lpips.reason not in lpips_notes:
             lpips_notes.append(lpips.reason)
-    if no_truth:
-        notes.append(f"{no_truth} result(s) had no ground truth: listed with bytes only, no leakage scores.")
-
+    no_truth = sum(1 for r in runs.results if r.scores is None)
+    notes = [f"{no_truth} result(s) had no ground truth: listed with bytes only, no leakage scores."] if no_truth else []
     summary: dict[tuple[str, str], list[SummaryRow]] = defaultdict(list)
-    for (dataset, model, defense, attack, view, step, _source), items in by_setting.items():
-        results = [r for r, _ in items]
-        rows = [row for _, rs in items for row in rs]
-        scored = [r for r in results if r.scores is not None]
-        label_accs = [r.scores.label_accuracy for r in scored if r.scores.label_accuracy is not None]
-        train = _accuracy_for(results[0], runs.trains)
-        own = _own_run(results[0], runs.trains)
-        lp_vals = [r.lpips for r in rows]
-        reasons = [r.scores.lpips_reason for r in scored if r.scores.lpips_reason]
-        floor_s = [r.floor_ssim for r in rows if r.floor_ssim is not None]
-        floor_p = [r.floor_psnr for r in rows if r.floor_psnr is not None]
-        bytes_mean = statistics.fmean(r.bytes for r in results)
-        bytes32 = statistics.fmean(r.bytes_fp32 for r in results)
-        threats = []
-        for r in results:
-            t = threat_text(r.threat)
-            if t and t not in threats:
-                threats.append(t)
-        summary[(dataset, model)].append(
-            SummaryRow(
-                dataset=dataset,
-                model=model,
-                defense=defense,
-                attack=attack,
-                view=view,
-                step=step,
-                source=results[0].source,
-                budget=results[0].budget,
-                records=len({r.record_id for r in results}),
-                images=len(rows),
-                bytes_per_step=bytes_mean,
-                bytes_fp32=bytes32,
-                compression_ratio=bytes32 / bytes_mean if bytes_mean > 0 else math.inf,
-                test_accuracy=None if train is None else train.final_test_accuracy,
-                accuracy_model=None if train is None else train.model,
-                ssim=stat([r.ssim for r in rows], max),
-                psnr=stat([r.psnr for r in rows], max),
-                lpips=stat([v for v in lp_vals if v is not None], min) if all(v is not None for v in lp_vals) else None,
-                label_accuracy=statistics.fmean(label_accs) if label_accs else None,
-                floor_ssim=statistics.fmean(floor_s) if floor_s else None,
-                floor_psnr=statistics.fmean(floor_p) if floor_p else None,
-                lpips_reason=None if all(v is not None for v in lp_vals) else (reasons[0] if reasons else "LPIPS missing"),
-                threat=" | ".join(threats),
-                seconds=statistics.fmean(r.seconds for r in results),
-                label_worst=max(label_accs) if label_accs else None,
-                accuracy=accuracy_of(train, runs.trains),
-                verdict=stats.floor_verdict([(r.ssim, r.psnr, r.floor_ssim, r.floor_psnr) for r in rows]) if rows else None,
-                train_run=None if own is None else str(own.path),
-                st_lpips=stat([r.st_lpips for r in rows if r.st_lpips is not None], min)
-                if all(r.st_lpips is not None for r in rows)
-                else None,
-            )
-        )
-
-    groups = []
-    for (dataset, model), rows in sorted(summary.items()):
-        rows.sort(key=lambda r: (-r.bytes_per_step, r.defense, r.source, r.step, r.attack, VIEW_ORDER.get(r.view, 9), r.view))
-        # the table's floor: each distinct original image once
-        seen: dict[tuple[str, int], tuple[float, float]] = {}
-        for row in image_rows:
-            if row.dataset == dataset and row.model == model and row.floor_ssim is not None:
-                seen[(row.record_id, row.image)] = (row.floor_ssim, row.floor_psnr)  # type: ignore[assignment]
-        groups.append(
-            TableGroup(
-                dataset,
-                model,
-                tuple(rows),
-                statistics.fmean(v[0] for v in seen.values()) if seen else None,
-                statistics.fmean(v[1] for v in seen.values()) if seen else None,
-                len(seen),
-            )
-        )
-    return ReportData(runs, tuple(image_rows), tuple(groups), tuple(lpips_notes), tuple(notes))
+    for key, items in by_setting.items():
+        summary[key[:2]].append(_summary_row(key, items, runs.trains))
+    names = defense_names(runs, spellings)
+    groups = tuple(_table_group(d, m, rows, image_rows, names) for (d, m), rows in sorted(summary.items()))
+    return ReportData(runs, tuple(image_rows), groups, tuple(lpips_notes), tuple(notes), names)
 
 
 VIEW_ORDER = {"naive": 0, "aware": 1, "oracle": 2}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -27,8 +27,12 @@ from gia_bench.reports.headline import (
     accuracy_pairs,
     headline,
     published_budget,
+    structure_note,
     study_warnings,
+    summary_sentence,
 )
+from gia_bench.results import Budget
+from gia_bench.reports.names import full_spec
 from gia_bench.reports.tables import (
     VIEW_ORDER,
     ReportData,
@@ -41,7 +45,6 @@ from gia_bench.reports.tables import (
     perceptual_metric,
     short_spec,
 )
-from gia_bench.results import Budget
 
 THREAT_MODEL = (
     "Honest-but-curious server (or a peer in an all-gather), white-box model: it knows the model's weights,"
@@ -58,6 +61,11 @@ VIEWS = {
     " truth file by the evaluation. Never counted as the strongest attacker.",
 }
 ORACLE_LABEL = "oracle (upper bound)"
+STRONGEST = (
+    "Strongest attack: the attacker whose images beat the floor most significantly (lowest sign-test p, every"
+    " attacker of a setting at the same Bonferroni level), then the highest mean SSIM; a setting leaks when any"
+    " attacker's images beat the floor. The oracle view is an upper bound and never counts as an attacker."
+)
 LEGEND = (
     "Bytes: what one worker sent per optimizer step (bytes/worker/step); ratio: the uncompressed fp32 gradient (plain SGD) over those bytes."
     " Test accuracy: from the training run with the same defense on the same dataset (the model it was trained"
@@ -110,6 +118,7 @@ class Details:
 class GroupDoc:
     dataset: str
     model: str
+    intro: str  # the section's first paragraph: what the structure-aware attackers changed
     floor: str
     headline: Table
     figures: tuple[Figure, ...]
@@ -119,6 +128,7 @@ class GroupDoc:
 @dataclasses.dataclass(frozen=True)
 class Doc:
     title: str
+    summary: str  # one sentence: which settings leak, which do not
     warnings: tuple[str, ...]
     groups: tuple[GroupDoc, ...]
     rules: tuple[str, ...]
@@ -241,7 +251,7 @@ def headline_table(g: HeadlineGroup) -> Table:
             ]
         rows.append(
             (
-                Cell(short_spec(r.defense, "defense"), code=True, strong=True),
+                Cell(r.shown, code=True, strong=True),
                 Cell(fmt_bytes(r.bytes_per_step), num=True),
                 Cell(fmt_ratio(r.compression_ratio), num=True),
                 _accuracy_cell(r.accuracy, r.accuracy_model, r.model),
@@ -265,10 +275,10 @@ STEP_HEADERS = (
 )  # fmt: skip
 
 
-def _detail_row(r: SummaryRow, perceptual: str = "lpips") -> tuple[Cell, ...]:
+def _detail_row(r: SummaryRow, perceptual: str = "lpips", shown: Callable[[str], str] = str) -> tuple[Cell, ...]:
     lp: Stat | None = getattr(r, perceptual)
     return (
-        Cell(short_spec(r.defense, "defense"), code=True, strong=True),
+        Cell(shown(r.defense), code=True, strong=True),
         Cell(short_spec(r.attack, "attack"), code=True),
         Cell(view_text(r.view)),
         budget_cell(r.budget, r.images),
@@ -280,12 +290,12 @@ def _detail_row(r: SummaryRow, perceptual: str = "lpips") -> tuple[Cell, ...]:
     )
 
 
-def detail_table(rows: Sequence[SummaryRow]) -> Table:
+def detail_table(rows: Sequence[SummaryRow], shown: Callable[[str], str] = str) -> Table:
     """The per-setting table; its perceptual column is LPIPS, or ST-LPIPS when LPIPS has no weights."""
     cells, starts, prev = [], [], None
     perceptual = perceptual_metric(rows)
     for r in rows:
-        cells.append(_detail_row(r, perceptual))
+        cells.append(_detail_row(r, perceptual, shown))
         starts.append(prev is not None and r.defense != prev)
         prev = r.defense
     headers = tuple((PERCEPTUAL_LABELS[perceptual], n) if h == "LPIPS" else (h, n) for h, n in DETAIL_HEADERS)
@@ -321,7 +331,7 @@ def accuracy_at(data: ReportData, row: SummaryRow) -> Cell:
 def step_table(data: ReportData, rows: Sequence[SummaryRow]) -> Table:
     cells, starts, prev = [], [], None
     for r in sorted(rows, key=lambda r: (-r.bytes_per_step, r.defense, r.step, r.attack, VIEW_ORDER.get(r.view, 9))):
-        d = _detail_row(r)
+        d = _detail_row(r, shown=data.shown)
         cells.append((d[0], Cell(str(r.step), num=True), accuracy_at(data, r), d[1], d[2], d[3], d[4], d[5], d[7], d[8]))
         starts.append(prev is not None and r.defense != prev)
         prev = r.defense
@@ -332,15 +342,15 @@ def _threats(group: TableGroup) -> Table:
     seen: dict[tuple[str, str], str] = {}
     for r in group.rows:
         seen.setdefault((r.attack, r.view), r.threat or "not stated")
-    rows = tuple((Cell(a, code=True), Cell(view_text(v)), Cell(t)) for (a, v), t in sorted(seen.items()))
+    rows = tuple((Cell(full_spec(a), code=True), Cell(view_text(v)), Cell(t)) for (a, v), t in sorted(seen.items()))
     return Table((("attack (full spec)", False), ("view", False), ("threat", False)), rows, compact=True)
 
 
 def _defense_specs(group: TableGroup) -> tuple[tuple[str, str], ...]:
     out = []
     for d in dict.fromkeys(r.defense for r in group.rows):
-        if short_spec(d, "defense") != d:
-            out.append((short_spec(d, "defense"), d))
+        if group.shown(d) != full_spec(d):
+            out.append((group.shown(d), full_spec(d)))
     return tuple(out)
 
 
@@ -353,7 +363,7 @@ def _pairs_table(g: HeadlineGroup) -> Table | None:
         diff = 100 * (a.accuracy.mean - b.accuracy.mean)  # type: ignore[union-attr]
         verdict = "unknown (no standard error)" if same is None else ("not different" if same else "different")
         rows.append(
-            (Cell(short_spec(a.defense, "defense"), code=True), Cell(short_spec(b.defense, "defense"), code=True),
+            (Cell(a.shown, code=True), Cell(b.shown, code=True),
              Cell(f"{diff:+.1f} pts", num=True), Cell(verdict, strong=same is False))
         )  # fmt: skip
     return Table((("defense", False), ("defense", False), ("difference", True), ("accuracies", False)), tuple(rows), compact=True)
@@ -372,7 +382,7 @@ def budgets_table(data: ReportData) -> Table | None:
         none = "–" if b.published_known else "not recorded"
         rows.append(
             (
-                Cell(attack, code=True),
+                Cell(full_spec(attack), code=True),
                 budget_cell(b),
                 Cell(none if pub is None else f"{pub[0]:,} it × {pub[1]}", "" if pub is None else pub[2].split(": ", 1)[0], num=True),
             )
@@ -395,7 +405,7 @@ def build_doc(data: ReportData, figures: Sequence[Figure], title: str) -> Doc:
             details.append(
                 Details(
                     f"Every attack and view ({len(captures)} rows: defense x attack x view)",
-                    tables=(detail_table(captures),),
+                    tables=(detail_table(captures, g.shown),),
                     specs=_defense_specs(g),
                 )
             )
@@ -423,12 +433,15 @@ def build_doc(data: ReportData, figures: Sequence[Figure], title: str) -> Doc:
         grids = tuple(f for f in mine if f.kind == "grid")
         if grids:
             details.append(Details(f"Reconstructions ({len(grids)} image grids)", figures=grids))
-        groups.append(GroupDoc(g.dataset, g.model, floor_text(g), headline_table(hg), main, tuple(details)))
+        groups.append(
+            GroupDoc(g.dataset, g.model, structure_note(hg), floor_text(g), headline_table(hg), main, tuple(details))
+        )
     other = tuple(
         Details(f.title, paragraphs=(), figures=(f,)) for f in figures if not f.dataset
     )
     return Doc(
         title=title,
+        summary=summary_sentence(heads),
         warnings=study_warnings(data, heads),
         groups=tuple(groups),
         rules=(stats.ACCURACY_RULE, stats.FLOOR_RULE, BUDGET_RULE),
@@ -500,18 +513,21 @@ def _md_details(d: Details, out_dir: Path) -> list[str]:
 def markdown(data: ReportData, figures: Sequence[Figure], out_dir: Path, title: str) -> str:
     """``report.md``: the same content as the HTML, with figures linked relative to ``out_dir``."""
     doc = build_doc(data, figures, title)
-    lines = [f"# {md_text(title)}", ""]
+    lines = [f"# {md_text(title)}", "", f"**{md_text(doc.summary)}**", ""]
     if doc.warnings:
         lines += ["> **These results cannot support their verdicts:**", ">"]
         lines += [f"> - {md_text(w)}" for w in doc.warnings]
         lines += [">", f"> *Rule:* {md_text(BUDGET_RULE)}", ""]
     lines += ["## At a glance: one row per defense setting", ""]
-    lines += [md_text(THREAT_MODEL.split(":", 1)[0] + ". ") + "Strongest attack: the attack, view and step with the"
-              " highest mean SSIM; the oracle view is an upper bound and never counts as an attacker.", ""]  # fmt: skip
+    lines += [md_text(THREAT_MODEL.split(":", 1)[0] + ". " + STRONGEST), ""]
     for g in doc.groups:
-        lines += [f"### {md_text(g.dataset)} / {md_text(g.model)}", "", md_text(g.floor), ""]
+        lines += [f"### {md_text(g.dataset)} / {md_text(g.model)}", "", md_text(g.intro), "", md_text(g.floor), ""]
         lines += _md_table(g.headline)
         for f in g.figures:
+            lines += _md_figure(f, out_dir)
+    for d in doc.other:
+        lines += [f"### {md_text(d.summary)}", ""]
+        for f in d.figures:
             lines += _md_figure(f, out_dir)
     lines += ["**How the verdicts are made.**", ""] + [f"- {md_text(r)}" for r in doc.rules] + [""]
     lines += ["## Threat model and attack budgets", "", md_text(THREAT_MODEL), ""]
@@ -526,8 +542,6 @@ def markdown(data: ReportData, figures: Sequence[Figure], out_dir: Path, title: 
         lines += [f"### {md_text(g.dataset)} / {md_text(g.model)}", ""]
         for d in g.details:
             lines += _md_details(d, out_dir)
-    for d in doc.other:
-        lines += _md_details(d, out_dir)
     if doc.skipped:
         lines += ["## Skipped files", ""]
         lines += [f"- {md_code(p)}: {md_text(r)}" for p, r in doc.skipped]
@@ -573,6 +587,7 @@ def html_report(data: ReportData, figures: Sequence[Figure], title: str) -> str:
         threat_model=THREAT_MODEL,
         views={view_text(k): v for k, v in VIEWS.items()},
         legend=LEGEND,
+        strongest=STRONGEST,
         budget_rule=BUDGET_RULE,
     )
 

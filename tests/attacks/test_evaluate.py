@@ -261,7 +261,6 @@ def test_run_attacks_is_the_grid_in_one_call(tmp_path):
     done = [c[1] for c in events.calls if c[0] == "step"]
     assert done == sorted(done) and done[-1] == 4 and [c[2] for c in finished][-1] == f"{p2.name} dlg-aware"
     assert result_line(results[1]).startswith(f"{results[1].record_id} [none] dlg (aware): 1 it")
-    assert all(isinstance(r, AttackResult) and r.path.exists() and r.mean("psnr") is not None for r in results)
     again = run_attacks([p1, p2], ["dlg:iterations=1"], ["naive", "aware"], options)
     assert all(r.reused for r in again) and [r.path for r in again] == [r.path for r in results]
     with pytest.raises(GiaBenchError, match="--lpips-net 'squeeze'"):
