@@ -425,7 +425,9 @@ def _image(d: Any, where: str) -> ImageScores:
 
     if not isinstance(d, dict):
         raise MalformedFile(f"{where} is not an object")
-    for key in ("index", "matched", "ssim", "psnr"):  # every schema has these
+    text = any(name in d for name, m in METRICS.items() if m.modality == "text")
+    # every schema has these; an image's scores have SSIM and PSNR, a sentence's its text metrics
+    for key in ("index", "matched") if text else ("index", "matched", "ssim", "psnr"):
         if key not in d:
             raise MalformedFile(f"{where} has no {key!r}")
     values: dict[str, float | None] = {}

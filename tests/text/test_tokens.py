@@ -90,15 +90,16 @@ def test_capture_and_attack_through_the_cli(tmp_path):
                               "--out", str(tmp_path / "runs")])
     assert out.exit_code == 0, out.output
     result = json.loads(next((tmp_path / "runs").rglob("result.json")).read_text())
-    assert result["token_f1"] == [1.0, 1.0] and len(result["rouge1"]) == 2
+    images = result["scores"]["images"]  # per sentence, every text metric by its result key
+    assert [im["token_f1"] for im in images] == [1.0, 1.0] and all("rouge1" in im for im in images)
     text = next((tmp_path / "runs").rglob("reconstruction.txt")).read_text()
     assert "#0 original:" in text and "[" in text
 
 
 def test_tokens_refuses_an_image_record(tmp_path):
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
 
-    path = capture("digits", "lenet", "none", 1, 1, 0, tmp_path)[0]
+    path = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path))[0]
     with pytest.raises(AttackError, match="text record"):
         create_attack("tokens").run(GradientRecord.load(path), "naive", torch.Generator())
 
