@@ -5,13 +5,15 @@ the promise that no number changes. This test holds the current tree to it: the 
 :data:`BASE` is extracted from git history (``git archive``) and both trees run the same
 ``gia-bench capture`` and ``gia-bench attack`` commands on the demo study's specs
 (``gia_bench/studies/demo.toml``: its data sets, model, every defense, both attacks, both
-views), with fixed seeds, one thread, one image per record and a few iterations. Then every
-file both runs wrote is compared:
+views), with fixed seeds, one thread, one image per record and a few iterations, plus two attacks
+that reach the matching engine's back-off and fresh-start paths (:data:`ROBUSTNESS_ATTACKS`),
+which a few demo iterations never do. Then every file both runs wrote is compared:
 
 * ``*.safetensors`` (records, truth files, reconstructions): every tensor's dtype, shape and
   raw bytes, and the header's metadata JSON except the keys in :data:`EXCLUDED_META`;
 * ``result.json``: the per-image PSNR and SSIM, the inferred labels and the final matching
-  loss, exactly (the rest of the file is the result schema's business, which issue #28
+  loss, exactly, and the engine's back-off / fresh-start counts and per-restart losses where
+  the pre-refactor file has them (the rest of the file is the result schema's business, which issue #28
   changes; its wall-clock ``seconds`` and absolute ``record`` path differ run to run anyway);
 * ``*.png``: the decoded pixels.
 
@@ -45,8 +47,16 @@ BASE = "e9a42f7"
 EXCLUDED_META: frozenset[str] = frozenset()
 #: the demo's attack budgets, cut to a few iterations (the path through the engine is the same)
 ITERATIONS = {"dlg": 2, "ig": 4}
+#: Beyond the demo: settings that drive the matching engine into its back-off (a stalled and a
+#: non-finite L-BFGS / SGD step) and fresh-start paths within a few cheap steps, with stacked
+#: restarts and joint labels, on the records of these demo defenses (indices into its list).
+ROBUSTNESS_ATTACKS = ("dlg:iterations=8,lr=1e4,max_iter=2,labels=joint,restarts=2",
+                      "dlg:iterations=6,lr=1e38,optimizer=sgd,restarts=2")
+ROBUSTNESS_DEFENSES = (0, 4)
 #: scores and outcomes of a result.json compared exactly (each read wherever the file keeps it)
 RESULT_KEYS = ("psnr", "ssim", "labels_inferred", "final_loss")
+#: the engine's own counts, compared where the pre-refactor file has them
+RESULT_EXTRA_KEYS = ("backoffs", "fresh_starts", "restart_losses")
 
 # One interpreter runs every command: ``python -m gia_bench`` is ``app(prog_name="gia-bench")``.
 DRIVER = r"""
@@ -87,9 +97,11 @@ def commands(run: Path) -> list[list[str]]:
     attack = ["attack", str(run / "records"), "--out", str(run / "runs"), "--seed", "0"]
     for spec in demo["attacks"]:
         attack += ["--attack", _short(spec)]
-    for view in demo["views"]:
-        attack += ["--view", view]
-    return argv + [attack]
+    views = [arg for view in demo["views"] for arg in ("--view", view)]
+    robust = ["attack", *(str(run / "records" / f"defense{i}") for i in ROBUSTNESS_DEFENSES),
+              "--out", str(run / "robust"), "--seed", "0"]
+    robust += [arg for spec in ROBUSTNESS_ATTACKS for arg in ("--attack", spec)]
+    return argv + [attack + views, robust + views]
 
 
 def _start(tree: Path, run: Path) -> subprocess.Popen[str]:
@@ -183,9 +195,9 @@ def differences(old: Path, new: Path) -> list[str]:
             diffs += [f"{rel}: tensor {name} differs" for name in sorted(ta.keys() | tb.keys()) if ta.get(name) != tb.get(name)]
         elif rel.name == "result.json":
             ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
-            for key in RESULT_KEYS:
+            for key in RESULT_KEYS + RESULT_EXTRA_KEYS:
                 va, vb = _found(ja, key), _found(jb, key)
-                if not va or va != vb:  # a key missing in both is a test that compares nothing
+                if va != vb or (not va and key in RESULT_KEYS):  # missing in both: nothing was compared
                     diffs.append(f"{rel}: {key} {va} != {vb}")
         elif rel.suffix == ".png":
             if not np.array_equal(_png_pixels(a), _png_pixels(b)):
@@ -212,7 +224,13 @@ def base_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_demo_specs_are_bit_identical_to_the_pre_refactor_commit(base_tree: Path, tmp_path: Path) -> None:
     old, new = tmp_path / "old", tmp_path / "new"
     procs = [_start(base_tree, old), _start(REPO, new)]  # both at once: each is one thread
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:  # a timeout (ours or pytest's) must not leave the runs behind
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for proc, out, tree in zip(procs, outputs, (BASE, "current tree")):
         assert proc.returncode == 0, f"{tree}:\n{out[-3000:]}"
     demo = _demo()
@@ -221,6 +239,10 @@ def test_demo_specs_are_bit_identical_to_the_pre_refactor_commit(base_tree: Path
     # every data set x defense captured, and every record attacked by every attack in every view
     assert len(records) == len(demo["datasets"]) * len(demo["defenses"])
     assert len(results) == len(records) * len(demo["attacks"]) * len(demo["views"])
+    robust = [json.loads(p.read_text()) for p in (old / "robust").rglob("result.json")]
+    assert len(robust) == len(ROBUSTNESS_DEFENSES) * len(demo["datasets"]) * len(ROBUSTNESS_ATTACKS) * len(demo["views"])
+    # the robustness runs reach the paths they are there for (in the pre-refactor code's own counts)
+    assert sum(_found(r, "backoffs")[0] for r in robust) > 0 and sum(_found(r, "fresh_starts")[0] for r in robust) > 0
     assert differences(old, new) == []
 
 
