@@ -75,6 +75,7 @@ from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Recons
 from gia_bench.attacks.objectives import OBJECTIVES, BoundSegments
 from gia_bench.attacks.optimizers import OPTIMIZERS
 from gia_bench.attacks.priors import PRIORS
+from gia_bench.attacks.restarts import RestartGroup
 from gia_bench.attacks.views import ThreatView, build_view, naive_view
 from gia_bench.errors import SpecError
 from gia_bench.fedavg import CandidateUpdates
@@ -394,26 +395,12 @@ class GradientMatching(Attack):
 
         R = cfg.restarts
         x0, y0 = draw(R)
-
-        main = problem(threat)
-        phases: list[tuple[_Problem, int]] = [(main, cfg.iterations)]
-        split = threat.name != "naive" and not (threat.same_as_naive or threat.extends_naive)
-        if split and cfg.naive_start > 0 and cfg.iterations > 1:
-            first = min(cfg.iterations - 1, max(1, round(cfg.iterations * cfg.naive_start)))
-            phases = [(problem(naive_view(record, device)), first), (main, cfg.iterations - first)]
+        phases = self._phases(record, threat, problem, device)
+        main = phases[-1][0]
         tracker = _ProgressTracker(progress, cfg.iterations * (R if not OPTIMIZERS.get(cfg.optimizer).elementwise else 1))
-
-        pool_x, pool_y, steps, backoffs, fresh_starts = [], [], 0, 0, 0
-        x, y = x0, y0
-        for prob, its in phases:
-            run = self._optimise(prob, x, y, its, tracker, draw)
-            pool_x.append(run.x)
-            pool_y.append(run.y)
-            steps, backoffs, fresh_starts = steps + run.steps, backoffs + run.backoffs, fresh_starts + run.fresh_starts
-            x, y = run.x, run.y
+        pooled = self._search(phases, x0, y0, tracker, draw)
         # Every phase's solutions are candidates; the view's own matching loss decides.
-        xs = torch.cat(pool_x)
-        ys = None if y0 is None else torch.cat(pool_y)
+        xs, ys = pooled.x, pooled.y
         with torch.enable_grad():
             scores = main.distance(xs, ys).detach()
         scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, math.inf))
@@ -423,7 +410,7 @@ class GradientMatching(Attack):
         return Reconstruction(
             inputs=xs[best].cpu().to(torch.float32),
             labels=labels.to(torch.int64),
-            iterations=steps,
+            iterations=pooled.steps,
             final_loss=float(scores[best]),
             view=view,
             label_strategy=strategy_name,
@@ -435,10 +422,48 @@ class GradientMatching(Attack):
                 "best_restart": best % R,
                 "candidates": [f"{p.view.name}:{r}" for p, _ in phases for r in range(R)],
                 "best_candidate": best,
-                "backoffs": backoffs,
-                "fresh_starts": fresh_starts,
+                "backoffs": pooled.backoffs,
+                "fresh_starts": pooled.fresh_starts,
             },
             budget=Budget(cfg.iterations, R, evaluations, cfg.preset),
+        )
+
+    def _phases(
+        self,
+        record: GradientRecord,
+        threat: ThreatView,
+        problem: Callable[[ThreatView], _Problem],
+        device: torch.device,
+    ) -> list[tuple[_Problem, int]]:
+        """(problem, iterations) in order; the last is the view's own. A view that neither is the
+        naive one nor extends it matches the decoded gradient first (module docstring)."""
+        cfg = self.config
+        main = problem(threat)
+        split = threat.name != "naive" and not (threat.same_as_naive or threat.extends_naive)
+        if split and cfg.naive_start > 0 and cfg.iterations > 1:
+            first = min(cfg.iterations - 1, max(1, round(cfg.iterations * cfg.naive_start)))
+            return [(problem(naive_view(record, device)), first), (main, cfg.iterations - first)]
+        return [(main, cfg.iterations)]
+
+    def _search(
+        self,
+        phases: list[tuple[_Problem, int]],
+        x0: torch.Tensor,
+        y0: torch.Tensor | None,
+        tracker: _ProgressTracker,
+        draw: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> _Run:
+        """Each phase from the previous one's best iterates; all phases' best iterates pooled
+        (phase by phase, restarts in order) with the steps, backoffs and fresh starts they took."""
+        runs: list[_Run] = []
+        x, y = x0, y0
+        for prob, its in phases:
+            runs.append(self._optimise(prob, x, y, its, tracker, draw))
+            x, y = runs[-1].x, runs[-1].y
+        ys = None if y0 is None else torch.cat([r.y for r in runs if r.y is not None])
+        return _Run(
+            torch.cat([r.x for r in runs]), ys, sum(r.steps for r in runs),
+            sum(r.backoffs for r in runs), sum(r.fresh_starts for r in runs),
         )
 
     def _optimise(
@@ -457,120 +482,20 @@ class GradientMatching(Attack):
         iterate, or from that best iterate with a smaller step, if it stalled somewhere worse;
         either way the best iterate of every attempt stays the candidate.
         """
-        cfg = self.config
-        part = OPTIMIZERS.create(cfg.optimizer)
-        prior = PRIORS.create(cfg.prior)
+        part = OPTIMIZERS.create(self.config.optimizer)
+        prior = PRIORS.create(self.config.prior)
         R = x0.shape[0]
         groups = [list(range(R))] if part.elementwise else [[r] for r in range(R)]
-        best_x, best_y = x0.detach().clone(), None if y0 is None else y0.detach().clone()
-        steps_taken = backoffs = fresh_starts = 0
-        milestones = [int(iterations * f) for f in DECAY_AT] if cfg.decay else []
-
+        milestones = [int(iterations * f) for f in DECAY_AT] if self.config.decay else []
+        run = _Run(x0.detach().clone(), None if y0 is None else y0.detach().clone())
         for group in groups:
-            x = x0[group].detach().clone()
-            if cfg.boxed:  # every evaluated iterate is a candidate, the first one included
-                x = torch.maximum(torch.minimum(x, prob.hi), prob.lo)
-            x.requires_grad_(True)
-            y = None if y0 is None else y0[group].detach().clone().requires_grad_(True)
-            tensors = [x] if y is None else [x, y]
-            # the best iterate of each restart in the group, by the minimised objective
-            best_obj = torch.full((len(group),), math.inf, device=x.device)
-            gx, gy = x.detach().clone(), None if y is None else y.detach().clone()
-
-            def closure() -> torch.Tensor:
-                nonlocal best_obj, gx, gy
-                objective = prob.distance(x, y)
-                if cfg.tv > 0:
-                    objective = objective + cfg.tv * prior(x)
-                with torch.no_grad():  # NaN compares False: a non-finite point is never kept
-                    better = objective.detach() < best_obj
-                    best_obj = torch.where(better, objective.detach(), best_obj)
-                    gx = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x.detach(), gx)
-                    if y is not None:
-                        gy = torch.where(better.view(-1, 1, 1), y.detach(), gy)
-                loss = objective.sum()
-                gs = torch.autograd.grad(loss, tensors)
-                for t, g in zip(tensors, gs):
-                    t.grad = g.sign() if cfg.signed else g
-                return loss.detach()
-
-            scale = 1.0  # product of the backoffs so far
-            opt = part.build(tensors, cfg.lr, cfg.max_iter, cfg.history_size, cfg.line_search)
-            last_start = math.nan
-            it = 0
-            while it < iterations:
-                lr = cfg.lr * scale * 0.1 ** sum(it >= m for m in milestones)
-                for pg in opt.param_groups:
-                    pg["lr"] = lr
-                if part.needs_closure:
-                    start = float(opt.step(closure))
-                    # L-BFGS returns the loss it started from; the same start twice means the
-                    # step left x unchanged (converged: max |grad| <= tolerance), as will every later one.
-                    if start == last_start:
-                        if fresh is None:
-                            tracker.advance(iterations - it, best_obj)
-                            break
-                        # Stalled before the budget is spent: sigmoid networks have flat regions
-                        # a long L-BFGS step can land in. Use the rest of the budget.
-                        with torch.no_grad():
-                            if start > float(best_obj.sum()):  # wandered off: back off to the best
-                                x.copy_(gx)
-                                if y is not None:
-                                    y.copy_(gy)
-                                scale *= cfg.backoff
-                                backoffs += 1
-                            else:  # stalled at its best: a new random start
-                                nx, ny = fresh(len(group))
-                                x.copy_(nx)
-                                if y is not None and ny is not None:
-                                    y.copy_(ny)
-                                scale = 1.0
-                                fresh_starts += 1
-                        opt = part.build(tensors, cfg.lr * scale, cfg.max_iter, cfg.history_size, cfg.line_search)
-                        last_start = math.nan
-                        it += 1
-                        tracker.advance(1, best_obj)
-                        continue
-                    last_start = start
-                else:
-                    closure()
-                    opt.step()
-                if cfg.boxed:
-                    with torch.no_grad():
-                        x.copy_(torch.maximum(torch.minimum(x, prob.hi), prob.lo))
-                it += 1
-                tracker.advance(1, best_obj)
-                finite = torch.isfinite(x).flatten(1).all(dim=1)
-                if y is not None:
-                    finite &= torch.isfinite(y).flatten(1).all(dim=1)
-                if not bool(finite.all()):
-                    # Back off: every restart of the group resumes from its best iterate with a
-                    # smaller step and a fresh optimiser state (L-BFGS's curvature pairs and
-                    # Adam's moments were built on the diverging path).
-                    with torch.no_grad():
-                        x.copy_(gx)
-                        if y is not None:
-                            y.copy_(gy)
-                    scale *= cfg.backoff
-                    backoffs += 1
-                    opt = part.build(tensors, cfg.lr * scale, cfg.max_iter, cfg.history_size, cfg.line_search)
-                    last_start = math.nan
-            steps_taken = max(steps_taken, it)
-            # the iterate after the last step has not been evaluated yet: it may be the best
-            if all(bool(torch.isfinite(t).all()) for t in tensors):
-                with torch.enable_grad():
-                    last = prob.distance(x, y).detach()
-                    if cfg.tv > 0:
-                        last = last + cfg.tv * prior(x.detach())
-                better = last < best_obj
-                gx = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x.detach(), gx)
-                if y is not None:
-                    gy = torch.where(better.view(-1, 1, 1), y.detach(), gy)
-            best_x[group] = gx
-            if best_y is not None:
-                best_y[group] = gy
-        return _Run(best_x, best_y, steps_taken, backoffs, fresh_starts)
-
+            search = RestartGroup(self.config, part, prior, prob, x0[group], None if y0 is None else y0[group])
+            run.steps = max(run.steps, search.run(iterations, milestones, tracker, fresh))
+            run.backoffs, run.fresh_starts = run.backoffs + search.backoffs, run.fresh_starts + search.fresh_starts
+            run.x[group] = search.best.x
+            if run.y is not None:
+                run.y[group] = search.best.y
+        return run
 
 class _ProgressTracker:
     """Calls ``progress(done, total, loss)`` about 200 times per run (one device sync each)."""

@@ -110,8 +110,8 @@ def test_mean_embedding_regresses_the_batch_mean_embedding_from_the_gradient():
     from gia_bench.attacks.labels import (
         LabelContext,
         MeanEmbedding,
-        _head_inputs,
         find_head,
+        head_inputs,
     )
 
     record, truth = _batch_record("convnet:width=16", 32, 2)
@@ -121,8 +121,8 @@ def test_mean_embedding_regresses_the_batch_mean_embedding_from_the_gradient():
     ctx = LabelContext(
         [g.float() for g in decode_record(record)], head, 32, 10, model, meta.dataset.shape, torch.Generator().manual_seed(0)
     )
-    h_true, _ = _head_inputs(ctx, truth.inputs)
-    h_dummy, p_dummy = _head_inputs(ctx, torch.randn((32, *meta.dataset.shape), generator=torch.Generator().manual_seed(1)))
+    h_true, _ = head_inputs(ctx, truth.inputs)
+    h_dummy, p_dummy = head_inputs(ctx, torch.randn((32, *meta.dataset.shape), generator=torch.Generator().manual_seed(1)))
     dw, db = ctx.weight_grad.double(), ctx.bias_grad.double()
     mu_true = h_true.double().mean(0)
     mu_gradient = (db @ dw) / (db @ db)  # step 1's first pass

@@ -51,7 +51,7 @@ def _shapes(grads):
 
 
 def _step(comp, grads, keys=None):
-    return contract._step(comp, grads, keys)
+    return contract.run_step(comp, grads, keys)
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.name.replace(" ", "-") for c in CHECKS])
