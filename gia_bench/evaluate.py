@@ -368,6 +368,15 @@ class _Run:
     seconds: float
 
 
+def _shown(attack: str, defense: str) -> dict[str, str]:
+    """How reports show the specs: parameters at their defaults left out (reports import no registry)."""
+    from gia_bench.attacks import ATTACKS
+    from gia_bench.defenses import DEFENSES
+    from gia_bench.registry import display_spec
+
+    return {"attack": display_spec(attack, ATTACKS), "defense": display_spec(defense, DEFENSES)}
+
+
 def _result(record: GradientRecord, record_path: Path, run: _Run, truth: Truth | None,
             scored: _Scored) -> AttackResult:
     """The :class:`~gia_bench.results.AttackResult` of one run, with the published budget beside its own."""
@@ -383,6 +392,7 @@ def _result(record: GradientRecord, record_path: Path, run: _Run, truth: Truth |
         labels_true=None if truth is None else tuple(int(v) for v in truth.labels),
         seconds=run.seconds, iterations=rec.iterations, final_loss=rec.final_loss, scores=scored.scores,
         budget=budget, seed=run.seed, device=str(run.device), extra=rec.extra,
+        shown=_shown(run.attack.spec, meta.defense),
     )  # fmt: skip
 
 

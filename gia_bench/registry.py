@@ -531,3 +531,25 @@ def canonical_spec(obj: Any) -> str:
                 value = str(value).lower()
             parts.append(f"{p.name}={value}")
     return name + (":" + ",".join(parts) if parts else "")
+
+
+def display_spec(spec: str, registry: Registry[Any]) -> str:
+    """``spec`` without the parameters left at their defaults (``topk:ratio=0.01``), for tables and legends.
+
+    A spec that does not resolve here (an unknown or untrusted plug-in) is shown as written.
+    """
+    try:
+        parsed = parse_spec(spec)
+        cls, kwargs = registry.kwargs_for(parsed)
+        defaults = {p.name: p.default for p in describe_params(cls)}
+    except (SpecError, PluginError, ImportError, AttributeError, TypeError, ValueError):
+        return spec
+    except Exception as exc:  # another GiaBenchError subclass: shown in full, never a crash in a table
+        from gia_bench.errors import GiaBenchError
+
+        if isinstance(exc, GiaBenchError):
+            return spec
+        raise
+    keep = [f"{k}={parsed.kwargs[k]}" for k, v in kwargs.items() if k not in defaults or v != defaults[k]]
+    return parsed.name + (":" + ",".join(keep) if keep else "")
+

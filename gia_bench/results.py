@@ -187,6 +187,9 @@ class AttackResult:
     record_sha256: str | None = None  # None in results written before records were hashed
     device: str = ""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # how reports show the attack and defense specs (parameters at their defaults left out), decided by
+    # the writer, which has the registries; reports import none ({} in older files: specs shown whole)
+    shown: dict[str, str] = dataclasses.field(default_factory=dict)
     schema: int = RESULT_SCHEMA
 
     # -- derived ---------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ class AttackResult:
             "seconds": self.seconds, "iterations": self.iterations, "final_loss": self.final_loss,
             "seed": self.seed, "device": self.device, "budget": self.budget.to_json(),
             "scores": None if self.scores is None else self.scores.to_json(),
-            "extra": self.extra,
+            "extra": self.extra, "shown": self.shown,
         }  # fmt: skip
 
     def write(self, path: Path) -> None:
@@ -309,6 +312,7 @@ class AttackResult:
             seed=get_field(data, "seed", int, optional=True), record_sha256=sha,
             device=get_field(data, "device", str, optional=True) or "",
             extra=get_field(data, "extra", dict, optional=True) or {}, schema=schema,
+            shown=_shown(data),
         )  # fmt: skip
 
     @classmethod
@@ -417,6 +421,14 @@ def _texts(value: Any, where: str) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise MalformedFile(f"field {where!r} must map metric names to strings")
     return dict(value)
+
+
+def _shown(data: dict[str, Any]) -> dict[str, str]:
+    """``shown``: display spellings of the attack and defense (strings of bounded length, else dropped)."""
+    raw = data.get("shown")
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if k in ("attack", "defense") and isinstance(v, str) and len(v) <= 1000}
 
 
 def _image(d: Any, where: str) -> ImageScores:

@@ -33,6 +33,7 @@ def _result(tmp_path: Path, *, exact: bool = False) -> AttackResult:
         seconds=1.5, iterations=30, final_loss=0.01, scores=scores,
         budget=Budget(30, 1, 41, None, published=published, published_known=True), step=5, source="train",
         seed=2, record_sha256="ab" * 32, device="cpu", extra={"backoffs": 0},
+        shown={"attack": "dlg:iterations=30", "defense": "topk"},
     )  # fmt: skip
 
 
@@ -98,6 +99,9 @@ def test_reports_import_no_attack_or_defense_registry(tmp_path: Path) -> None:
         "from pathlib import Path\n"
         f"runs = gia_bench.reports.load_runs([Path({str(tmp_path / 'runs')!r})])\n"
         "assert len(runs.results) == 1 and runs.results[0].budget.published.iterations == 300, runs\n"
+        "from gia_bench.reports.tables import defense_names, short_spec\n"
+        "r = runs.results[0]\n"
+        "assert defense_names(runs)[r.defense] and short_spec(r.attack, 'attack') == r.shown['attack'], r.shown\n"
         "print(sorted(m for m in sys.modules if m.startswith(('gia_bench.attacks', 'gia_bench.defenses'))))\n"
     )
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
@@ -141,3 +145,16 @@ def test_the_report_says_when_an_old_result_did_not_record_the_published_budget(
         budgets = next(line for line in md.splitlines() if line.startswith("| <code>dlg:iterations=30"))
         assert budgets.endswith("| not recorded |") == (name == "old"), budgets
         assert ("300 it × 1" in budgets) == (name == "new"), budgets
+
+
+def test_no_reports_module_imports_an_attack_or_defense_module() -> None:
+    """Statically too: no import of gia_bench.attacks / gia_bench.defenses anywhere under reports/ (lazy ones included)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "gia_bench" / "reports").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            found += [f"{path.name}: {n}" for n in names if n.startswith(("gia_bench.attacks", "gia_bench.defenses"))]
+    assert found == []

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import math
 import statistics
@@ -38,11 +37,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gia_bench.errors import GiaBenchError
 from gia_bench.metrics import LPIPSScorer, get_st_lpips, mean_colour_floor
 from gia_bench.reports import stats
 from gia_bench.reports.load import AttackResult, Budget, RunSet, TrainRun
-from gia_bench.reports.names import display_names
+from gia_bench.reports.names import display_names, full_spec
 from gia_bench.reports.threats import exploited_text, is_structure_aware, read_extra, threat_text
 
 if TYPE_CHECKING:
@@ -364,6 +362,7 @@ def _table_group(dataset: str, model: str, rows: list[SummaryRow], image_rows: S
 
 def defense_names(runs: RunSet, spellings: Sequence[str] = ()) -> dict[str, str]:
     """Every defense of the runs -> the name tables show (:mod:`gia_bench.reports.names`)."""
+    learn_shown(runs.results)
     specs = list(dict.fromkeys([r.defense for r in runs.results] + [t.defense for t in runs.trains]))
     return display_names(specs, spellings, {s: short_spec(s, "defense") for s in specs})
 
@@ -377,6 +376,7 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None, spellings: Sequ
     written before it was scored (only when ``lpips`` is given: the compute switch).
     ``spellings``: the study's own defense specs, for the names tables show.
     """
+    learn_shown(runs.results)
     cache: dict[str, _Stored] = {}
     image_rows: list[ImageRow] = []
     lpips_notes: list[str] = []
@@ -489,27 +489,27 @@ def summary_csv(data: ReportData) -> str:
 # -- formatting shared by the writers --------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1024)
+#: spec -> how results written by :mod:`gia_bench.evaluate` show it (``AttackResult.shown``), filled as
+#: results are loaded; a spec no result has shown (an older file, a training run's) is shown whole
+_SHOWN: dict[tuple[str, str], str] = {}
+
+
+def learn_shown(results: Sequence[AttackResult]) -> None:
+    """Remember how each result's writer shows its attack and defense specs (for :func:`short_spec`)."""
+    for r in results:
+        for kind, spec in (("attack", r.attack), ("defense", r.defense)):
+            if r.shown.get(kind):
+                _SHOWN[(kind, spec)] = r.shown[kind]
+
+
 def short_spec(spec: str, kind: str) -> str:
     """``spec`` without the parameters left at their defaults, for tables and legends.
 
-    ``kind`` is "attack" or "defense". The CSV files keep the full canonical spec; a spec
-    that does not resolve in this installation (an unknown plug-in) is shown in full.
+    ``kind`` is "attack" or "defense". The writer of each result decided this with the registries
+    (:func:`gia_bench.registry.display_spec`); reports import none. The CSV files keep the full
+    canonical spec; a spec no loaded result showed is given in full (less its unset ``=None`` parameters).
     """
-    from gia_bench.registry import describe_params, parse_spec
-
-    try:
-        if kind == "attack":
-            from gia_bench.attacks import ATTACKS as registry
-        else:
-            from gia_bench.defenses import DEFENSES as registry
-        parsed = parse_spec(spec)
-        cls, kwargs = registry.kwargs_for(parsed)
-        defaults = {p.name: p.default for p in describe_params(cls)}
-    except (GiaBenchError, ImportError, AttributeError, TypeError, ValueError):
-        return spec
-    keep = [f"{k}={parsed.kwargs[k]}" for k, v in kwargs.items() if k not in defaults or v != defaults[k]]
-    return parsed.name + (":" + ",".join(keep) if keep else "")
+    return _SHOWN.get((kind, spec)) or full_spec(spec)
 
 
 def fmt_bytes(n: float) -> str:

@@ -46,6 +46,13 @@ def originals(gen: torch.Generator, batch: int = BATCH, shape: tuple[int, int, i
     return torch.stack(imgs)
 
 
+def _shown(attack: str, defense: str) -> dict:
+    """How the attack runner says reports show the specs (gia_bench.evaluate._shown)."""
+    from gia_bench.evaluate import _shown as shown
+
+    return shown(attack, defense)
+
+
 def _budget(attack: str) -> dict:
     """The ``budget`` the attack runner records: the attack's own and its published one (as evaluate does)."""
     built = create_attack(attack)
@@ -105,6 +112,7 @@ def write_result(
         "final_loss": final_loss,
         "scores": scores.to_json(),
         "budget": _budget(attack),
+        "shown": _shown(attack, defense),
         **(extra or {}),
     }
     if data["schema"] < 3:  # an older file: scores under "metrics" and as flat lists, no published budget

@@ -226,13 +226,21 @@ def test_parse_result_rejects_inconsistent_scores(fixture_dir, tmp_path: Path) -
 
 def test_short_spec_drops_defaults_only() -> None:
     from gia_bench.attacks import ATTACKS
-    from gia_bench.registry import describe_params
+    from types import SimpleNamespace
+
+    from gia_bench.registry import describe_params, display_spec
+    from gia_bench.reports.tables import learn_shown
 
     defaults = {p.name: p.default for p in describe_params(ATTACKS.get("dlg"))}
     other_lr = float(defaults["lr"]) + 1.0
     full = f"dlg:iterations={defaults['iterations']},lr={other_lr}"
+    # the writer decides it with the registry (reports import none) ...
+    assert display_spec(full, ATTACKS) == f"dlg:lr={other_lr}"
+    assert display_spec("no-such-attack:x=1", ATTACKS) == "no-such-attack:x=1"
+    # ... and reports show what loaded results said, else the spec whole (less unset parameters)
+    assert short_spec(full + ",preset=None", "attack") == full
+    learn_shown([SimpleNamespace(attack=full, defense="none", shown={"attack": display_spec(full, ATTACKS)})])
     assert short_spec(full, "attack") == f"dlg:lr={other_lr}"
-    assert short_spec("no-such-attack:x=1", "attack") == "no-such-attack:x=1"
 
 
 def test_frontier_is_the_non_dominated_set() -> None:
