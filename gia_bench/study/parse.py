@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,13 @@ def _top_level(raw: Mapping[str, Any], where: Path | str) -> StudyConfig:
         raise fail(where, "images", f"expected a positive integer, got {images!r}")
     if images > MAX_IMAGES:
         raise fail(where, "images", f"{images:,} records per cell is more than {MAX_IMAGES:,}")
+    data_root = raw.get("data_root")
+    if data_root is not None and (not isinstance(data_root, str) or not data_root):
+        raise fail(where, "data_root", f"expected a folder (a string), got {data_root!r}")
+    train = parse_train(where, raw["train"]) if "train" in raw else None
+    if train is not None and data_root is not None and "data_root" not in dict(train.overrides):
+        train = dataclasses.replace(train, overrides=tuple(sorted({**dict(train.overrides),
+                                                                  "data_root": Path(data_root).expanduser()}.items())))
     model_mode = raw.get("model_mode", "train")
     if model_mode not in ("train", "eval"):
         raise fail(where, "model_mode", f"expected 'train' or 'eval', got {model_mode!r}")
@@ -60,7 +68,8 @@ def _top_level(raw: Mapping[str, Any], where: Path | str) -> StudyConfig:
         seeds=int_list(where, "seeds", raw.get("seeds", [0]), positive=False),
         model_mode=model_mode,
         fewbit_backward=fewbit(where, "fewbit_backward", raw.get("fewbit_backward", 0)),
-        train=parse_train(where, raw["train"]) if "train" in raw else None,
+        data_root=None if data_root is None else Path(data_root).expanduser(),
+        train=train,
     )
 
 

@@ -33,6 +33,7 @@ class CaptureJob:
     model_mode: str
     out: Path
     fewbit_backward: int = 0
+    data_root: Path | None = None
 
     @property
     def group(self) -> str:
@@ -45,7 +46,7 @@ class CaptureJob:
         return CaptureConfig(
             dataset=self.dataset, model=self.model, defense=self.defense, batch_size=self.batch_size,
             num=self.images, seed=self.seed, out=out, model_mode=self.model_mode,
-            fewbit_backward=self.fewbit_backward,
+            fewbit_backward=self.fewbit_backward, data_root=self.data_root,
         )
 
 
@@ -103,7 +104,7 @@ def capture_jobs(config: StudyConfig, out: Path) -> list[CaptureJob]:
                     for defense in config.defenses:
                         job = CaptureJob(
                             dataset, model, batch_size, seed, defense, config.images, config.model_mode, Path(),
-                            config.fewbit_backward,
+                            config.fewbit_backward, config.data_root,
                         )
                         jobs.append(dataclasses.replace(job, out=out / "records" / job.group / slug(defense)))
     return jobs
@@ -154,16 +155,16 @@ def train_config(job: TrainJob, device: str = "cpu") -> TrainConfig:
     from gia_bench.train import CHECKPOINT_FILE, TrainConfig
 
     cpu = device == "cpu"
-    return TrainConfig(
+    return TrainConfig(**{
         **dict(job.train.overrides),
-        out=job.out,
-        defense=job.defense,
-        seed=job.seed,
-        capture_steps=tuple(job.train.attack_steps) if attacked(job) else (),
-        backend="gloo" if cpu else "auto",
-        device="cpu" if cpu else "auto",
-        resume=(job.out / CHECKPOINT_FILE).exists(),
-    )
+        "out": job.out,
+        "defense": job.defense,
+        "seed": job.seed,  # the run's: [train] seed or one of [train] seeds
+        "capture_steps": tuple(job.train.attack_steps) if attacked(job) else (),
+        "backend": "gloo" if cpu else "auto",
+        "device": "cpu" if cpu else "auto",
+        "resume": (job.out / CHECKPOINT_FILE).exists(),
+    })
 
 
 def train_records(job: TrainJob) -> dict[int, Path]:

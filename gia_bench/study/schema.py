@@ -54,6 +54,7 @@ TOP_KEYS: dict[str, str] = {
     "seeds": "list of integers",
     "model_mode": "'train' or 'eval'",
     "fewbit_backward": "integer 0 (exact backward) or 1..8 bits",
+    "data_root": "folder of torchvision data sets (as --data-root), for captures and [train]",
     "train": "table",
 }
 REQUIRED = ("datasets", "models", "defenses", "attacks")
@@ -111,6 +112,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0,)
     model_mode: str = "train"
     fewbit_backward: int = 0  # bits of Few-Bit Backward activations in the captures (0: exact)
+    data_root: Path | None = None  # torchvision data sets (cifar10...): captures, and [train] unless it sets its own
     train: StudyTrain | None = None
 
 
