@@ -14,6 +14,7 @@ accuracy column::
     attacks = ["dlg:iterations=50", "ig:iterations=300"]
     views = ["naive", "aware"]
     fewbit_backward = 4        # optional: captures with Few-Bit Backward activations (0: exact)
+    data_root = "data"         # optional: torchvision data sets (cifar10...), captures and [train]
 
     [train]                    # optional: accuracy, bytes and leakage along real DDP training
     dataset = "digits"         # any TrainConfig field (gia-bench train's flags); omitted: its default
@@ -55,9 +56,10 @@ A unit of work is finished when its output file exists (outputs are written
 atomically), so a rerun skips it: studies resume after Ctrl-C or a crash.
 Modules: :mod:`~gia_bench.study.schema` (keys, ``[train]``), :mod:`~gia_bench.study.parse`
 (checks), :mod:`~gia_bench.study.plan` (jobs, units), :mod:`~gia_bench.study.units` (what a
-unit runs), :mod:`~gia_bench.study.run` (running, status). :func:`plan_units` turns the grid into units (an attack depends on the capture, or the
-training run, that writes its record) and :func:`run_study` hands them to an engine
-(:mod:`gia_bench.engines`: ``local`` or ``ray``).
+unit runs), :mod:`~gia_bench.study.run` (running, status). :func:`plan_units` turns the
+grid into units (an attack depends on the capture, or the training run, that writes its
+record) and :func:`run_study` hands them to an engine (:mod:`gia_bench.engines`: ``local``
+or ``ray``).
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def _rel(path: Path, out: Path) -> str:
     return Path(path).relative_to(out).as_posix()
 
 
-def _attack_unit(job: AttackJob, out: Path, dep: str, defense: str, step: int, options: StudyOptions) -> Unit:
+def _plan_attack(job: AttackJob, out: Path, dep: str, defense: str, step: int, options: StudyOptions) -> Unit:
     from gia_bench.engines import Unit
     from gia_bench.records import RECORD_SUFFIX, truth_path
     from gia_bench.study.units import AttackArgs, attack_done, attack_unit
@@ -254,7 +254,7 @@ def _capture_units(config: StudyConfig, out: Path, options: StudyOptions) -> lis
     cap_of = {path: job for job, paths in records.items() for path in paths}
     for job in attack_jobs(config, out, records):
         cap = cap_of[job.record]
-        units.append(_attack_unit(job, out, f"capture:{_rel(cap.out, out)}", cap.defense, 0, options))
+        units.append(_plan_attack(job, out, f"capture:{_rel(cap.out, out)}", cap.defense, 0, options))
     return units
 
 
@@ -286,7 +286,7 @@ def _train_units(config: StudyConfig, out: Path, options: StudyOptions) -> list[
         steps = {path: step for step, path in train_records(job).items()}
         for attack_job in train_attack_jobs(config, out, [job]):
             dep = f"train:{_rel(job.out, out)}"
-            units.append(_attack_unit(attack_job, out, dep, job.defense, steps[attack_job.record], options))
+            units.append(_plan_attack(attack_job, out, dep, job.defense, steps[attack_job.record], options))
     return units
 
 
