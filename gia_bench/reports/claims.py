@@ -230,7 +230,8 @@ def convergence_rows(cs: dict[str, Curve]) -> list[tuple[str, str, str, str, str
         reached = c.epochs_to(target) if target is not None else None
         when = "-" if target is None else (str(reached) if reached else f"not in {len(c.accuracy)}")
         m, se = c.final
-        rows.append((Setting.of(spec).label, str(c.seeds), f"{m:.1f} ± {se:.1f}", f"{c.total_bytes / 1e6:.2f}", when))
+        acc = f"{m:.1f} ± {se:.1f}" if c.seeds > 1 else f"{m:.1f}"  # one seed: no standard error
+        rows.append((Setting.of(spec).label, str(c.seeds), acc, f"{c.total_bytes / 1e6:.2f}", when))
     return rows
 
 
