@@ -116,3 +116,13 @@ def test_write_claims_writes_the_table_and_both_figures(tmp_path):
 def test_setting_reads_family_and_rank_from_canonical_specs():
     assert Setting.of("lqsgd:rank=7,bits=8,alpha=10.0") == Setting("lqsgd", 7)
     assert Setting.of("none") == Setting("none", None) and Setting.of("powersgd:rank=2").label == "PowerSGD r2"
+
+
+def test_inversion_claim_does_not_hold_where_every_defense_is_recovered_alike():
+    """SSIM 0.99997 against 1.0 is the same image: a difference below SSIM_MATTERS is not 'lower'."""
+    results = []
+    for i in range(7):
+        results += [_result("none", f"r{i}", "analytic", 1.0), _result(PS1, f"r{i}", "dlg", 1.0)]
+        results += [_result(LQ1, f"r{i}", "dlg", 0.99997)]
+    claim = claim_inversion(results)
+    assert claim is not None and claim.verdict == "does not hold", claim
