@@ -269,8 +269,9 @@ def check_study(config: Any, max_memory: int = DEFAULT_MAX_MEMORY, where: Path |
              for d in config.datasets for m in config.models for b in config.batch_sizes]
     plan = config.train
     if plan is not None and plan.attack_steps:
-        cells.append((plan.dataset, plan.model, plan.batch_size, plan.attacks or config.attacks, "train",
-                      plan.fewbit_backward))
+        base = plan.base  # the TrainConfig the runs share ([train] overrides)
+        cells.append((base.dataset, base.model, base.batch_size, plan.attacks or config.attacks, "train",
+                      base.fewbit_backward))
     needs = {a: AttackNeeds.of(create_attack(a)) for a in {a for cell in cells for a in cell[3]}}
     for dataset, model, batch, attacks, mode, fewbit in cells:
         source = DATASETS.create(dataset)

@@ -67,14 +67,14 @@ def test_demo_trains_a_batchnorm_model_and_attacks_it_along_the_run():
 
     config = _config()
     plan = config.train
-    assert plan is not None and plan.nproc_per_node >= 2 and plan.lr is None  # the trainer's lr rule
-    spec = load_dataset(plan.dataset).spec
-    net = build_model(ModelSpec(plan.model, spec.shape, spec.num_classes))
+    assert plan is not None and plan.base.nproc_per_node >= 2 and plan.base.lr is None  # the trainer's lr rule
+    spec = load_dataset(plan.base.dataset).spec
+    net = build_model(ModelSpec(plan.base.model, spec.shape, spec.num_classes))
     assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
     families = {d.split(":")[0] for d in plan.attack_defenses}
     assert {"none", "topk", "lqsgd"} <= families
     for defense in plan.attack_defenses:
-        steps = train_records(TrainJob(defense, plan, Path("demo") / "train"))
+        steps = train_records(TrainJob(defense, plan.run_seeds[0], plan, Path("demo") / "train"))
         assert len(steps) >= 2 and min(steps) == 0  # "end" resolves to a later step
     assert plan.defenses is None  # every defense the study captures also has an accuracy (each one is trained)
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -125,14 +126,14 @@ def test_fewbit_backward_key_reaches_captures_and_training(tmp_path):
     ).replace("dlg:iterations=2", "dlg:iterations=1")
     out = tmp_path / "out"
     config = prepare(_write(tmp_path, text + "fewbit_backward = 4\n\n[train]\nfewbit_backward = 3\n"), out)
-    assert config.fewbit_backward == 4 and config.train.fewbit_backward == 3
+    assert config.fewbit_backward == 4 and config.train.base.fewbit_backward == 3
     train = study_mod.train_jobs(config, out)
     assert [study_mod.train_config(job).fewbit_backward for job in train] == [3]
     assert load_study(_write(tmp_path, text)).fewbit_backward == 0  # omitted: exact backward
     captures = [u for u in study_mod.plan_units(config, out) if u.kind == "capture"]
-    assert [u.args["fewbit_backward"] for u in captures] == [4]
+    assert [u.args["config"].fewbit_backward for u in captures] == [4]  # the unit carries its CaptureConfig
     # run the captures and their attack (not the training: the test_train suites cover the trainer's flag)
-    no_train = study_mod.dataclasses.replace(config, train=None)
+    no_train = dataclasses.replace(config, train=None)
     st = run_study(no_train, out, StudyOptions(workers=1, report=False))
     assert st.captures == (1, 1) and st.attacks == (1, 1) and st.failures == ()
     records = [p for p in sorted(out.glob("records/*/*/*.safetensors")) if not p.name.endswith(".truth.safetensors")]

@@ -38,7 +38,7 @@ def test_study_attacks_a_training_run_at_its_steps(tmp_path):
     (tmp_path / "s.toml").write_text(STUDY)
     out = tmp_path / "out"
     config = prepare(tmp_path / "s.toml", out)
-    assert config.train is not None and config.train.attack_steps == (0, 5) and config.train.lr is None
+    assert config.train is not None and config.train.attack_steps == (0, 5) and config.train.base.lr is None
     st = run_study(config, out, StudyOptions(workers=1))
     assert st.failures == ()
     assert st.trains == (1, 1) and st.attacks == (2 + 4, 2 + 4)  # capture's record + 2 steps, x 2 views

@@ -25,4 +25,4 @@ import gia_bench.capture  # noqa: E402,F401
 import gia_bench.defenses  # noqa: E402,F401
 import gia_bench.engines.units  # noqa: E402,F401
 import gia_bench.metrics  # noqa: E402,F401
-import gia_bench.study  # noqa: E402,F401
+import gia_bench.study.units  # noqa: E402,F401  (the functions every study unit names)

@@ -2,9 +2,10 @@
 
 A study is a set of independent *units* (a capture, an attack, a training run), some of
 which wait for others (an attack waits for the records its capture or training writes).
-A unit is plain data: the function to call (``module:function``, so any engine can run
-it in any process or on any node), its arguments, the files it reads and the files that
-say it is finished, all as paths relative to the study folder. Engines differ only in
+A unit is plain data: the function to call (a public module-level function, which pickles
+by its module and name, so any engine can run it in any process or on any node), its
+arguments, the files it reads and the files that say it is finished, all as paths
+relative to the study folder. Engines differ only in
 *where* a unit runs; what lands in the study folder is the same:
 
 - A *staged* unit writes into a private folder (``ctx.outputs``); only when it has
@@ -25,7 +26,6 @@ files come back as bytes, and the driver writes them with the same ordering
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import shutil
@@ -54,7 +54,7 @@ class Unit:
     Args:
         kind: what it is (``capture``, ``attack``, ``train``; engines treat kinds alike).
         key: unique and stable across runs (a rerun finds the same unit).
-        fn: ``module:function``, called as ``fn(ctx, **args)``.
+        fn: a module-level function, called as ``fn(ctx, **args)`` (it travels to workers by reference).
         args: keyword arguments (picklable).
         outputs: files that exist once the unit has finished (written last).
         inputs: files (or folders, read recursively) the unit reads from the study folder.
@@ -62,14 +62,14 @@ class Unit:
         label: what progress shows (``defense``, ``attack``, ``view``, ``record``, ``step``...).
         cpus, gpus: resources it needs (a Ray request; local slots for ``cpus``).
         workdir: set for an in-place unit: the folder it writes into directly.
-        done_check: ``module:function(root, unit) -> bool`` when existing outputs are not enough
+        done_check: a module-level ``(root, unit) -> bool`` when existing outputs are not enough
             (a training run's epochs, an attack result's identity); asked when the unit becomes
             ready, so its dependencies' files are there to check against.
     """
 
     kind: str
     key: str
-    fn: str
+    fn: Callable[..., None]
     args: Mapping[str, Any]
     outputs: tuple[str, ...]
     inputs: tuple[str, ...] = ()
@@ -78,7 +78,7 @@ class Unit:
     cpus: int = 1
     gpus: int = 0
     workdir: str | None = None
-    done_check: str | None = None
+    done_check: Callable[[Path, Unit], bool] | None = None
 
     def describe(self) -> str:
         """``key=value`` pairs of the label, for progress lines and failures."""
@@ -86,7 +86,7 @@ class Unit:
 
     def is_done(self, root: Path) -> bool:
         if self.done_check is not None:
-            return bool(resolve(self.done_check)(root, self))
+            return bool(self.done_check(root, self))
         return all((root / p).exists() for p in self.outputs)
 
 
@@ -119,12 +119,6 @@ class Outcome:
     seconds: float
 
 
-def resolve(name: str) -> Callable[..., Any]:
-    """``module:function`` -> the function."""
-    module, _, attr = name.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def execute(unit: Unit, ctx: UnitContext) -> Outcome:
     """Run ``unit`` in this process; a failure becomes its one-line error, never an exception.
 
@@ -138,7 +132,7 @@ def execute(unit: Unit, ctx: UnitContext) -> Outcome:
         saved = torch.get_num_threads()
         torch.set_num_threads(ctx.threads)
     try:
-        resolve(unit.fn)(ctx, **dict(unit.args))
+        unit.fn(ctx, **dict(unit.args))
     except GiaBenchError as exc:
         return Outcome(unit.key, str(exc) or type(exc).__name__, time.perf_counter() - start)
     except Exception as exc:  # one broken unit must not stop the study; it is listed as failed

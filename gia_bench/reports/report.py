@@ -10,6 +10,7 @@ from pathlib import Path
 from gia_bench.errors import GiaBenchError
 from gia_bench.metrics import get_lpips
 from gia_bench.reports import figures as figs
+from gia_bench.reports.claims import write_claims
 from gia_bench.reports.io import write_text
 from gia_bench.reports.headline import headline
 from gia_bench.reports.load import AttackResult, RunSet, load_runs
@@ -94,4 +95,5 @@ def make_report(options: ReportOptions, runs: RunSet | None = None) -> ReportOut
         write_text(out / "report.md", markdown(data, figures, out, options.title)),
         write_text(out / "report.html", html_report(data, figures, options.title)),
     ]
+    files += write_claims(runs, out)  # the LQ-SGD paper's claims, where SGD trained beside PowerSGD / LQ-SGD
     return ReportOutput(data, tuple(files + [f.path for f in figures]), tuple(figures))

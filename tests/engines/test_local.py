@@ -18,12 +18,12 @@ from gia_bench.events import SILENT, Recorded
 
 from _engine_units import descendants, pid_alive
 
-U = "_engine_units"
+import _engine_units as U  # noqa: E402  (tests/engines is on sys.path: workers import it by name)
 
 
 def _unit(key, fn="write", deps=(), outputs=None, **args):
     path = args.setdefault("path", f"{key}.txt")
-    return Unit(kind=key.split("-")[0], key=key, fn=f"{U}:{fn}", args=args, outputs=outputs or (path,), deps=deps,
+    return Unit(kind=key.split("-")[0], key=key, fn=getattr(U, fn), args=args, outputs=outputs or (path,), deps=deps,
                 label=(("name", key),))
 
 
@@ -110,7 +110,7 @@ def test_terminal_progress_shows_per_kind_counts(tmp_path):
 
 
 def test_a_multi_cpu_unit_runs_in_a_worker_process_that_ends_with_the_run(tmp_path):
-    unit = Unit(kind="train", key="t", fn=f"{U}:whoami", args={"path": "who.txt"}, outputs=("who.txt",), cpus=2)
+    unit = Unit(kind="train", key="t", fn=U.whoami, args={"path": "who.txt"}, outputs=("who.txt",), cpus=2)
     small = _unit("attack-1", text="1")
     result = run_units([unit, small], tmp_path, _ctx(tmp_path), workers=2, events=SILENT)
     assert result.failures == []
@@ -123,9 +123,9 @@ def test_a_multi_cpu_unit_runs_in_a_worker_process_that_ends_with_the_run(tmp_pa
 
 
 def test_ctrl_c_cancels_units_in_flight_and_removes_their_partial_files(tmp_path):
-    slow = Unit(kind="train", key="slow", fn=f"{U}:slow", args={"workdir": "slow", "seconds": 120},
+    slow = Unit(kind="train", key="slow", fn=U.slow, args={"workdir": "slow", "seconds": 120},
                 outputs=("slow/done",), workdir="slow")
-    boom = Unit(kind="attack", key="boom", fn=f"{U}:interrupt_when", args={"flag": "slow/started"},
+    boom = Unit(kind="attack", key="boom", fn=U.interrupt_when, args={"flag": "slow/started"},
                 outputs=("never",))
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
@@ -139,7 +139,7 @@ def test_ctrl_c_cancels_units_in_flight_and_removes_their_partial_files(tmp_path
 
 def _pair(matmul=0):
     """Two units that finish only if they run at the same time, in two slots."""
-    return [Unit(kind="attack", key=k, fn=f"{U}:rendezvous", args={"path": f"{k}.txt", "me": k, "other": o, "matmul": matmul},
+    return [Unit(kind="attack", key=k, fn=U.rendezvous, args={"path": f"{k}.txt", "me": k, "other": o, "matmul": matmul},
                  outputs=(f"{k}.txt",)) for k, o in (("a", "b"), ("b", "a"))]
 
 

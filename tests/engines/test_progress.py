@@ -18,7 +18,7 @@ class Clock:
 
 
 def _unit(kind: str, i: int) -> Unit:
-    return Unit(kind=kind, key=f"{kind}-{i}", fn="x:y", args={}, outputs=(f"{kind}-{i}",),
+    return Unit(kind=kind, key=f"{kind}-{i}", fn=print, args={}, outputs=(f"{kind}-{i}",),
                 label=(("defense", "powersgd:rank=2"), ("n", str(i))))
 
 

@@ -119,9 +119,9 @@ def test_unit_resources_follow_the_study():
     config = study_mod.load_study(study_mod.DEMO_STUDY)
     units = study_mod.plan_units(config, Path("demo"), StudyOptions(device="cuda"))
     by_kind = {u.kind: u for u in units}
-    assert by_kind["attack"].gpus == 1 and by_kind["train"].gpus == config.train.nproc_per_node
+    assert by_kind["attack"].gpus == 1 and by_kind["train"].gpus == config.train.base.nproc_per_node
     cpu = {u.kind: u for u in study_mod.plan_units(config, Path("demo"))}
-    assert cpu["attack"].gpus == 0 and cpu["train"].cpus == config.train.nproc_per_node
+    assert cpu["attack"].gpus == 0 and cpu["train"].cpus == config.train.base.nproc_per_node
     assert all(u.deps for u in units if u.kind == "attack")
 
 
