@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def test_demo_has_the_images_the_sign_test_needs_at_its_bonferroni_level():
     assert config.images * min(config.batch_sizes) >= stats.min_images(captures)
     plan = config.train
     along = len(plan.attack_steps) * len(_train_attacks(config)) * len(config.views)
-    assert plan.batch_size >= stats.min_images(along)  # one batch of the run per attacked step
+    assert plan.base.batch_size >= stats.min_images(along)  # one batch of the run per attacked step
 
 
 def test_demo_budgets_pass_the_reports_banner_rule():
@@ -128,7 +130,7 @@ def test_demo_none_leaks_on_the_training_runs_batch(tmp_path):
     torch.set_num_threads(1)
     config = _config()
     plan = config.train
-    records = capture(CaptureConfig(plan.dataset, plan.model, "none", plan.batch_size, 1, config.seeds[0],
+    records = capture(CaptureConfig(plan.base.dataset, plan.base.model, "none", plan.base.batch_size, 1, config.seeds[0],
                                     tmp_path / "records"))
     m = len(plan.attack_steps) * len(_train_attacks(config)) * len(config.views)
     verdict = _verdict(records, _train_attacks(config), tuple(config.views), tmp_path / "runs", config.seeds[0], m)

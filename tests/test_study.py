@@ -111,8 +111,8 @@ def test_demo_study_is_valid_and_covers_the_issue():
     config = load_study(study_mod.DEMO_STUDY)
     families = {d.split(":")[0] for d in config.defenses}
     assert {"none", "topk", "qsgd", "signsgd", "powersgd", "lqsgd"} <= families
-    assert {a.split(":")[0] for a in config.attacks} == {"dlg", "ig"}
-    assert set(config.views) == {"naive", "aware"} and set(config.datasets) == {"digits", "faces"}
+    assert {a.split(":")[0] for a in config.attacks} & {"feature", "analytic"}  # a structure-aware attacker (issue 25)
+    assert "naive" in set(config.views) and set(config.datasets) == {"digits", "faces"}
     assert config.train is not None
 
 

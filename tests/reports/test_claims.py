@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gia_bench.results import Budget
+
 from gia_bench.metrics import BatchScores, ImageScores
 from gia_bench.reports.claims import (
     Setting,
@@ -80,11 +82,11 @@ def test_convergence_rows_give_epochs_to_within_one_point_of_sgds_final_accuracy
 
 
 def _result(defense: str, record: str, attack: str, ssim: float) -> AttackResult:
-    scores = BatchScores(images=(ImageScores(0, 0, ssim, 20.0, None),), label_accuracy=1.0, lpips_reason=None)
+    scores = BatchScores(images=(ImageScores(0, 0, {"ssim": ssim, "psnr": 20.0}),), label_accuracy=1.0, lpips_reason=None)
     return AttackResult(path=Path(f"runs/{defense}/{record}/{attack}/result.json"), record_id=record, record="r",
                         dataset="digits", model="mlp", defense=defense, attack=attack, view="aware", threat={},
                         bytes=1, bytes_fp32=1, batch_size=1, labels_inferred=(0,), labels_true=(0,), seconds=1.0,
-                        iterations=1, final_loss=0.0, scores=scores)  # fmt: skip
+                        iterations=1, final_loss=0.0, scores=scores, budget=Budget(1, 1, None, None))  # fmt: skip
 
 
 def test_inversion_claim_takes_the_strongest_attack_per_record_and_pairs_records():
