@@ -31,6 +31,9 @@ images, one seed, so about +-2.6 points near 50 %; bytes per worker per step, an
     lqsgd_r2_start_iter5     8.64 / 23.40 / 40.39   121,426  (5 fp32 steps)
     lqsgd_r2_start_iter11   14.21 / 30.64 / 45.68   255,789  (epoch 1 = none's, bit for bit)
 
+Seed 1 (``--seeds 1``): none 19.22 / 31.48 / 49.86 (epoch-1 loss 5.73), powersgd_r2 9.47 / 11.98 /
+16.16, lqsgd_r2 8.64 / 19.78 / 32.31.
+
 The default lr rule on 2 workers (peak 0.05, a 2-step warm-up: 5 % of 33 steps) makes
 ``none`` itself diverge in epoch 1; every compressor starts from that. The quantizer is not
 what slows LQ-SGD: at 16 bits it does no better, and PowerSGD rank 2 is below it.
