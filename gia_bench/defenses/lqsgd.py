@@ -26,8 +26,9 @@ from gia_bench.defenses.codecs import (
     segment_ids,
     unpack_bits,
 )
-from gia_bench.defenses.powersgd import Plan, PowerSGD
-from gia_bench.errors import CompressorError, SpecError
+from gia_bench.defenses.lowrank import LQSGDSettings, Plan, setting_property
+from gia_bench.defenses.powersgd import PowerSGD
+from gia_bench.errors import CompressorError
 
 # -- the compressor -----------------------------------------------------------------------------------------
 
@@ -94,22 +95,21 @@ class LQSGD(PowerSGD):
         epsilon: float = 0.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(rank, warm_start, error_feedback, min_compression_rate, start_iter, epsilon, seed)
-        if not 2 <= bits <= 16:
-            raise SpecError(f"lqsgd bits must be in 2..16 (one sign bit + magnitude), got {bits}")
-        if not alpha > 0:
-            raise SpecError(f"lqsgd alpha must be > 0, got {alpha}")
-        if rounding not in ("nearest", "stochastic"):
-            raise SpecError(f"lqsgd rounding must be nearest or stochastic, got {rounding!r}")
-        if collective not in ("auto", "allgather", "alltoall"):
-            raise SpecError(f"lqsgd collective must be auto, allgather or alltoall, got {collective!r}")
-        self.bits = int(bits)
-        self.alpha = float(alpha)
-        self.rounding = rounding
-        self.quantize_rest = bool(quantize_rest)
-        self.collective = collective
+        self.settings = LQSGDSettings(
+            rank=rank, warm_start=warm_start, error_feedback=error_feedback,
+            min_compression_rate=min_compression_rate, start_iter=start_iter, epsilon=epsilon, seed=seed,
+            bits=bits, alpha=alpha, rounding=rounding, quantize_rest=quantize_rest, collective=collective,
+            name=self._name(),
+        )
+        self._init_state()
         self._round_gen: torch.Generator | None = None
         self._segment_cache: dict[tuple[tuple[int, ...], int, str], torch.Tensor] = {}
+
+    bits = setting_property("bits")
+    alpha = setting_property("alpha")
+    rounding = setting_property("rounding")
+    quantize_rest = setting_property("quantize_rest")
+    collective = setting_property("collective")
 
     def collective_for(self, world_size: int) -> str:
         """The collective a step with ``world_size`` workers uses."""

@@ -13,14 +13,11 @@ columns of a rank-deficient P orthogonalize to zero instead of noise or NaN (see
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gia_bench.comm import Communicator
 from gia_bench.defenses.base import (
@@ -33,191 +30,27 @@ from gia_bench.defenses.base import (
     unflatten,
     with_residual,
 )
-from gia_bench.errors import CompressorError, SpecError
+from gia_bench.defenses.lowrank import (
+    GroupResidual,
+    LowRankSettings,
+    Plan,
+    ShapeGroup,
+    make_plan,
+    orthogonalize,
+    orthogonalize_blocks,
+    setting_property,
+    should_compress,
+)
+from gia_bench.errors import CompressorError
+
+# the plan and factor helpers moved to lowrank.py; importing them from here keeps working
+__all__ = [
+    "GroupResidual", "LowRankSettings", "Plan", "PowerSGD", "ShapeGroup", "make_plan", "orthogonalize",
+    "orthogonalize_blocks", "should_compress",
+]
 
 # PyTorch's hook draws each Q seed as ``rng.randint(1_000_000_000)`` from ``np.random.RandomState(seed)``.
 _SEED_BOUND = 1_000_000_000
-
-
-# -- which tensors are compressed, and where their factors live in the flat messages ------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ShapeGroup:
-    """Compressed tensors that share one matrix shape ``n x m``: batched through ``bmm`` together."""
-
-    n: int
-    m: int
-    r: int  # min(n, m, rank)
-    indices: tuple[int, ...]  # positions of the tensors in the gradient list
-    p_offset: int  # where the group's (count, n, r) block starts in the flat P message
-    q_offset: int  # where the group's (count, m, r) block starts in the flat Q message
-
-    @property
-    def count(self) -> int:
-        return len(self.indices)
-
-    @property
-    def p_numel(self) -> int:
-        return self.count * self.n * self.r
-
-    @property
-    def q_numel(self) -> int:
-        return self.count * self.m * self.r
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """The layout of PowerSGD's messages for a list of gradient shapes.
-
-    ``P`` (and ``Q``) is the concatenation of every compressed tensor's P (Q), grouped by
-    matrix shape in order of first appearance and in gradient order within a group, as
-    PyTorch's hook lays out its ``p_memory`` / ``q_memory``. ``rest`` concatenates the
-    uncompressed tensors in gradient order.
-    """
-
-    shapes: tuple[torch.Size, ...]
-    groups: tuple[ShapeGroup, ...]
-    rest: tuple[int, ...]
-    p_numel: int
-    q_numel: int
-    rest_numel: int
-
-    @property
-    def compressed(self) -> tuple[int, ...]:
-        """Positions of the compressed tensors in message order."""
-        return tuple(i for g in self.groups for i in g.indices)
-
-    def p_sizes(self) -> list[int]:
-        """Values of each compressed tensor's P, in message order (one quantization segment each)."""
-        return [g.n * g.r for g in self.groups for _ in g.indices]
-
-    def q_sizes(self) -> list[int]:
-        return [g.m * g.r for g in self.groups for _ in g.indices]
-
-    def rest_sizes(self) -> list[int]:
-        return [self.shapes[i].numel() for i in self.rest]
-
-
-def should_compress(n: int, m: int, rank: int, min_compression_rate: float) -> bool:
-    """PyTorch's ``_should_compress``: the n x m matrix is sent as factors iff that saves enough.
-
-    ``(n + m) * r * min_compression_rate < n * m`` with ``r = min(n, m, rank)``.
-    """
-    r = min(n, m, rank)
-    return (n + m) * r * min_compression_rate < n * m
-
-
-@functools.lru_cache(maxsize=64)
-def make_plan(shapes: tuple[torch.Size, ...], rank: int, min_compression_rate: float) -> Plan:
-    """Split ``shapes`` into compressed matrices (grouped by shape) and the uncompressed rest.
-
-    A tensor is viewed as ``shape[0] x rest``; 1-D (and 0-D) tensors are never compressed.
-    """
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    rest: list[int] = []
-    for i, shape in enumerate(shapes):
-        if len(shape) > 1:
-            n = int(shape[0])
-            m = int(shape.numel()) // n if n else 0
-            if n and m and should_compress(n, m, rank, min_compression_rate):
-                by_shape.setdefault((n, m), []).append(i)
-                continue
-        rest.append(i)
-    groups = []
-    p_off = q_off = 0
-    for (n, m), idx in by_shape.items():
-        group = ShapeGroup(n, m, min(n, m, rank), tuple(idx), p_off, q_off)
-        groups.append(group)
-        p_off += group.p_numel
-        q_off += group.q_numel
-    rest_numel = sum(int(shapes[i].numel()) for i in rest)
-    return Plan(tuple(shapes), tuple(groups), tuple(rest), p_off, q_off, rest_numel)
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupResidual:
-    """One shape group's error-feedback residual, stored once: ``(count, n, m)`` for a
-    compressed group, flat for the uncompressed rest. Per-parameter tensors exist only as
-    views made on demand (:meth:`views`) for ``state_dict`` and ``private_state``."""
-
-    keys: tuple[Hashable, ...]
-    shapes: tuple[torch.Size, ...]
-    values: torch.Tensor
-
-    def views(self) -> list[torch.Tensor]:
-        """Each parameter's residual in its own shape: views of :attr:`values`, in key order."""
-        return unflatten(self.values.reshape(-1), self.shapes)
-
-
-# -- orthogonalization ------------------------------------------------------------------------------
-
-
-def orthogonalize(matrices: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
-    """Orthonormal columns for a batch of ``(b, n, r)`` matrices, ``r <= n`` (a new tensor).
-
-    As PyTorch's ``_orthogonalize``: modified Gram-Schmidt for ``r <= 2`` and for half
-    precision, Householder QR (``torch.linalg.qr``) otherwise. ``epsilon`` is added to
-    each column norm in Gram-Schmidt (PyTorch's ``orthogonalization_epsilon``).
-
-    One deliberate difference in Gram-Schmidt: a column whose norm after the projections
-    is at most ``sqrt(machine epsilon)`` times its norm before them (a rank-deficient P,
-    e.g. the rank-1 gradient of a linear layer at batch size 1, or an all-zero gradient)
-    becomes zero. PyTorch normalizes what is left, rounding noise that is far from
-    orthogonal to the earlier columns, and its rank-2 output is then wrong by 100% (or
-    NaN for a zero column); the two agree bit for bit on every other input. Written
-    without in-place updates so that autograd can differentiate it (the aware attack).
-    """
-    if matrices.dim() != 3 or matrices.shape[2] > matrices.shape[1]:
-        raise ValueError(f"orthogonalize expects (b, n, r) with r <= n, got {tuple(matrices.shape)}")
-    rank = matrices.shape[2]
-    if rank > 2 and matrices.dtype not in (torch.float16, torch.bfloat16):
-        return torch.linalg.qr(matrices).Q
-    tol = torch.finfo(matrices.dtype).eps ** 0.5
-    original_norms = torch.linalg.vector_norm(matrices, dim=1, keepdim=True)
-    columns = []
-    work = matrices
-    for i in range(rank):
-        col = work[:, :, :1]
-        norm = torch.linalg.vector_norm(col, dim=1, keepdim=True)
-        keep = norm > tol * original_norms[:, :, i : i + 1]
-        if epsilon == 0:
-            col = torch.where(keep, col / torch.where(keep, norm, torch.ones_like(norm)), torch.zeros_like(col))
-        else:
-            col = torch.where(keep, col / (norm + epsilon), torch.zeros_like(col))
-        columns.append(col)
-        if i + 1 < rank:
-            # project the normalized column out of the remaining ones (same arithmetic as PyTorch)
-            rest = work[:, :, 1:]
-            work = rest - torch.sum(col * rest, dim=1, keepdim=True) * col
-    return columns[0] if rank == 1 else torch.cat(columns, dim=2)
-
-
-def orthogonalize_blocks(blocks: Sequence[torch.Tensor], epsilon: float = 0.0) -> list[torch.Tensor]:
-    """:func:`orthogonalize` of several ``(count, n_i, r)`` blocks in one batched call per rank r.
-
-    Blocks are zero-padded to the longest ``n``: zero rows change neither the column
-    norms nor the projections (nor Householder QR), so each block's result is its own
-    orthogonalization, up to float rounding; one call instead of one per shape group
-    keeps the kernel count (and GPU launch overhead) flat in the number of groups.
-    """
-    out: list[torch.Tensor | None] = [None] * len(blocks)
-    by_rank: dict[int, list[int]] = {}
-    for i, b in enumerate(blocks):
-        by_rank.setdefault(int(b.shape[2]), []).append(i)
-    for idx in by_rank.values():
-        if len(idx) == 1:
-            out[idx[0]] = orthogonalize(blocks[idx[0]], epsilon)
-            continue
-        n_max = max(int(blocks[i].shape[1]) for i in idx)
-        padded = torch.cat([F.pad(blocks[i], (0, 0, 0, n_max - blocks[i].shape[1])) for i in idx])
-        ortho = orthogonalize(padded, epsilon)
-        start = 0
-        for i in idx:
-            count, n = blocks[i].shape[:2]
-            out[i] = ortho[start : start + count, :n]
-            start += count
-    return out  # type: ignore[return-value]
 
 
 # -- the compressor ---------------------------------------------------------------------------------------
@@ -278,21 +111,13 @@ class PowerSGD(Compressor):
         epsilon: float = 0.0,
         seed: int = 0,
     ) -> None:
-        if rank < 1:
-            raise SpecError(f"{self._name()} rank must be >= 1, got {rank}")
-        if min_compression_rate <= 0:
-            raise SpecError(f"{self._name()} min_compression_rate must be > 0, got {min_compression_rate}")
-        if start_iter < 0:
-            raise SpecError(f"{self._name()} start_iter must be >= 0, got {start_iter}")
-        if epsilon < 0:
-            raise SpecError(f"{self._name()} epsilon must be >= 0, got {epsilon}")
-        self.rank = int(rank)
-        self.warm_start = bool(warm_start)
-        self.error_feedback = bool(error_feedback)
-        self.min_compression_rate = float(min_compression_rate)
-        self.start_iter = int(start_iter)
-        self.epsilon = float(epsilon)
-        self.seed = int(seed)
+        self.settings = LowRankSettings(
+            rank, warm_start, error_feedback, min_compression_rate, start_iter, epsilon, seed, name=self._name()
+        )
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """The per-run state (Q draws, warm-start Qs, residuals), empty."""
         self._rng = np.random.RandomState(self.seed)
         self._steps: dict[Hashable, int] = {}  # steps seen per key (for start_iter)
         self._q: dict[Hashable, torch.Tensor] = {}  # warm start: last aggregated Q per key (m x r)
@@ -300,6 +125,15 @@ class PowerSGD(Compressor):
         # parameter keys, so that step 1 adds it in one op; every key lives in exactly one entry
         self._residuals: dict[tuple[Hashable, ...], GroupResidual] = {}
         self._public: dict[str, torch.Tensor] = {}
+
+    # the spec's parameters, read from the one validated settings object (canonical_spec reads these)
+    rank = setting_property("rank")
+    warm_start = setting_property("warm_start")
+    error_feedback = setting_property("error_feedback")
+    min_compression_rate = setting_property("min_compression_rate")
+    start_iter = setting_property("start_iter")
+    epsilon = setting_property("epsilon")
+    seed = setting_property("seed")
 
     @classmethod
     def _name(cls) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -13,6 +14,7 @@ from _mp import assert_error_feedback_conserves
 
 from gia_bench.comm import LocalCommunicator, messages_by_tag
 from gia_bench.defenses import create
+from gia_bench.defenses.lowrank import LowRankSettings, LQSGDSettings
 from gia_bench.defenses.powersgd import PowerSGD, make_plan, orthogonalize
 from gia_bench.errors import SpecError
 
@@ -229,6 +231,26 @@ def test_spec_round_trip_and_bad_values():
     for bad in ("powersgd:rank=0", "powersgd:start_iter=-1", "powersgd:min_compression_rate=0"):
         with pytest.raises(SpecError):
             create(bad)
+
+
+def test_one_settings_object_serves_powersgd_and_lqsgd():
+    """Both compressors validate through LowRankSettings (LQ-SGD's settings extend it), the
+    spec's attributes read from it, and the canonical specs (result identity) are unchanged."""
+    p, q = create("powersgd:rank=1"), create("lqsgd:rank=1,bits=8")
+    assert type(p.settings) is LowRankSettings and type(q.settings) is LQSGDSettings
+    assert isinstance(q.settings, LowRankSettings)
+    assert p.settings == LowRankSettings(rank=1) and q.settings == LQSGDSettings(rank=1, bits=8)
+    assert p.spec == "powersgd:rank=1,warm_start=true,error_feedback=true,min_compression_rate=2.0,start_iter=0,epsilon=0.0,seed=0"
+    assert q.spec == (
+        "lqsgd:rank=1,bits=8,alpha=10.0,rounding=nearest,quantize_rest=true,collective=auto,warm_start=true,"
+        "error_feedback=true,min_compression_rate=2.0,start_iter=0,epsilon=0.0,seed=0"
+    )
+    # a PowerSGD parameter is checked by the one dataclass for both, and the message names the compressor
+    for name in ("powersgd", "lqsgd"):
+        with pytest.raises(SpecError, match=f"^{name} start_iter must be >= 0"):
+            create(f"{name}:start_iter=-1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.settings.rank = 3  # type: ignore[misc]
 
 
 def _reachable_tensors(obj, seen=None) -> list[torch.Tensor]:
