@@ -143,7 +143,8 @@ def goals(rows: list[dict], demo: list[dict]) -> dict:
         a = get("lenet", d, "feature")
         out[f"B=1 {d}"] = {"mean": a.get("mean_psnr"), "min": a.get("min_psnr"), "s/image": a.get("seconds_per_image"),
                            "met": bool(a) and a["mean_psnr"] >= 22 and a["min_psnr"] >= 15
-                           and a["cpu_seconds_per_image"] <= 60, "cpu s/image": a.get("cpu_seconds_per_image")}  # fmt: skip
+                           and a["cpu_seconds_per_image"] <= 60,
+                           "cpu s/image": a.get("cpu_seconds_per_image")}  # fmt: skip
     for d in ("powersgd:rank=4", "lqsgd:rank=4"):
         a = get("lenet", d, "feature")
         out[f"B=4 {d}"] = {"mean": a.get("mean_psnr"), "met": bool(a) and a["mean_psnr"] >= 18}

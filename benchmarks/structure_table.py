@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--defenses", nargs="+", default=list(DEFENSES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
-    parser.add_argument("--records", type=int, default=2, help="images per cell (B = 1: records; B > 1: batches enough for that many images)")
+    parser.add_argument("--records", type=int, default=2,
+                        help="images per cell (B = 1: records; B > 1: batches for as many images)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="capture and attack seed")
     parser.add_argument("--ig", default=IG, help="matching attack (naive and aware)")
     parser.add_argument("--feature", default=FEATURE)
