@@ -106,6 +106,12 @@ def markdown(cells: list[dict]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines += [f"[{n}] {reason}" for reason, n in notes.items()]
+    budgets: dict[str, list[str]] = {}
+    for c in cells:
+        key = f"`{c['budgets']['ig']}` (naive, aware), `{c['budgets']['feature']}`"
+        if c["model"] not in budgets.setdefault(key, []):
+            budgets[key].append(c["model"])
+    lines += ["", "Budgets: " + "; ".join(f"{', '.join(m)}: {b}" for b, m in budgets.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +136,11 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, help="append each finished cell here as it finishes")
     parser.add_argument("--markdown", type=Path, help="write the markdown table here")
     parser.add_argument("--work", type=Path, help="records and results (default: a temporary folder)")
+    parser.add_argument("--render", type=Path, nargs="+", help="only print the markdown of these --jsonl files' cells")
     args = parser.parse_args()
+    if args.render:  # runs split over several processes (models), or cut short: the cells that finished
+        print(markdown([json.loads(line) for path in args.render for line in path.read_text().splitlines()]), end="")
+        return
     start = time.perf_counter()
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
