@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import re
 import subprocess
@@ -81,11 +82,21 @@ def run_cell(model: str, defense: str, batch: int, args: argparse.Namespace, wor
             cell[key] = {"skip": runs[0]["skip"]}
             continue
         psnr = [p for r in done for p in r["psnr"]]
-        cell[key] = {"mean_psnr": round(sum(psnr) / len(psnr), 1), "min_psnr": round(min(psnr), 1),
+        cell[key] = {"mean_psnr": _value(sum(psnr) / len(psnr)), "min_psnr": _value(min(psnr)),
                      "images": len(psnr), "seconds": round(sum(r["seconds"] for r in done), 1)}  # fmt: skip
         if len(done) < len(runs):
             cell[key]["skipped_records"] = len(runs) - len(done)
     return cell
+
+
+def _value(psnr: float) -> float | str:
+    """PSNR to one decimal; an exact reconstruction (infinite PSNR) as "inf", which JSON can carry."""
+    return round(psnr, 1) if math.isfinite(psnr) else "inf"
+
+
+def _cell_text(entry: dict) -> str:
+    mean, low = (v if isinstance(v, str) else f"{v:.1f}" for v in (entry["mean_psnr"], entry["min_psnr"]))
+    return f"{mean} ({low})"
 
 
 def markdown(cells: list[dict]) -> str:
@@ -102,7 +113,7 @@ def markdown(cells: list[dict]) -> str:
                 n = notes.setdefault(_short(reason), len(notes) + 1)
                 row.append(f"skip [{n}]")
             else:
-                row.append(f"{entry['mean_psnr']:.1f} ({entry['min_psnr']:.1f})")
+                row.append(_cell_text(entry))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines += [f"[{n}] {reason}" for reason, n in notes.items()]
