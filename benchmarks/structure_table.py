@@ -75,7 +75,8 @@ def run_cell(model: str, defense: str, batch: int, args: argparse.Namespace, wor
     paths = capture("photos", model, defense, batch, -(-args.records // batch), args.seed, rec_dir)
     cell: dict = {"model": model, "defense": defense, "batch_size": batch, "budgets": {"ig": ig, "feature": feature}}
     for (name, view), spec in zip(COLUMNS, (ig, ig, feature, ANALYTIC)):
-        runs = [attack_cell(p, spec, view, work / "runs", args.seed) for p in paths]
+        # one results folder per cell: records of B = 1 and B = 4 share ids ("photos-lenet-0000")
+        runs = [attack_cell(p, spec, view, work / "runs" / rec_dir.name, args.seed) for p in paths]
         done = [r for r in runs if "psnr" in r]
         key = f"{name} {view}"
         if not done:
