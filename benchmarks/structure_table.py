@@ -132,6 +132,8 @@ def _short(reason: str) -> str:
     if reason.startswith("record "):
         reason = reason.split(": ", 1)[-1]
     reason = re.sub(r" \(aware view, defense '[^']*'\)", "", reason)
+    if re.search(r"defense '[\w-]+' sends no tensor exactly", reason):  # every quantizer: one note per attack
+        reason = reason.split(":")[0] + ": the defense sends no tensor exactly (quantized, noisy or coded)"
     return reason if len(reason) <= 240 else reason[:237] + "..."
 
 
