@@ -187,6 +187,8 @@ class Analytic(Attack):
             known = x.shape[1] if found.known is None else int(found.known.sum())
             extra.update(rows_used=int(usable.sum()), rows=int(db.numel()), pixels_known=known,
                          method="bias ratio over the exact rows")  # fmt: skip
+            if int(usable.sum()) < db.numel():  # a subset (Top-k's kept biases): which ones
+                extra["row_indices"] = usable.nonzero().flatten().tolist()
         else:
             chain = relu_chain(model)
             if chain is None or chain[0] != layer:

@@ -84,3 +84,23 @@ def test_analytic_aware_uses_only_the_entries_topk_keeps():
     covered = (aware.inputs.flatten() != 0)
     assert (got[covered] - want[covered]).abs().max() < 1e-4
     assert _psnr(got, want) > _psnr(spec.denormalize(naive.inputs).clamp(0, 1).flatten(), want)
+
+
+def test_result_json_says_which_rows_and_layers_analytic_used(tmp_path):
+    import json
+
+    from gia_bench.capture import capture
+    from gia_bench.evaluate import run_attack
+
+    # B = 1 through Top-k 10 %: the kept first-layer rows, by index
+    path = capture("photos", "mlp:hidden=64", "topk:ratio=0.1", 1, 1, 3, tmp_path / "topk")[0]
+    extra = json.loads(run_attack(path, "analytic", "aware", tmp_path / "runs").read_text())["extra"]
+    assert extra["layer"] == "net.1" and "Top-k keeps" in extra["exact"]["bias"]
+    assert 0 < extra["rows_used"] <= 7 and len(extra["row_indices"]) == extra["rows_used"]  # ceil(0.1 * 64) biases
+    assert all(0 <= i < 64 for i in extra["row_indices"]) and extra["rows"] == 64
+    # B = 4 through PowerSGD rank 4: every layer of the ReLU stack, whole
+    path = capture("photos", "mlp:hidden=64", "powersgd:rank=4", 4, 1, 3, tmp_path / "psgd")[0]
+    result = json.loads(run_attack(path, "analytic", "aware", tmp_path / "runs").read_text())
+    assert result["extra"]["layers"] == ["net.1", "net.3"] and result["extra"]["rows_used"] == 64
+    assert "rank 4 factors" in result["extra"]["exact"]["weight"] and result["threat"]["observed"] == "messages"
+    assert min(result["psnr"]) >= 40
