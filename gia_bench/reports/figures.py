@@ -25,6 +25,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -289,6 +290,32 @@ def _image_key(img: torch.Tensor) -> str:
     return hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest()
 
 
+_Cells = tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], list[str], list[str], set[str]]
+
+
+def _grid_cells(by_defense: Mapping[str, Sequence[AttackResult]], order: Sequence[str]) -> _Cells:
+    """Each result's stored images: (originals by column key, defense -> column key -> reconstruction,
+    column keys in the order first seen, notes, defenses whose image files are missing). Columns are
+    keyed by the original image itself (its bytes)."""
+    g = SimpleNamespace(originals={}, cells=defaultdict(dict), appearance=[], notes=[], missing=set())
+    for d in order:
+        for res in by_defense[d]:
+            rec, orig, note = res.load_images()
+            if rec is None:
+                if d not in g.missing:
+                    g.notes.append(f"{d}: {note}")
+                g.missing.add(d)
+                continue
+            for j in range(rec.shape[0]):
+                key = _image_key(orig[j]) if orig is not None else f"{res.record_id}/{j}"
+                if orig is not None:
+                    g.originals.setdefault(key, orig[j])
+                g.cells[d].setdefault(key, rec[j])
+                if key not in g.appearance:
+                    g.appearance.append(key)
+    return g.originals, g.cells, g.appearance, g.notes, g.missing
+
+
 def image_grid(
     results: Sequence[AttackResult], out_dir: Path, defense_order: Sequence[str], shown: Callable[[str], str] = str
 ) -> Figure | None:
@@ -307,26 +334,7 @@ def image_grid(
     for r in sorted(results, key=lambda r: (r.record_id, str(r.path))):
         by_defense[r.defense].append(r)
     order = [d for d in defense_order if d in by_defense] + [d for d in by_defense if d not in defense_order]
-    originals: dict[str, torch.Tensor] = {}  # column key -> original image
-    cells: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # defense -> column key -> reconstruction
-    appearance: list[str] = []
-    notes: list[str] = []
-    missing: set[str] = set()
-    for d in order:
-        for res in by_defense[d]:
-            rec, orig, note = res.load_images()
-            if rec is None:
-                if d not in missing:
-                    notes.append(f"{d}: {note}")
-                missing.add(d)
-                continue
-            for j in range(rec.shape[0]):
-                key = _image_key(orig[j]) if orig is not None else f"{res.record_id}/{j}"
-                if orig is not None:
-                    originals.setdefault(key, orig[j])
-                cells[d].setdefault(key, rec[j])
-                if key not in appearance:
-                    appearance.append(key)
+    originals, cells, appearance, notes, missing = _grid_cells(by_defense, order)
     if not appearance:
         return None
     shared = {k: sum(k in cells[d] for d in order) for k in appearance}
