@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from gia_bench.attacks import AttackError
-from gia_bench.capture import capture
+from gia_bench.capture import CaptureConfig, capture
 from gia_bench.errors import GiaBenchError
 from gia_bench.evaluate import evaluate
 
@@ -61,18 +61,18 @@ COLUMNS = (("ig", "naive"), ("ig", "aware"), ("feature", "aware"), ("analytic", 
 def attack_cell(record: Path, spec: str, view: str, out: Path, seed: int) -> dict:
     """Mean/min PSNR of one attack on one record, or the attack's own reason for refusing it."""
     try:
-        result = evaluate(record, spec, view, out, seed=seed).data
+        result = evaluate(record, spec, view, out, seed=seed).result
     except (AttackError, GiaBenchError) as exc:
         return {"skip": str(exc).splitlines()[0]}
-    psnr = [float(p) for p in result["psnr"]]
-    return {"psnr": psnr, "seconds": round(result["seconds"], 2)}
+    psnr = [float(im.psnr) for im in result.scores.images]
+    return {"psnr": psnr, "seconds": round(result.seconds, 2)}
 
 
 def run_cell(model: str, defense: str, batch: int, args: argparse.Namespace, work: Path) -> dict:
     ig, feature = DEEP.get(model, (args.ig, args.feature))
     rec_dir = work / "records" / f"{model}-{defense}-{batch}".replace(":", "_")
     # B = 1: --records images; B > 1: enough batches for --records images (one batch of 4 for 2)
-    paths = capture("photos", model, defense, batch, -(-args.records // batch), args.seed, rec_dir)
+    paths = capture(CaptureConfig("photos", model, defense, batch, -(-args.records // batch), args.seed, rec_dir))
     cell: dict = {"model": model, "defense": defense, "batch_size": batch, "budgets": {"ig": ig, "feature": feature}}
     for (name, view), spec in zip(COLUMNS, (ig, ig, feature, ANALYTIC)):
         # one results folder per cell: records of B = 1 and B = 4 share ids ("photos-lenet-0000")

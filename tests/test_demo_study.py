@@ -94,9 +94,10 @@ def _verdict(records: list[Path], attacks: tuple[str, ...], views: tuple[str, ..
             pairs = []
             for record in records:
                 result = evaluate(record, attack, view, out, seed)
-                rec, orig, _ = load_images(result.path.parent / "reconstruction.safetensors", len(result.data["ssim"]))
+                images = result.result.scores.images
+                rec, orig, _ = load_images(result.path.parent / "reconstruction.safetensors", len(images))
                 floors = mean_colour_floor(orig)
-                pairs += [(im["ssim"], im["psnr"], f[0], f[1]) for im, f in zip(result.data["metrics"]["images"], floors)]
+                pairs += [(im.ssim, im.psnr, f[0], f[1]) for im, f in zip(images, floors)]
             v = stats.floor_verdict(pairs, comparisons=comparisons)
             best = v if best is None or v.p < best.p else best
     assert best is not None

@@ -129,6 +129,19 @@ class Analytic(Attack):
 
     def _batch(self, candidates: torch.Tensor, batch: int) -> torch.Tensor:
         """Pick ``batch`` images among per-row candidates: most-agreed-upon first, then farthest."""
+        return self._clusters(candidates, batch)[0]
+
+    def _in_span(self, x: torch.Tensor, kept: torch.Tensor) -> bool:
+        """Whether ``x`` is (within ``tol``) a combination of the images kept: a row that mixes images
+        already found, which several rows can agree on when the images' gradients are alike."""
+        if kept.shape[0] == 0:
+            return False
+        coef = torch.linalg.lstsq(kept.T, x.unsqueeze(1)).solution
+        return float((kept.T @ coef).squeeze(1).sub(x).norm() / x.norm().clamp_min(1e-30)) < self.tol
+
+    def _clusters(self, candidates: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+        """:meth:`_batch`'s pick, and how many of the picks at least two rows agree on (pure rows: a unit
+        only one image activates gives that image exactly, and mixtures rarely coincide across rows)."""
         scale = candidates.norm(dim=1, keepdim=True).clamp_min(1e-30)
         dist = torch.cdist(candidates, candidates) / torch.minimum(scale, scale.T)
         support = (dist < self.tol).sum(dim=1)
@@ -136,8 +149,9 @@ class Analytic(Attack):
         for i in torch.argsort(support, descending=True, stable=True).tolist():
             if len(chosen) == batch or support[i] < 2:
                 break
-            if all(dist[i, j] >= self.tol for j in chosen):
+            if all(dist[i, j] >= self.tol for j in chosen) and not self._in_span(candidates[i], candidates[chosen]):
                 chosen.append(i)
+        agreed = len(chosen)
         while len(chosen) < min(batch, candidates.shape[0]):
             if chosen:
                 i = int(dist[:, chosen].min(dim=1).values.argmax())
@@ -146,7 +160,32 @@ class Analytic(Attack):
             chosen.append(i)
         while len(chosen) < batch:  # fewer usable rows than images: repeat the last one
             chosen.append(chosen[-1])
-        return candidates[chosen]
+        return candidates[chosen], agreed
+
+    def _batch_aware(self, model: nn.Module, chain: list[str], layer_grads: dict, labels: torch.Tensor,
+                     generator: torch.Generator, dW: torch.Tensor, db: torch.Tensor) -> tuple[torch.Tensor, float, str]:
+        """A batch through an exact ReLU stack: the classifier solve, or the first layer's pure rows.
+
+        The rank-B solve at the classifier needs one image per label: with a label inferred twice it
+        cannot tell those images apart (it returns mixtures). The first layer's rows whose unit only
+        one image activates give each image exactly (x = dW_i / db_i), with no labels: when B of them
+        are each agreed on by two rows or more, they are taken. Decided from the messages and the
+        inferred labels only."""
+        good = db.abs() > self.eps * db.abs().max()
+        rows, agreed = self._clusters((dW[good] / db[good].unsqueeze(1)).to(torch.float64), labels.numel())
+        repeated = labels.unique().numel() < labels.numel()
+        solved: tuple[torch.Tensor, float] | None = None
+        if not (repeated and agreed == labels.numel()):
+            try:
+                solved = chain_inputs(model, chain, layer_grads, labels, generator)
+            except AttackError:
+                if agreed < labels.numel():
+                    raise
+        if solved is not None:
+            return solved[0], solved[1], "rank-B solve at the classifier, least squares down the ReLU stack"
+        A = torch.linalg.lstsq(rows.T, dW.to(torch.float64).T).solution  # how well they explain dL/dW
+        residual = float((dW - (rows.T @ A).T).pow(2).sum() / dW.pow(2).sum().clamp_min(1e-300))
+        return rows, residual, "first-layer rows one image activates (a label inferred twice)"
 
     def _aware(
         self,
@@ -204,9 +243,8 @@ class Analytic(Attack):
                 layer_grads[name] = (grads[pair[0].index].cpu(), grads[pair[1].index].cpu())  # type: ignore[union-attr]
             cpu_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator,
                                                                       device=generator.device)))  # fmt: skip
-            x, residual = chain_inputs(model, chain, layer_grads, labels, cpu_gen)
-            extra.update(rows_used=int(db.numel()), rows=int(db.numel()), layers=chain,
-                         method="rank-B solve at the classifier, least squares down the ReLU stack")  # fmt: skip
+            extra.update(rows_used=int(db.numel()), rows=int(db.numel()), layers=chain)
+            x, residual, extra["method"] = self._batch_aware(model, chain, layer_grads, labels, cpu_gen, dW, db)
         if progress is not None:
             progress(1, 1, residual)
         return Reconstruction(

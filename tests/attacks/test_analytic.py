@@ -89,18 +89,34 @@ def test_analytic_aware_uses_only_the_entries_topk_keeps():
 def test_result_json_says_which_rows_and_layers_analytic_used(tmp_path):
     import json
 
-    from gia_bench.capture import capture
+    from gia_bench.capture import CaptureConfig, capture
     from gia_bench.evaluate import run_attack
 
     # B = 1 through Top-k 10 %: the kept first-layer rows, by index
-    path = capture("photos", "mlp:hidden=64", "topk:ratio=0.1", 1, 1, 3, tmp_path / "topk")[0]
+    path = capture(CaptureConfig("photos", "mlp:hidden=64", "topk:ratio=0.1", 1, 1, 3, tmp_path / "topk"))[0]
     extra = json.loads(run_attack(path, "analytic", "aware", tmp_path / "runs").read_text())["extra"]
     assert extra["layer"] == "net.1" and "Top-k keeps" in extra["exact"]["bias"]
     assert 0 < extra["rows_used"] <= 7 and len(extra["row_indices"]) == extra["rows_used"]  # ceil(0.1 * 64) biases
     assert all(0 <= i < 64 for i in extra["row_indices"]) and extra["rows"] == 64
     # B = 4 through PowerSGD rank 4: every layer of the ReLU stack, whole
-    path = capture("photos", "mlp:hidden=64", "powersgd:rank=4", 4, 1, 3, tmp_path / "psgd")[0]
+    path = capture(CaptureConfig("photos", "mlp:hidden=64", "powersgd:rank=4", 4, 1, 3, tmp_path / "psgd"))[0]
     result = json.loads(run_attack(path, "analytic", "aware", tmp_path / "runs").read_text())
     assert result["extra"]["layers"] == ["net.1", "net.3"] and result["extra"]["rows_used"] == 64
     assert "rank 4 factors" in result["extra"]["exact"]["weight"] and result["threat"]["observed"] == "messages"
-    assert min(result["psnr"]) >= 40
+    assert min(im["psnr"] for im in result["scores"]["images"]) >= 40
+
+
+def test_aware_batch_with_a_label_inferred_twice_takes_the_first_layers_pure_rows(tmp_path):
+    """B = 4 with a repeated label: the classifier solve cannot part those two images; the first layer's
+    rows that one image activates give each exactly (photos seed 102: labels [0, 7, 0, 6])."""
+    import json
+
+    from gia_bench.capture import CaptureConfig, capture
+    from gia_bench.evaluate import run_attack
+
+    torch.set_num_threads(1)
+    path = capture(CaptureConfig("photos", "mlp", "powersgd:rank=4", 4, 1, 102, tmp_path / "rec"))[0]
+    result = json.loads(run_attack(path, "analytic", "aware", tmp_path / "runs").read_text())
+    assert result["labels_true"].count(0) == 2  # the case this test is about
+    assert "one image activates" in result["extra"]["method"]
+    assert min(im["psnr"] for im in result["scores"]["images"]) >= 40

@@ -9,7 +9,7 @@ from gia_bench.attacks import create
 from gia_bench.attacks.base import AttackError
 from gia_bench.attacks.exact import codec_error, exact_tensors
 from gia_bench.attacks.feature import NoExactLayer
-from gia_bench.attacks.labels import find_head, infer_labels
+from gia_bench.attacks.labels import infer_labels
 from gia_bench.attacks.matching import attack_model
 from gia_bench.capture import capture_batch
 from gia_bench.defenses import create as create_defense
