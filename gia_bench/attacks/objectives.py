@@ -167,10 +167,3 @@ class MaskedL2(_Masked):
 
     def __init__(self) -> None:
         self.base = SquaredL2()
-
-
-def total_distance(objective: Objective, candidates: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-    """``objective`` over the whole observation: ``candidates[k]`` ``(R, N_k)`` and ``targets[k]`` ``(N_k,)``
-    concatenated over keys first (for ``l2`` and ``l1`` the same as the sum over keys; for the cosine
-    the global cosine, not a per-key sum)."""
-    return objective.bind_segments(targets)(candidates)
