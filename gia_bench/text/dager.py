@@ -23,7 +23,8 @@ token v and its position p only. So:
 
 Train mode (dropout) breaks the exact span check, and so do compressors that change the
 first layers' gradients (this is the naive view: the decoded gradient); the result says
-how many positions matched. Decoders (``smollm2``) are not handled by this version.
+how many positions matched. Llama decoders (``smollm2``, ``transformer:arch=llama``) are
+handled greedily, position by position, in :mod:`gia_bench.text.dager_decoder`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _end_token(spec) -> int | None:
 
 @register("dager")
 class Dager(Attack):
-    """DAGER on encoders: tokens per position from the first layer's span, sentences from the second's.
+    """DAGER: tokens from the first layer's span, sentences from the second's (encoders: search; decoders: greedy).
 
     Args:
         tol: a (token, position) is in the batch when its relative span distance is below
