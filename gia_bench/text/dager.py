@@ -23,7 +23,8 @@ token v and its position p only. So:
 
 Train mode (dropout) breaks the exact span check, and so do compressors that change the
 first layers' gradients (this is the naive view: the decoded gradient); the result says
-how many positions matched. Decoders (``smollm2``) are not handled by this version.
+how many positions matched. Llama decoders (``smollm2``, ``transformer:arch=llama``) are
+handled greedily, position by position, in :mod:`gia_bench.text.dager_decoder`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _end_token(spec) -> int | None:
 
 @register("dager")
 class Dager(Attack):
-    """DAGER on encoders: tokens per position from the first layer's span, sentences from the second's.
+    """DAGER: tokens from the first layer's span, sentences from the second's (encoders: search; decoders: greedy).
 
     Args:
         tol: a (token, position) is in the batch when its relative span distance is below
@@ -92,6 +93,8 @@ class Dager(Attack):
             raise AttackError(f"attack 'dager' needs a text record, {record.meta.record_id} holds {spec.name!r}")
         model = record_model(record).eval()
         bert = getattr(model.net, "bert", None)
+        if bert is None and hasattr(getattr(model.net, "model", None), "layers"):
+            return self._run_decoder(record, model, view)
         if bert is None:
             raise AttackError(f"attack 'dager' handles BERT encoders (minilm, transformer), not {record.meta.model.spec!r}")
         decoded = decode_record(record)
@@ -127,6 +130,33 @@ class Dager(Attack):
             label_strategy=strategy, observed="decoded gradient",
             extra={"rank_layer1": int(basis1.shape[1]), "positions_found": sum(1 for c in candidates if c),
                    "vocabulary_checked": int(vocab.numel())},
+        )
+
+    def _run_decoder(self, record, model, view: str) -> Reconstruction:
+        """Llama decoders: :mod:`gia_bench.text.dager_decoder` (greedy, position by position)."""
+        from gia_bench.text.dager_decoder import decode_sentences
+
+        spec = record.meta.dataset
+        decoded = decode_record(record)
+        words = model.embedding.weight
+        length, batch = spec.shape[2], record.meta.batch_size
+        bag, _ = token_bag(decoded[_param_index(model, words)], "aware", 1e-6)
+        vocab = bag if 0 < bag.numel() <= batch * length else torch.arange(words.shape[0])
+        sentences, info = decode_sentences(model, decoded, vocab, batch, length)
+        return self._reconstruction(record, decoded, sentences, view, info)
+
+    def _reconstruction(self, record, decoded, sentences: list[list[int]], view: str, info: dict) -> Reconstruction:
+        """The sentences in the text layout (fewer than B: the rest left empty), labels from the bias."""
+        length, batch = record.meta.dataset.shape[2], record.meta.batch_size
+        ids = torch.zeros(batch, length, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for b, sentence in enumerate(sentences[:batch]):
+            ids[b, : len(sentence)] = torch.tensor(sentence[:length], dtype=torch.int64)
+            mask[b, : len(sentence)] = 1
+        labels, strategy = bias_labels(record, decoded)
+        return Reconstruction(
+            inputs=join_rows(ids, mask), labels=labels, iterations=0, final_loss=float("nan"), view=view,
+            label_strategy=strategy, observed="decoded gradient", extra=info,
         )
 
     def _assign(self, model, decoded, candidates: list[list[int]], batch: int, end_token: int | None = None

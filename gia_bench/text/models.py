@@ -105,15 +105,26 @@ class Transformer(TextClassifier):
         layers: encoder layers.
         vocab: vocabulary size (30522: the bert tokenizer's ids).
         attention: "eager" (double backward works) or "sdpa".
+        arch: "bert" (an encoder) or "llama" (a causal decoder like smollm2's, for decoder attacks' tests).
     """
 
     def __init__(self, in_shape: tuple[int, int, int] = (1, 3, 32), num_classes: int = 4,
                  d: Annotated[int, WIDTH] = 96, layers: Annotated[int, LAYERS] = 3,
-                 vocab: Annotated[int, VOCAB] = BERT_VOCAB, attention: Literal["eager", "sdpa"] = "eager") -> None:
+                 vocab: Annotated[int, VOCAB] = BERT_VOCAB, attention: Literal["eager", "sdpa"] = "eager",
+                 arch: Literal["bert", "llama"] = "bert") -> None:
         super().__init__()
-        self.d, self.layers, self.vocab, self.attention = d, layers, vocab, attention
+        self.d, self.layers, self.vocab, self.attention, self.arch = d, layers, vocab, attention, arch
         length = self._check_shape(in_shape, 4096)
         tf = transformers()
+        if arch == "llama":
+            config = tf.LlamaConfig(
+                vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=max(1, d // 32),
+                num_key_value_heads=max(1, d // 96), intermediate_size=4 * d, max_position_embeddings=max(64, length),
+                num_labels=num_classes, pad_token_id=0, tie_word_embeddings=False,
+            )
+            config._attn_implementation = attention
+            self.net = tf.LlamaForSequenceClassification(config)
+            return
         config = tf.BertConfig(
             vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=max(1, d // 32),
             intermediate_size=4 * d, max_position_embeddings=max(64, length), num_labels=num_classes,
