@@ -213,6 +213,7 @@ def test_a_plugin_killing_its_process_at_import_is_one_line(plugins, tmp_path, c
     assert "exited (code 0)" in lines[0] and "vanishing_plugin:Comp" in lines[0]
 
 
+@pytest.mark.slow  # the default run stays under 15 min on 2 cores; run with -m slow
 def test_a_passing_plugin_is_ranked_without_being_imported_here(plugins, tmp_path):
     """Contract in the worker, battery in a child, ranking here from its records: this process never runs it."""
     result = run_audit("misbehaving_plugin:Honest", tmp_path, AuditOptions(workers=1, quick=True))

@@ -175,7 +175,7 @@ def test_two_clients_two_rounds(tmp_path, in_process, defense):
     res = CliRunner().invoke(app, ["attack", one, "--attack", "dlg:iterations=2", "--out", str(tmp_path / "runs")])
     assert res.exit_code == 0, res.output
     (result,) = (tmp_path / "runs").rglob("result.json")
-    assert len(json.loads(result.read_text())["psnr"]) == cfg.batch_size
+    assert len(json.loads(result.read_text())["scores"]["images"]) == cfg.batch_size
 
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from gia_bench.attacks import create
@@ -8,6 +9,7 @@ from gia_bench.metrics import psnr, ssim
 from conftest import make_record, pick
 
 
+@pytest.mark.slow  # the default run stays under 15 min on 2 cores; run with -m slow
 def test_dlg_recovers_a_photo_on_lenet():
     # DLG's own setting: pixels in [0, 1] fed unnormalised to the sigmoid LeNet
     record, truth = make_record("lenet", "photos", (5,), pixel_space=True)

@@ -97,6 +97,7 @@ def test_kept_iterate_is_the_best_evaluated_one(monkeypatch):
     assert rec.budget.evaluations == 15 + 1 + 1  # 15 steps, the iterate after the last step, the final scoring
 
 
+@pytest.mark.slow  # the default run stays under 15 min on 2 cores; run with -m slow
 def test_dlg_default_recovers_two_of_three_images_fast():
     """The fast variant of the success test: default DLG settings at 150 steps (of 300), 3 fixed images.
 
@@ -166,6 +167,7 @@ def test_aware_is_never_weaker_than_naive(defense):
     assert aware.labels.tolist() == naive.labels.tolist() == truth.labels.tolist()
 
 
+@pytest.mark.slow  # the default run stays under 15 min on 2 cores; run with -m slow
 @pytest.mark.parametrize("defense", ["powersgd:rank=4", "qsgd:levels=16"])
 def test_ig_aware_is_not_weaker_than_naive_at_the_demo_budget(defense):
     """IG at the demo's budget on 4 digits: the aware view's mean PSNR is not below the naive

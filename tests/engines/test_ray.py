@@ -125,6 +125,7 @@ def test_unit_resources_follow_the_study():
     assert all(u.deps for u in units if u.kind == "attack")
 
 
+@pytest.mark.slow  # the default run stays under 15 min on 2 cores; run with -m slow
 def test_a_training_run_study_with_attack_steps_runs_on_ray(tmp_path, ray_local):
     """[train] attack_steps on Ray: the training unit's step records come back through the object
     store, the attack units that depend on them run, and the summary equals the local engine's."""
