@@ -34,8 +34,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from gia_bench.events import Silent
 
-class _View:
+
+class _View(Silent):  # each view overrides the events it shows
     """A lock, a rich Progress started on demand, and ``with`` support."""
 
     def __init__(self, console: Console) -> None:
@@ -50,18 +52,6 @@ class _View:
         file = getattr(target, "file", None)
         if file is not None and hasattr(file, "flush"):
             file.flush()
-
-    def on_start(self, total: int, unit: str, plan: str = "") -> None:
-        pass
-
-    def on_step(self, done: int, label: str = "", fields: Mapping[str, Any] | None = None) -> None:
-        pass
-
-    def on_result(self, label: str, summary: str = "") -> None:
-        pass
-
-    def on_skip(self, label: str, reason: str) -> None:
-        pass
 
     def close(self) -> None:
         with self._lock:
