@@ -99,7 +99,7 @@ def block(folder: Path, time_log: Path | None, repo: Path) -> str:
     ]
     for hg in heads:
         lines += [f"**{hg.dataset} / {hg.model}**", "",
-                  "| defense | bytes/step | verdict (images above the floor) | strongest attacker | PSNR dB mean (worst) | SSIM mean | test accuracy |",
+                  "| defense | bytes/step | verdict (images above the floor) | strongest attacker | PSNR dB mean (worst case: the highest) | SSIM mean | test accuracy |",
                   "|:--|--:|:--|:--|--:|--:|--:|"]  # fmt: skip
         for r in hg.rows:
             s, v = r.strongest, r.verdict
