@@ -489,7 +489,7 @@ def run_attack(
 
     result = evaluate(
         record_path, attack_spec, view, out_root, seed, device, lpips_net, lpips_weights,
-        None if isinstance(events, Silent) else progress, max_memory,
+        None if type(events) is Silent else progress, max_memory,
     )
     events.on_result(label, result_line(result))
     events.on_step(1, label)

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from gia_bench.event_relay import EventWriter, dispatch, relay
-from gia_bench.events import SILENT, Events, Recorded
+from gia_bench.events import SILENT, Events, Recorded, Silent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,3 +157,19 @@ def test_a_silent_relay_hands_out_no_writer(tmp_path):
     with relay(SILENT, tmp_path / "events.jsonl") as writer:
         assert writer is None
     assert not (tmp_path / "events.jsonl").exists()
+
+
+def test_a_view_that_inherits_silent_no_ops_still_listens(tmp_path):
+    # the CLI's views subclass Silent for the events they do not show; the relay must still feed them
+    class Results(Silent):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def on_result(self, label: str, summary: str = "") -> None:
+            self.seen.append(summary)
+
+    view = Results()
+    with relay(view, tmp_path / "events.jsonl") as writer:
+        assert writer is not None
+        writer.on_result("none", "epoch 1/2")
+    assert view.seen == ["epoch 1/2"]

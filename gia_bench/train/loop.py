@@ -114,6 +114,10 @@ def run_worker(config: TrainConfig) -> None:
     try:
         watchdog.start()
         _train(config, rank, world_size, device, backend, watchdog)
+        # every rank done with every collective before any tears the group down: a peer that
+        # exits while another still talks to it can abort that one in gloo's C++ threads
+        watchdog.kick()
+        dist.barrier()
     except RuntimeError as exc:
         if not _raised_by_collective(exc):
             raise
