@@ -48,21 +48,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gia_bench.attacks.base import Attack, Progress, Reconstruction, create
+from gia_bench.attack_skips import clear_skip, write_skip
+from gia_bench.attacks.base import Attack, NotApplicable, Progress, Reconstruction, create
 from gia_bench.attacks.views import RESIDUAL
 from gia_bench.budget import DEFAULT_MAX_MEMORY, check_attack
 from gia_bench.errors import GiaBenchError, RecordError
 from gia_bench.events import SILENT, Events, Silent
-from gia_bench.identity import (
-    ResultConflictError,
-    ResultIdentity,
-    file_sha256,
-    identity_of,
-    named_record,
-    named_record_sha256,
-    result_identity,
-    same_file,
-)
+from gia_bench.identity import (ResultConflictError, ResultIdentity, file_sha256, identity_of, named_record,
+                                named_record_sha256, result_identity, same_file)  # fmt: skip
 from gia_bench.io import atomic_write_bytes, slug
 from gia_bench.receiver import load_record
 from gia_bench.records import GradientRecord, Truth, find_record_files, truth_path
@@ -416,6 +409,7 @@ def _write(out_dir: Path, result: AttackResult, scored: _Scored, spec: DatasetSp
     else:
         save_grid(out_dir / GRID_FILE, scored.reconstruction01, scored.original01)
     result.write(result_path)
+    clear_skip(out_dir)
     return AttackResult.read(result_path)  # what every reader sees (tuples in ``extra`` are lists there)
 
 
@@ -455,7 +449,11 @@ def evaluate(
             raise GiaBenchError(f"--view oracle: {record_path} has no truth file {tpath.name} to read the residual from")
         record = record.with_private(Truth.load(tpath))
 
-    rec, seconds = _run(attack, record, view, seed, progress, dev)
+    try:
+        rec, seconds = _run(attack, record, view, seed, progress, dev)
+    except NotApplicable as exc:  # a refusal with its reason, kept where the result would be
+        write_skip(out_dir, record_path, file_sha256(record_path), attack_spec, view, seed, str(exc))
+        raise
     # The attack has returned: only now may the truth be read, to score.
     truth = _truth(record_path, record)
     scored = _score(record, rec, truth, lpips_net, lpips_weights)
@@ -580,12 +578,15 @@ def run_attacks(
             def progress(i: int, total: int, loss: float, done: int = done, label: str = label) -> None:
                 events.on_step(done, label, {"iteration": i, "iterations": total, "loss": loss})
 
-            result = evaluate(
-                path, spec, view, Path(options.out), seed=options.seed, device=options.device,
-                lpips_net=options.lpips_net, lpips_weights=options.lpips_weights, progress=progress,
-                max_memory=options.max_memory,
-            )
-            results.append(result)
-            events.on_result(label, result_line(result))
+            try:
+                result = evaluate(
+                    path, spec, view, Path(options.out), seed=options.seed, device=options.device,
+                    lpips_net=options.lpips_net, lpips_weights=options.lpips_weights, progress=progress,
+                    max_memory=options.max_memory,
+                )
+                results.append(result)
+                events.on_result(label, result_line(result))
+            except NotApplicable as exc:  # the attack refused this record and said why: the grid goes on
+                events.on_skip(label, str(exc))
             events.on_step(done + 1, label)
         return results

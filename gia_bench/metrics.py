@@ -109,7 +109,8 @@ def ssim(a01: Tensor, b01: Tensor) -> float:
     win, sigma = ssim_window(a01.shape[1], a01.shape[2])
     a, b = _hwc(a01), _hwc(b01)
     colour = a.shape[2] > 1
-    return float(
+    # SSIM lies in [-1, 1]; floating-point round-off can step past 1 by an ulp on identical images
+    return min(1.0, max(-1.0, float(
         structural_similarity(
             a if colour else a[..., 0],
             b if colour else b[..., 0],
@@ -120,7 +121,7 @@ def ssim(a01: Tensor, b01: Tensor) -> float:
             data_range=1.0,
             channel_axis=2 if colour else None,
         )
-    )
+    )))
 
 
 def psnr(a01: Tensor, b01: Tensor) -> float:

@@ -404,3 +404,14 @@ def test_st_lpips_unavailable_gives_null_and_reason(monkeypatch) -> None:
     assert [im.value("ms_ssim") for im in scores.images] == [1.0, 1.0]  # the others are still computed
     with pytest.raises(S.STLPIPSUnavailable):
         scorer(x, x)
+
+
+def test_ssim_stays_in_its_range_when_round_off_steps_past_one(monkeypatch):
+    # a 168 dB reconstruction scored 1.0000000000000002, which the result's own reader then refused
+    import gia_bench.metrics as metrics
+
+    x = torch.rand((1, 8, 8), generator=torch.Generator().manual_seed(7))
+    monkeypatch.setattr(metrics, "structural_similarity", lambda *a, **k: 1.0000000000000002)
+    assert metrics.ssim(x, x) == 1.0
+    monkeypatch.setattr(metrics, "structural_similarity", lambda *a, **k: -1.0000000000000002)
+    assert metrics.ssim(x, 1 - x) == -1.0

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gia_bench.attacks import labels as label_parts
-from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Reconstruction, register
+from gia_bench.attacks.base import Attack, AttackError, Budget, NotApplicable, Progress, Reconstruction, register
 from gia_bench.attacks.exact import exact_tensors
 from gia_bench.attacks.layer_inputs import chain_inputs, relu_chain, single_input
 from gia_bench.attacks.matching import attack_model
@@ -25,11 +25,11 @@ def first_linear(model: nn.Module, in_features: int) -> str:
         if any(True for _ in module.parameters(recurse=False)):
             if isinstance(module, nn.Linear) and module.in_features == in_features and module.bias is not None:
                 return name
-            raise AttackError(
+            raise NotApplicable(
                 f"the analytic attack needs a model whose first layer is a fully connected layer with a bias"
                 f" over the whole input (e.g. mlp); the first layer here is {type(module).__name__} {name!r}"
             )
-    raise AttackError("the analytic attack found no parameterised layer in the model")
+    raise NotApplicable("the analytic attack found no parameterised layer in the model")
 
 
 @register("analytic")
@@ -91,7 +91,7 @@ class Analytic(Attack):
             return self._aware(record, model, layer, grads, generator, progress)
         good = db.abs() > self.eps * db.abs().max()
         if not bool(good.any()):
-            raise AttackError(f"record {record.record_id}: the first layer's bias gradient is zero; nothing to invert")
+            raise NotApplicable(f"record {record.record_id}: the first layer's bias gradient is zero; nothing to invert")
 
         if batch == 1:
             if self.combine == "best":
@@ -207,7 +207,7 @@ class Analytic(Attack):
         if parts[0] is None or parts[1] is None:
             why = "; ".join(f"{layer}.{p}: {exact.excluded.get(f'{layer}.{p}', 'not exact')}"
                             for p, e in zip(("weight", "bias"), parts) if e is None)  # fmt: skip
-            raise AttackError(
+            raise NotApplicable(
                 f"record {record.record_id}: analytic (aware): the first layer is not sent exactly ({why})"
             )
         ew, eb = parts
@@ -219,7 +219,7 @@ class Analytic(Attack):
         if batch == 1:
             found = single_input(layer, dW, db, ew.mask, eb.mask, self.eps)
             if found is None:
-                raise AttackError(f"record {record.record_id}: analytic (aware): no row of {layer!r} has its"
+                raise NotApplicable(f"record {record.record_id}: analytic (aware): no row of {layer!r} has its"
                                   " weight and bias entries both sent exactly")  # fmt: skip
             usable = db.abs() > self.eps * db.abs().max()
             if eb.mask is not None:
@@ -233,14 +233,14 @@ class Analytic(Attack):
         else:
             chain = relu_chain(model)
             if chain is None or chain[0] != layer:
-                raise AttackError(f"record {record.record_id}: analytic (aware) at B = {batch} needs a plain"
+                raise NotApplicable(f"record {record.record_id}: analytic (aware) at B = {batch} needs a plain"
                                   " Linear/ReLU stack (mlp) to solve through")  # fmt: skip
             layer_grads = {}
             for name in chain:
                 pair = [exact.get(f"{name}.{p}") for p in ("weight", "bias")]
                 if any(e is None or e.mask is not None for e in pair):
                     why = "; ".join(exact.excluded.get(f"{name}.{p}", "masked (Top-k)") for p in ("weight", "bias"))
-                    raise AttackError(f"record {record.record_id}: analytic (aware) at B = {batch}: layer"
+                    raise NotApplicable(f"record {record.record_id}: analytic (aware) at B = {batch}: layer"
                                       f" {name!r} is not sent whole and exactly ({why})")  # fmt: skip
                 layer_grads[name] = (grads[pair[0].index].cpu(), grads[pair[1].index].cpu())  # type: ignore[union-attr]
             cpu_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator,

@@ -44,6 +44,17 @@ class AttackError(GiaBenchError):
     """An attack cannot run on this record or view (e.g. no compressor-aware view, wrong model)."""
 
 
+class NotApplicable(AttackError):
+    """The attack does not apply to this record, for a reason it states: a refusal, not a failure.
+
+    A structure-aware attack refuses a record whose messages carry nothing it reads exactly
+    (quantized or noisy tensors, a rank too low for the batch, a first layer that is not fully
+    connected). It never returns noise instead. ``gia-bench attack`` prints the reason and goes
+    on; a study records the skip beside the result it would have written
+    (:mod:`gia_bench.attack_skips`) and counts the unit as done, and the report lists it.
+    """
+
+
 def create(spec: str, **overrides: Any) -> Attack:
     """Build an attack from a spec string such as ``"ig:iterations=2000,tv=1e-4"``."""
     return ATTACKS.create(spec, **overrides)

@@ -37,6 +37,7 @@ from torch import nn
 from gia_bench.attacks import labels as label_parts
 from gia_bench.attacks.base import Attack, AttackError, Budget, Progress, Reconstruction, register
 from gia_bench.attacks.exact import Exactness, ExactTensor, exact_tensors
+from gia_bench.attacks.base import NotApplicable
 from gia_bench.attacks.layer_inputs import LayerInputs, batch_inputs, single_input
 from gia_bench.attacks.matching import attack_model, candidate_function
 from gia_bench.attacks.objectives import OBJECTIVES
@@ -47,7 +48,7 @@ from gia_bench.receiver import decode_record
 from gia_bench.records import GradientRecord
 
 
-class NoExactLayer(AttackError):
+class NoExactLayer(NotApplicable):
     """No fully connected layer's gradient reaches the receiver exactly: the record is skipped, with the reasons."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from gia_bench.attack_skips import SKIP_FILE, skipped_entry
 from gia_bench.results import (
     RESULT_FILE,
     TENSORS_FILE,
@@ -206,6 +207,10 @@ def load_runs(runs: Iterable[Path], train: Iterable[Path] = ()) -> RunSet:
             results.append(parse_result(path))
         except MalformedFile as exc:
             skipped.append(Skipped(path, str(exc)))
+    for path in _candidates([p for p in runs if p.is_dir()], SKIP_FILE):  # attacks that refused a record
+        entry = skipped_entry(path)
+        if entry is not None:
+            skipped.append(entry)
     for path in _candidates([p for p in runs if p.is_dir()], TRAIN_NAME):
         try:
             data_kind = read_json(path).get("kind")

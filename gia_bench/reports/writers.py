@@ -543,7 +543,7 @@ def markdown(data: ReportData, figures: Sequence[Figure], out_dir: Path, title: 
         for d in g.details:
             lines += _md_details(d, out_dir)
     if doc.skipped:
-        lines += ["## Skipped files", ""]
+        lines += ["## Skipped files and refused attacks", ""]
         lines += [f"- {md_code(p)}: {md_text(r)}" for p, r in doc.skipped]
         lines.append("")
     return "\n".join(lines)

@@ -152,7 +152,7 @@ def status(out: Path, config: StudyConfig | None = None, failures: list[dict[str
     """What is done and what is left in a study folder (``gia-bench study show``)."""
     import json
 
-    from gia_bench.evaluate import result_is_current
+    from gia_bench.attack_skips import settled
 
     out = Path(out)
     if config is None:
@@ -164,7 +164,7 @@ def status(out: Path, config: StudyConfig | None = None, failures: list[dict[str
     caps_done = sum(all(p.exists() for p in paths) for paths in records.values())
     trains = train_jobs(config, out)
     jobs = attack_jobs(config, out, records) + train_attack_jobs(config, out, trains)
-    attacks_done = sum(result_is_current(j.result, j.record, j.attack, j.view, j.seed) for j in jobs)
+    attacks_done = sum(settled(j.result, j.record, j.attack, j.view, j.seed) for j in jobs)  # refusals included
     if failures is None:
         try:
             failures = json.loads((out / FAILURES_FILE).read_text())

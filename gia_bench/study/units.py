@@ -58,12 +58,17 @@ def attack_unit(ctx: UnitContext, job: AttackArgs) -> None:
     from gia_bench.evaluate import run_attack
     from gia_bench.registry import trusted
 
+    from gia_bench.attacks.base import NotApplicable
+
     with trusted(ctx.plugins):
-        run_attack(
-            ctx.inputs / job.record, job.attack, job.view, ctx.outputs / job.out_root, seed=job.seed,
-            device=ctx.device, lpips_net=ctx.lpips_net, lpips_weights=ctx.lpips_weights,
-            max_memory=job.max_memory,
-        )
+        try:
+            run_attack(
+                ctx.inputs / job.record, job.attack, job.view, ctx.outputs / job.out_root, seed=job.seed,
+                device=ctx.device, lpips_net=ctx.lpips_net, lpips_weights=ctx.lpips_weights,
+                max_memory=job.max_memory,
+            )
+        except NotApplicable:
+            pass  # a refusal with its reason: skipped.json stands where result.json would (the report lists it)
 
 
 def train_unit(ctx: UnitContext, job: TrainArgs) -> None:
@@ -82,7 +87,7 @@ def train_done(root: Path, unit: Unit) -> bool:
 
 def attack_done(root: Path, unit: Unit) -> bool:
     """An attack unit is finished when its result.json is current for the record now in the folder."""
-    from gia_bench.evaluate import result_is_current
+    from gia_bench.attack_skips import settled
 
     a: AttackArgs = unit.args["job"]
-    return result_is_current(root / unit.outputs[0], root / a.record, a.attack, a.view, a.seed)
+    return settled(root / unit.outputs[0], root / a.record, a.attack, a.view, a.seed)  # a refusal counts as done
