@@ -80,7 +80,7 @@ class Dager(Attack):
         sweeps: coordinate-search passes over the positions (B > 1).
     """
 
-    views = ("naive",)
+    views = ("naive", "aware")
 
     def __init__(self, tol: Annotated[float, TOL] = 0.01, rtol: Annotated[float, TOL] = 1e-5,
                  sweeps: Annotated[int, Range(0, 100)] = 4) -> None:
@@ -92,6 +92,15 @@ class Dager(Attack):
         if not is_text(spec):
             raise AttackError(f"attack 'dager' needs a text record, {record.meta.record_id} holds {spec.name!r}")
         model = record_model(record).eval()
+        if view == "aware":  # sparse recovery from PowerSGD / LQ-SGD factors, never weaker than naive
+            from gia_bench.text.dager_aware import run_aware
+
+            return run_aware(self, record, model, lambda p: _param_index(model, p))
+        return self.run_model(record, model, view)
+
+    def run_model(self, record, model, view: str) -> Reconstruction:
+        """The naive path on the record's model (built once by :meth:`run`)."""
+        spec = record.meta.dataset
         bert = getattr(model.net, "bert", None)
         if bert is None and hasattr(getattr(model.net, "model", None), "layers"):
             return self._run_decoder(record, model, view)
