@@ -15,8 +15,11 @@ factors themselves still say which inputs were mixed. The aware view:
    scaled to unit norm). Simultaneous OMP (Tropp, Gilbert & Strauss 2006): pick the candidate
    first-layer input (Llama: ``RMSNorm(E[v])``; BERT: ``LayerNorm(E[v] + P[p] + T[0])``, one atom
    per (token, position)) whose projection off the chosen span is most correlated with Y1's
-   residual, project it out, repeat while the relative residual is above ``tol`` (the factors'
-   noise level: float rounding under PowerSGD, the log codec's public error under LQ-SGD);
+   residual, project it out, repeat while the relative residual is above 3 x the factors' noise
+   level (float rounding under PowerSGD, the log codec's public error under LQ-SGD) and some
+   candidate explains more than that noise. When the candidates are the embedding gradient's
+   support, the ones SOMP leaves (too small a share of Y1 to tell from the noise) are kept
+   after the confirmed ones: the support already shows they were used;
 3. **sentences**: decoders: the same greedy on the second layer's q/k/v Q columns ``Y2``, one
    position at a time: every sentence's next token is chosen among the tokens of step 2 by how
    much of Y2's residual its second-layer input (a function of the prefix, causal) explains;
@@ -96,13 +99,13 @@ def relative_residual(y: torch.Tensor, atoms: torch.Tensor) -> float:
     return float(r.norm() / y.norm().clamp_min(1e-30))
 
 
-def somp(y: torch.Tensor, atoms: torch.Tensor, max_atoms: int, tol: float, eligible=None) -> SompResult:
+def somp(y: torch.Tensor, atoms: torch.Tensor, max_atoms: int, tol: float, floor: float | None = None) -> SompResult:
     """Simultaneous OMP: atoms (K x d) chosen greedily to explain the columns of ``y`` (d x k).
 
     Each step picks the atom whose component off the chosen span, normalised, has the largest
     correlation (L2 over the columns) with the residual; stops when the relative residual is
-    below ``tol``, after ``max_atoms`` atoms, or when no atom explains more than ``tol`` of it.
-    ``eligible(chosen) -> bool mask`` may restrict the next choice (default: any atom not chosen).
+    below ``tol``, after ``max_atoms`` atoms, or when no atom explains more than ``floor`` (default
+    ``tol``) of it: below the noise level a choice is not evidence.
     """
     a = atoms.to(torch.float64)
     a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -115,14 +118,12 @@ def somp(y: torch.Tensor, atoms: torch.Tensor, max_atoms: int, tol: float, eligi
     while len(chosen) < max_atoms and float(residual.norm()) / total > tol:
         norms = perp.norm(dim=1)
         mask = (~taken) & (norms > 1e-6)  # an atom (nearly) inside the chosen span adds nothing
-        if eligible is not None:
-            mask &= eligible(chosen)
         if not bool(mask.any()):
             break
         score = (perp @ residual).norm(dim=1) / norms.clamp_min(1e-30)
         score[~mask] = -1.0
         best = int(torch.argmax(score))
-        if float(score[best]) / total <= tol:
+        if float(score[best]) / total <= (tol if floor is None else floor):
             break
         u = perp[best] / norms[best]
         residual -= torch.outer(u, u @ residual)
@@ -140,7 +141,7 @@ def candidates(model, decoded: list[torch.Tensor], index_of, batch: int, length:
     return bag if 0 < bag.numel() <= batch * length else torch.arange(words.shape[0])
 
 
-def decoder_tokens(model, columns, index_of, vocab: torch.Tensor, budget: int, tol: float
+def decoder_tokens(model, columns, index_of, vocab: torch.Tensor, budget: int, noise: float
                    ) -> tuple[torch.Tensor, dict]:
     """Step 2 on a Llama decoder: the tokens whose normalised embeddings SOMP needs for Y1."""
     from gia_bench.text.dager_decoder import first_inputs
@@ -152,12 +153,12 @@ def decoder_tokens(model, columns, index_of, vocab: torch.Tensor, budget: int, t
         return torch.zeros(0, dtype=torch.int64), {"aware": "the first layer's q/k/v were not compressed"}
     with torch.no_grad():
         atoms = first_inputs(llama, vocab)
-    found = somp(y1, atoms, min(budget, y1.shape[0] - 1), tol)
+    found = somp(y1, atoms, min(budget, y1.shape[0] - 1), 3.0 * noise, noise)
     tokens = vocab[torch.tensor(found.chosen, dtype=torch.int64)]
     return tokens, {"somp_tokens": len(found.chosen), "somp_residual": found.residuals[-1] if found.residuals else 1.0}
 
 
-def decoder_sentences(model, columns, index_of, tokens: torch.Tensor, batch: int, length: int, tol: float
+def decoder_sentences(model, columns, index_of, tokens: torch.Tensor, batch: int, length: int, noise: float
                       ) -> tuple[list[list[int]], dict]:
     """Step 3 on a decoder: B sentences grown together, one token at a time, by OMP on Y2."""
     from gia_bench.text.dager_decoder import second_inputs
@@ -177,7 +178,10 @@ def decoder_sentences(model, columns, index_of, tokens: torch.Tensor, batch: int
     sentences: list[list[int]] = [[] for _ in range(batch)]
     open_ = [True] * batch
     with torch.no_grad():
-        while any(open_) and float(y.norm()) / total > tol:
+        while any(open_) and float(y.norm()) / total > 3.0 * noise:
+            placed = {t for s in sentences for t in s}
+            if batch * length - sum(map(len, sentences)) <= sum(int(t) not in placed for t in tokens):
+                break  # keep room for every token step 2 found (below: appended where the order left room)
             best = (-1.0, -1, -1, None)
             for b in range(batch):
                 if not open_[b]:
@@ -193,7 +197,7 @@ def decoder_sentences(model, columns, index_of, tokens: torch.Tensor, batch: int
                 if float(score[i]) > best[0]:
                     best = (float(score[i]), b, i, perp[i] / norms[i])
             score, b, i, u = best
-            if u is None or score / total <= tol:
+            if u is None or score / total <= noise:
                 break
             sentences[b].append(int(tokens[i]))
             open_[b] = len(sentences[b]) < length
@@ -237,11 +241,18 @@ def aware_decoder(record, model, index_of) -> tuple[list[list[int]], dict, float
         return None
     decoded = decode_record(record)
     batch, length = record.meta.batch_size, record.meta.dataset.shape[2]
-    tol = 3.0 * noise_level(record)
+    noise = noise_level(record)
     vocab = candidates(model, decoded, index_of, batch, length)
-    tokens, info = decoder_tokens(model, columns, index_of, vocab, batch * length, tol)
-    sentences, order = decoder_sentences(model, columns, index_of, tokens, batch, length, tol)
-    info.update(order, vocabulary_checked=int(vocab.numel()), tol=tol)
+    tokens, info = decoder_tokens(model, columns, index_of, vocab, batch * length, noise)
+    if vocab.numel() <= batch * length:
+        # the candidates are the embedding gradient's support: each of them was used, and the ones SOMP
+        # leaves (explaining less of Y1 than the noise) are kept too, after the confirmed ones
+        confirmed = set(tokens.tolist())
+        rest = [t for t in vocab.tolist() if t not in confirmed]
+        tokens = torch.cat([tokens, torch.tensor(rest, dtype=torch.int64)])
+        info["bag_unconfirmed"] = len(rest)
+    sentences, order = decoder_sentences(model, columns, index_of, tokens, batch, length, noise)
+    info.update(order, vocabulary_checked=int(vocab.numel()), noise=noise)
     return sentences, info, decoder_residual(model, columns, index_of, sentences)
 
 
@@ -307,8 +318,8 @@ def aware_encoder(record, model, index_of) -> tuple[list[list[int]], dict, float
         return None
     tokens = vocab.repeat_interleave(length)
     positions = torch.arange(length).repeat(vocab.numel())
-    tol = 3.0 * noise_level(record)
-    found = somp(y1, _encoder_atoms(bert, tokens, positions), min(batch * length, y1.shape[0] - 1), tol)
+    noise = noise_level(record)
+    found = somp(y1, _encoder_atoms(bert, tokens, positions), min(batch * length, y1.shape[0] - 1), 3.0 * noise, noise)
     at: list[list[int]] = [[] for _ in range(length)]
     for i in found.chosen:
         at[int(positions[i])].append(int(tokens[i]))
@@ -319,5 +330,5 @@ def aware_encoder(record, model, index_of) -> tuple[list[list[int]], dict, float
         for b in range(batch):
             sentences[b].append(column[b % len(column)])
     info = {"somp_atoms": len(found.chosen), "somp_residual": found.residuals[-1] if found.residuals else 1.0,
-            "order": "positions from the (token, position) atoms", "vocabulary_checked": int(vocab.numel()), "tol": tol}
+            "order": "positions from the (token, position) atoms", "vocabulary_checked": int(vocab.numel()), "noise": noise}
     return sentences, info, encoder_residual(model, columns, index_of, sentences)
