@@ -115,7 +115,7 @@ class TAG(Attack):
         labels, strategy = bias_labels(record, decoded)
         mask = torch.zeros(batch, longest, dtype=torch.int64)
         mask[:, :length] = 1
-        best, losses = self._optimise(model, named, index[id(words)], threat, decoded, labels, mask, words, generator,
+        best, losses, first = self._optimise(model, named, index[id(words)], threat, decoded, labels, mask, words, generator,
                                       progress)
         with torch.no_grad():
             table = F.normalize(words[vocab].to(torch.float64), dim=1)
@@ -128,18 +128,18 @@ class TAG(Attack):
             budget=Budget(self.iterations, self.restarts, evaluations=self.iterations * self.restarts),
             extra={"vocabulary": "token bag of the embedding gradient" if use_bag else "whole vocabulary",
                    "vocabulary_size": int(vocab.numel()), "length": length, "length_from": length_from,
-                   "distance_per_restart": losses, "residual": threat.residual},
+                   "distance_per_restart": losses, "distance_at_start": first, "residual": threat.residual},
         )
 
     def _optimise(self, model, named, word_index: int, threat, decoded, labels, mask, words, generator, progress
-                  ) -> tuple[torch.Tensor, list[float]]:
+                  ) -> tuple[torch.Tensor, list[float], list[float]]:
         """Adam on the dummy embeddings, ``restarts`` times; the best iterate over all (by distance)."""
         params = [p for i, (_, p) in enumerate(named) if i != word_index]
         target = [t.detach() for t in threat.segments]
         fixed = decoded[word_index].unsqueeze(0)  # the word table's gradient: not matched (constant)
         scale = float(words.detach().std())
         batch, longest = mask.shape
-        best, best_loss, losses = None, math.inf, []
+        best, best_loss, losses, first = None, math.inf, [], []
         for restart in range(self.restarts):
             dummy = (torch.randn(batch, longest, words.shape[1], generator=generator) * scale).requires_grad_(True)
             opt = torch.optim.Adam([dummy], lr=self.lr)
@@ -156,6 +156,8 @@ class TAG(Attack):
                         k += 1
                 loss = distance([c[0] for c in threat.candidate_segments(full)], target, self.alpha)
                 value = float(loss.detach())
+                if it == 0:
+                    first.append(value)
                 if value < own:
                     own = value
                 if value < best_loss:
@@ -167,4 +169,4 @@ class TAG(Attack):
                 if progress is not None:
                     progress(restart * self.iterations + it + 1, self.restarts * self.iterations, value)
             losses.append(own)
-        return best, losses
+        return best, losses, first
