@@ -158,8 +158,7 @@ class TAG(Attack):
                 value = float(loss.detach())
                 if it == 0:
                     first.append(value)
-                if value < own:
-                    own = value
+                own = min(own, value)
                 if value < best_loss:
                     best, best_loss = dummy.detach().clone(), value
                 opt.zero_grad()

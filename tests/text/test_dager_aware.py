@@ -11,7 +11,12 @@ from gia_bench.data import load_dataset
 from gia_bench.defenses import create as create_defense
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.receiver import record_model
-from gia_bench.text.dager_aware import factor_columns, observation, relative_residual, somp
+from gia_bench.text.dager_aware import (
+    factor_columns,
+    observation,
+    relative_residual,
+    somp,
+)
 from gia_bench.text.dager_decoder import first_inputs
 from gia_bench.text.metrics import score_text, sequences
 
@@ -91,8 +96,8 @@ def test_aware_token_f1_through_rank_one_factors(llama, defense, index, floor):
 @pytest.mark.parametrize("defense", ["none", "topk:ratio=0.01"])
 def test_aware_is_the_naive_result_without_factors(llama, defense):
     record, truth = _record(llama, [3, 4], defense)
-    naive, a = _attack(record, truth, "naive")
-    aware, b = _attack(record, truth, "aware")
+    _, a = _attack(record, truth, "naive")
+    _, b = _attack(record, truth, "aware")
     assert torch.equal(a.inputs, b.inputs) and b.view == "aware" and b.extra["kept"] == "naive (no factors sent)"
 
 
@@ -121,3 +126,15 @@ def test_cli_attack_aware_on_a_powersgd_text_record(tmp_path):
     assert out.exit_code == 0, out.output
     result = json.loads(next((tmp_path / "runs").rglob("result.json")).read_text())
     assert min(im["token_f1"] for im in result["scores"]["images"]) >= 0.9  # naive: 0 on such records
+
+
+def test_somp_finds_the_tokens_in_the_whole_vocabulary(llama):
+    # no bag (e.g. an embedding table that is not sent): 30522 candidates, 96 dimensions, 13 tokens, rank-1 Q
+    from gia_bench.text.dager_aware import decoder_tokens, noise_level
+
+    record, truth = _record(llama, [0], "powersgd:rank=1")
+    model = record_model(record).eval()
+    index = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+    tokens, info = decoder_tokens(model, factor_columns(record, model), lambda p: index[id(p)],
+                                  torch.arange(model.embedding.num_embeddings), 32, noise_level(record))
+    assert set(tokens.tolist()) == {t for s in sequences(truth.inputs) for t in s}, info
