@@ -24,7 +24,9 @@ token v and its position p only. So:
 Train mode (dropout) breaks the exact span check, and so do compressors that change the
 first layers' gradients (this is the naive view: the decoded gradient); the result says
 how many positions matched. Llama decoders (``smollm2``, ``transformer:arch=llama``) are
-handled greedily, position by position, in :mod:`gia_bench.text.dager_decoder`.
+handled greedily, position by position, in :mod:`gia_bench.text.dager_decoder`. The aware view
+(``--view aware``: sparse recovery from PowerSGD / LQ-SGD factors, never weaker than this naive
+path) is :mod:`gia_bench.text.dager_aware`.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def _end_token(spec) -> int | None:
 
 @register("dager")
 class Dager(Attack):
-    """DAGER: tokens from the first layer's span, sentences from the second's (encoders: search; decoders: greedy).
+    """DAGER: tokens from the first layer's span, sentences from the second's (encoders: search; decoders: greedy);
+    aware view: SOMP on PowerSGD / LQ-SGD's Q factors.
 
     Args:
         tol: a (token, position) is in the batch when its relative span distance is below

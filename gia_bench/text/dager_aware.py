@@ -23,8 +23,9 @@ factors themselves still say which inputs were mixed. The aware view:
 3. **sentences**: decoders: the same greedy on the second layer's q/k/v Q columns ``Y2``, one
    position at a time: every sentence's next token is chosen among the tokens of step 2 by how
    much of Y2's residual its second-layer input (a function of the prefix, causal) explains;
-   a sentence ends when no extension explains more than the noise (a local, greedy order:
-   not always the sentence order). Encoders: the atoms of step 2 carry their position; the
+   the sentences end when every token of step 2 is placed or no extension explains more than the
+   noise (a local, greedy order: not always the sentence order; repeats are kept only where
+   the greedy chose them before the last token was placed). Encoders: the atoms of step 2 carry their position; the
    tokens found at a position fill the B sentences in turn.
 4. **never weaker**: the naive path runs too, and the result whose tokens leave the smaller
    residual of Y1 (the attacker's own criterion, no truth read) is kept.
@@ -180,8 +181,11 @@ def decoder_sentences(model, columns, index_of, tokens: torch.Tensor, batch: int
     with torch.no_grad():
         while any(open_) and float(y.norm()) / total > 3.0 * noise:
             placed = {t for s in sentences for t in s}
-            if batch * length - sum(map(len, sentences)) <= sum(int(t) not in placed for t in tokens):
-                break  # keep room for every token step 2 found (below: appended where the order left room)
+            unplaced = sum(int(t) not in placed for t in tokens)
+            # done once every token of step 2 is placed (a repeat is kept only where it was chosen before);
+            # and keep room for every token (below: appended where the order left room)
+            if unplaced == 0 or batch * length - sum(map(len, sentences)) <= unplaced:
+                break
             best = (-1.0, -1, -1, None)
             for b in range(batch):
                 if not open_[b]:
