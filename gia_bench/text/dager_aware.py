@@ -278,7 +278,8 @@ def run_aware(attack, record, model, index_of):
     naive_residual = (decoder_residual(model, columns, index_of, naive_sentences) if decoder
                       else encoder_residual(model, columns, index_of, naive_sentences))
     info.update(residual_aware=residual, residual_naive=naive_residual)
-    if naive_residual < residual:
+    # a tie (both within the factors' noise) goes to the naive path: its sentences come from exact span checks
+    if naive_residual <= max(residual, 3.0 * noise_level(record)):
         return dataclasses.replace(naive, view="aware", extra={**naive.extra, **info, "kept": "naive"})
     rec = attack._reconstruction(record, decode_record(record), sentences, "aware", {**info, "kept": "aware"})
     return dataclasses.replace(rec, observed="messages")
