@@ -14,3 +14,4 @@ __all__ = ["ATTACKS", "Attack", "AttackError", "Reconstruction", "create", "regi
 # Text attacks live with the text package (gia_bench.text); importing them registers them here.
 import gia_bench.text.attacks_tokens  # noqa: E402,F401
 import gia_bench.text.dager  # noqa: E402,F401
+import gia_bench.text.tag  # noqa: E402,F401

@@ -24,7 +24,9 @@ token v and its position p only. So:
 Train mode (dropout) breaks the exact span check, and so do compressors that change the
 first layers' gradients (this is the naive view: the decoded gradient); the result says
 how many positions matched. Llama decoders (``smollm2``, ``transformer:arch=llama``) are
-handled greedily, position by position, in :mod:`gia_bench.text.dager_decoder`.
+handled greedily, position by position, in :mod:`gia_bench.text.dager_decoder`. The aware view
+(``--view aware``: sparse recovery from PowerSGD / LQ-SGD factors, never weaker than this naive
+path) is :mod:`gia_bench.text.dager_aware`.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def _end_token(spec) -> int | None:
 
 @register("dager")
 class Dager(Attack):
-    """DAGER: tokens from the first layer's span, sentences from the second's (encoders: search; decoders: greedy).
+    """DAGER: tokens from the first layer's span, sentences from the second's (encoders: search; decoders: greedy);
+    aware view: SOMP on PowerSGD / LQ-SGD's Q factors.
 
     Args:
         tol: a (token, position) is in the batch when its relative span distance is below
@@ -80,7 +83,7 @@ class Dager(Attack):
         sweeps: coordinate-search passes over the positions (B > 1).
     """
 
-    views = ("naive",)
+    views = ("naive", "aware")
 
     def __init__(self, tol: Annotated[float, TOL] = 0.01, rtol: Annotated[float, TOL] = 1e-5,
                  sweeps: Annotated[int, Range(0, 100)] = 4) -> None:
@@ -92,6 +95,15 @@ class Dager(Attack):
         if not is_text(spec):
             raise AttackError(f"attack 'dager' needs a text record, {record.meta.record_id} holds {spec.name!r}")
         model = record_model(record).eval()
+        if view == "aware":  # sparse recovery from PowerSGD / LQ-SGD factors, never weaker than naive
+            from gia_bench.text.dager_aware import run_aware
+
+            return run_aware(self, record, model, lambda p: _param_index(model, p))
+        return self.run_model(record, model, view)
+
+    def run_model(self, record, model, view: str) -> Reconstruction:
+        """The naive path on the record's model (built once by :meth:`run`)."""
+        spec = record.meta.dataset
         bert = getattr(model.net, "bert", None)
         if bert is None and hasattr(getattr(model.net, "model", None), "layers"):
             return self._run_decoder(record, model, view)

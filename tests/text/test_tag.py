@@ -1,0 +1,63 @@
+"""``tag``: TAG's continuous embedding optimisation on a small random BERT (short budgets)."""
+
+import pytest
+import torch
+
+from gia_bench.attacks import create as create_attack
+from gia_bench.attacks.base import AttackError
+from gia_bench.capture import capture_batch
+from gia_bench.data import load_dataset
+from gia_bench.defenses import create as create_defense
+from gia_bench.models import ModelSpec, build_model
+from gia_bench.records import GradientRecord
+from gia_bench.text.metrics import sequences
+from gia_bench.text.tag import distance
+
+
+def test_distance_is_l2_plus_alpha_l1_relative_to_the_target():
+    target = [torch.tensor([1.0, -2.0]), torch.tensor([2.0])]
+    cand = [torch.tensor([1.0, -1.0]), torch.tensor([0.0])]
+    # |c - t|^2 = 1 + 4 = 5, |t|^2 = 9; |c - t|_1 = 3, |t|_1 = 5
+    assert float(distance(cand, target, 0.5)) == pytest.approx(5 / 9 + 0.5 * 3 / 5)
+    assert float(distance(target, target, 0.5)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def bert():
+    data = load_dataset("pii", split="test")
+    spec = ModelSpec("transformer:d=32,layers=1", data.spec.shape, 4, "eval")
+    return data, spec, build_model(spec, seed=0)
+
+
+def _run(setup, defense, view, spec="tag:iterations=15,restarts=2", seed=0):
+    data, model_spec, model = setup
+    x, y = data.batch([0])
+    record, truth = capture_batch(model, model_spec, data.spec, x, y, create_defense(defense), "t")
+    return create_attack(spec).run(record, view, torch.Generator().manual_seed(seed)), truth
+
+
+def test_tag_optimises_the_distance_and_maps_to_bag_tokens(bert):
+    rec, truth = _run(bert, "none", "naive")
+    true = sequences(truth.inputs)[0]
+    got = sequences(rec.inputs)[0]
+    assert len(got) == len(true) and rec.extra["length_from"] == "position-embedding gradient support"
+    assert set(got) <= set(true) and rec.extra["vocabulary"] == "token bag of the embedding gradient"
+    assert rec.budget.iterations == 15 and rec.budget.restarts == 2 and len(rec.extra["distance_per_restart"]) == 2
+    assert rec.final_loss == min(rec.extra["distance_per_restart"])
+    assert all(b < a for a, b in zip(rec.extra["distance_at_start"], rec.extra["distance_per_restart"]))
+    again, _ = _run(bert, "none", "naive")  # same seed, same result
+    assert torch.equal(again.inputs, rec.inputs) and again.final_loss == rec.final_loss
+
+
+def test_tag_aware_matches_the_messages(bert):
+    rec, _ = _run(bert, "powersgd:rank=1", "aware", "tag:iterations=10,restarts=1")
+    assert rec.observed == "messages" and rec.view == "aware" and "assumed zero" in rec.extra["residual"]
+    assert rec.extra["distance_per_restart"][0] < rec.extra["distance_at_start"][0]
+
+
+def test_tag_refuses_an_image_record(tmp_path):
+    from gia_bench.capture import CaptureConfig, capture
+
+    path = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path))[0]
+    with pytest.raises(AttackError, match="text record"):
+        create_attack("tag").run(GradientRecord.load(path), "naive", torch.Generator())
