@@ -77,3 +77,21 @@ def test_dager_recovers_sentences_from_the_lm_task_gradient(batch):
     rec = create_attack("dager").run(record, "naive", torch.Generator())
     values = score_text(rec.inputs, truth.inputs).values
     assert values["rouge1"][0] >= 0.9, (values, rec.extra)
+
+
+def test_training_the_lm_task_lowers_its_loss_and_reports_next_token_accuracy(tmp_path):
+    """One worker, two epochs of SGD on the next-token loss: the loss falls from ln(V) and the test accuracy is
+    next-token top-1 (a class accuracy would read argmax over 30,522 logits against labels 0..3: ~0)."""
+    import math
+
+    import json
+
+    from gia_bench.train import TrainConfig, launch
+
+    out = tmp_path / "run"
+    launch(TrainConfig(out=out, dataset="pii:size=40", model="transformer:d=32,layers=1,vocab=30522,arch=llama,task=lm",
+                       defense="none", nproc_per_node=1, epochs=2, batch_size=8, lr=0.5, timeout_s=120), fork=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [e["train_loss"] for e in metrics["epochs"]]
+    assert losses[0] < math.log(30522) and losses[-1] < losses[0]
+    assert all(0.05 < e["test_accuracy"] < 1.0 for e in metrics["epochs"])  # frequent tokens (".", "-") learnt
