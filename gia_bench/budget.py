@@ -13,7 +13,8 @@ simulated local step. So before an attack runs, :func:`check_attack` estimates
    ``restarts x local_steps x local_batch``, every simulated step stays in the graph);
 3. the bytes, all fp32: ``ACTIVATION_FACTOR`` x activations x examples (the forward, the
    gradient kept differentiable, the double backward of gradient matching) + the parameters
-   ``WEIGHT_COPIES`` times per restart and simulated step + ``INPUT_COPIES`` x the candidate
+   ``WEIGHT_COPIES`` times per restart and simulated step (an analytic attack, with no iterations:
+   ``ANALYTIC_WEIGHT_COPIES``, the weights and the decoded gradient) + ``INPUT_COPIES`` x the candidate
    inputs (L-BFGS: + 2 x ``history_size``, its curvature pairs) + ``OVERHEAD_BYTES``;
 
 and refuses, with one line naming the file, the estimate and ``--max-memory``, a record

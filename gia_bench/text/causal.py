@@ -16,9 +16,10 @@ What the LM task does not have: a class. Its "accuracy" in training is next-toke
 accuracy over the non-padding targets; label inference reads nothing. SmolLM2 ties its
 output head to the word embedding, so the embedding's gradient has every vocabulary row
 (the head's softmax touches all of them): the token-bag attack's row support is the
-classifier's property, not this task's. ``dager`` reads the first two layers only and is
-unaffected. Gradient-matching attacks compute the classifier's loss and refuse these
-records by shape.
+classifier's property, not this task's. ``dager`` reads the first two layers only, but a
+sentence's last token is out of its reach: under the causal mask the last position feeds only
+its own output, which predicts nothing, so it adds no gradient at any layer. Gradient-matching
+attacks compute the classifier's loss and refuse these records by shape.
 """
 
 from __future__ import annotations
