@@ -34,6 +34,7 @@ from gia_bench.reports.writers import (
     Details,
     GroupDoc,
     Table,
+    _accuracy_cell,
     _verdict_cell,
     budget_cell,
     view_text,
@@ -82,12 +83,13 @@ def _mean_worst(setting: TextSetting, key: str, digits: int = 3) -> Cell:
 
 
 def _accuracy(r: TextDefenseRow) -> Cell:
-    acc = r.accuracy
-    if acc is None:
-        return Cell("–", num=True)
-    se = "" if acc.se is None else f" ± {100 * acc.se:.1f}"
-    sub = "" if r.accuracy_model in (None, r.model) else f"[{short_spec(r.accuracy_model, 'model')}]"
-    return Cell(f"{100 * acc.mean:.1f}%{se}", sub, num=True)
+    cell = _accuracy_cell(r.accuracy, r.accuracy_model, r.model)  # the image tables' cell, on sentences
+    return dataclasses.replace(cell, sub=cell.sub.replace("test images", "test sentences"))
+
+
+def _verdict(v: stats.Verdict | None) -> Cell:
+    cell = _verdict_cell(v)
+    return dataclasses.replace(cell, text=cell.text.replace("too few images", "too few sentences"))
 
 
 def _attacker(s: TextSetting, attackers: int) -> Cell:
@@ -129,7 +131,7 @@ def headline_table(g: TextGroup) -> Table:
             rows.append((*cost, Cell("not scored"), *[Cell("–", num=True)] * 6, Cell("–"), Cell("–", num=True)))
             continue
         n = len(s.sentences)
-        rows.append((*cost, _attacker(s, r.attackers), *_metric_cells(s), _verdict_cell(r.verdict),
+        rows.append((*cost, _attacker(s, r.attackers), *_metric_cells(s), _verdict(r.verdict),
                      budget_cell(s.budget, n)))  # fmt: skip
     return Table(HEADLINE_HEADERS, tuple(rows))
 
@@ -144,7 +146,7 @@ def detail_table(g: TextGroup) -> Table:
     rows, starts = [], []
     for i, s in enumerate(settings):
         rows.append((Cell(shown.get(s.defense, s.defense), code=True), _attacker(s, 1), *_metric_cells(s),
-                     _verdict_cell(s.verdict()), budget_cell(s.budget, len(s.sentences))))  # fmt: skip
+                     _verdict(s.verdict()), budget_cell(s.budget, len(s.sentences))))  # fmt: skip
         starts.append(i == 0 or settings[i - 1].defense != s.defense)
     return Table(headers, tuple(rows), tuple(starts))
 
