@@ -18,7 +18,14 @@ import io
 from collections.abc import Sequence
 
 from gia_bench.reports import stats
-from gia_bench.reports.tables import ReportData, csv_text, fmt_bytes, fmt_num, fmt_ratio, short_spec
+from gia_bench.reports.tables import (
+    ReportData,
+    csv_text,
+    fmt_bytes,
+    fmt_num,
+    fmt_ratio,
+    short_spec,
+)
 from gia_bench.reports.text_scores import (
     FLOOR_KEYS,
     TEXT_FLOOR_RULE,
@@ -53,6 +60,8 @@ TEXT_LEGEND = (
     " sentence's PII fields (names, e-mails, phones, ...) found contiguously. Floor R-2 / R-L: the mean ROUGE-2 /"
     " ROUGE-L of each original's token bag in random order."
 )
+__all__ = ["TEXT_FLOOR_RULE", "TextSection", "headline_table", "text_csv", "text_sections", "text_warnings"]
+
 #: sentences of one defense shown beside their originals
 EXAMPLES = 4
 

@@ -101,12 +101,13 @@ def _read_ids(path: Path, batch_size: int) -> tuple[list[list[int]] | None, list
     """
     if not path.is_file():
         return None, None
-    try:
-        from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    try:
         with safe_open(str(path), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in ("original", "reconstruction") if k in fh.keys()}
-    except Exception:  # a damaged file costs its floor, not the report
+            names = set(fh.keys())
+            tensors = {k: fh.get_tensor(k) for k in ("original", "reconstruction") if k in names}
+    except (OSError, ValueError, RuntimeError, SafetensorError):  # a damaged file costs its floor, not the report
         return None, None
 
     def ids(name: str) -> list[list[int]] | None:

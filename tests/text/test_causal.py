@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from gia_bench.attacks import create as create_attack
-from gia_bench.capture import capture_batch
+from gia_bench.capture import capture_batch, compute_gradient
 from gia_bench.data import load_dataset
 from gia_bench.defenses import create as create_defense
 from gia_bench.errors import SpecError
 from gia_bench.models import ModelSpec, build_model
-from gia_bench.capture import compute_gradient
 from gia_bench.text.causal import IGNORE, targets_for
 from gia_bench.text.data import split_rows
 from gia_bench.text.metrics import score_text
@@ -52,7 +51,7 @@ def test_padding_is_not_a_target(batch):
     """Only pairs of non-padding tokens count: changing the ids under the padding changes nothing."""
     data, x, y = batch
     model = build_model(ModelSpec(LM, data.spec.shape, 4, "eval"), seed=0)
-    ids, mask, _ = split_rows(x)
+    _, mask, _ = split_rows(x)
     assert (mask == 0).any()
     other = x.clone()
     other[:, 0, 0][mask == 0] = 7.0
@@ -82,9 +81,8 @@ def test_dager_recovers_sentences_from_the_lm_task_gradient(batch):
 def test_training_the_lm_task_lowers_its_loss_and_reports_next_token_accuracy(tmp_path):
     """One worker, two epochs of SGD on the next-token loss: the loss falls from ln(V) and the test accuracy is
     next-token top-1 (a class accuracy would read argmax over 30,522 logits against labels 0..3: ~0)."""
-    import math
-
     import json
+    import math
 
     from gia_bench.train import TrainConfig, launch
 
