@@ -13,7 +13,8 @@ simulated local step. So before an attack runs, :func:`check_attack` estimates
    ``restarts x local_steps x local_batch``, every simulated step stays in the graph);
 3. the bytes, all fp32: ``ACTIVATION_FACTOR`` x activations x examples (the forward, the
    gradient kept differentiable, the double backward of gradient matching) + the parameters
-   ``WEIGHT_COPIES`` times per restart and simulated step + ``INPUT_COPIES`` x the candidate
+   ``WEIGHT_COPIES`` times per restart and simulated step (an analytic attack, with no iterations:
+   ``ANALYTIC_WEIGHT_COPIES``, the weights and the decoded gradient) + ``INPUT_COPIES`` x the candidate
    inputs (L-BFGS: + 2 x ``history_size``, its curvature pairs) + ``OVERHEAD_BYTES``;
 
 and refuses, with one line naming the file, the estimate and ``--max-memory``, a record
@@ -51,6 +52,10 @@ BYTES_PER_ELEMENT = 4
 ACTIVATION_FACTOR = 3
 #: Copies of the parameters per restart and simulated step (weights, gradient, its gradient).
 WEIGHT_COPIES = 3
+#: The same for an analytic attack (no iterations: it reads the record and never differentiates
+#: through a gradient), which holds the weights and the decoded gradient: a 135M-parameter
+#: decoder (smollm2) is then 1.3 GiB, not 3.3.
+ANALYTIC_WEIGHT_COPIES = 1
 #: Copies of the candidate inputs (inputs, gradient, two optimiser moments, best iterate, slack);
 #: L-BFGS adds 2 x history_size (:meth:`AttackNeeds.of`).
 INPUT_COPIES = 8
@@ -140,16 +145,19 @@ class AttackNeeds:
 
     restarts: int = 1
     input_copies: int = INPUT_COPIES
+    weight_copies: int = WEIGHT_COPIES
 
     @classmethod
     def of(cls, attack: Any) -> AttackNeeds:
         """The needs of an :class:`~gia_bench.attacks.Attack`: its budget's restarts; L-BFGS keeps
-        ``2 x history_size`` more copies of the inputs (its curvature pairs)."""
+        ``2 x history_size`` more copies of the inputs (its curvature pairs); an analytic attack (0
+        iterations) :data:`ANALYTIC_WEIGHT_COPIES` of the parameters."""
         config = getattr(attack, "config", None)
         copies = INPUT_COPIES
         if getattr(config, "optimizer", None) == "lbfgs":
             copies += 2 * int(getattr(config, "history_size", 100))
-        return cls(max(1, int(attack.budget.restarts)), copies)
+        weights = ANALYTIC_WEIGHT_COPIES if int(attack.budget.iterations) == 0 else WEIGHT_COPIES
+        return cls(max(1, int(attack.budget.restarts)), copies, weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +170,7 @@ class MemoryEstimate:
     weight_copies: int  # restarts x simulated steps
     input_elements: int  # restarts x batch x C x H x W
     input_copies: int = INPUT_COPIES
+    param_copies: int = WEIGHT_COPIES  # of the parameters per restart and step (AttackNeeds.weight_copies)
 
     @property
     def activation_bytes(self) -> int:
@@ -169,7 +178,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        weights = WEIGHT_COPIES * BYTES_PER_ELEMENT * self.parameters * (1 + self.weight_copies)
+        weights = self.param_copies * BYTES_PER_ELEMENT * self.parameters * (1 + self.weight_copies)
         inputs = self.input_copies * BYTES_PER_ELEMENT * self.input_elements
         return OVERHEAD_BYTES + self.activation_bytes + weights + inputs
 
@@ -204,6 +213,7 @@ def estimate_memory(
         weight_copies=needs.restarts * local_steps,
         input_elements=needs.restarts * batch_size * c * h * w,
         input_copies=needs.input_copies,
+        param_copies=needs.weight_copies,
     )
 
 

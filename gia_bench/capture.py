@@ -41,9 +41,15 @@ LOSSES = {"cross_entropy": F.cross_entropy}
 def compute_gradient(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, loss: str = "cross_entropy"
 ) -> list[torch.Tensor]:
-    """Gradient of the mean batch loss w.r.t. every parameter, in ``model.parameters()`` order."""
+    """Gradient of the mean batch loss w.r.t. every parameter, in ``model.parameters()`` order.
+
+    The loss is scored against the model's own targets where it names them (a causal LM: the next
+    tokens, :func:`gia_bench.text.causal.targets_for`), else against ``labels``.
+    """
+    from gia_bench.text.causal import targets_for
+
     params = [p for p in model.parameters()]
-    value = LOSSES[loss](model(inputs), labels)
+    value = LOSSES[loss](model(inputs), targets_for(model, inputs, labels))
     return [g.detach() for g in torch.autograd.grad(value, params)]
 
 

@@ -34,6 +34,7 @@ from gia_bench.registry import parse_spec
 from gia_bench.reports.figures import Figure, _log_x, _pyplot, _save
 from gia_bench.reports.io import write_text
 from gia_bench.reports.load import AttackResult, RunSet, TrainRun
+from gia_bench.reports.text_scores import is_text_result
 
 #: The claims' thresholds, as the paper states them (accuracy in points, bytes as a fraction).
 CLAIM_BYTES_SAVED = 0.70  # "about 75 % fewer bytes": 70 % or more counts
@@ -290,7 +291,8 @@ def write_claims(runs: RunSet, out: Path) -> list[Path]:
     families = {Setting.of(d).family for d in cs}
     if "none" not in families or not families & {"powersgd", "lqsgd"}:
         return []
-    claims = [c for c in (claim_bytes_accuracy(cs), claim_rank_sweep(cs), claim_inversion(runs.results)) if c]
+    images = [r for r in runs.results if not is_text_result(r)]  # the inversion claim is about images (SSIM)
+    claims = [c for c in (claim_bytes_accuracy(cs), claim_rank_sweep(cs), claim_inversion(images)) if c]
     out = Path(out)
     figures = [_plot(cs, out / "figures", by_bytes=False), _plot(cs, out / "figures", by_bytes=True)]
     md = write_text(out / "claims.md", claims_markdown(claims, convergence_rows(cs), figures, out))

@@ -15,6 +15,8 @@ from gia_bench.reports.io import write_text
 from gia_bench.reports.headline import headline
 from gia_bench.reports.load import AttackResult, RunSet, load_runs
 from gia_bench.reports.names import study_spellings
+from gia_bench.reports.text import text_csv, text_sections
+from gia_bench.reports.text_scores import is_text_result
 from gia_bench.reports.tables import ReportData, build_report, results_csv, summary_csv
 from gia_bench.reports.writers import html_report, markdown
 
@@ -85,7 +87,7 @@ def make_report(options: ReportOptions, runs: RunSet | None = None) -> ReportOut
         f = figs.leakage_vs_step(g, runs.trains, fig_dir)
         if f is not None:
             figures.append(f)
-    figures += _grids(runs.results, data, fig_dir)
+    figures += _grids([r for r in runs.results if not is_text_result(r)], data, fig_dir)
     acc = figs.accuracy_vs_bandwidth(runs.trains, fig_dir, data.shown)
     if acc is not None:
         figures.append(acc)
@@ -95,5 +97,8 @@ def make_report(options: ReportOptions, runs: RunSet | None = None) -> ReportOut
         write_text(out / "report.md", markdown(data, figures, out, options.title)),
         write_text(out / "report.html", html_report(data, figures, options.title)),
     ]
+    texts = text_sections(data)
+    if texts:  # one row per sentence, with its token-bag floor (gia_bench.reports.text)
+        files.append(write_text(out / "text.csv", text_csv(texts)))
     files += write_claims(runs, out)  # the LQ-SGD paper's claims, where SGD trained beside PowerSGD / LQ-SGD
     return ReportOutput(data, tuple(files + [f.path for f in figures]), tuple(figures))

@@ -41,6 +41,7 @@ from gia_bench.metrics import LPIPSScorer, get_st_lpips, mean_colour_floor
 from gia_bench.reports import stats
 from gia_bench.reports.load import AttackResult, Budget, RunSet, TrainRun
 from gia_bench.reports.names import display_names, full_spec
+from gia_bench.reports.text_scores import is_text_result
 from gia_bench.reports.threats import exploited_text, is_structure_aware, read_extra, threat_text
 
 if TYPE_CHECKING:
@@ -382,6 +383,8 @@ def build_report(runs: RunSet, lpips: LPIPSScorer | None = None, spellings: Sequ
     lpips_notes: list[str] = []
     by_setting: dict[tuple[str, str, str, str, str, int, str], list[tuple[AttackResult, list[ImageRow]]]] = defaultdict(list)
     for res in runs.results:
+        if is_text_result(res):  # sentences, not images: the text section (gia_bench.reports.text_scores)
+            continue
         key = str(res.tensors_path)
         if key not in cache:
             cache[key] = _stored(res, lpips)

@@ -391,8 +391,9 @@ def budgets_table(data: ReportData) -> Table | None:
 
 
 def build_doc(data: ReportData, figures: Sequence[Figure], title: str) -> Doc:
-    """The report's content, independent of the output format."""
-    heads = headline(data)
+    """The report's content, independent of the output format (text results: :mod:`gia_bench.reports.text`)."""
+    from gia_bench.reports.text import TEXT_FLOOR_RULE, text_sections, text_warnings
+    heads, texts = headline(data), text_sections(data)
     groups = []
     for hg in heads:
         g = hg.group
@@ -441,10 +442,10 @@ def build_doc(data: ReportData, figures: Sequence[Figure], title: str) -> Doc:
     )
     return Doc(
         title=title,
-        summary=summary_sentence(heads),
-        warnings=study_warnings(data, heads),
-        groups=tuple(groups),
-        rules=(stats.ACCURACY_RULE, stats.FLOOR_RULE, BUDGET_RULE),
+        summary=summary_sentence((*heads, *(t.group for t in texts))),
+        warnings=study_warnings(data, heads) + text_warnings(texts),
+        groups=(*groups, *(t.doc for t in texts)),
+        rules=(stats.ACCURACY_RULE, stats.FLOOR_RULE, BUDGET_RULE, *((TEXT_FLOOR_RULE,) if texts else ())),
         budgets=budgets_table(data),
         notes=(*data.lpips_notes, *data.notes),
         other=other,

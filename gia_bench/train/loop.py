@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gia_bench.errors import ConfigError
 from gia_bench.io import atomic_write_json
 from gia_bench.optim import make_optimizer, sparsity
+from gia_bench.text.causal import correct_and_total, targets_for
 from gia_bench.train.checkpoint import (
     CheckpointState,
     load_checkpoint,
@@ -63,14 +64,17 @@ def _evaluate(model: torch.nn.Module, test: Any, device: torch.device, rank: int
     was_training = model.training
     model.eval()
     mine = list(range(rank, len(test), world_size))
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    # scored positions: one per example, or one per next token of a causal LM (gia_bench.text.causal)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)
     with torch.no_grad():
         for i in range(0, len(mine), batch):
             inputs, labels = test.batch(mine[i : i + batch])
-            correct += (model(inputs.to(device)).argmax(1) == labels.to(device)).sum()
+            inputs, labels = inputs.to(device), labels.to(device)
+            hits, total = correct_and_total(model(inputs), targets_for(model, inputs, labels))
+            counts += torch.stack((hits, total))
     model.train(was_training)
-    dist.all_reduce(correct)  # a plain all-reduce of one integer, not gradient traffic
-    return int(correct) / max(len(test), 1)
+    dist.all_reduce(counts)  # a plain all-reduce of two integers, not gradient traffic
+    return int(counts[0]) / max(int(counts[1]), 1)
 
 
 def _raised_by_collective(exc: BaseException) -> bool:
@@ -319,7 +323,7 @@ def _step(
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(ddp(x), y)
+    loss = F.cross_entropy(ddp(x), targets_for(ddp, x, y))
     loss.backward()
     if capturing:
         messages = state.comm.reset()
