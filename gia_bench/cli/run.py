@@ -132,7 +132,7 @@ def train_cmd(
         None, "--lr", help="peak SGD learning rate (default: 0.1 x global batch / 256, global = batch x workers)"
     ),
     lr_warmup_steps: int = typer.Option(
-        None, "--lr-warmup-steps", help="linear lr warm-up steps (default: 5% of the run, at least 1; 0: none)"
+        None, "--lr-warmup-steps", help="linear lr warm-up steps (default: 5% of the run, at least 10 steps or the first epoch; 0: none)"
     ),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum, applied after the reduce"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="SGD weight decay, applied after the reduce"),

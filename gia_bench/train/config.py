@@ -31,8 +31,14 @@ class TrainError(GiaBenchError):
 #: The default learning rate is ``BASE_LR x global batch / BASE_BATCH`` (see :func:`default_lr`).
 BASE_LR = 0.1
 BASE_BATCH = 256
-#: The default linear warm-up spans this fraction of the run's optimizer steps (at least one).
+#: The default linear warm-up spans this fraction of the run's optimizer steps, and at least
+#: :data:`WARMUP_MIN_STEPS` (or the first epoch, when an epoch is shorter).
 WARMUP_FRACTION = 0.05
+#: A run of a few short epochs (digits at batch 64 on 2 workers: 11 steps an epoch) warmed up
+#: over 5 % of its steps alone ramps to the peak in 2 steps, and uncompressed SGD diverged in
+#: its first epoch (52.9 % after 3 epochs; 91.4 % with the first epoch as warm-up:
+#: benchmarks/lqsgd_convergence.py). Ten steps, or the first epoch if shorter, avoid that.
+WARMUP_MIN_STEPS = 10
 
 
 def default_lr(global_batch: int) -> float:
@@ -49,9 +55,11 @@ def default_lr(global_batch: int) -> float:
     return BASE_LR * global_batch / BASE_BATCH
 
 
-def default_warmup(total_steps: int) -> int:
-    """Linear warm-up steps when none are given: 5% of the run, at least 1 (Goyal et al. 2017, Sec. 2.2)."""
-    return max(1, math.ceil(WARMUP_FRACTION * total_steps))
+def default_warmup(total_steps: int, steps_per_epoch: int | None = None) -> int:
+    """Linear warm-up steps when none are given (Goyal et al. 2017, Sec. 2.2): 5% of the run, and at
+    least :data:`WARMUP_MIN_STEPS` or one epoch, whichever is shorter; never more than the run, at least 1."""
+    floor = WARMUP_MIN_STEPS if steps_per_epoch is None else min(WARMUP_MIN_STEPS, steps_per_epoch)
+    return max(1, min(total_steps, max(math.ceil(WARMUP_FRACTION * total_steps), floor)))
 
 
 def parse_capture_steps(text: str) -> tuple[int | str, ...]:
@@ -101,7 +109,7 @@ class TrainConfig:
         batch_size: examples per worker per step.
         lr: peak SGD learning rate; None: 0.1 x global batch / 256 (:func:`default_lr`).
         lr_warmup_steps: linear warm-up to the peak over this many steps; None: 5% of the
-            run (:func:`default_warmup`); 0: none.
+            run, at least 10 steps or the first epoch (:func:`default_warmup`); 0: none.
         momentum: SGD momentum, applied after the reduce.
         weight_decay: SGD weight decay, applied after the reduce.
         lr_schedule: ``constant`` or ``cosine`` (cosine decay to 0 over all steps).
@@ -277,9 +285,11 @@ class TrainConfig:
         """``lr``, or :func:`default_lr` of the global batch ``batch_size x world_size``."""
         return self.lr if self.lr is not None else default_lr(self.batch_size * world_size)
 
-    def warmup(self, total_steps: int) -> int:
-        """Linear warm-up steps of a run of ``total_steps``."""
-        return self.lr_warmup_steps if self.lr_warmup_steps is not None else default_warmup(total_steps)
+    def warmup(self, total_steps: int, steps_per_epoch: int | None = None) -> int:
+        """Linear warm-up steps of a run of ``total_steps`` (``--lr-warmup-steps``, else :func:`default_warmup`)."""
+        if self.lr_warmup_steps is not None:
+            return self.lr_warmup_steps
+        return default_warmup(total_steps, steps_per_epoch)
 
     def steps_per_epoch(self, train_examples: int, world_size: int) -> int:
         """Optimizer steps per epoch: each worker's share (DistributedSampler, drop_last) in whole batches."""

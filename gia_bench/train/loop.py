@@ -201,7 +201,7 @@ def _build(w: _Worker) -> _Run:
     recorded = RecordedRun(config.out / RECORDS_DIR, model_spec, dataset_spec, names, compressor.spec, config.seed)
     return _Run(
         train, test, model, recorded, compressor, optimizer, sampler, peak_lr, steps_per_epoch, total_steps,
-        config.warmup(total_steps), frozenset(config.capture_plan(total_steps)),
+        config.warmup(total_steps, steps_per_epoch), frozenset(config.capture_plan(total_steps)),
     )
 
 
