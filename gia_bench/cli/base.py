@@ -6,7 +6,10 @@ with code 2.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +24,28 @@ err_console = make_console(stderr=True)
 
 
 _interrupted = False  # set once a Ctrl-C has been handled: exit at once
+#: After a Ctrl-C a command has this long to stop its work, keep what finished and say so;
+#: past it the process leaves anyway (exit 130), so a stuck cleanup never holds the terminal.
+CTRL_C_DEADLINE_S = 15.0
+_deadline_armed = threading.Event()
+_command_done = threading.Event()
+
+
+def _leave_after_deadline(seconds: float) -> None:
+    if _command_done.wait(seconds):
+        return  # the command ended on its own
+    sys.stderr.write(f"interrupted: the cleanup took over {seconds:g} s; stopped without it (finished work is kept)\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def _on_ctrl_c(signum: int, frame: Any) -> None:
+    """Python's own Ctrl-C (KeyboardInterrupt), plus a deadline for the command to be gone."""
+    if not _deadline_armed.is_set():
+        _deadline_armed.set()
+        threading.Thread(target=_leave_after_deadline, args=(CTRL_C_DEADLINE_S,), name="gia-bench-ctrl-c-deadline",
+                         daemon=True).start()  # fmt: skip
+    raise KeyboardInterrupt
 
 
 def mark_interrupted() -> None:
@@ -34,6 +59,11 @@ def mark_interrupted() -> None:
 
 class _App(typer.Typer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # only where Ctrl-C is Python's default (not ignored, e.g. under nohup; the main thread)
+        ours = threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        previous = signal.signal(signal.SIGINT, _on_ctrl_c) if ours else None
+        _command_done.clear()
         try:
             return super().__call__(*args, **kwargs)
         except GiaBenchError as exc:
@@ -45,12 +75,16 @@ class _App(typer.Typer):
                 # Everything is cleaned up and said; the interpreter's own teardown (collecting
                 # torch's objects, atexit hooks) takes seconds and a second ^C would print a
                 # traceback from it. Ctrl-C must stop within seconds: leave now.
-                import os
-
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(exc.code if isinstance(exc.code, int) else 130)
             raise
+        finally:
+            if not _deadline_armed.is_set():
+                _command_done.set()  # no Ctrl-C: nothing to bound (called in-process by tests, nothing fires later)
+            # after a Ctrl-C the deadline stays armed through the interpreter's teardown too
+            if previous is not None and signal.getsignal(signal.SIGINT) is _on_ctrl_c:
+                signal.signal(signal.SIGINT, previous)
 
 
 app = _App(

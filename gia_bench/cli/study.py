@@ -124,6 +124,7 @@ def audit_cmd(
             options = AuditOptions(workers=workers, quick=quick, train=not no_train, lpips_weights=lpips_weights)
             result = run_audit(spec, out, options, events=shown)
     except KeyboardInterrupt:
+        mark_interrupted()  # leave at once: the interpreter's teardown must not hold the command after Ctrl-C
         err_console.print(f"[yellow]interrupted:[/] the audit stopped; its finished battery units are kept in {out}")
         raise typer.Exit(130) from None
     for table in audit_tables(result):
