@@ -33,3 +33,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/text/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.skip(reason=missing))
+
+
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Children started during the test get Ctrl-C as from a terminal, however pytest was started.
+
+    A shell starts a background job (``cmd &``, ``nohup cmd &``, CI runners) with SIGINT
+    ignored; an ignored signal stays ignored through exec, Python then installs no
+    KeyboardInterrupt handler, and the command under test would rightly ignore the test's
+    Ctrl-C. A handled signal is reset to the default by exec: handle it while the test runs.
+    """
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_restored():
+    """Each test leaves Ctrl-C's handler as it found it: a command run in-process that handled a
+    Ctrl-C ignores the next one (``cli.base.mark_interrupted``), and a later test's child process
+    would inherit that and ignore the Ctrl-C it is sent."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not previous and previous is not None:
+        signal.signal(signal.SIGINT, previous)

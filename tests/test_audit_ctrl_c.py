@@ -12,6 +12,7 @@ import pytest
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.usefixtures("sigint_as_in_a_terminal")
 def test_ctrl_c_stops_the_audit_and_its_battery(tmp_path):
     out = tmp_path / "audit"
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sigint_as_in_a_terminal")
 def test_ctrl_c_stops_the_simulation_and_keeps_the_first_rounds_records(tmp_path):
     out = tmp_path / "run"
     cmd = [

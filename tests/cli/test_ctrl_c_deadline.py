@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 from pathlib import Path
 
 REPO = Path(__file__).parents[2]
@@ -31,6 +33,7 @@ base.app(["stuck"])
 """
 
 
+@pytest.mark.usefixtures("sigint_as_in_a_terminal")
 def test_a_cleanup_stuck_after_ctrl_c_is_cut_at_the_deadline():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -14,6 +14,7 @@ from gia_bench.train.checkpoint import load_checkpoint
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.usefixtures("sigint_as_in_a_terminal")
 def test_ctrl_c_stops_training_with_one_line_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "gia_bench", "train", "--dataset", "digits:size=8,channels=1", "--model",
