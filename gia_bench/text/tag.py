@@ -61,11 +61,39 @@ def length_from_positions(model, decoded: list[torch.Tensor], index: dict[int, i
 
 def distance(candidate: list[torch.Tensor], target: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """TAG's L2 + alpha L1 over the observation in pieces, each term relative to the target's size."""
-    l2 = sum(((c - t) ** 2).sum() for c, t in zip(candidate, target))
-    l1 = sum((c - t).abs().sum() for c, t in zip(candidate, target))
-    t2 = sum((t**2).sum() for t in target).clamp_min(1e-30)
-    t1 = sum(t.abs().sum() for t in target).clamp_min(1e-30)
-    return l2 / t2 + alpha * l1 / t1
+    return Distance(target, alpha)(candidate)
+
+
+class Distance:
+    """:func:`distance` to one fixed target, for an optimisation loop: the target's norms are summed
+    once, and so are the pieces of the observation that do not depend on the dummy (the word table's,
+    fed as a constant: half of MiniLM's parameters), found on the first call by ``requires_grad``.
+    Same value as :func:`distance`, up to the order of the sums."""
+
+    def __init__(self, target: list[torch.Tensor], alpha: float) -> None:
+        self.target, self.alpha = target, alpha
+        self.t2 = sum((t.to(torch.float64) ** 2).sum() for t in target).clamp_min(1e-30)
+        self.t1 = sum(t.to(torch.float64).abs().sum() for t in target).clamp_min(1e-30)
+        self.live: list[int] | None = None
+        self.c2 = self.c1 = 0.0
+
+    def __call__(self, candidate: list[torch.Tensor]) -> torch.Tensor:
+        if self.live is None or not any(c.requires_grad for c in candidate):
+            pairs = list(zip(candidate, self.target))
+            if any(c.requires_grad for c in candidate):  # the constant pieces, summed once
+                self.live = [i for i, c in enumerate(candidate) if c.requires_grad]
+                const = [(c, t) for c, t in pairs if not c.requires_grad]
+                self.c2 = float(sum(((c - t).to(torch.float64) ** 2).sum() for c, t in const))
+                self.c1 = float(sum((c - t).to(torch.float64).abs().sum() for c, t in const))
+                pairs = [pairs[i] for i in self.live]
+            else:
+                return (sum(((c - t) ** 2).sum() for c, t in pairs) / self.t2
+                        + self.alpha * sum((c - t).abs().sum() for c, t in pairs) / self.t1)
+        else:
+            pairs = [(candidate[i], self.target[i]) for i in self.live]
+        l2 = self.c2 + sum(((c - t) ** 2).sum() for c, t in pairs)
+        l1 = self.c1 + sum((c - t).abs().sum() for c, t in pairs)
+        return l2 / self.t2 + self.alpha * l1 / self.t1
 
 
 @register("tag")
@@ -136,6 +164,7 @@ class TAG(Attack):
         """Adam on the dummy embeddings, ``restarts`` times; the best iterate over all (by distance)."""
         params = [p for i, (_, p) in enumerate(named) if i != word_index]
         target = [t.detach() for t in threat.segments]
+        measure = Distance(target, self.alpha)
         fixed = decoded[word_index].unsqueeze(0)  # the word table's gradient: not matched (constant)
         scale = float(words.detach().std())
         batch, longest = mask.shape
@@ -154,7 +183,7 @@ class TAG(Attack):
                     else:
                         full.append(grads[k].unsqueeze(0))
                         k += 1
-                loss = distance([c[0] for c in threat.candidate_segments(full)], target, self.alpha)
+                loss = measure([c[0] for c in threat.candidate_segments(full)])
                 value = float(loss.detach())
                 if it == 0:
                     first.append(value)

@@ -11,7 +11,7 @@ from gia_bench.defenses import create as create_defense
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.records import GradientRecord
 from gia_bench.text.metrics import sequences
-from gia_bench.text.tag import distance
+from gia_bench.text.tag import Distance, distance
 
 
 def test_distance_is_l2_plus_alpha_l1_relative_to_the_target():
@@ -20,6 +20,24 @@ def test_distance_is_l2_plus_alpha_l1_relative_to_the_target():
     # |c - t|^2 = 1 + 4 = 5, |t|^2 = 9; |c - t|_1 = 3, |t|_1 = 5
     assert float(distance(cand, target, 0.5)) == pytest.approx(5 / 9 + 0.5 * 3 / 5)
     assert float(distance(target, target, 0.5)) == 0.0
+
+
+def test_the_loops_distance_sums_constant_pieces_once_and_keeps_value_and_gradient():
+    gen = torch.Generator().manual_seed(0)
+    target = [torch.randn(50, generator=gen) for _ in range(3)]
+    fixed = torch.randn(50, generator=gen)  # a piece the dummy does not reach (the word table's)
+    measure = Distance(target, 0.3)
+    for step in range(3):
+        x = torch.randn(50, generator=gen, requires_grad=True)
+        cand = [x * 2, fixed, x.sin()]
+        got = measure(cand)
+        want = distance(cand, target, 0.3)
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
+        (g_got,) = torch.autograd.grad(got, x, retain_graph=True)
+        (g_want,) = torch.autograd.grad(want, x)
+        torch.testing.assert_close(g_got.to(torch.float64), g_want.to(torch.float64))
+    assert measure.live == [0, 2]
+    assert float(measure([t.clone() for t in target])) == 0.0  # no piece requires grad: summed whole
 
 
 @pytest.fixture(scope="module")
