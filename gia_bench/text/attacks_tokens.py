@@ -13,6 +13,13 @@ receiver decodes keeps that support through every compressor but noise:
 * ``signsgd``: every entry is sent as +-scale, zeros as +scale: unused rows decode to the
   constant row (+scale, ..., +scale) and used rows have both signs.
 
+LQ-SGD's log code rounds a row's P entry to magnitude 0 when it is below about 1e-3 of the
+tensor's largest: the decoded row is then zero and the token is lost to the decoded gradient.
+But the code keeps the sign bit: a used row whose P entry was negative arrives as "minus,
+magnitude 0" (a signed zero), which no unused row can send (its P entry is exactly 0, coded
+plus). The aware bag reads those rows from the message too (:func:`signed_zero_rows`), after
+the rows the decoded gradient shows; a positive entry rounded to 0 is lost to any reader.
+
 Views, each with a relative threshold (a row is used when its statistic exceeds
 ``threshold`` times the largest row's):
 
@@ -75,6 +82,38 @@ def token_bag(gradient: torch.Tensor, view: str, threshold: float) -> tuple[torc
     return used[order], stat[used][order]
 
 
+def signed_zero_rows(record: GradientRecord, index: int) -> torch.Tensor:
+    """Rows of parameter ``index`` whose LQ-SGD P codes are all magnitude 0 with one sign bit set:
+    used rows the decoded gradient shows as zero (empty for other compressors and warm-up steps)."""
+    from gia_bench.receiver import record_compressor
+    from gia_bench.registry import parse_spec
+
+    if parse_spec(record.meta.defense).name != "lqsgd" or "grads" in record.messages:
+        return torch.zeros(0, dtype=torch.int64)
+    compressor = record_compressor(record)
+    shapes = [torch.Size(s) for s in record.param_shapes]
+    plan = compressor.plan(shapes)
+    group = next((g for g in plan.groups if index in g.indices), None)
+    if group is None:  # the tensor went in the rest, uncompressed by the factors
+        return torch.zeros(0, dtype=torch.int64)
+    P = compressor.message_values(record.messages, shapes, record.public)["P"]
+    rows = P[group.p_offset : group.p_offset + group.p_numel].view(group.count, group.n, group.r)
+    rows = rows[group.indices.index(index)]
+    return torch.nonzero((rows == 0).all(dim=1) & torch.signbit(rows).any(dim=1)).flatten()
+
+
+def record_bag(record: GradientRecord, gradient: torch.Tensor, index: int, view: str, threshold: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_bag` of the decoded ``gradient`` (parameter ``index`` of ``record``); the aware
+    view appends the rows only the message shows (:func:`signed_zero_rows`), with statistic 0."""
+    bag, stat = token_bag(gradient, view, threshold)
+    if view != "aware":
+        return bag, stat
+    extra = signed_zero_rows(record, index)
+    extra = extra[~torch.isin(extra, bag)]
+    return torch.cat([bag, extra]), torch.cat([stat, torch.zeros(extra.numel(), dtype=stat.dtype)])
+
+
 def bag_batch(bag: torch.Tensor, batch: int, length: int, pad: int = 0) -> torch.Tensor:
     """The bag laid out as a (B, 1, 3, T) text batch, filling sentence after sentence."""
     bag = bag[: batch * length]
@@ -116,8 +155,8 @@ class Tokens(Attack):
             raise AttackError(f"attack 'tokens' needs a text record, {record.meta.record_id} holds {spec.name!r}")
         name = embedding_name(record)
         decoded = decode_record(record)
-        gradient = decoded[list(record.meta.param_names).index(name)]
-        bag, stat = token_bag(gradient, view, self.threshold)
+        index = list(record.meta.param_names).index(name)
+        bag, stat = record_bag(record, decoded[index], index, view, self.threshold)
         labels, strategy = bias_labels(record, decoded)
         return Reconstruction(
             inputs=bag_batch(bag, record.meta.batch_size, spec.shape[2]),
@@ -127,6 +166,6 @@ class Tokens(Attack):
             view=view,
             label_strategy=strategy,
             observed="decoded gradient",
-            extra={"embedding": name, "bag_size": int(bag.numel()),
+            extra={"embedding": name, "bag_size": int(bag.numel()), "signed_zero_rows": int((stat == 0).sum()),
                    "statistic": "row L2 norm" if view == "naive" else "row max - min"},
         )

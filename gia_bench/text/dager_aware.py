@@ -45,7 +45,7 @@ import torch
 from gia_bench.attacks.exact import codec_error
 from gia_bench.receiver import decode_record, record_compressor
 from gia_bench.registry import parse_spec
-from gia_bench.text.attacks_tokens import token_bag
+from gia_bench.text.attacks_tokens import record_bag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +135,11 @@ def somp(y: torch.Tensor, atoms: torch.Tensor, max_atoms: int, tol: float, floor
     return SompResult(chosen, history)
 
 
-def candidates(model, decoded: list[torch.Tensor], index_of, batch: int, length: int) -> torch.Tensor:
-    """Step 1: the embedding gradient's token bag (aware statistic), or every token when it is no bag."""
+def candidates(record, model, decoded: list[torch.Tensor], index_of, batch: int, length: int) -> torch.Tensor:
+    """Step 1: the embedding gradient's token bag (aware, LQ-SGD's signed zeros included), or every
+    token when it is no bag."""
     words = model.embedding.weight
-    bag, _ = token_bag(decoded[index_of(words)], "aware", 1e-6)
+    bag, _ = record_bag(record, decoded[index_of(words)], index_of(words), "aware", 1e-6)
     return bag if 0 < bag.numel() <= batch * length else torch.arange(words.shape[0])
 
 
@@ -246,7 +247,7 @@ def aware_decoder(record, model, index_of) -> tuple[list[list[int]], dict, float
     decoded = decode_record(record)
     batch, length = record.meta.batch_size, record.meta.dataset.shape[2]
     noise = noise_level(record)
-    vocab = candidates(model, decoded, index_of, batch, length)
+    vocab = candidates(record, model, decoded, index_of, batch, length)
     tokens, info = decoder_tokens(model, columns, index_of, vocab, batch * length, noise)
     if vocab.numel() <= batch * length:
         # the candidates are the embedding gradient's support: each of them was used, and the ones SOMP
@@ -318,7 +319,7 @@ def aware_encoder(record, model, index_of) -> tuple[list[list[int]], dict, float
     y1 = _encoder_y1(bert, columns, index_of)
     decoded = decode_record(record)
     batch, length = record.meta.batch_size, record.meta.dataset.shape[2]
-    vocab = candidates(model, decoded, index_of, batch, length)
+    vocab = candidates(record, model, decoded, index_of, batch, length)
     if y1 is None or vocab.numel() > batch * length:  # every token x position: too many atoms to check
         return None
     tokens = vocab.repeat_interleave(length)

@@ -17,8 +17,9 @@ What this implementation takes from the record, never from the truth file:
 * the sentence length: the row support of the position-embedding gradient (BERT: rows
   p < L carry gradient, padding none; all B sentences are given the longest length), or,
   without position embeddings (Llama), the token bag's size / B;
-* the vocabulary of the nearest-token step: the word-embedding gradient's token bag (the
-  ``tokens`` attack's aware bag) when there is one (every compressor but noise keeps it), else
+* the vocabulary of the nearest-token step: the word-embedding gradient's token bag (its rows'
+  spread; the aware view adds LQ-SGD's signed-zero rows, as the ``tokens`` attack's aware bag) when
+  there is one (every compressor but noise keeps it), else
   every token; the result says which (``vocabulary``);
 * the word-embedding table's own gradient is not matched: the dummy is fed as embeddings, so
   its candidate gradient there is unknown; the decoded one stands in (a constant).
@@ -42,7 +43,7 @@ from gia_bench.attacks.base import Attack, AttackError, Budget, Reconstruction, 
 from gia_bench.attacks.views import build_view
 from gia_bench.receiver import decode_record, record_model
 from gia_bench.registry import Range
-from gia_bench.text.attacks_tokens import bias_labels, token_bag
+from gia_bench.text.attacks_tokens import bias_labels, record_bag, token_bag
 from gia_bench.text.data import is_text, join_rows
 
 
@@ -136,7 +137,9 @@ class TAG(Attack):
             p.requires_grad_(p is not words)
         decoded = decode_record(record)
         batch, longest = record.meta.batch_size, spec.shape[2]
-        bag, _ = token_bag(decoded[index[id(words)]], "aware", 1e-6)
+        at = index[id(words)]  # naive: the decoded gradient's rows only; aware: LQ-SGD's signed zeros too
+        bag, _ = record_bag(record, decoded[at], at, "aware", 1e-6) if view == "aware" else token_bag(
+            decoded[at], "aware", 1e-6)
         use_bag = 0 < bag.numel() <= batch * longest
         vocab = bag if use_bag else torch.arange(words.shape[0])
         length, length_from = length_from_positions(model, decoded, index, batch, int(bag.numel()), longest)

@@ -59,7 +59,48 @@ def test_signsgd_hides_the_support_from_the_norm_but_not_from_the_spread(minilm_
 def test_lqsgd_bag_is_nearly_exact(minilm_pii):
     data, models = minilm_pii
     record, truth = _capture(data, models["eval"], "eval", "lqsgd:rank=1", [23, 24])
-    assert _f1(record, truth, "aware")[0] >= 0.97  # rows whose P entry rounds to code 0 are lost
+    assert _f1(record, truth, "aware")[0] >= 0.97  # rows whose P entry rounds to +0 are lost
+
+
+def test_lqsgd_signed_zero_codes_are_read_from_the_message(minilm_pii):
+    """A used row whose P entry rounds to magnitude 0 keeps its sign bit: the aware bag reads it from
+    the message, the decoded gradient (all the naive view has) shows a zero row; a row rounded to +0 is
+    lost to both, and no unused row is ever read as used."""
+    from gia_bench.receiver import decode_record, record_compressor
+    from gia_bench.text.attacks_tokens import embedding_name, signed_zero_rows
+    from gia_bench.text.data import split_rows
+
+    data, models = minilm_pii
+    record, truth = _capture(data, models["eval"], "eval", "lqsgd:rank=1", [29, 30, 31, 32])
+    index = list(record.meta.param_names).index(embedding_name(record))
+    compressor = record_compressor(record)
+    shapes = [torch.Size(s) for s in record.param_shapes]
+    group = next(g for g in compressor.plan(shapes).groups if index in g.indices)
+    assert compressor.bits == 8 and group.r == 1  # one byte per code, one code per row
+    start = group.p_offset + group.indices.index(index) * group.n
+    codes = record.messages["P.codes"]
+    ids, mask, _ = split_rows(truth.inputs)
+    used = sorted(set(ids[mask.bool()].tolist()))
+    def bags():
+        out = {}
+        for view in ("aware", "naive"):
+            rec = create_attack("tokens").run(record, view, torch.Generator())
+            ids, mask, _ = split_rows(rec.inputs)
+            out[view] = set(ids[mask.bool()].tolist())
+        return out, rec
+
+    natural = signed_zero_rows(record, index).tolist()  # this batch has one: a used token the decode drops
+    before, _ = bags()
+    assert natural and set(natural) <= set(used) and before["aware"] - before["naive"] == set(natural)
+    minus, plus = sorted(before["naive"])[2:4]
+    codes[start + minus] = 128  # sign bit, magnitude 0: what a small negative entry rounds to
+    codes[start + plus] = 0  # a small positive entry: the same code as an unused row
+    assert float(decode_record(record)[index][minus].abs().sum()) == 0.0
+    assert signed_zero_rows(record, index).tolist() == sorted([*natural, minus])
+    after, _ = bags()
+    assert after["aware"] == before["aware"] - {plus} and after["naive"] == before["naive"] - {plus, minus}
+    aware = create_attack("tokens").run(record, "aware", torch.Generator())
+    assert aware.extra["signed_zero_rows"] == len(natural) + 1
 
 
 def test_noise_leaves_no_support():
