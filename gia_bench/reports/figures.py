@@ -91,12 +91,12 @@ def _log_x(ax, xs: Sequence[float]) -> None:
     """Log x axis in bytes, labelled at powers of ten only, with a margin around the points."""
     from matplotlib.ticker import LogLocator, NullFormatter
 
+    xs = [x for x in xs if x > 0]
+    if xs:  # limits first: an axis with no positive data yet would warn that it cannot be log-scaled
+        ax.set_xlim(min(xs) / 2, max(xs) * 2)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    xs = [x for x in xs if x > 0]
-    if xs:
-        ax.set_xlim(min(xs) / 2, max(xs) * 2)
     ax.set_xlabel("bytes sent per worker per step (log)")
 
 
@@ -270,7 +270,8 @@ def accuracy_vs_bandwidth(
     path = out_dir / "accuracy-vs-bandwidth.png"
     _save(fig, path)
     caption = (
-        "Final test accuracy of each training setting against the bytes a worker sent per step; error bars:"
+        "Final test accuracy of each training setting against the bytes a worker sent per step (a run with"
+        " one worker: its messages' size); error bars:"
         " ± one standard error (binomial over the test set, or over seeds)."
         + (" Some runs did not record their test-set size: no error bar." if no_se else "")
         + " " + _frontier_caption(drawn, "the cheapest setting, then each that beats the last one on it by more than noise")

@@ -17,6 +17,7 @@ and bytes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class TrainRun:
     defense: str
     world_size: int
     final_test_accuracy: float
+    #: bytes a worker sent per step; a lone worker sends nothing, so for one its messages' size
+    #: (``payload_bytes_per_worker`` / steps): what it would send beside peers
     bytes_per_step: float
     bytes_sent_per_worker: int
     steps: int
@@ -110,11 +113,15 @@ def parse_train(path: Path) -> TrainRun:
         sent = int(number(totals.get("bytes_sent_per_worker", 0), "totals.bytes_sent_per_worker"))
         steps = int(number(totals.get("steps", 0), "totals.steps"))
         secs = number(totals.get("seconds", 0.0), "totals.seconds")
+        payload = number(totals.get("payload_bytes_per_worker", 0), "totals.payload_bytes_per_worker")
     except KeyError as exc:
         raise MalformedFile(f"totals has no {exc.args[0]!r}") from None
     if not 0.0 <= acc <= 1.0:
         raise MalformedFile(f"final_test_accuracy {acc} is outside [0, 1]")
     history = _history(get_field(data, "epochs", list, optional=True) or [])
+    world_size = int(get_field(data, "world_size", int, optional=True) or 1)
+    if world_size == 1 and sent == 0 and steps > 0 and 0 < payload < math.inf:
+        bps = payload / steps
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     seed = config.get("seed") if isinstance(config.get("seed"), int) and not isinstance(config.get("seed"), bool) else None
     return TrainRun(
@@ -122,7 +129,7 @@ def parse_train(path: Path) -> TrainRun:
         dataset=get_field(data, "dataset", str),
         model=get_field(data, "model", str),
         defense=get_field(data, "defense", str),
-        world_size=int(get_field(data, "world_size", int, optional=True) or 1),
+        world_size=world_size,
         final_test_accuracy=acc,
         bytes_per_step=bps,
         bytes_sent_per_worker=sent,
