@@ -8,7 +8,10 @@ are optimised with Adam so that their gradient matches the observed one under th
 
 (TAG's L2 + alpha L1; each term is divided by the observation's own size here so that
 ``alpha`` weighs the two alike at any gradient scale). Then every optimised embedding is
-mapped to the nearest token by cosine similarity (TAG: to the closest embedding row).
+mapped to the nearest token by cosine similarity (TAG: to the closest embedding row), here
+subject to every token of the bag being used at least once (``cover``, an exact assignment,
+:func:`covering`): the bag is what the embedding gradient shows, every one of its tokens is in
+the batch, and TAG's own mapping drops some and repeats others.
 
 What this implementation takes from the record, never from the truth file:
 
@@ -38,6 +41,7 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from gia_bench.attacks.base import Attack, AttackError, Budget, Reconstruction, register
 from gia_bench.attacks.views import build_view
@@ -97,6 +101,19 @@ class Distance:
         return l2 / self.t2 + self.alpha * l1 / self.t1
 
 
+def covering(sim: torch.Tensor) -> torch.Tensor:
+    """Per position, a token index: the most similar, subject to every token being used at least once
+    (``sim``: positions x tokens, tokens <= positions). Exact: each token takes one representative
+    position by an assignment on the regret ``max_t sim(p, t) - sim(p, t)``; the other positions
+    keep their most similar token (their regret is 0), so the total similarity is the largest the
+    constraint allows."""
+    best = sim.argmax(dim=1)
+    regret = sim.max(dim=1, keepdim=True).values - sim
+    rows, cols = linear_sum_assignment(regret.numpy())
+    best[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    return best
+
+
 @register("tag")
 class TAG(Attack):
     """TAG (Deng et al. 2021): Adam on dummy word embeddings, L2 + alpha L1 gradient distance, nearest tokens.
@@ -106,14 +123,17 @@ class TAG(Attack):
         restarts: independent random starts; the lowest gradient distance wins.
         lr: Adam's learning rate (embedding units: the table's row scale is about 0.05).
         alpha: weight of the L1 term (relative distances, see the module docstring).
+        cover: map the embeddings to tokens so that every token of the bag is used at least once (the
+            bag is exact: each of its tokens is in the batch); false: each to its nearest token, as TAG.
     """
 
     views = ("naive", "aware")
 
     def __init__(self, iterations: Annotated[int, Range(1, 100_000)] = 200,
                  restarts: Annotated[int, Range(1, 64)] = 2, lr: Annotated[float, Range(1e-6, 10.0)] = 0.01,
-                 alpha: Annotated[float, Range(0.0, 100.0)] = 0.1) -> None:
+                 alpha: Annotated[float, Range(0.0, 100.0)] = 0.1, cover: bool = True) -> None:
         self.iterations, self.restarts, self.lr, self.alpha = int(iterations), int(restarts), float(lr), float(alpha)
+        self.cover = bool(cover)
 
     @property
     def budget(self) -> Budget:
@@ -150,14 +170,17 @@ class TAG(Attack):
                                       progress)
         with torch.no_grad():
             table = F.normalize(words[vocab].to(torch.float64), dim=1)
-            nearest = (F.normalize(best.to(torch.float64), dim=2) @ table.T).argmax(dim=2)
+            sim = F.normalize(best[:, :length].to(torch.float64), dim=2) @ table.T  # (B, length, |vocab|)
+        cover = self.cover and use_bag and vocab.numel() <= batch * length
         ids = torch.zeros(batch, longest, dtype=torch.int64)
-        ids[:, :length] = vocab[nearest[:, :length]]
+        ids[:, :length] = vocab[covering(sim.reshape(batch * length, -1)).reshape(batch, length) if cover
+                                else sim.argmax(dim=2)]
         return Reconstruction(
             inputs=join_rows(ids, mask), labels=labels, iterations=self.iterations, final_loss=min(losses), view=view,
             label_strategy=strategy, observed=threat.observed, public_state_used=threat.public_state_used,
             budget=Budget(self.iterations, self.restarts, evaluations=self.iterations * self.restarts),
             extra={"vocabulary": "token bag of the embedding gradient" if use_bag else "whole vocabulary",
+                   "mapping": "nearest, every bag token at least once" if cover else "nearest token",
                    "vocabulary_size": int(vocab.numel()), "length": length, "length_from": length_from,
                    "distance_per_restart": losses, "distance_at_start": first, "residual": threat.residual},
         )

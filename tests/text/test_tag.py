@@ -11,7 +11,7 @@ from gia_bench.defenses import create as create_defense
 from gia_bench.models import ModelSpec, build_model
 from gia_bench.records import GradientRecord
 from gia_bench.text.metrics import sequences
-from gia_bench.text.tag import Distance, distance
+from gia_bench.text.tag import Distance, covering, distance
 
 
 def test_distance_is_l2_plus_alpha_l1_relative_to_the_target():
@@ -40,6 +40,20 @@ def test_the_loops_distance_sums_constant_pieces_once_and_keeps_value_and_gradie
     assert float(measure([t.clone() for t in target])) == 0.0  # no piece requires grad: summed whole
 
 
+def test_covering_is_the_best_mapping_that_uses_every_token():
+    import itertools
+
+    gen = torch.Generator().manual_seed(3)
+    for positions, tokens in ((4, 3), (5, 2), (5, 5), (6, 3)):
+        for _ in range(5):
+            sim = torch.rand(positions, tokens, generator=gen, dtype=torch.float64)
+            got = covering(sim)
+            assert set(got.tolist()) == set(range(tokens))
+            best = max(sum(float(sim[p, t]) for p, t in enumerate(m))
+                       for m in itertools.product(range(tokens), repeat=positions) if len(set(m)) == tokens)
+            assert sum(float(sim[p, t]) for p, t in enumerate(got.tolist())) == pytest.approx(best, abs=1e-12)
+
+
 @pytest.fixture(scope="module")
 def bert():
     data = load_dataset("pii", split="test")
@@ -59,12 +73,16 @@ def test_tag_optimises_the_distance_and_maps_to_bag_tokens(bert):
     true = sequences(truth.inputs)[0]
     got = sequences(rec.inputs)[0]
     assert len(got) == len(true) and rec.extra["length_from"] == "position-embedding gradient support"
-    assert set(got) <= set(true) and rec.extra["vocabulary"] == "token bag of the embedding gradient"
+    assert set(got) == set(true) and rec.extra["vocabulary"] == "token bag of the embedding gradient"
+    assert rec.extra["mapping"] == "nearest, every bag token at least once"
     assert rec.budget.iterations == 15 and rec.budget.restarts == 2 and len(rec.extra["distance_per_restart"]) == 2
     assert rec.final_loss == min(rec.extra["distance_per_restart"])
     assert all(b < a for a, b in zip(rec.extra["distance_at_start"], rec.extra["distance_per_restart"]))
     again, _ = _run(bert, "none", "naive")  # same seed, same result
     assert torch.equal(again.inputs, rec.inputs) and again.final_loss == rec.final_loss
+    tag, _ = _run(bert, "none", "naive", "tag:iterations=15,restarts=2,cover=false")  # TAG's own mapping
+    assert tag.final_loss == rec.final_loss and set(sequences(tag.inputs)[0]) <= set(true)
+    assert tag.extra["mapping"] == "nearest token"
 
 
 def test_tag_aware_matches_the_messages(bert):
