@@ -29,7 +29,8 @@ Views, each with a relative threshold (a row is used when its statistic exceeds
   compressor above (the constant row of signSGD included) and > 0 for a used row unless all its
   entries are equal. On the other compressors it selects the same rows as the norm.
 
-The reconstruction holds the bag in the text layout: tokens in decreasing statistic, filling
+The reconstruction holds the bag in the text layout: tokens in decreasing row norm (aware: the
+spread breaks ties, so where both views select the same rows they give the same bag), filling
 the B sentences in turn (a bag larger than B x T is cut to its B x T strongest rows); the
 labels come from the classifier bias gradient (negative for the true class, iDLG).
 """
@@ -79,6 +80,10 @@ def token_bag(gradient: torch.Tensor, view: str, threshold: float) -> tuple[torc
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
     used = torch.nonzero(stat > threshold * top).flatten()
     order = torch.argsort(stat[used], descending=True, stable=True)
+    if view == "aware":  # laid out by the naive statistic, the spread breaking ties (signSGD: all norms
+        # equal): where both views select the same rows, the aware bag is the naive one, never weaker
+        norm = row_statistic(gradient[used[order]], "naive")
+        order = order[torch.argsort(norm, descending=True, stable=True)]
     return used[order], stat[used][order]
 
 
