@@ -35,10 +35,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=4, help="batches per (dataset, compressor, mode, B)")
     parser.add_argument("--sizes", default="1,4,8", help="batch sizes")
-    parser.add_argument("--defenses", default=",".join(DEFENSES), help="';'-separated compressor specs")
+    parser.add_argument("--defenses", default=";".join(DEFENSES), help="';'-separated compressor specs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    defenses = args.defenses.split(";") if ";" in args.defenses else list(DEFENSES)
+    defenses = [d for d in args.defenses.split(";") if d]
     attack = create_attack("tokens")
     rows = []
     start = time.perf_counter()
