@@ -108,3 +108,34 @@ def test_builtin_study_names_resolve_and_a_file_path_wins(tmp_path, monkeypatch)
     assert load_study("lqsgd-paper.toml").name == "mine"  # a file in the working folder is the user's
     with pytest.raises(ConfigError, match="no such study file .*built-in studies: .*lqsgd-paper"):
         load_study("nosuch")
+
+
+def test_attack_models_runs_an_attack_on_the_named_models_only():
+    from gia_bench.study.parse import count_units
+
+    raw = {**BASE, "models": ["lenet", "mlp:hidden=8"], "attacks": ["dlg", "analytic"], "images": 2,
+           "attack_models": {"analytic": ["mlp:hidden=8"]}, "train": {"model": "lenet", "attack_steps": [0]}}
+    config = parse_study(raw)
+    assert config.attacks_for("lenet") == ("dlg",) and config.attacks_for("mlp:hidden=8") == ("dlg", "analytic")
+    planned = plan_units(config, Path("o"))
+    attacks = [(u.args["job"].attack, u.args["job"].record) for u in planned if u.kind == "attack"]
+    on = {(a, "lenet" if "-lenet-" in r else "mlp") for a, r in attacks if r.startswith("records/")}
+    assert on == {("dlg", "lenet"), ("dlg", "mlp"), ("analytic", "mlp")}
+    # 2 models x 2 defenses cells; records: 2 x 2 x 2 x dlg + 2 x 2 x analytic (mlp), x 2 views; the
+    # training runs' records (lenet) get dlg only
+    assert count_units(config)[1] == len(planned)
+    assert sum(1 for a, r in attacks if a.startswith("analytic")) == 2 * 2 * 2  # mlp: 2 defenses x 2 records x 2 views
+    trained = [a for a, r in attacks if r.startswith("train/")]
+    assert trained and set(trained) == {"dlg"}
+
+
+@pytest.mark.parametrize("value,fragment", [
+    ({"tag": ["lenet"]}, "is not one of attacks"),
+    ({"dlg": ["resnet18"]}, "not in models"),
+    ({"dlg": []}, "expected a non-empty"),
+    ({}, "expected a table"),
+    (["dlg"], "expected a table"),
+])
+def test_attack_models_is_checked_against_attacks_and_models(value, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_study({**BASE, "attack_models": value})

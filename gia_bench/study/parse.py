@@ -16,6 +16,7 @@ from gia_bench.study.schema import (
     TOP_KEYS,
     StudyConfig,
     StudyTrain,
+    attack_models,
     check_specs,
     fail,
     fewbit,
@@ -56,12 +57,14 @@ def _top_level(raw: Mapping[str, Any], where: Path | str) -> StudyConfig:
     model_mode = raw.get("model_mode", "train")
     if model_mode not in ("train", "eval"):
         raise fail(where, "model_mode", f"expected 'train' or 'eval', got {model_mode!r}")
+    models, attacks = str_list(where, "models", raw["models"]), str_list(where, "attacks", raw["attacks"])
     return StudyConfig(
         name=name,
         datasets=str_list(where, "datasets", raw["datasets"]),
-        models=str_list(where, "models", raw["models"]),
+        models=models,
         defenses=str_list(where, "defenses", raw["defenses"]),
-        attacks=str_list(where, "attacks", raw["attacks"]),
+        attacks=attacks,
+        attack_models=attack_models(where, raw["attack_models"], attacks, models) if "attack_models" in raw else (),
         views=views,
         batch_sizes=int_list(where, "batch_sizes", raw.get("batch_sizes", [1]), positive=True),
         images=images,
@@ -76,13 +79,15 @@ def _top_level(raw: Mapping[str, Any], where: Path | str) -> StudyConfig:
 def count_units(config: StudyConfig) -> tuple[int, int]:
     """``(capture cells, units of work)`` of the grid, counted without building any spec."""
     c = config
-    cells = len(c.datasets) * len(c.models) * len(c.batch_sizes) * len(c.seeds) * len(c.defenses)
-    units = cells * (1 + c.images * len(c.attacks) * len(c.views))
+    per_model = len(c.datasets) * len(c.batch_sizes) * len(c.seeds) * len(c.defenses)
+    cells = per_model * len(c.models)
+    units = cells + sum(per_model * c.images * len(c.attacks_for(m)) * len(c.views) for m in c.models)
     train = c.train
     if train is not None:
         runs = len(train.defenses or c.defenses) * len(train.run_seeds)
         attacked = len(train.attack_defenses or train.defenses or c.defenses) * len(train.run_seeds)
-        units += runs + attacked * len(train.attack_steps) * len(train.attacks or c.attacks) * len(c.views)
+        attacks = train.attacks or c.attacks_for(train.base.model)
+        units += runs + attacked * len(train.attack_steps) * len(attacks) * len(c.views)
     return cells, units
 
 

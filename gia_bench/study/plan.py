@@ -151,7 +151,7 @@ def attack_jobs(config: StudyConfig, out: Path, records: dict[CaptureJob, list[P
     for cap, paths in records.items():
         root = out / "runs" / cap.group  # the result folder adds the defense (gia_bench.evaluate.result_dir)
         for path in paths:
-            for attack in config.attacks:
+            for attack in config.attacks_for(cap.model):
                 for view in config.views:
                     jobs.append(AttackJob(path, attack, view, root, cap.seed, cap.defense))
     return jobs
@@ -227,7 +227,7 @@ def train_attack_jobs(config: StudyConfig, out: Path, trains: list[TrainJob]) ->
             continue
         root = train_attack_root(job, out)
         for path in train_records(job).values():
-            for attack in train.attacks or config.attacks:
+            for attack in train.attacks or config.attacks_for(train.base.model):
                 for view in config.views:
                     jobs.append(AttackJob(path, attack, view, root, job.seed, job.defense))
     return jobs

@@ -47,6 +47,7 @@ TOP_KEYS: dict[str, str] = {
     "models": "list of model specs",
     "defenses": "list of defense specs",
     "attacks": "list of attack specs",
+    "attack_models": "table: an attack of `attacks` -> the `models` whose records it attacks (default: all)",
     "views": "list of 'naive' / 'aware' / 'oracle'",
     "batch_sizes": "list of positive integers",
     "images": "positive integer",
@@ -113,6 +114,30 @@ class StudyConfig:
     fewbit_backward: int = 0  # bits of Few-Bit Backward activations in the captures (0: exact)
     data_root: Path | None = None  # torchvision data sets (cifar10...): captures, and [train] unless it sets its own
     train: StudyTrain | None = None
+    #: ``(attack, models)`` pairs: that attack runs on those models' records only (others: every model)
+    attack_models: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def attacks_for(self, model: str) -> tuple[str, ...]:
+        """The attacks that run on the records of ``model`` (as written in ``models``)."""
+        only = dict(self.attack_models)
+        return tuple(a for a in self.attacks if a not in only or model in only[a])
+
+
+def attack_models(where: Path | str, value: Any, attacks: tuple[str, ...], models: tuple[str, ...]
+                  ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``attack_models = {"tag:iterations=50" = ["minilm"]}``: keys from ``attacks``, values from ``models``."""
+    if not isinstance(value, dict) or not value:
+        raise fail(where, "attack_models", f"expected a table of attack -> list of models, got {value!r}")
+    out = []
+    for attack, chosen in value.items():
+        if attack not in attacks:
+            raise fail(where, f"attack_models.{attack}", f"is not one of attacks: {', '.join(attacks)}")
+        chosen = str_list(where, f"attack_models.{attack}", chosen)
+        unknown = [m for m in chosen if m not in models]
+        if unknown:
+            raise fail(where, f"attack_models.{attack}", f"{unknown} not in models: {', '.join(models)}")
+        out.append((attack, chosen))
+    return tuple(out)
 
 
 def slug(spec: str) -> str:
