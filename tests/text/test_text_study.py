@@ -49,3 +49,14 @@ def test_tiny_text_study_reports_a_verdict_per_defense_against_the_token_bag_flo
     csv_lines = (out / "report" / "text.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 2 * 6 and "floor_rouge2" in csv_lines[0]
     assert (out / "report" / "results.csv").read_text().count("\n") == 1  # no text result among the images
+
+
+def test_the_builtin_text_study_runs_tag_on_minilm_only():
+    from gia_bench.study import load_study, plan_units
+
+    config = load_study("text")
+    assert config.attacks_for("minilm") == config.attacks and len(config.attacks) == 3
+    assert not any(a.startswith("tag") for a in config.attacks_for("smollm2"))
+    jobs = [u.args["job"] for u in plan_units(config, Path("o")) if u.kind == "attack"]
+    tag = {j.record.split("/")[1] for j in jobs if j.attack.startswith("tag")}
+    assert tag and all("-minilm-" in group for group in tag)
