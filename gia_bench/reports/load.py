@@ -118,8 +118,8 @@ def parse_train(path: Path) -> TrainRun:
         raise MalformedFile(f"totals has no {exc.args[0]!r}") from None
     if not 0.0 <= acc <= 1.0:
         raise MalformedFile(f"final_test_accuracy {acc} is outside [0, 1]")
-    history = _history(get_field(data, "epochs", list, optional=True) or [])
     world_size = int(get_field(data, "world_size", int, optional=True) or 1)
+    history = _history(get_field(data, "epochs", list, optional=True) or [], lone=world_size == 1)
     if world_size == 1 and sent == 0 and steps > 0 and 0 < payload < math.inf:
         bps = payload / steps
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
@@ -140,8 +140,17 @@ def parse_train(path: Path) -> TrainRun:
     )
 
 
-def _history(epochs: list[Any]) -> tuple[EpochPoint, ...]:
-    """Per-epoch test accuracy at its optimizer step (an explicit ``step``, else the running sum of ``steps``)."""
+def _epoch_bytes(e: dict, n: int, lone: bool) -> int:
+    sent = int(number(e.get("bytes_sent_per_worker", 0), f"epochs[{n}].bytes_sent_per_worker"))
+    payload = number(e.get("payload_bytes_per_worker", 0), f"epochs[{n}].payload_bytes_per_worker")
+    return int(payload) if lone and sent == 0 and 0 < payload < math.inf else sent
+
+
+def _history(epochs: list[Any], lone: bool = False) -> tuple[EpochPoint, ...]:
+    """Per-epoch test accuracy at its optimizer step (an explicit ``step``, else the running sum of ``steps``).
+
+    ``lone`` (one worker, who sends nothing): an epoch's bytes are its messages' size
+    (``payload_bytes_per_worker``), as :attr:`TrainRun.bytes_per_step`."""
     out = []
     step = 0
     for n, e in enumerate(epochs):
@@ -164,7 +173,7 @@ def _history(epochs: list[Any]) -> tuple[EpochPoint, ...]:
                 step=at,
                 test_accuracy=acc,
                 test_examples=examples,
-                bytes_sent_per_worker=int(number(e.get("bytes_sent_per_worker", 0), f"epochs[{n}].bytes_sent_per_worker")),
+                bytes_sent_per_worker=_epoch_bytes(e, n, lone),
             )
         )
     return tuple(out)
