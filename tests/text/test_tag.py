@@ -97,3 +97,12 @@ def test_tag_refuses_an_image_record(tmp_path):
     path = capture(CaptureConfig("digits", "lenet", "none", 1, 1, 0, tmp_path))[0]
     with pytest.raises(AttackError, match="text record"):
         create_attack("tag").run(GradientRecord.load(path), "naive", torch.Generator())
+
+
+def test_tag_runs_on_a_llama_decoder_and_takes_the_length_from_the_bag():
+    data = load_dataset("pii", split="test")
+    spec = ModelSpec("transformer:d=32,layers=1,arch=llama", data.spec.shape, 4, "eval")
+    rec, truth = _run((data, spec, build_model(spec, seed=0)), "none", "naive", "tag:iterations=5,restarts=1")
+    got, true = sequences(rec.inputs)[0], sequences(truth.inputs)[0]
+    assert rec.extra["length_from"] == "token bag size / B" and len(got) == rec.extra["length"]
+    assert set(got) == set(true)  # every bag token placed (the bag of distinct tokens is no longer than the sentence)
