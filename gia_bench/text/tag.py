@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from gia_bench.attacks.base import Attack, AttackError, Budget, Reconstruction, register
+from gia_bench.attacks.base import Attack, AttackError, Budget, NotApplicable, Reconstruction, register
 from gia_bench.attacks.views import build_view
 from gia_bench.receiver import decode_record, record_model
 from gia_bench.registry import Range
@@ -148,6 +148,12 @@ class TAG(Attack):
         spec = record.meta.dataset
         if not is_text(spec):
             raise AttackError(f"attack 'tag' needs a text record, {record.meta.record_id} holds {spec.name!r}")
+        if not record.meta.is_fedsgd:  # the matching is of one gradient; the image attacks simulate K steps
+            raise NotApplicable(
+                f"record {record.meta.record_id}: skipped by tag: a FedAvg update of {record.meta.local_steps} local"
+                " steps is a sum of gradients at different weights, and tag matches one gradient (tokens and"
+                " dager read such records)"
+            )
         threat = build_view(record, view)
         model = record_model(record)  # the recorded mode (train: dropout draws from torch's global generator)
         named = list(model.named_parameters())

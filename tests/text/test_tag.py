@@ -106,3 +106,17 @@ def test_tag_runs_on_a_llama_decoder_and_takes_the_length_from_the_bag():
     got, true = sequences(rec.inputs)[0], sequences(truth.inputs)[0]
     assert rec.extra["length_from"] == "token bag size / B" and len(got) == rec.extra["length"]
     assert set(got) == set(true)  # every bag token placed (the bag of distinct tokens is no longer than the sentence)
+
+
+def test_tag_refuses_a_fedavg_update_in_one_line(tmp_path):
+    from gia_bench.attacks.base import NotApplicable
+    from gia_bench.capture import CaptureConfig, capture
+
+    path = capture(CaptureConfig("pii", "transformer:d=32,layers=1", "none", 2, 1, 0, tmp_path, local_steps=2,
+                                 local_batch=1))[0]
+    record = GradientRecord.load(path)
+    assert record.meta.local_steps == 2
+    with pytest.raises(NotApplicable, match="FedAvg update of 2 local steps"):
+        create_attack("tag:iterations=2,restarts=1").run(record, "naive", torch.Generator())
+    # the token bag still reads it
+    assert create_attack("tokens").run(record, "aware", torch.Generator()).extra["bag_size"] > 0
